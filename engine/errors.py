@@ -1,0 +1,21 @@
+"""User mistakes become one line on stderr and exit status 2, never a traceback.
+
+Scripts raise `UserError` for anything the user can fix (unknown name, missing file, bad value) and
+wrap their entry point with `cli(main)`. `UserError` subclasses `ValueError`, so library code
+(`losses.get_loss`, `quant.quantize`, ...) can raise it where a plain `ValueError` is the documented
+contract, and scripts still print it as one line.
+"""
+import sys
+
+
+class UserError(ValueError):
+    """An error caused by the user's input; its message is the whole report."""
+
+
+def cli(main, argv=None):
+    """Run `main(argv)`; turn a `UserError` into `error: MESSAGE` on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

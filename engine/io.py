@@ -1,0 +1,41 @@
+"""Atomic writes: a result or checkpoint file is either the old one or the complete new one.
+
+Each writer writes to a temporary file in the destination's directory (same filesystem) and
+renames it over the destination with `os.replace`, which is atomic on POSIX; a killed process
+leaves at most a stray `*.tmp` file, never a truncated result.
+"""
+import json
+import os
+import tempfile
+
+
+def _atomic(path, write, mode):
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path):
+    """`torch.save(obj, path)` through a temporary file and a rename."""
+    import torch
+
+    _atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_write_text(path, text):
+    _atomic(path, lambda f: f.write(text), "w")
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

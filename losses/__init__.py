@@ -1,0 +1,57 @@
+"""Loss registry: every loss of the paper by its command-line name.
+
+`get_loss(name, **kwargs)` returns an `nn.Module` called as `criterion(logits, target)`:
+- multi-class (`ce`, `focal`, `root`, `root_convex`): logits (N, C) or (N, C, ...), integer targets
+  with `ignore_index` (default -100) or soft targets (N, C) for mixup/cutmix; `reduction` mean/sum/none.
+- binary (`logistic`, `binary_root_convex`, `binary_root`): logits z (N,), labels y in {-1, +1}
+  (0 is read as -1).
+`get_gan_loss(name, k)` returns the generator / discriminator pair for `ce` (logistic) or `root`.
+The formulas, their numerics and derivations are in `losses/rooted.py`.
+
+Keyword arguments a loss does not take (e.g. `k` for `ce`) are ignored, so a script can pass all of
+its loss flags to any loss; bad values of the ones it takes raise `engine.UserError` (a ValueError).
+"""
+import inspect
+
+from engine.errors import UserError
+
+from .rooted import (BinaryRoot, BinaryRootConvex, CrossEntropy, Focal, Logistic, LogisticGANLoss,
+                     Root, RootConvex, RootedGANLoss, target_log_prob)
+
+LOSSES = {
+    "ce": CrossEntropy,
+    "focal": Focal,
+    "root": Root,
+    "root_convex": RootConvex,
+    "logistic": Logistic,
+    "binary_root_convex": BinaryRootConvex,
+    "binary_root": BinaryRoot,
+}
+
+GAN_LOSSES = {"ce": LogisticGANLoss, "root": RootedGANLoss}
+
+
+def _build(registry, kind, name, kwargs):
+    key = str(name).lower()
+    if key not in registry:
+        raise UserError(f"unknown {kind} {name!r}; choose from: {', '.join(registry)}")
+    builder = registry[key]
+    accepted = set(inspect.signature(builder.__init__).parameters)
+    # Subclasses forward **kw to the base class: collect the names accepted along the MRO.
+    for base in builder.__mro__[1:]:
+        if "__init__" in vars(base):
+            accepted |= set(inspect.signature(base.__init__).parameters)
+    return builder(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def get_loss(name, **kwargs):
+    """Build the loss `name` (case-insensitive) from LOSSES with the keyword arguments it takes."""
+    return _build(LOSSES, "loss", name, kwargs)
+
+
+def get_gan_loss(name, **kwargs):
+    """Build the GAN loss `name` ('ce' or 'root') from GAN_LOSSES; `k` for 'root'."""
+    return _build(GAN_LOSSES, "GAN loss", name, kwargs)
+
+
+__all__ = ["LOSSES", "GAN_LOSSES", "get_loss", "get_gan_loss", "target_log_prob"]
