@@ -1,0 +1,113 @@
+"""Token-level RLO vs F.cross_entropy: forward + backward time and peak memory on LM-head logits.
+
+    .venv/bin/python benchmarks/bench_lm_loss.py                    # 8192 tokens x 50272 (OPT vocab)
+    .venv/bin/python benchmarks/bench_lm_loss.py --tokens 2048 --dtype bfloat16
+
+Each loss runs in its own child process on the same (tokens x vocab) leaf logits (10% of the targets
+set to ignore_index -100, like padding), so one measurement's allocator state cannot leak into the
+other. Peak memory is the memory above the logits themselves during forward + backward:
+- CUDA: torch.cuda.max_memory_allocated() minus the allocation before the first pass;
+- CPU: the process's peak resident set size (VmHWM in /proc/self/status) minus its resident size
+  before the first pass (torch's CPU allocator returns large blocks to the OS, so this is the peak
+  of the tensors alive at once, plus a few MB of noise).
+Time is the median of --repeats passes after one warm-up pass. Goal (issue 6): both ratios <= 1.2.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+
+from engine import UserError, cli
+from losses import get_loss
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def worker(args):
+    """One loss in this process; prints a JSON line {seconds, peak_mib}."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    logits = torch.randn(args.tokens, args.vocab, device=device).to(getattr(torch, args.dtype)).requires_grad_()
+    target = torch.randint(0, args.vocab, (args.tokens,), device=device)
+    target[torch.rand(args.tokens, device=device) < 0.1] = -100
+    if args.worker == "ce":
+        loss_fn = lambda: F.cross_entropy(logits, target, ignore_index=-100)
+    else:
+        criterion = get_loss(args.worker, k=5, m=5, ignore_index=-100)
+        loss_fn = lambda: criterion(logits, target)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_kib("VmRSS") * 1024
+    times = []
+    for i in range(args.repeats + 1):
+        start = time.perf_counter()
+        loss_fn().backward()
+        sync()
+        if i:  # the first pass is a warm-up
+            times.append(time.perf_counter() - start)
+        logits.grad = None
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kib("VmHWM") * 1024
+    print(json.dumps({"seconds": statistics.median(times), "peak_mib": (peak - base) / 2**20}))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--vocab", type=int, default=50272)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--loss", default="root", help="the RLO form to compare: root or root_convex")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.tokens < 1 or args.vocab < 2 or args.repeats < 1:
+        raise UserError("--tokens >= 1, --vocab >= 2 and --repeats >= 1 are required")
+    if args.loss not in ("root", "root_convex"):
+        raise UserError(f"unknown RLO form {args.loss!r}; choose root or root_convex")
+    if args.worker:
+        return worker(args)
+
+    print(f"{args.tokens} tokens x {args.vocab} vocab, {args.dtype} logits on {args.device}, "
+          f"fwd+bwd, median of {args.repeats}")
+    results = {}
+    for name in ("ce", args.loss):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--tokens", str(args.tokens),
+               "--vocab", str(args.vocab), "--dtype", args.dtype, "--repeats", str(args.repeats),
+               "--device", args.device]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"worker {name} failed:\n{proc.stderr}")
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        label = "F.cross_entropy" if name == "ce" else f"token RLO ({name}, k=m=5)"
+        print(f"{label:28s} {results[name]['seconds'] * 1e3:9.1f} ms  {results[name]['peak_mib']:9.1f} MiB peak")
+    ce, rlo = results["ce"], results[args.loss]
+    print(f"ratio RLO / CE: time {rlo['seconds'] / ce['seconds']:.2f}x, "
+          f"peak memory {rlo['peak_mib'] / max(ce['peak_mib'], 1e-9):.2f}x "
+          f"(logits themselves: {args.tokens * args.vocab * torch.finfo(getattr(torch, args.dtype)).bits / 8 / 2**20:.0f} MiB)")
+    return results
+
+
+if __name__ == "__main__":
+    cli(main)

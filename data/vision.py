@@ -1,0 +1,237 @@
+"""Image classification data sets of the paper, by `--dataset` name, in their usual on-disk layouts.
+
+`build_dataset(name, root, split, size, aug)` returns a torch `Dataset` of (float image tensor
+(3, size, size), int label); `split` is "train" or "test" (the validation set where a data set has
+no public test labels). The built dataset has `num_classes`. Layouts under `root` (`--data-dir`):
+
+- cifar10 / cifar100: torchvision's `cifar-10-batches-py/` / `cifar-100-python/` (what
+  `download=True` extracts); downloaded only when `download=True`.
+- tinyimagenet: `tiny-imagenet-200/` with `wnids.txt`, `train/<wnid>/images/*.JPEG`,
+  `val/images/*.JPEG` and `val/val_annotations.txt` (file<TAB>wnid<TAB>...).
+- food101: torchvision's `food-101/` with `meta/{train,test}.json` and `images/<class>/<id>.jpg`.
+- imagenet: `imagenet/train/<wnid>/*.JPEG` and `imagenet/val/<wnid>/*.JPEG` (ImageFolder layout).
+- fake: generated on the fly (no files), any size and class count, learnable (each class is a
+  fixed low-frequency pattern plus noise); for offline smoke runs and benchmarks.
+
+Missing files raise `engine.UserError` naming the data set, the path looked in and the layout.
+
+Augmentation (`aug`): "none"; "basic" = the authors' CIFAR recipe for small images (random crop
+with 1/8 padding + horizontal flip, then resize to `size`), RandomResizedCrop + flip for
+Food-101/ImageNet; "randaug" = basic + RandAugment(N=2, M=14) first, as in the authors' script.
+Random transforms draw from torch's global RNG; train.py seeds it per (epoch, sample) so runs
+are reproducible whatever the number of workers or processes.
+"""
+import json
+import os
+import pickle
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+from torchvision.datasets.folder import default_loader
+from torchvision.transforms import v2
+
+from engine.errors import UserError
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the authors' values
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+AUGS = ("none", "basic", "randaug")
+
+
+def _missing(name, path, layout):
+    return UserError(f"{name}: no data at {path}; expected {layout}")
+
+
+def _transform(split, size, aug, native, mean, std):
+    """native: the stored image size for small-image sets (crop-pad recipe), None for large ones."""
+    ops = [v2.ToImage()]
+    train = split == "train" and aug != "none"
+    if train and aug == "randaug":
+        ops.append(v2.RandAugment(num_ops=2, magnitude=14))
+    if native is not None:
+        if train:
+            ops += [v2.RandomCrop(native, padding=native // 8), v2.RandomHorizontalFlip()]
+        if size != native:
+            ops.append(v2.Resize(size, antialias=True))
+    elif train:
+        ops += [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        ops += [v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size)]
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(ops)
+
+
+class _PresenceCheckedCIFAR:
+    """torchvision CIFAR that checks the files are there instead of their md5 sums, so subsets and
+    re-packed copies load; `download=True` still verifies the downloaded archive."""
+
+    def _check_integrity(self):
+        root = os.path.join(self.root, self.base_folder)
+        return all(os.path.isfile(os.path.join(root, f)) for f, _ in self.train_list + self.test_list)
+
+    def _load_meta(self):
+        with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+class CIFAR10(_PresenceCheckedCIFAR, tvd.CIFAR10):
+    pass
+
+
+class CIFAR100(_PresenceCheckedCIFAR, tvd.CIFAR100):
+    pass
+
+
+def _cifar(cls, name):
+    def build(root, split, transform, download=False, **_):
+        path = os.path.join(root, cls.base_folder)
+        if not download and not os.path.isdir(path):
+            files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+            raise _missing(name, path, f"torchvision's layout ({', '.join(files)}); "
+                                       "pass --download to fetch it")
+        try:
+            ds = cls(root, train=split == "train", transform=transform, download=download)
+        except (RuntimeError, OSError) as err:
+            raise _missing(name, path, f"torchvision's layout ({err})") from None
+        ds.num_classes = len(ds.classes)
+        return ds
+
+    return build
+
+
+class ImageList(Dataset):
+    """(path, label) pairs read with PIL."""
+
+    def __init__(self, samples, classes, transform):
+        self.samples, self.classes, self.transform = samples, classes, transform
+        self.num_classes = len(classes)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return self.transform(default_loader(path)), label
+
+
+def _tinyimagenet(root, split, transform, **_):
+    base = os.path.join(root, "tiny-imagenet-200")
+    layout = ("tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
+              "val/val_annotations.txt}")
+    wnids_file = os.path.join(base, "wnids.txt")
+    if not os.path.isfile(wnids_file):
+        raise _missing("tinyimagenet", wnids_file, layout)
+    with open(wnids_file) as f:
+        classes = sorted(line.strip() for line in f if line.strip())
+    index = {w: i for i, w in enumerate(classes)}
+    samples = []
+    if split == "train":
+        for w in classes:
+            folder = os.path.join(base, "train", w, "images")
+            if not os.path.isdir(folder):
+                raise _missing("tinyimagenet", folder, layout)
+            samples += [(os.path.join(folder, f), index[w]) for f in sorted(os.listdir(folder))
+                        if f.lower().endswith((".jpeg", ".jpg", ".png"))]
+    else:
+        ann = os.path.join(base, "val", "val_annotations.txt")
+        if not os.path.isfile(ann):
+            raise _missing("tinyimagenet", ann, layout)
+        with open(ann) as f:
+            rows = [line.split("\t") for line in f if line.strip()]
+        samples = [(os.path.join(base, "val", "images", r[0]), index[r[1]]) for r in rows]
+    if not samples:
+        raise _missing("tinyimagenet", base, layout + " (found no images)")
+    return ImageList(samples, classes, transform)
+
+
+def _food101(root, split, transform, download=False, **_):
+    base = os.path.join(root, "food-101")
+    if not download and not os.path.isfile(os.path.join(base, "meta", f"{split}.json")):
+        raise _missing("food101", base, "torchvision's food-101/{meta/train.json, meta/test.json, "
+                                        "images/<class>/<id>.jpg}; pass --download to fetch it")
+    ds = tvd.Food101(root, split=split, transform=transform, download=download)
+    ds.num_classes = len(ds.classes)
+    return ds
+
+
+def _imagenet(root, split, transform, **_):
+    folder = os.path.join(root, "imagenet", "train" if split == "train" else "val")
+    layout = "ImageFolder layout imagenet/{train,val}/<wnid>/*.JPEG (val sorted into class folders)"
+    if not os.path.isdir(folder):
+        raise _missing("imagenet", folder, layout)
+    try:
+        ds = tvd.ImageFolder(folder, transform=transform)
+    except FileNotFoundError as err:
+        raise _missing("imagenet", folder, f"{layout} ({err})") from None
+    ds.num_classes = len(ds.classes)
+    return ds
+
+
+class FakeImages(Dataset):
+    """Deterministic generated images: sample i of a split is always the same image and label."""
+
+    def __init__(self, n, size, num_classes, transform, seed):
+        self.n, self.size, self.num_classes, self.transform, self.seed = n, size, num_classes, transform, seed
+        g = torch.Generator().manual_seed(1234)  # class patterns shared by every split
+        coarse = torch.randn(num_classes, 3, 4, 4, generator=g)
+        self.patterns = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear",
+                                                        align_corners=False)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        label = int(torch.randint(self.num_classes, (), generator=g))
+        noise = torch.randn(3, self.size, self.size, generator=g)
+        img = (128 + 40 * self.patterns[label] + 40 * noise).clamp(0, 255).to(torch.uint8)
+        return self.transform(img), label
+
+
+def _fake(root, split, transform, size=32, num_classes=10, n=None, **_):
+    n_train = 5000 if n is None else n
+    return FakeImages(n_train if split == "train" else max(1, n_train // 5), size, num_classes, transform,
+                      seed=1 if split == "train" else 2)
+
+
+# name: (builder, native stored size for the crop-pad recipe or None, mean, std, default size)
+DATASETS = {
+    "cifar10": (_cifar(CIFAR10, "cifar10"), 32, CIFAR_MEAN, CIFAR_STD, 32),
+    "cifar100": (_cifar(CIFAR100, "cifar100"), 32, CIFAR_MEAN, CIFAR_STD, 32),
+    "tinyimagenet": (_tinyimagenet, 64, IMAGENET_MEAN, IMAGENET_STD, 224),
+    "food101": (_food101, None, IMAGENET_MEAN, IMAGENET_STD, 224),
+    "imagenet": (_imagenet, None, IMAGENET_MEAN, IMAGENET_STD, 224),
+    "fake": (_fake, "size", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32),
+}
+ALIASES = {"tiny-imagenet": "tinyimagenet", "food-101": "food101", "imagenet1k": "imagenet"}
+
+
+def canonical_name(name):
+    key = ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose from: {', '.join(DATASETS)}")
+    return key
+
+
+def default_size(name):
+    return DATASETS[canonical_name(name)][4]
+
+
+def build_dataset(name, root, split, size, aug="basic", download=False, mean=None, std=None,
+                  num_classes=10, n=None):
+    """`num_classes` and `n` (training images; the test split gets n // 5) apply to `fake` only;
+    `mean`/`std` override the data set's normalization (e.g. a pretrained model's)."""
+    key = canonical_name(name)
+    if split not in ("train", "test"):
+        raise UserError(f"split must be 'train' or 'test', got {split!r}")
+    if aug not in AUGS:
+        raise UserError(f"unknown aug {aug!r}; choose from: {', '.join(AUGS)}")
+    if size < 1:
+        raise UserError(f"--size must be positive, got {size}")
+    builder, native, d_mean, d_std, _ = DATASETS[key]
+    if native == "size":
+        native = size
+    transform = _transform(split, size, aug, native, mean or d_mean, std or d_std)
+    return builder(os.path.expanduser(root), split, transform, download=download, size=size,
+                   num_classes=num_classes, n=n)

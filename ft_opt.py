@@ -1,0 +1,201 @@
+"""Finetune a causal LM (OPT, Llama, any transformers causal LM) with a token-level CE / focal / RLO loss,
+report the true perplexity before and after, and save the model for `opt.py` (quantization).
+
+    python ft_opt.py                                   # facebook/opt-125m on wikitext2, root loss k=m=5
+    python ft_opt.py --model DIR --loss ce --data-dir data/wikitext-2-raw --out runs/opt125m_ce
+
+Defaults follow the authors' script (block 256, lr 1e-5, warmup 500, weight decay 0.01, batch 4 x
+accumulation 2, 3 epochs). Unlike it, the perplexity reported is exp(mean token cross-entropy) for
+every training loss, by the GPTQ/QuIP protocol (lm.perplexity), not exp(the training loss).
+Output in --out: the model and tokenizer (save_pretrained, safetensors) and metrics.json.
+"""
+import argparse
+import math
+import os
+import tempfile
+
+import torch
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+import lm
+from engine import UserError, atomic_save, atomic_write_json, cli
+from losses import get_loss
+
+TOKEN_LOSSES = ("ce", "focal", "root", "root_convex")  # the multi-class forms of losses/
+RESUME_KEYS = ("model", "dataset", "train_file", "loss", "k", "m", "seqlen", "bs", "grad_accum", "epochs",
+               "max_steps", "lr", "warmup", "seed")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="facebook/opt-125m", help="hub name or local directory")
+    p.add_argument("--dataset", default="wikitext2", help=f"one of {', '.join(lm.DATASETS)}")
+    p.add_argument("--data-dir", help="directory with the dataset's files (e.g. wiki.train.raw, wiki.test.raw)")
+    p.add_argument("--train-file", help="plain text file to train on (replaces the dataset's train split)")
+    p.add_argument("--eval-file", help="plain text file for perplexity (replaces the dataset's test split)")
+    p.add_argument("--loss", default="root", help=f"one of {', '.join(TOKEN_LOSSES)}")
+    p.add_argument("--k", type=float, default=5.0, help="RLO root order k")
+    p.add_argument("--m", type=float, default=5.0, help="RLO scale m")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--warmup", type=int, default=500, help="linear warmup steps (optimizer steps)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--bs", type=int, default=4, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
+    p.add_argument("--seqlen", type=int, default=256, help="training block length in tokens")
+    p.add_argument("--eval-seqlen", type=int, help="perplexity window (default: the model's max positions)")
+    p.add_argument("--eval-bs", type=int, default=1, help="windows per perplexity forward pass")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision; weights stay fp32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="output directory (default runs/ft_opt_<dataset>_<loss>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    args = p.parse_args(argv)
+    args.loss = args.loss.lower()
+    if args.loss not in TOKEN_LOSSES:
+        raise UserError(f"unknown loss {args.loss!r}; choose one of {', '.join(TOKEN_LOSSES)}")
+    for name in ("k", "m", "lr"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            raise UserError(f"--{name} must be a finite number > 0, got {getattr(args, name)}")
+    for name in ("epochs", "bs", "grad_accum", "eval_bs"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.warmup < 0 or args.weight_decay < 0:
+        raise UserError("--warmup and --weight-decay must be >= 0")
+    if args.dataset not in lm.DATASETS and not (args.train_file and args.eval_file):
+        raise UserError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(lm.DATASETS)}")
+    args.out = args.out or os.path.join("runs", f"ft_opt_{args.dataset}_{args.loss}")
+    return args
+
+
+def load_ids(tokenizer, args, split, path):
+    text = lm.read_text_file(path) if path else lm.load_text(args.dataset, split, args.data_dir)
+    return lm.encode(tokenizer, text)
+
+
+def training_blocks(ids, seqlen):
+    """The train token stream cut into (n, seqlen) blocks, remainder dropped (run_clm's group_texts)."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise UserError(f"the training text has {ids.numel()} tokens, fewer than one block of --seqlen {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def build_optimizer(model, args):
+    # Like the HF Trainer the authors used: no weight decay on biases and norm weights (1-D tensors).
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def save_pretrained(model, tokenizer, out):
+    """save_pretrained into a temporary folder, then move each file into `out` with an atomic rename,
+    so `out` never holds a half-written weights file."""
+    with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    model, tokenizer = lm.load_causal_lm(args.model, device=device)
+    seqlen = lm.default_seqlen(model, args.seqlen)
+    eval_seqlen = lm.default_seqlen(model, args.eval_seqlen)
+    train_ids = load_ids(tokenizer, args, "train", args.train_file)
+    test_ids = load_ids(tokenizer, args, "test", args.eval_file)
+    blocks = training_blocks(train_ids, seqlen)
+    if test_ids.numel() < eval_seqlen:
+        raise UserError(f"the evaluation text has {test_ids.numel()} tokens, fewer than one window of {eval_seqlen}"
+                        " (lower --eval-seqlen)")
+    criterion = get_loss(args.loss, k=args.k, m=args.m, ignore_index=-100)
+
+    micro_batches = math.ceil(len(blocks) / args.bs)
+    steps_per_epoch = math.ceil(micro_batches / args.grad_accum)
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    optimizer = build_optimizer(model, args)
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(args.warmup, total_steps), total_steps)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    metrics = {"model": args.model, "dataset": args.dataset, "loss": args.loss, "k": args.k, "m": args.m,
+               "seqlen": seqlen, "eval_seqlen": eval_seqlen, "train_tokens": blocks.numel(),
+               "eval_tokens": test_ids.numel(), "ppl_before": None, "ppl_after": None,
+               "train_loss": [], "steps": 0, "args": vars(args)}
+    start_epoch, step = 0, 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # A checkpoint only continues the run that wrote it (same data order, schedule and loss).
+        changed = [f"--{key.replace('_', '-')}" for key in RESUME_KEYS if ckpt["metrics"]["args"][key] != getattr(args, key)]
+        if changed:
+            raise UserError(f"{ckpt_path} was written with different {', '.join(changed)}; "
+                            "resume with the same settings or use another --out")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        start_epoch, step, metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
+        print(f"resumed from {ckpt_path} after epoch {start_epoch} (step {step})")
+    elif args.resume:
+        print(f"no {ckpt_path}; starting from scratch")
+
+    if metrics["ppl_before"] is None:
+        metrics["ppl_before"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device)
+    print(f"perplexity before finetuning: {metrics['ppl_before']:.3f}")
+
+    for epoch in range(start_epoch, args.epochs):
+        if step >= total_steps:
+            break
+        model.train()
+        # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
+        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        losses, pending = [], 0
+        bar = tqdm(range(micro_batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        for i in bar:
+            input_ids = blocks[order[i * args.bs:(i + 1) * args.bs]].to(device)
+            with autocast:
+                logits = model(input_ids=input_ids, use_cache=False).logits
+            loss = lm.token_loss(criterion, logits, lm.shift_labels(input_ids))
+            (loss / args.grad_accum).backward()
+            losses.append(loss.item())
+            pending += 1
+            if pending == args.grad_accum or i == micro_batches - 1:
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                pending, step = 0, step + 1
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
+                if step >= total_steps:
+                    break
+        metrics["train_loss"].append(sum(losses) / len(losses))
+        metrics["steps"] = step
+        print(f"epoch {epoch + 1}: train {args.loss} loss {metrics['train_loss'][-1]:.4f} ({step} steps)")
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                     "epoch": epoch + 1, "step": step, "metrics": metrics}, ckpt_path)
+        atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
+
+    metrics["ppl_after"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device)
+    print(f"perplexity after finetuning: {metrics['ppl_after']:.3f}")
+    save_pretrained(model, tokenizer, args.out)
+    atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
+    # The finished model is saved; the optimizer checkpoint (3x the model) is only for resuming.
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    print(f"saved model, tokenizer and metrics.json to {args.out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,254 @@
+"""Small offline GAN experiment: the rooted GAN loss (RLO, paper eq. 9) against the logistic GAN loss.
+
+An MLP generator and discriminator are trained on the standard 2-D mode-collapse benchmarks: a ring
+of 8 Gaussians (radius 2, std 0.02) or a 5x5 grid of 25 Gaussians (spacing 2, std 0.05). Every
+--eval-every steps, --n-eval samples from fixed latents are scored as in the mode-collapse literature
+(Unrolled GAN, VEEGAN, PacGAN): a sample is high quality when it lies within 3 standard deviations of
+its nearest mode, and a mode is covered when it holds at least --min-count high-quality samples.
+
+    python gan.py --loss root --k 2 --data ring --out runs/gan/ring_root
+    python gan.py --compare --k 2 --data grid --seeds 0 1 2 --out runs/gan/grid
+
+The losses come from `losses.get_gan_loss`: 'ce' is the non-saturating logistic loss
+(G: softplus(-D(G(z))), D: softplus(D(fake)) + softplus(-D(real))); 'root' replaces each softplus(x)
+by k (1 + e^x)^(1/k). Both losses train the same networks from the same seeds and draws.
+
+Outputs in --out: metrics.csv (one row per run and evaluation: loss, k, seed, step, modes, hq_share,
+d_loss, g_loss), samples_<loss>_seed<S>_step<N>.png (scatter plots over training), summary.csv (final
+metrics per run), and with both losses (--compare) compare.png: final samples side by side and the
+metric curves over training, mean and range over seeds.
+"""
+import argparse
+import csv
+import io
+import os
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine import CSVLogger, UserError, atomic_write_text, cli, read_csv
+from losses import GAN_LOSSES, get_gan_loss
+
+FIELDS = ["loss", "k", "seed", "step", "modes", "hq_share", "d_loss", "g_loss"]
+
+
+def mode_centers(name):
+    """(modes, 2) centers and the std of each Gaussian of the benchmark `name`."""
+    if name == "ring":
+        angle = 2 * np.pi * np.arange(8) / 8
+        return torch.tensor(np.stack([2 * np.cos(angle), 2 * np.sin(angle)], 1), dtype=torch.float32), 0.02
+    if name == "grid":
+        axis = torch.arange(-4.0, 4.5, 2.0)
+        return torch.cartesian_prod(axis, axis), 0.05
+    raise UserError(f"unknown --data {name!r}; choose from: ring, grid")
+
+
+def sample_real(centers, std, n, generator):
+    idx = torch.randint(len(centers), (n,), generator=generator)
+    return centers[idx] + std * torch.randn(n, 2, generator=generator)
+
+
+def mode_metrics(samples, centers, std, min_count):
+    """(modes covered, share of high-quality samples, high-quality count per mode)."""
+    dist = torch.cdist(samples.double(), centers.double())
+    nearest_dist, nearest = dist.min(1)
+    high_quality = nearest_dist <= 3 * std  # NaN samples compare False: never high quality
+    counts = torch.bincount(nearest[high_quality], minlength=len(centers))
+    return int((counts >= min_count).sum()), float(high_quality.double().mean()), counts
+
+
+def mlp(n_in, hidden, layers, n_out, act):
+    dims = [n_in] + [hidden] * layers
+    blocks = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        blocks += [nn.Linear(a, b), act()]
+    return nn.Sequential(*blocks, nn.Linear(dims[-1], n_out))
+
+
+def label(loss, k):
+    return "CE" if loss == "ce" else f"RLO k={k:g}"
+
+
+def save_png(fig, path):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def scatter(ax, samples, centers, std, title, lim):
+    """Generated samples, and each mode's high-quality disc (3 std) in red."""
+    from matplotlib.patches import Circle
+
+    ax.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.4, color="tab:blue", rasterized=True)
+    for cx, cy in centers.tolist():
+        ax.add_patch(Circle((cx, cy), 3 * std, fill=False, color="tab:red", lw=0.8))
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), title=title, xticks=[], yticks=[])
+    ax.set_aspect("equal")
+
+
+def plot_samples(path, samples, centers, std, title, lim):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    scatter(ax, samples, centers, std, title, lim)
+    fig.tight_layout()
+    save_png(fig, path)
+    plt.close(fig)
+
+
+def train_run(args, loss_name, seed, logger):
+    """Train one GAN; log metrics; return the final (samples, modes, hq_share)."""
+    centers, std = mode_centers(args.data)
+    lim = centers.abs().max().item() + 1.5
+    criterion = get_gan_loss(loss_name, k=args.k)
+    torch.manual_seed(seed)
+    G = mlp(args.z_dim, args.hidden, 3, 2, nn.ReLU).to(args.device)
+    D = mlp(2, args.hidden, 2, 1, lambda: nn.LeakyReLU(0.2)).to(args.device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    draws = torch.Generator().manual_seed(seed)  # real samples and latents: identical for both losses
+    eval_z = torch.randn(args.n_eval, args.z_dim, generator=torch.Generator().manual_seed(10_000 + seed))
+    plot_steps = set(np.linspace(0, args.steps, args.plots + 1).round().astype(int)[1:]) if args.plots else set()
+    k = "" if loss_name == "ce" else args.k
+    for step in range(1, args.steps + 1):
+        real = sample_real(centers, std, args.batch, draws).to(args.device)
+        z = torch.randn(2, args.batch, args.z_dim, generator=draws).to(args.device)
+        d_loss = criterion.discriminator(D(G(z[0]).detach()).squeeze(1), D(real).squeeze(1))
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        g_loss = criterion.generator(D(G(z[1])).squeeze(1))
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+        if step % args.eval_every == 0 or step == args.steps or step in plot_steps:
+            with torch.no_grad():
+                samples = G(eval_z.to(args.device)).cpu()
+            modes, hq, _ = mode_metrics(samples, centers, std, args.min_count)
+            if step % args.eval_every == 0 or step == args.steps:
+                logger.log(loss=loss_name, k=k, seed=seed, step=step, modes=modes, hq_share=round(hq, 5),
+                           d_loss=round(d_loss.item(), 6), g_loss=round(g_loss.item(), 6))
+            if step in plot_steps:
+                title = f"{label(loss_name, args.k)} seed {seed} step {step}\n{modes}/{len(centers)} modes, {hq:.0%} HQ"
+                plot_samples(os.path.join(args.out, f"samples_{loss_name}_seed{seed}_step{step}.png"),
+                             samples.numpy(), centers, std, title, lim)
+    return samples, modes, hq
+
+
+def plot_compare(path, args, finals, rows):
+    """Final samples of the first seed per loss, and modes / HQ share over training (mean, min-max)."""
+    plt = pyplot()
+    centers, std = mode_centers(args.data)
+    lim = centers.abs().max().item() + 1.5
+    seed0 = args.seeds[0]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    colors = {"ce": "tab:blue", "root": "tab:orange"}
+    for ax, loss in zip(axes[:2], args.losses):
+        samples, modes, hq = finals[(loss, seed0)]
+        scatter(ax, samples.numpy(), centers, std,
+                f"{label(loss, args.k)}, seed {seed0}: {modes}/{len(centers)} modes, {hq:.0%} HQ", lim)
+    for ax, metric, name in [(axes[2], "modes", "modes covered"), (axes[3], "hq_share", "high-quality share")]:
+        for loss in args.losses:
+            steps = sorted({int(r["step"]) for r in rows if r["loss"] == loss})
+            table = np.array([[next(float(r[metric]) for r in rows if r["loss"] == loss and int(r["seed"]) == s
+                                    and int(r["step"]) == t) for t in steps] for s in args.seeds])
+            ax.plot(steps, table.mean(0), color=colors[loss], label=f"{label(loss, args.k)} (mean of {len(args.seeds)})")
+            ax.fill_between(steps, table.min(0), table.max(0), color=colors[loss], alpha=0.2)
+        ax.set(xlabel="step", title=f"{args.data}: {name}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[2].axhline(len(centers), color="grey", lw=0.8, ls="--")
+    axes[2].set_ylim(-0.3, len(centers) + 0.5)
+    axes[3].set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    save_png(fig, path)
+    plt.close(fig)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--loss", default="root", choices=sorted(GAN_LOSSES), help="GAN loss (ignored with --compare)")
+    p.add_argument("--k", type=float, default=2.0, help="root k of the 'root' loss")
+    p.add_argument("--compare", action="store_true", help="train both losses and plot them side by side")
+    p.add_argument("--data", default="ring", choices=["ring", "grid"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (and per loss)")
+    p.add_argument("--steps", type=int, default=5000, help="training steps (one D and one G update each)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (betas 0.5, 0.999) of G and D")
+    p.add_argument("--z-dim", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=128, help="width of the MLPs (G: 3 hidden layers, D: 2)")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--n-eval", type=int, default=2500, help="generated samples scored per evaluation")
+    p.add_argument("--min-count", type=int, default=20, help="high-quality samples for a mode to count")
+    p.add_argument("--plots", type=int, default=4, help="scatter PNGs per run, evenly spaced (0: none)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (tiny MLPs: one thread is fastest)")
+    p.add_argument("--out", default="runs/gan")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    for name in ["steps", "batch", "z_dim", "hidden", "eval_every", "n_eval", "min_count"]:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.plots < 0:
+        raise UserError(f"--plots must be >= 0, got {args.plots}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UserError(f"--seeds must be distinct, got {args.seeds}")
+    args.losses = ["ce", "root"] if args.compare else [args.loss]
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    get_gan_loss("root", k=args.k)  # a bad k fails here, before any training
+    metrics_path = os.path.join(args.out, "metrics.csv")
+    if os.path.exists(metrics_path) and not args.overwrite:
+        raise UserError(f"{metrics_path} exists; pass --overwrite or choose another --out")
+    os.makedirs(args.out, exist_ok=True)
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    logger = CSVLogger(metrics_path, FIELDS)
+
+    finals = {}
+    for seed in args.seeds:
+        for loss in args.losses:
+            start = time.time()
+            finals[(loss, seed)] = train_run(args, loss, seed, logger)
+            _, modes, hq = finals[(loss, seed)]
+            print(f"{args.data} {label(loss, args.k):10s} seed {seed}: {modes} modes, {hq:.1%} high quality "
+                  f"({time.time() - start:.0f}s)", flush=True)
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["data", "loss", "k", "seed", "steps", "modes", "n_modes", "hq_share"])
+    n_modes = len(mode_centers(args.data)[0])
+    for (loss, seed), (_, modes, hq) in finals.items():
+        writer.writerow([args.data, loss, "" if loss == "ce" else args.k, seed, args.steps, modes, n_modes, round(hq, 5)])
+    atomic_write_text(os.path.join(args.out, "summary.csv"), buf.getvalue())
+    for loss in args.losses:
+        modes = np.array([finals[(loss, s)][1] for s in args.seeds], dtype=float)
+        hq = np.array([finals[(loss, s)][2] for s in args.seeds])
+        print(f"{label(loss, args.k):10s} over {len(args.seeds)} seeds: modes {modes.mean():.2f} +- {modes.std():.2f} "
+              f"of {n_modes}, high quality {hq.mean():.1%} +- {hq.std():.1%}")
+    if args.compare:
+        plot_compare(os.path.join(args.out, "compare.png"), args, finals, read_csv(metrics_path))
+    return finals
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,12 @@
+"""Shared helpers for causal language models, used by `ft_opt.py` (finetuning) and `opt.py`
+(quantization): loading a model and tokenizer (`load`), reading and tokenizing the evaluation
+corpora (`text`), and the GPTQ/QuIP perplexity protocol plus the next-token loss glue (`evaluate`)."""
+from .evaluate import perplexity, shift_labels, token_loss
+from .load import default_seqlen, load_causal_lm, model_max_positions
+from .text import DATASETS, calibration_batch, encode, load_text, read_text_file
+
+__all__ = [
+    "load_causal_lm", "model_max_positions", "default_seqlen",
+    "DATASETS", "load_text", "read_text_file", "encode", "calibration_batch",
+    "perplexity", "shift_labels", "token_loss",
+]

@@ -1,0 +1,87 @@
+"""Load a causal LM and its tokenizer from a hub name or a local directory (transformers Auto classes).
+
+Anything the user can fix (a missing directory, an uncached hub name while offline, a model that is
+not a causal LM) becomes one `engine.UserError` line that says what to put where.
+"""
+import contextlib
+import logging
+import os
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from engine import UserError
+
+# transformers >= 4.56 takes `dtype=`; older releases only know `torch_dtype=`.
+_DTYPE_KW = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+
+_WHERE = ("pass a local directory holding config.json, the weights (model.safetensors) and the tokenizer "
+          "files (e.g. one written by save_pretrained), or run once with network access to fill the "
+          "Hugging Face cache")
+
+
+@contextlib.contextmanager
+def quiet_hub():
+    """Silence the hub clients' retry warnings while we try the cache/network: a failure becomes one
+    UserError line of ours instead."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "datasets", "transformers", "filelock")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def _not_found(name, err):
+    return UserError(f"cannot load {name!r} ({str(err).splitlines()[0]}); {_WHERE}")
+
+
+def load_causal_lm(name_or_path, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) for a hub name or a local directory; the model is in eval mode on `device`."""
+    name = os.path.expanduser(os.fspath(name_or_path))
+    looks_local = os.path.isabs(name) or name.startswith(".") or os.path.exists(name)
+    if looks_local and not os.path.isdir(name):
+        raise UserError(f"model directory {name!r} does not exist; {_WHERE}")
+    try:
+        with quiet_hub():
+            config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise _not_found(name, err) from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"{name!r} is a {config.model_type!r} model, not a causal language model "
+                        "(expected e.g. an OPT or Llama checkpoint)")
+    try:
+        with quiet_hub():
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, **{_DTYPE_KW: dtype})
+    except (OSError, ValueError) as err:
+        raise _not_found(name, err) from None
+    return model.to(device).eval(), tokenizer
+
+
+def model_max_positions(model_or_config):
+    """The longest sequence the model's position embeddings cover (2048 for OPT)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise UserError(f"cannot tell the maximum sequence length of a {config.model_type!r} model; pass --seqlen")
+
+
+def default_seqlen(model_or_config, seqlen=None):
+    """`seqlen` checked against the model's positions; None -> the model's maximum (GPTQ/QuIP use
+    2048 for OPT, i.e. its full context)."""
+    limit = model_max_positions(model_or_config)
+    if seqlen is None:
+        return limit
+    if seqlen < 2:
+        raise UserError(f"seqlen must be at least 2 (one input and one next token), got {seqlen}")
+    if seqlen > limit:
+        raise UserError(f"seqlen {seqlen} is larger than the model's {limit} positions")
+    return seqlen

@@ -1,0 +1,190 @@
+"""Post-training quantization of OPT and Llama models with QuIP (LDLQ / ldlqRG + incoherence processing),
+GPTQ or nearest rounding, layer by layer on calibration data; perplexity before saving.
+
+    python opt.py facebook/opt-125m wikitext2 --wbits 2 --quant ldlqRG --incoh_processing --save runs/q2
+    python opt.py runs/ft_opt_wikitext2_root c4 --wbits 2 --quant ldlq --incoh_processing --data-dir data/
+
+QuIP's flags keep their names, defaults and meanings (see the README for the few differences).
+Outputs: a per-layer table (layer, module, proxy loss, greedy passes, seconds), the perplexity on each
+--eval dataset, quant_report.json; with --save, a Hugging Face checkpoint of the dequantized model
+(loads with from_pretrained) plus quant_codes.safetensors, the packed integer codes, grids and
+rotation seeds from which quant.model.load_codes rebuilds the dense weights.
+"""
+import argparse
+import os
+import shutil
+import time
+
+import torch
+
+import lm
+import quant
+from engine import UserError, atomic_write_json, cli
+from quant.model import decoder_layers, load_codes, quantize_model, save_codes
+
+CODES_FILE = "quant_codes.safetensors"
+REPORT_FILE = "quant_report.json"
+PROJ_EXTRA = {0: "butterfly", 1: "kron", 2: "butterfly_nopermute"}  # QuIP's --pre_proj_extra
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2 through engine.cli, not argparse's usage dump
+        raise UserError(message)
+
+
+def parse_args(argv):
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="hub name or local directory (e.g. ft_opt.py's output)")
+    p.add_argument("dataset", choices=lm.DATASETS, help="calibration data source")
+    # QuIP's flags, same names, defaults and meanings
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling and rotation seed")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
+    p.add_argument("--percdamp", type=float, default=0.01, help="damping, fraction of mean(diag(H))")
+    p.add_argument("--quant", default="nearest", choices=quant.METHODS + tuple(quant.UNSUPPORTED))
+    p.add_argument("--wbits", type=int, default=16, choices=quant.WBITS, help="16 = no quantization")
+    p.add_argument("--npasses", type=int, help="greedy passes (default: 1 for ldlqRG and allbal, else 0; "
+                                              "QuIP's default 0 ran none for ldlqRG)")
+    p.add_argument("--groupsize", type=int, default=-1, help="columns per grid (qfn a); -1: whole rows")
+    p.add_argument("--pre_gptqH", action="store_true", help="dead-column fix and percdamp damping of H")
+    p.add_argument("--pre_rescale", action="store_true", help="diagonal rescaling of W and H")
+    p.add_argument("--pre_proj", action="store_true", help="random orthogonal multiplication of W and H")
+    p.add_argument("--pre_proj_extra", type=int, choices=sorted(PROJ_EXTRA),
+                   help="0: block-diagonal butterfly, 1: Kronecker, 2: butterfly without permutations "
+                        "(default 1 with --incoh_processing, else 0)")
+    p.add_argument("--qfn", default="a", choices=quant.QFNS, help="a: per-row min/max; b: 2.4 RMS, symmetric")
+    p.add_argument("--unbiased", action="store_true", help="stochastic (unbiased) rounding")
+    p.add_argument("--incoh_processing", action="store_true",
+                   help="= --pre_gptqH --pre_rescale --pre_proj --pre_proj_extra 1 --qfn b")
+    p.add_argument("--incoh_mode", default="kron", choices=("kron", "hadamard"),
+                   help="rotation used by --incoh_processing: Kronecker (QuIP) or randomized Hadamard (QuIP#)")
+    p.add_argument("--lazy_batch", action="store_true", help="LDLQ/GPTQ updates in blocks of 128 columns")
+    p.add_argument("--proxy_only", action="store_true", help="skip the perplexity evaluation")
+    p.add_argument("--save", help="write the quantized model (HF format) and its codes to this new directory")
+    p.add_argument("--load", help="evaluate a model written by --save instead of quantizing MODEL")
+    p.add_argument("--check", action="store_true", help="rebuild the weights from the codes and compare")
+    # ours
+    p.add_argument("--seqlen", type=int, help="calibration and evaluation length (default: the model's)")
+    p.add_argument("--eval", nargs="*", default=["wikitext2"], choices=lm.DATASETS, help="perplexity datasets")
+    p.add_argument("--data-dir", help="directory with offline dataset files (wiki.train.raw, ...)")
+    p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
+                   help="model dtype (auto: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--report", help=f"report path (default: SAVE/{REPORT_FILE}, else runs/{REPORT_FILE})")
+    args = p.parse_args(argv)
+    if args.incoh_processing:
+        args.pre_gptqH = args.pre_rescale = args.pre_proj = True
+        args.qfn = "b"
+        if args.pre_proj_extra is None:
+            args.pre_proj_extra = 1  # what QuIP's --incoh_processing means (its code sets a misspelled name)
+    if args.pre_proj_extra is None:
+        args.pre_proj_extra = 0
+    if args.nsamples < 1:
+        raise UserError(f"--nsamples must be >= 1, got {args.nsamples}")
+    if args.percdamp < 0:
+        raise UserError(f"--percdamp must be >= 0, got {args.percdamp}")
+    if args.quant in quant.UNSUPPORTED:
+        raise UserError(f"--quant {args.quant}: {quant.UNSUPPORTED[args.quant]}")
+    if args.save and os.path.exists(args.save) and (not os.path.isdir(args.save) or os.listdir(args.save)):
+        raise UserError(f"--save {args.save!r} exists and is not an empty directory; choose a new path")
+    if args.load and args.save:
+        raise UserError("--load evaluates a saved model; it cannot be combined with --save")
+    args.report = args.report or os.path.join(args.save or "runs", REPORT_FILE)
+    return args
+
+
+def quant_options(args):
+    """quant.quantize_layer options from QuIP's flags."""
+    rotation = None
+    if args.pre_proj:
+        rotation = "hadamard" if args.incoh_processing and args.incoh_mode == "hadamard" else PROJ_EXTRA[args.pre_proj_extra]
+    return dict(incoherence=False, qfn=args.qfn, rescale=args.pre_rescale, rotation=rotation,
+                percdamp=args.percdamp, damp_h=args.pre_gptqH, npasses=quant.default_npasses(args.quant, args.npasses),
+                groupsize=args.groupsize, unbiased=args.unbiased, lazy_batch=args.lazy_batch)
+
+
+def check_codes(model, codes_path):
+    """Largest |dense weight - weight rebuilt from the codes| over all quantized layers."""
+    params = dict(model.named_parameters())
+    worst = 0.0
+    for name, w in load_codes(codes_path).items():
+        if name not in params:
+            raise UserError(f"{codes_path!r} has codes for {name!r}, which the model does not have")
+        worst = max(worst, float((params[name].detach().float().cpu() - w.float()).abs().max()))
+    return worst
+
+
+def save_model(model, tokenizer, codes, path):
+    """Everything into a temporary sibling directory, renamed to `path` at the end: never half-written."""
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_codes(os.path.join(tmp, CODES_FILE), codes)
+        if os.path.isdir(path):
+            os.rmdir(path)  # empty (checked at start)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    dtype = DTYPES.get(args.dtype, torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+    report = dict(args=vars(args).copy(), layers=[], ppl={})
+    if args.load:
+        print(f"loading the quantized model from {args.load} (MODEL {args.model!r} only names the run)")
+        model, tokenizer = lm.load_causal_lm(args.load, dtype=dtype)
+    else:
+        model, tokenizer = lm.load_causal_lm(args.model, dtype=dtype)
+    decoder_layers(model)  # unsupported families fail before any data is read
+    seqlen = report["seqlen"] = lm.default_seqlen(model, args.seqlen)
+    # read every dataset before the long quantization, so a missing file fails fast
+    eval_ids = {} if args.proxy_only else {d: lm.encode(tokenizer, lm.load_text(d, "test", args.data_dir))
+                                           for d in args.eval}
+    codes = {}
+    if not args.load and args.wbits < 16:
+        options = quant_options(args)
+        print(f"method {args.quant}, {args.wbits} bits, qfn {options['qfn']}, rescale {options['rescale']}, "
+              f"rotation {options['rotation']}, damping H {options['damp_h']} (percdamp {args.percdamp}), "
+              f"lazy_batch {args.lazy_batch}, seed {args.seed}")
+        if args.quant in ("ldlq", "ldlqRG", "allbal"):
+            given = "given" if args.npasses is not None else "default"
+            print(f"greedy passes per layer: {options['npasses']} ({given}; a pass stops early at a fixed point)")
+        calib = lm.calibration_batch(tokenizer, args.dataset, args.nsamples, seqlen, args.seed, args.data_dir)
+        print(f"{'layer':>5} {'module':<22} {'proxy loss':>12} {'passes':>6} {'seconds':>8}")
+
+        def show(row):
+            for w in row["warnings"]:
+                print(f"warning: layer {row['layer']} {row['module']}: {w}")
+            print(f"{row['layer']:>5} {row['module']:<22} {row['proxy']:>12.5g} {row['npasses']:>6} {row['seconds']:>8.2f}")
+
+        tick = time.time()
+        rows, codes = quantize_model(model, calib, device, args.wbits, args.quant, args.seed, on_result=show, **options)
+        report.update(layers=rows, total_proxy=sum(r["proxy"] for r in rows), quant_seconds=time.time() - tick,
+                      options=options)
+        print(f"total proxy loss {report['total_proxy']:.5g}, quantization {report['quant_seconds']:.1f} s")
+    for name, ids in eval_ids.items():
+        model.to(device)
+        report["ppl"][name] = lm.perplexity(model, ids, seqlen, device=device)
+        print(f"{name} perplexity: {report['ppl'][name]:.3f}")
+    model.to("cpu")
+    if args.save:
+        save_model(model, tokenizer, codes, args.save)
+        print(f"saved the dequantized model and {CODES_FILE} to {args.save}")
+    if args.check:
+        codes_path = os.path.join(args.save or args.load or "", CODES_FILE)
+        if not os.path.isfile(codes_path):
+            raise UserError("--check needs codes: use it with --save or with --load of a --save directory")
+        report["check_max_abs_diff"] = check_codes(model, codes_path)
+        print(f"check: max |dense weight - weight from codes| = {report['check_max_abs_diff']:.3g}")
+    atomic_write_json(args.report, report)
+    print(f"report: {args.report}")
+    return report
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,169 @@
+"""QuIP-style post-training weight quantization of one linear layer (Chee et al. 2023, "QuIP: 2-Bit
+Quantization of Large Language Models With Guarantees"), usable without `opt.py`.
+
+    W_hat = quant.quantize(W, H, wbits=2, method="ldlqRG", incoherence=True, seed=0)
+
+W (rows, cols) is a weight matrix, H (cols, cols) the second moment E[x x^T] of its inputs
+(`quant.hessian.HessianAccumulator`). The steps, each also usable on its own:
+1. incoherence pre-processing (`incoherence.Incoherence`): diagonal rescaling and seeded random
+   orthogonal multiplication of both sides of W, matching multiplication of H;
+2. damping of H (`hessian.damp`, `percdamp` x mean(diag(H)), escalated with a warning if needed);
+3. a grid (`grid.make_grid`, QuIP's qfn 'a' or 'b') and a rounding method (`ldlq`): nearest, gptq,
+   ldlq, ldlqRG (LDLQ on columns sorted by diag(H), then greedy coordinate passes), allbal (greedy
+   passes only);
+4. post-processing back to the original basis. The proxy loss tr((W_hat - W) H (W_hat - W)^T) is
+   computed in the original basis with the undamped H.
+
+`quantize_layer` returns everything needed to store the weights compactly (integer codes, grid,
+rescaling vector, rotation kind and seed); `dequantize` rebuilds W_hat from those.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from engine import UserError
+
+from .grid import QFNS, WBITS, Grid, compact, expand, make_grid, pack_codes, unpack_codes
+from .hessian import HessianAccumulator, check_hessian, damp, proxy_loss, with_damping
+from .incoherence import ROTATIONS, Incoherence, rescale_vector
+from .ldlq import allbal, gptq, greedy_passes, ldlq, ldlqRG, nearest
+
+METHODS = ("nearest", "gptq", "ldlq", "ldlqRG", "allbal")
+UNSUPPORTED = {"ldlbal_admm": "QuIP's experimental ADMM variant is not implemented here; use ldlqRG"}
+
+__all__ = ["quantize", "quantize_layer", "dequantize", "QuantResult", "default_npasses", "METHODS", "WBITS",
+           "QFNS", "ROTATIONS", "HessianAccumulator", "proxy_loss", "damp", "with_damping", "make_grid", "Grid", "Incoherence",
+           "nearest", "gptq", "ldlq", "ldlqRG", "allbal", "greedy_passes", "pack_codes", "unpack_codes"]
+
+
+@dataclass
+class QuantResult:
+    w_hat: torch.Tensor  # dequantized weights, original basis, W's dtype
+    codes: torch.Tensor  # uint8 (rows, cols) codes of the processed weights; None at 16 bits
+    scale: torch.Tensor  # grid: value = scale * (code - zero); (1, 1), (rows, 1) or (rows, groups)
+    zero: torch.Tensor
+    groupsize: int
+    wbits: int
+    rescale: torch.Tensor  # (cols,) or None
+    rotation: str  # kind or None
+    seed: int
+    proxy: float  # tr((W_hat - W) H (W_hat - W)^T), original basis, undamped H
+    npasses: int  # greedy passes run
+    damping: float  # relative damping of H used (after any escalation)
+
+
+def default_npasses(method, npasses=None):
+    """Greedy passes: the given number, else 1 for ldlqRG and allbal (QuIP's default 0 would run none
+    for ldlqRG, silently) and 0 otherwise."""
+    if npasses is not None:
+        return npasses
+    return 1 if method in ("ldlqRG", "allbal") else 0
+
+
+def _check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation):
+    if method in UNSUPPORTED:
+        raise UserError(f"method {method!r}: {UNSUPPORTED[method]}")
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if wbits not in WBITS:
+        raise UserError(f"wbits must be one of {', '.join(map(str, WBITS))}, got {wbits}")
+    if qfn not in QFNS:
+        raise UserError(f"unknown qfn {qfn!r}; choose one of {', '.join(QFNS)}")
+    if rotation is not None and rotation not in ROTATIONS:
+        raise UserError(f"unknown rotation {rotation!r}; choose one of {', '.join(ROTATIONS)}")
+    if npasses < 0:
+        raise UserError(f"npasses must be >= 0, got {npasses}")
+    if npasses > 0 and method in ("nearest", "gptq"):
+        raise UserError(f"greedy passes (npasses={npasses}) apply to ldlq, ldlqRG and allbal, not {method}")
+    if method == "allbal" and npasses == 0:
+        raise UserError("allbal rounds only through its greedy passes; give npasses >= 1")
+    if unbiased and npasses > 0:
+        raise UserError("unbiased (stochastic) rounding cannot be combined with greedy passes; set npasses 0")
+    if groupsize != -1 and (groupsize <= 0 or qfn != "a"):
+        raise UserError(f"groupsize {groupsize}: use -1 or a positive size, with qfn a")
+
+
+@torch.no_grad()
+def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, rescale=None, rotation=None,
+                   percdamp=0.01, damp_h=True, npasses=None, groupsize=-1, unbiased=False, lazy_batch=True,
+                   blocksize=128):
+    """Quantize W (rows, cols) given its input Hessian H (cols, cols); returns a `QuantResult`.
+
+    incoherence=True is QuIP's `--incoh_processing`: rescale=True, rotation='kron', qfn='b' (each can
+    be overridden); False: no rescaling, no rotation, qfn 'a'. damp_h (QuIP's `--pre_gptqH`) zeroes
+    dead columns and adds percdamp x mean(diag(H)) to the diagonal. With a rotation, H is first
+    normalized to mean diagonal 1 and 0.01 I is added, as QuIP does. lazy_batch: LDLQ updates in
+    blocks of `blocksize` columns (otherwise after every column; same result). Computation is float32
+    (float64 inputs stay float64) on W's device.
+    """
+    npasses = default_npasses(method, npasses)
+    qfn = qfn if qfn is not None else ("b" if incoherence else "a")
+    rescale = rescale if rescale is not None else incoherence
+    rotation = rotation if rotation is not None else ("kron" if incoherence else None)
+    _check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation)
+    rows, cols = W.shape
+    check_hessian(H, cols)
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W0 = W.to(dtype)
+    H0 = H.to(W.device, dtype)
+    if wbits == 16:
+        return QuantResult(W.clone(), None, None, None, groupsize, 16, None, None, seed, 0.0, 0, 0.0)
+
+    s = rescale_vector(W0, H0) if rescale else None
+    proc = Incoherence(rows, cols, s, rotation, seed)
+    Wp, Hp = proc.weight(W0), proc.hessian(H0)
+    if rotation is not None:
+        Hp = Hp * (cols / Hp.trace().clamp(min=1e-30)) + 0.01 * torch.eye(cols, dtype=dtype, device=W.device)
+    if damp_h:
+        dead = Hp.diagonal() == 0
+        if bool(dead.any()):
+            Hp = Hp.clone()
+            Hp[dead, dead] = 1
+            Wp = Wp.clone()
+            Wp[:, dead] = 0
+    grid = make_grid(Wp, wbits, qfn, groupsize)
+    generator = torch.Generator().manual_seed(seed) if unbiased else None
+    damping, passes = 0.0, 0
+    if method == "nearest":
+        Wq = nearest(Wp, grid, generator)
+    else:
+        bs = blocksize if lazy_batch else 1
+        ran = []
+
+        def run(Hd):
+            if generator is not None:
+                generator.manual_seed(seed)  # the same noise on every damping attempt
+            if method == "ldlqRG":
+                Wr, n = ldlqRG(Wp, Hd, grid, npasses, blocksize, lazy_batch, generator)
+            elif method == "allbal":
+                Wr, n = allbal(Wp, Hd, grid, npasses, blocksize)
+            else:  # gptq, ldlq (QuIP runs greedy passes after ldlq too when npasses > 0)
+                Wr = (gptq if method == "gptq" else ldlq)(Wp, Hd, grid, bs, generator)
+                Wr, n = greedy_passes(Wp, Hd, Wr, grid, npasses, blocksize) if npasses else (Wr, 0)
+            ran.append(n)
+            return Wr
+
+        Wq, damping = with_damping(Hp, percdamp if damp_h else 0.0, run, what=f"H ({rows}x{cols} weight)")
+        passes = ran[-1]
+    codes = grid.codes(Wq)
+    W_hat = proc.unweight(Wq)
+    gsize = groupsize if groupsize != -1 else cols
+    return QuantResult(W_hat.to(W.dtype), codes, compact(grid.scale, gsize), compact(grid.zero, gsize), groupsize,
+                       wbits, s, rotation, seed, proxy_loss(W0, W_hat, H0), passes, damping)
+
+
+def quantize(W, H, wbits, method, incoherence=True, seed=0, **options):
+    """Dequantized quantized weights (same shape and dtype as W); options as in `quantize_layer`."""
+    return quantize_layer(W, H, wbits, method, incoherence, seed, **options).w_hat
+
+
+def dequantize(codes, scale, zero, groupsize, rescale=None, rotation=None, seed=0, dtype=torch.float32):
+    """Weights from stored codes: scale * (codes - zero) in the processed basis, then the inverse
+    incoherence processing with the rotation regenerated from (rotation, seed)."""
+    rows, cols = codes.shape
+    gsize = groupsize if groupsize != -1 else cols
+    scale = expand(scale.float(), gsize, cols).to(codes.device)
+    zero = expand(zero.float(), gsize, cols).to(codes.device)
+    Wp = scale * (codes.float() - zero)
+    W = Incoherence(rows, cols, None if rescale is None else rescale.float(), rotation, seed).unweight(Wp)
+    return W.to(dtype)

@@ -1,0 +1,124 @@
+"""Rounding algorithms: nearest, GPTQ (OPTQ), LDLQ and QuIP's greedy coordinate passes.
+
+All take a weight matrix W (rows, cols), a positive definite (damped) H (cols, cols) and a `Grid`,
+and return W_hat with every entry on the grid. Columns are processed in index order 0..cols-1 (QuIP's
+code walks them from the last to the first; permute W and H to choose an order).
+
+LDLQ (QuIP, Chee et al. 2023): with the decomposition H = (U + I) D (U + I)^T, U strictly upper
+triangular, column k is rounded as W_hat_k = Q(W_k + (W_:k - W_hat_:k) U_:k,k): linear feedback of the
+rounding errors of the columns before it. It is the same algorithm as GPTQ (QuIP's Theorem 6), which
+`gptq` implements the GPTQ way (Cholesky of H^-1, updating the remaining weights), so the two give the
+same W_hat; a test checks it.
+"""
+import torch
+
+
+def _noise(W, generator):
+    return None if generator is None else torch.rand(W.shape, generator=generator).to(W.device, W.dtype)
+
+
+def nearest(W, grid, generator=None):
+    """Round every entry to the nearest grid value (stochastically when a generator is given)."""
+    return grid.round(W, _noise(W, generator))
+
+
+def ldl_upper(H):
+    """U strictly upper triangular with H = (U + I) D (U + I)^T: a lower Cholesky factor of H with
+    rows and columns reversed, flipped back, is an upper factor M with H = M M^T; U + I = M diag(M)^-1."""
+    M = torch.linalg.cholesky(H.flip(0, 1)).flip(0, 1)
+    return M / M.diagonal() - torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+
+
+def ldlq(W, H, grid, blocksize=128, generator=None):
+    """LDLQ. Errors of finished blocks of `blocksize` columns reach later columns through one matrix
+    product per block (OPTQ's lazy batch updates); blocksize=1 updates after every column. Both give
+    the same W_hat up to float rounding. Works on W^T so that each column is a contiguous row."""
+    cols = W.shape[1]
+    U = ldl_upper(H)
+    noise = _noise(W, generator)
+    Wt = W.T.contiguous()
+    X = Wt.clone()  # row k: W_k plus the feedback from finished blocks
+    err = torch.zeros_like(X)  # rows of (W - W_hat)^T
+    Q = torch.empty_like(X)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        for k in range(i1, i2):
+            x = X[k] + U[i1:k, k] @ err[i1:k] if k > i1 else X[k]
+            Q[k] = grid.round_column(x, k, None if noise is None else noise[:, k])
+            err[k] = Wt[k] - Q[k]
+        X[i2:] += U[i1:i2, i2:].T @ err[i1:i2]
+    return Q.T
+
+
+def gptq(W, H, grid, blocksize=128, generator=None):
+    """GPTQ/OPTQ: round a column, spread its error over the not yet rounded columns through the rows of
+    the upper Cholesky factor of H^-1, lazily in blocks."""
+    rows, cols = W.shape
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    R = torch.linalg.cholesky(Hinv, upper=True)
+    noise = _noise(W, generator)
+    W = W.clone()
+    W_hat = torch.empty_like(W)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(W1)
+        R1 = R[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            k = i1 + i
+            q = grid.round_column(W1[:, i], k, None if noise is None else noise[:, k])
+            W_hat[:, k] = q
+            err1[:, i] = (W1[:, i] - q) / R1[i, i]
+            W1[:, i:] -= err1[:, i:i + 1] * R1[i, i:]
+        W[:, i2:] -= err1 @ R[i1:i2, i2:]
+    return W_hat
+
+
+def greedy_passes(W, H, W_hat, grid, npasses, blocksize=128):
+    """QuIP's greedy passes: coordinate descent on tr((W_hat - W) H (W_hat - W)^T), one column at a
+    time in index order, each column set to the grid value nearest to its exact minimizer (which, for
+    a 1-D convex quadratic on a uniform grid, is the best grid value: the loss never increases).
+    Starts from `W_hat` (W itself for QuIP's 'allbal'). Stops early at a fixed point.
+    Returns (W_hat, passes run). Within a block the gradient G = (W_hat - W) H[:, block] is updated
+    by rank-1 steps; each block starts from one matrix product (lazy batch updates)."""
+    rows, cols = W.shape
+    W_hat = W_hat.clone()
+    diag = H.diagonal()
+    passes = 0
+    for _ in range(npasses):
+        passes += 1
+        before = W_hat.clone()
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
+            G = (W_hat - W) @ H[:, i1:i2]
+            for i in range(i2 - i1):
+                k = i1 + i
+                new = grid.round_column(W_hat[:, k] - G[:, i] / diag[k], k)
+                G += (new - W_hat[:, k])[:, None] * H[k, i1:i2]
+                W_hat[:, k] = new
+        if torch.equal(before, W_hat):
+            break
+    return W_hat, passes
+
+
+def _by_diag(W, H, grid):
+    """W, H and grid with columns in QuIP's order for ldlqRG and allbal: largest diag(H) first."""
+    perm = torch.argsort(H.diagonal(), descending=True)
+    return perm, W[:, perm], H[perm][:, perm], grid.permuted(perm)
+
+
+def ldlqRG(W, H, grid, npasses=1, blocksize=128, lazy_batch=True, generator=None):
+    """QuIP's ldlqRG: LDLQ on the columns sorted by decreasing diag(H), then `npasses` greedy passes
+    in the same order. Returns (W_hat, greedy passes run)."""
+    perm, Ws, Hs, gs = _by_diag(W, H, grid)
+    Wq = ldlq(Ws, Hs, gs, blocksize if lazy_batch else 1, generator)
+    Wq, passes = greedy_passes(Ws, Hs, Wq, gs, npasses, blocksize)
+    return Wq[:, torch.argsort(perm)], passes
+
+
+def allbal(W, H, grid, npasses=1, blocksize=128):
+    """QuIP's allbal: greedy passes only, starting from the unrounded W (the first pass rounds each
+    column given the errors of the columns already rounded), columns by decreasing diag(H)."""
+    perm, Ws, Hs, gs = _by_diag(W, H, grid)
+    Wq, passes = greedy_passes(Ws, Hs, Ws, gs, npasses, blocksize)
+    return Wq[:, torch.argsort(perm)], passes

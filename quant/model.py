@@ -1,0 +1,177 @@
+"""Sequential layer-by-layer quantization of a decoder-only LM (OPT and Llama families), as GPTQ and
+QuIP do: the calibration inputs of decoder layer i are computed by the already quantized layers
+0..i-1, only one decoder layer sits on the accelerator at a time (a 7B model fits on one GPU), and
+all linear layers of a decoder layer are quantized from Hessians collected in one forward pass.
+
+Also the compact storage of the result: packed integer codes, grids, rescaling vectors and rotation
+seeds of every quantized linear layer in one safetensors file, from which `load_codes` rebuilds the
+dense weights.
+"""
+import json
+import time
+import warnings
+import zlib
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from engine import UserError
+
+from . import dequantize, quantize_layer
+from .grid import pack_codes, unpack_codes
+from .hessian import HessianAccumulator
+
+FAMILIES = {"opt": "model.decoder.layers", "llama": "model.layers"}
+CODES_FORMAT = "rlo-quip-codes-v1"
+
+
+def decoder_layers(model):
+    """(ModuleList of decoder layers, its attribute path) for a supported model family."""
+    family = getattr(model.config, "model_type", None)
+    if family not in FAMILIES:
+        raise UserError(f"model family {family!r} is not supported; supported: {', '.join(FAMILIES)}")
+    layers = model
+    for attr in FAMILIES[family].split("."):
+        layers = getattr(layers, attr)
+    return layers, FAMILIES[family]
+
+
+def layer_seed(seed, name):
+    """A per-layer rotation seed from the run seed and the layer's name (stable across runs)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 31)
+
+
+def _move_outside(model, layers, device):
+    """Move every parameter and buffer that is not inside `layers` (embeddings, norms, rotary tables,
+    head) to `device`."""
+    inside = {id(t) for t in layers.parameters()} | {id(t) for t in layers.buffers()}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and id(p) not in inside:
+                p.data = p.data.to(device)
+        for name, b in module._buffers.items():
+            if b is not None and id(b) not in inside:
+                module._buffers[name] = b.to(device)
+
+
+class _Captured(Exception):
+    pass
+
+
+def _layer_inputs(model, layers, input_ids, device):
+    """Hidden states entering decoder layer 0 for each calibration row, plus the keyword arguments
+    (attention mask, position ids / rotary embeddings) the model passes to its layers."""
+    inps, kwargs = [], {}
+
+    def hook(module, args, kw):
+        inps.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for row in input_ids:
+            try:
+                model(row[None].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(inps), kwargs
+
+
+def _run(layer, inps, kwargs):
+    outs = torch.empty_like(inps)
+    for j in range(inps.shape[0]):
+        out = layer(inps[j:j + 1], **kwargs)
+        outs[j] = out[0] if isinstance(out, (tuple, list)) else out
+    return outs
+
+
+@torch.no_grad()
+def quantize_model(model, input_ids, device, wbits, method, seed=0, on_result=None, **options):
+    """Quantize every linear layer inside the decoder layers of `model` in place, from the (nsamples,
+    seqlen) calibration `input_ids`. `options` go to `quant.quantize_layer` (incoherence, qfn,
+    rescale, rotation, percdamp, damp_h, npasses, groupsize, unbiased, lazy_batch).
+
+    Returns (rows, codes): one dict per linear layer (layer index, module name, proxy loss, greedy
+    passes, damping, seconds) and the compact codes per full weight name (see `save_codes`).
+    `on_result(row)` is called as each linear layer finishes."""
+    layers, prefix = decoder_layers(model)
+    use_cache = model.config.use_cache
+    model.config.use_cache = False
+    home = next(model.parameters()).device
+    _move_outside(model, layers, device)
+    try:
+        inps, kwargs = _layer_inputs(model, layers, input_ids, device)
+    finally:
+        _move_outside(model, layers, home)
+    rows, codes = [], {}
+    for i in tqdm(range(len(layers)), desc="layers"):
+        layer = layers[i].to(device)
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        acc = {n: HessianAccumulator(m.in_features, device) for n, m in linears.items()}
+        handles = [m.register_forward_hook(lambda mod, inp, out, a=acc[n]: a.add(inp[0])) for n, m in linears.items()]
+        try:
+            _run(layer, inps, kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, linear in linears.items():
+            full = f"{prefix}.{i}.{name}"
+            tick = time.time()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                r = quantize_layer(linear.weight.data, acc[name].hessian(), wbits, method,
+                                   seed=layer_seed(seed, full), **options)
+            if torch.device(device).type == "cuda":  # honest per-layer seconds
+                torch.cuda.synchronize()
+            linear.weight.data = r.w_hat
+            del acc[name]
+            row = dict(layer=i, module=name, proxy=r.proxy, npasses=r.npasses, damping=r.damping,
+                       seconds=time.time() - tick, warnings=[str(w.message) for w in caught])
+            rows.append(row)
+            codes[f"{full}.weight"] = r
+            if on_result is not None:
+                on_result(row)
+        inps = _run(layer, inps, kwargs)  # inputs of the next layer, from this quantized layer
+        layers[i] = layer.to(home)
+    model.config.use_cache = use_cache
+    return rows, codes
+
+
+def save_codes(path, results):
+    """One safetensors file: per weight name, the packed codes (`wbits` bits each), grid scale and
+    zero, and the rescaling vector; shapes, bits, group size, rotation kind and seed in the metadata."""
+    tensors, meta = {}, {}
+    for name, r in results.items():
+        if r.codes is None:
+            continue
+        tensors[f"{name}.codes"] = pack_codes(r.codes, r.wbits)
+        tensors[f"{name}.scale"] = r.scale.float().cpu().contiguous()
+        tensors[f"{name}.zero"] = r.zero.float().cpu().contiguous()
+        if r.rescale is not None:
+            tensors[f"{name}.rescale"] = r.rescale.float().cpu().contiguous()
+        meta[name] = dict(shape=list(r.codes.shape), wbits=r.wbits, groupsize=r.groupsize, rotation=r.rotation,
+                          seed=r.seed, dtype=str(r.w_hat.dtype).replace("torch.", ""))
+    save_file(tensors, path, metadata={"format": CODES_FORMAT, "layers": json.dumps(meta)})
+
+
+def load_codes(path, device="cpu"):
+    """{weight name: dense weight} rebuilt from a `save_codes` file (codes -> grid values -> inverse
+    incoherence processing with the rotations regenerated from their seeds)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        header = f.metadata() or {}
+    if header.get("format") != CODES_FORMAT:
+        raise UserError(f"{path!r} is not a quantized-codes file (format {header.get('format')!r})")
+    tensors = load_file(path, device="cpu")
+    weights = {}
+    for name, m in json.loads(header["layers"]).items():
+        codes = unpack_codes(tensors[f"{name}.codes"], m["wbits"], m["shape"]).to(device)
+        weights[name] = dequantize(codes, tensors[f"{name}.scale"], tensors[f"{name}.zero"], m["groupsize"],
+                                   tensors.get(f"{name}.rescale"), m["rotation"], m["seed"],
+                                   getattr(torch, m["dtype"]))
+    return weights

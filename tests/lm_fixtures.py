@@ -1,0 +1,77 @@
+"""Tiny offline causal LMs for tests: a generated corpus in wikitext-2 raw format, a byte-level BPE
+tokenizer trained on it (`tokenizers`, saved as a PreTrainedTokenizerFast), and random-weight OPT
+and Llama models (2 layers, hidden 64) saved with `save_pretrained` like a hub checkpoint.
+
+Plain helpers, not pytest fixtures, so any test module can build them at the scope it needs.
+"""
+import os
+import random
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+
+SPECIAL = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+_SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the river", "a small bird", "the king"]
+_VERBS = ["sees", "follows", "likes", "finds", "carries", "remembers"]
+_OBJECTS = ["the ball", "a red house", "the green hill", "an apple", "the long road", "a quiet song"]
+
+
+def make_text(n_paragraphs=20, seed=0):
+    """Wikitext-2 raw style text: ` = Heading = ` lines and paragraphs of simple grammatical sentences
+    (a small language a 2-layer model learns within a few steps)."""
+    rng = random.Random(seed)
+    lines = []
+    for p in range(n_paragraphs):
+        if p % 5 == 0:
+            lines += ["", f" = Section {p // 5} = ", ""]
+        sentences = [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} ." for _ in range(6)]
+        lines.append(" " + " ".join(s.capitalize() for s in sentences) + " ")
+    return "\n".join(lines) + "\n"
+
+
+def write_wikitext(directory, seed=0, n_paragraphs=(40, 8, 8)):
+    """wiki.train.raw / wiki.valid.raw / wiki.test.raw in `directory`; returns the directory."""
+    os.makedirs(directory, exist_ok=True)
+    for i, (name, n) in enumerate(zip(("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"), n_paragraphs)):
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+            f.write(make_text(n, seed=seed + i))
+    return directory
+
+
+def train_tokenizer(text, vocab_size=500):
+    """Byte-level BPE trained on `text`; like OPT/Llama it prepends BOS to every encoded text."""
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text], trainer=trainer)
+    bos = SPECIAL["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=128, **SPECIAL)
+
+
+def tiny_model(kind, tokenizer, seed=0, max_positions=128):
+    """A random-weight 'opt' or 'llama' causal LM sized for tests."""
+    torch.manual_seed(seed)
+    ids = {f"{k[:-6]}_token_id": tokenizer.convert_tokens_to_ids(v) for k, v in SPECIAL.items() if k != "unk_token"}
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=max_positions, **ids)
+    if kind == "opt":
+        config = OPTConfig(ffn_dim=128, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0, **common)
+        return OPTForCausalLM(config).eval()
+    if kind == "llama":
+        config = LlamaConfig(intermediate_size=128, num_key_value_heads=2, **common)
+        return LlamaForCausalLM(config).eval()
+    raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+def save_tiny_lm(directory, kind="opt", text=None, seed=0):
+    """A tiny model + tokenizer written to `directory` with `save_pretrained` (safetensors); returns it."""
+    tokenizer = train_tokenizer(text if text is not None else make_text(60, seed=seed))
+    model = tiny_model(kind, tokenizer, seed=seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,149 @@
+"""ft_opt.py on tiny random OPT / Llama checkpoints and generated wikitext files, offline on CPU."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, ViTConfig
+
+import ft_opt
+import lm
+from engine import UserError
+from losses import get_loss
+from tests.lm_fixtures import save_tiny_lm, write_wikitext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--seqlen", "32", "--lr", "3e-3", "--warmup", "2", "--bs", "4", "--grad-accum", "2", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    return {"opt": save_tiny_lm(str(root / "opt"), "opt"), "llama": save_tiny_lm(str(root / "llama"), "llama"),
+            "data": write_wikitext(str(root / "wikitext")), "root": root}
+
+
+def float64_perplexity(model, ids, seqlen):
+    model = model.double()
+    nll, count = 0.0, 0
+    for w in range(ids.numel() // seqlen):
+        window = ids[w * seqlen:(w + 1) * seqlen]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(window[None]).logits[0], dim=-1)
+        nll -= logp[torch.arange(seqlen - 1), window[1:]].sum().item()
+        count += seqlen - 1
+    return math.exp(nll / count)
+
+
+def check_run(out, data, metrics):
+    assert metrics["train_loss"][-1] < metrics["train_loss"][0]
+    assert math.isfinite(metrics["ppl_after"]) and metrics["ppl_after"] < metrics["ppl_before"]
+    assert json.load(open(os.path.join(out, "metrics.json")))["ppl_after"] == metrics["ppl_after"]
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))  # a finished run keeps only the model
+    # The saved directory reloads and reproduces the reported perplexity exactly (same logits), and the
+    # fp32 protocol agrees with a float64 recomputation.
+    model, tokenizer = lm.load_causal_lm(out)
+    ids = lm.encode(tokenizer, lm.load_text("wikitext2", "test", data))
+    assert lm.perplexity(model, ids, metrics["eval_seqlen"]) == pytest.approx(metrics["ppl_after"], rel=1e-12)
+    assert float64_perplexity(model, ids, metrics["eval_seqlen"]) == pytest.approx(metrics["ppl_after"], rel=1e-5)
+
+
+def test_finetune_opt_in_process(assets):
+    out = str(assets["root"] / "out_opt")
+    metrics = ft_opt.main(["--model", assets["opt"], "--data-dir", assets["data"], "--out", out, *FAST])
+    assert metrics["steps"] == 2 * 7  # 54 blocks of 32 tokens, 14 micro-batches of 4, accumulation 2
+    check_run(out, assets["data"], metrics)
+
+
+def test_finetune_llama_subprocess(assets):
+    out = str(assets["root"] / "out_llama")
+    proc = subprocess.run([sys.executable, "ft_opt.py", "--model", assets["llama"], "--data-dir", assets["data"],
+                           "--out", out, "--loss", "ce", *FAST], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "perplexity after finetuning" in proc.stdout
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    check_run(out, assets["data"], metrics)
+    # Identical logits after reloading with plain transformers.
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    again = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_resume_reproduces_uninterrupted_run(assets, monkeypatch):
+    args = ["--model", assets["opt"], "--data-dir", assets["data"], "--loss", "root_convex", "--k", "3", *FAST]
+    full = ft_opt.main([*args, "--out", str(assets["root"] / "full")])
+    out = str(assets["root"] / "resumed")
+    real_save = ft_opt.atomic_save
+
+    def save_then_crash(obj, path):  # the process dies right after the epoch-1 checkpoint
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft_opt, "atomic_save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        ft_opt.main([*args, "--out", out])
+    monkeypatch.setattr(ft_opt, "atomic_save", real_save)
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == 1
+    with pytest.raises(UserError, match="different --k"):
+        ft_opt.main([*args, "--out", out, "--resume", "--k", "4"])
+    resumed = ft_opt.main([*args, "--out", out, "--resume"])
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6)
+    assert resumed["ppl_after"] == pytest.approx(full["ppl_after"], rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["root", "root_convex"])
+def test_token_rlo_matches_hand_written_reference_with_masks(name):
+    torch.manual_seed(0)
+    k, m, vocab = 5.0, 5.0, 50
+    ids = torch.randint(0, vocab, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    mask[2, 2:] = 0
+    logits = (3 * torch.randn(3, 9, vocab)).requires_grad_()
+    loss = lm.token_loss(get_loss(name, k=k, m=m, ignore_index=-100), logits, lm.shift_labels(ids, mask))
+    loss.backward()
+
+    ref_logits = logits.detach().double().requires_grad_()
+    terms = []
+    for b in range(3):
+        for t in range(8):  # position t predicts token t + 1; padding targets and the last position drop out
+            if mask[b, t + 1]:
+                p = torch.softmax(ref_logits[b, t], dim=0)[ids[b, t + 1]]
+                terms.append(m * (1 - p ** (1 / k)) if name == "root" else m * (p ** (-1 / k) - 1))
+    ref = torch.stack(terms).mean()
+    ref.backward()
+    assert len(terms) == 8 + 5 + 1
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=1e-4, atol=1e-7)
+    assert logits.grad[1, 5:].abs().max() == 0 and logits.grad[:, -1].abs().max() == 0
+
+
+def test_bad_input_exits_2_with_one_line(assets):
+    proc = subprocess.run([sys.executable, "ft_opt.py", "--loss", "hinge"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown loss 'hinge'; choose one of ce, focal, root, root_convex"
+
+
+def test_bad_input_user_errors(assets, tmp_path):
+    base = ["--model", assets["opt"], "--data-dir", assets["data"], "--out", str(tmp_path / "o"), "--seqlen", "32"]
+    with pytest.raises(UserError, match="--k must be a finite number > 0"):
+        ft_opt.main([*base, "--k", "0"])
+    with pytest.raises(UserError, match="--m must be"):
+        ft_opt.main([*base, "--m", "-1"])
+    with pytest.raises(UserError, match="larger than the model's 128 positions"):
+        ft_opt.main([*base, "--seqlen", "256"])
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path / "vit")
+    with pytest.raises(UserError, match="not a causal language model"):
+        ft_opt.main([*base[2:], "--model", str(tmp_path / "vit")])
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(UserError, match="empty.txt' is empty"):
+        ft_opt.main([*base, "--train-file", str(tmp_path / "empty.txt")])
+    with pytest.raises(UserError, match=r"put wiki\.train\.raw"):
+        ft_opt.main([*base, "--data-dir", str(tmp_path)])  # the last --data-dir wins
+    assert not os.path.exists(tmp_path / "o" / "metrics.json")

@@ -1,0 +1,168 @@
+"""opt.py and quant/model.py on tiny random OPT and Llama checkpoints, offline on CPU."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import lm
+import opt
+import quant
+from engine import UserError
+from quant.model import decoder_layers, load_codes, quantize_model
+from tests.lm_fixtures import save_tiny_lm, write_wikitext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--nsamples", "4", "--seqlen", "32", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Run every test here on one thread (see conftest.one_thread)."""
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    return {"opt": save_tiny_lm(str(root / "opt"), "opt"), "llama": save_tiny_lm(str(root / "llama"), "llama"),
+            "data": write_wikitext(str(root / "wikitext")), "root": root}
+
+
+def run(assets, kind, *flags, save=None):
+    argv = [assets[kind], "wikitext2", "--data-dir", assets["data"], *FAST, *flags]
+    if save:
+        argv += ["--save", save]
+    else:
+        argv += ["--report", str(assets["root"] / "report.json")]
+    return opt.main(argv)
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+@pytest.mark.parametrize("method", quant.METHODS)
+def test_every_method_quantizes_both_families_to_2_bits(assets, kind, method):
+    report = run(assets, kind, "--wbits", "2", "--quant", method, "--incoh_processing")
+    per_layer = 6 if kind == "opt" else 7  # q, k, v, out + fc1, fc2 / gate, up, down
+    assert len(report["layers"]) == 2 * per_layer
+    assert all(math.isfinite(r["proxy"]) and r["proxy"] > 0 for r in report["layers"])
+    assert math.isfinite(report["ppl"]["wikitext2"])
+    if method in ("ldlqRG", "allbal"):
+        assert all(r["npasses"] == 1 for r in report["layers"])
+
+
+def _fc_hessian(model, calib, layer_index, module):
+    """E[x x^T] of a linear layer's inputs, from a plain forward of the whole model (for the first
+    linears of a layer, whose inputs do not depend on the same layer's quantized weights)."""
+    layers, _ = decoder_layers(model)
+    linear = dict(layers[layer_index].named_modules())[module]
+    acc = quant.HessianAccumulator(linear.in_features)
+    handle = linear.register_forward_hook(lambda m, i, o: acc.add(i[0]))
+    with torch.no_grad():
+        for row in calib:
+            model(row[None], use_cache=False)
+    handle.remove()
+    return acc.hessian()
+
+
+@pytest.mark.parametrize("kind, module", [("opt", "self_attn.q_proj"), ("llama", "self_attn.k_proj")])
+def test_each_layer_is_calibrated_on_the_outputs_of_the_quantized_layers_before_it(assets, kind, module):
+    model, tok = lm.load_causal_lm(assets[kind])
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calib = lm.calibration_batch(tok, "wikitext2", 4, 32, 0, assets["data"])
+    H_before = _fc_hessian(model, calib, 1, module)
+    rows, _ = quantize_model(model, calib, "cpu", 2, "nearest", incoherence=False)
+    H_after = _fc_hessian(model, calib, 1, module)  # layer 0 is quantized now
+    name = f"{decoder_layers(model)[1]}.1.{module}.weight"
+    W, W_hat = original[name], dict(model.named_parameters())[name].detach()
+    reported = next(r["proxy"] for r in rows if r["layer"] == 1 and r["module"] == module)
+    after, before = quant.proxy_loss(W, W_hat, H_after), quant.proxy_loss(W, W_hat, H_before)
+    assert float((H_after - H_before).norm() / H_before.norm()) > 0.1  # quantizing layer 0 moved H
+    assert abs(reported - after) < 0.1 * abs(reported - before)
+
+
+def test_save_writes_hf_weights_and_2bit_codes_that_rebuild_them(assets):
+    out = str(assets["root"] / "saved")
+    report = run(assets, "llama", "--wbits", "2", "--quant", "ldlqRG", "--incoh_processing", "--lazy_batch",
+                 "--check", save=out)
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", opt.CODES_FILE, opt.REPORT_FILE} <= files
+    assert not any(f.startswith("saved.tmp") for f in os.listdir(assets["root"]))
+    assert report["check_max_abs_diff"] < 1e-6
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    params = dict(reloaded.named_parameters())
+    rebuilt = load_codes(os.path.join(out, opt.CODES_FILE))
+    assert len(rebuilt) == 14
+    for name, w in rebuilt.items():
+        torch.testing.assert_close(w, params[name].detach(), atol=1e-6, rtol=0)
+    from safetensors import safe_open
+    with safe_open(os.path.join(out, opt.CODES_FILE), "pt") as f:
+        packed = f.get_tensor("model.layers.0.mlp.up_proj.weight.codes")
+    assert packed.dtype == torch.uint8 and packed.numel() == 128 * 64 * 2 // 8
+    with open(os.path.join(out, opt.REPORT_FILE)) as f:
+        assert json.load(f)["ppl"]["wikitext2"] == pytest.approx(report["ppl"]["wikitext2"])
+    again = opt.main([out, "wikitext2", "--load", out, "--data-dir", assets["data"], *FAST, "--check",
+                      "--report", str(assets["root"] / "load.json")])
+    assert again["ppl"]["wikitext2"] == pytest.approx(report["ppl"]["wikitext2"], rel=1e-5)
+    assert again["check_max_abs_diff"] < 1e-6
+
+
+def test_wbits16_keeps_the_model_and_its_perplexity(assets):
+    report = run(assets, "opt")
+    model, tok = lm.load_causal_lm(assets["opt"])
+    ids = lm.encode(tok, lm.load_text("wikitext2", "test", assets["data"]))
+    assert report["layers"] == []
+    assert report["ppl"]["wikitext2"] == pytest.approx(lm.perplexity(model, ids, 32), rel=1e-6)
+
+
+def test_incoh_processing_means_kronecker_and_passes_are_printed(assets, capsys):
+    args = opt.parse_args(["m", "wikitext2", "--incoh_processing"])
+    o = opt.quant_options(args)
+    assert (args.pre_gptqH, o["rescale"], o["rotation"], o["qfn"]) == (True, True, "kron", "b")
+    assert opt.quant_options(opt.parse_args(["m", "c4", "--pre_proj"]))["rotation"] == "butterfly"
+    assert opt.quant_options(opt.parse_args(["m", "c4", "--incoh_processing", "--pre_proj_extra", "2"]))["rotation"] \
+        == "butterfly_nopermute"
+    assert opt.quant_options(opt.parse_args(["m", "c4", "--incoh_processing", "--incoh_mode", "hadamard"]))["rotation"] \
+        == "hadamard"
+    a = run(assets, "opt", "--wbits", "3", "--quant", "ldlqRG", "--npasses", "0", "--proxy_only")
+    assert "greedy passes per layer: 0 (given" in capsys.readouterr().out
+    assert a["ppl"] == {} and all(r["npasses"] == 0 for r in a["layers"])
+    b = run(assets, "opt", "--wbits", "3", "--quant", "ldlqRG", "--proxy_only", "--seed", "1")
+    assert "greedy passes per layer: 1 (default" in capsys.readouterr().out
+    assert b["total_proxy"] < a["total_proxy"] * 1.05  # one greedy pass per layer on top of LDLQ
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--wbits", "5"], "invalid choice: 5"),
+    (["--quant", "foo"], "invalid choice: 'foo'"),
+    (["--quant", "ldlbal_admm", "--wbits", "2"], "not implemented here"),
+    (["--wbits", "2", "--quant", "nearest", "--npasses", "2"], "apply to ldlq, ldlqRG and allbal"),
+    (["--wbits", "2", "--quant", "ldlq", "--incoh_processing", "--groupsize", "8"], "with qfn a"),
+])
+def test_bad_flags_are_one_line_user_errors(assets, flags, match):
+    with pytest.raises(UserError, match=match):
+        run(assets, "opt", *flags)
+
+
+def test_unsupported_family_and_missing_data(assets, tmp_path):
+    gpt2 = str(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).save_pretrained(gpt2)
+    lm.load_causal_lm(assets["opt"])[1].save_pretrained(gpt2)
+    with pytest.raises(UserError, match="model family 'gpt2' is not supported"):
+        opt.main([gpt2, "wikitext2", "--data-dir", assets["data"], *FAST, "--wbits", "2"])
+    with pytest.raises(UserError, match="ptb"):
+        run(assets, "opt", "--wbits", "2", "--eval", "ptb")
+
+
+def test_save_into_a_non_empty_dir_exits_2_and_writes_nothing(assets, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    proc = subprocess.run([sys.executable, "opt.py", assets["opt"], "wikitext2", "--data-dir", assets["data"],
+                           *FAST, "--wbits", "2", "--quant", "ldlq", "--save", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "not an empty directory" in proc.stderr
+    assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["busy"]

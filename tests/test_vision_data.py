@@ -1,0 +1,151 @@
+"""data/vision.py: every layout is written in a temp dir with a few tiny images and read back."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import vision
+from engine import UserError
+
+
+def _unnormalize(x, mean, std):
+    return x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+
+
+def _write_cifar(root, kind, n=4):
+    """torchvision's pickled CIFAR batches; image i of a file is filled with the value 10 * i + 1."""
+    folder = os.path.join(root, "cifar-10-batches-py" if kind == 10 else "cifar-100-python")
+    os.makedirs(folder)
+    label_key = "labels" if kind == 10 else "fine_labels"
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if kind == 10 else ["train", "test"]
+    for f in files:
+        data = np.repeat((np.arange(n, dtype=np.uint8) * 10 + 1)[:, None], 3072, axis=1)
+        with open(os.path.join(folder, f), "wb") as fh:
+            pickle.dump({"data": data, label_key: [i % kind for i in range(n)]}, fh)
+    meta, key = ("batches.meta", "label_names") if kind == 10 else ("meta", "fine_label_names")
+    with open(os.path.join(folder, meta), "wb") as fh:
+        pickle.dump({key: [f"c{i}" for i in range(kind)]}, fh)
+
+
+@pytest.mark.parametrize("kind", [10, 100])
+def test_cifar_layout_round_trip(tmp_path, kind):
+    _write_cifar(tmp_path, kind)
+    name = f"cifar{kind}"
+    train = vision.build_dataset(name, tmp_path, "train", 32, aug="none")
+    test = vision.build_dataset(name, tmp_path, "test", 32, aug="none")
+    assert (len(train), len(test), train.num_classes) == (5 * 4 if kind == 10 else 4, 4, kind)
+    x, y = test[3]
+    assert x.shape == (3, 32, 32) and y == 3
+    pixels = _unnormalize(x, vision.CIFAR_MEAN, vision.CIFAR_STD) * 255
+    torch.testing.assert_close(pixels, torch.full_like(pixels, 31.0), atol=1e-3, rtol=0)
+    # Resized for finetuning at another size
+    assert vision.build_dataset(name, tmp_path, "test", 48, aug="none")[0][0].shape == (3, 48, 48)
+
+
+def _jpeg(path, color, size=64):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (size, size), color).save(path)
+
+
+def test_tinyimagenet_layout(tmp_path):
+    base = tmp_path / "tiny-imagenet-200"
+    wnids = ["n02", "n01"]  # classes are indexed in sorted order
+    os.makedirs(base)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for w, color in zip(wnids, [(255, 0, 0), (0, 0, 255)]):
+        for i in range(2):
+            _jpeg(str(base / "train" / w / "images" / f"{w}_{i}.JPEG"), color)
+        (base / "train" / w / f"{w}_boxes.txt").write_text("ignored")
+    _jpeg(str(base / "val" / "images" / "val_0.JPEG"), (0, 0, 255))
+    _jpeg(str(base / "val" / "images" / "val_1.JPEG"), (255, 0, 0))
+    (base / "val" / "val_annotations.txt").write_text(
+        "val_0.JPEG\tn01\t0\t0\t8\t8\nval_1.JPEG\tn02\t0\t0\t8\t8\n")
+    train = vision.build_dataset("tinyimagenet", tmp_path, "train", 24, aug="basic")
+    test = vision.build_dataset("Tiny-ImageNet", tmp_path, "test", 24, aug="none")
+    assert (len(train), len(test), train.num_classes) == (4, 2, 2)
+    assert sorted(y for _, y in train) == [0, 0, 1, 1]
+    x, y = test[0]
+    assert x.shape == (3, 24, 24) and y == 0  # n01 -> class 0
+    rgb = _unnormalize(x, vision.IMAGENET_MEAN, vision.IMAGENET_STD).mean((1, 2))
+    assert rgb[2] > 0.9 and rgb[0] < 0.1  # the blue image
+
+
+def test_food101_layout(tmp_path):
+    base = tmp_path / "food-101"
+    classes = {"ramen": (0, 255, 0), "apple_pie": (255, 0, 0)}
+    for c, color in classes.items():
+        for i in range(3):
+            _jpeg(str(base / "images" / c / f"{i}.jpg"), color, size=40)
+    os.makedirs(base / "meta")
+    (base / "meta" / "train.json").write_text(json.dumps({c: [f"{c}/0", f"{c}/1"] for c in classes}))
+    (base / "meta" / "test.json").write_text(json.dumps({c: [f"{c}/2"] for c in classes}))
+    train = vision.build_dataset("food101", tmp_path, "train", 32, aug="randaug")
+    test = vision.build_dataset("food-101", tmp_path, "test", 32, aug="none")
+    assert (len(train), len(test), test.num_classes) == (4, 2, 2)
+    assert train[0][0].shape == (3, 32, 32)
+    x, y = test[0]  # json order: ramen first
+    assert y == 1  # sorted classes: apple_pie 0, ramen 1
+    assert _unnormalize(x, vision.IMAGENET_MEAN, vision.IMAGENET_STD).mean((1, 2))[1] > 0.9
+
+
+def test_imagenet_layout(tmp_path):
+    for split in ("train", "val"):
+        for c in ("n001", "n002", "n003"):
+            _jpeg(str(tmp_path / "imagenet" / split / c / f"{split}.JPEG"), (10, 20, 30), size=20)
+    train = vision.build_dataset("imagenet", tmp_path, "train", 16, aug="basic")
+    test = vision.build_dataset("imagenet", tmp_path, "test", 16, aug="none")
+    assert (len(train), len(test), train.num_classes) == (3, 3, 3)
+    assert [y for _, y in test] == [0, 1, 2] and test[0][0].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("name, looked_in", [
+    ("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
+    ("tinyimagenet", "wnids.txt"), ("food101", "food-101"), ("imagenet", os.path.join("imagenet", "train")),
+])
+def test_missing_data_names_dataset_path_and_layout(tmp_path, name, looked_in):
+    with pytest.raises(UserError) as err:
+        vision.build_dataset(name, tmp_path, "train", 32)
+    msg = str(err.value)
+    assert msg.startswith(f"{name}: no data at {tmp_path}") and looked_in in msg and "expected" in msg
+    assert "\n" not in msg
+
+
+def test_fake_is_deterministic_and_learnable():
+    a = vision.build_dataset("fake", "unused", "train", 16, aug="none", num_classes=3, n=60)
+    b = vision.build_dataset("fake", "unused", "train", 16, aug="none", num_classes=3, n=60)
+    test = vision.build_dataset("fake", "unused", "test", 16, aug="none", num_classes=3, n=60)
+    assert (len(a), len(test), a.num_classes) == (60, 12, 3)
+    torch.testing.assert_close(a[7][0], b[7][0], rtol=0, atol=0)
+    assert a[7][1] == b[7][1] and not torch.equal(a[7][0], a[8][0])
+    xs, ys = zip(*(a[i] for i in range(60)))
+    xs, ys = torch.stack(xs), torch.tensor(ys)
+    assert set(ys.tolist()) == {0, 1, 2}
+    # Nearest class mean classifies held-out images well above chance (1/3): the classes are learnable.
+    means = torch.stack([xs[ys == c].mean(0) for c in range(3)]).flatten(1)
+    tx, ty = zip(*(test[i] for i in range(len(test))))
+    pred = torch.cdist(torch.stack(tx).flatten(1), means).argmin(1)
+    assert (pred == torch.tensor(ty)).float().mean() > 0.8
+
+
+def test_augmentation_follows_the_global_seed():
+    ds = vision.build_dataset("fake", "unused", "train", 32, aug="randaug", n=10)
+    torch.manual_seed(5)
+    first = ds[0][0]
+    torch.manual_seed(5)
+    torch.testing.assert_close(ds[0][0], first, rtol=0, atol=0)
+    outs = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        outs.append(ds[0][0])
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # the crops / flips / ops do vary
+
+
+def test_bad_names():
+    with pytest.raises(UserError, match="unknown dataset 'mnist'; choose from: cifar10, cifar100"):
+        vision.build_dataset("mnist", "x", "train", 32)
+    with pytest.raises(UserError, match="unknown aug"):
+        vision.build_dataset("fake", "x", "train", 32, aug="mixup")
