@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import lm
-from engine import UserError, atomic_save, atomic_write_json, cli
+from engine import UserError, atomic_save, atomic_write_json, cli, require_positive_ints
 from losses import get_loss
 
 TOKEN_LOSSES = ("ce", "focal", "root", "root_convex")  # the multi-class forms of losses/
@@ -59,11 +59,7 @@ def parse_args(argv):
     for name in ("k", "m", "lr"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             raise UserError(f"--{name} must be a finite number > 0, got {getattr(args, name)}")
-    for name in ("epochs", "bs", "grad_accum", "eval_bs"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
+    require_positive_ints(args, "epochs", "bs", "grad_accum", "eval_bs", "max_steps")
     if args.warmup < 0 or args.weight_decay < 0:
         raise UserError("--warmup and --weight-decay must be >= 0")
     if args.dataset not in lm.DATASETS and not (args.train_file and args.eval_file):

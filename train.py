@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import models
 from data import vision
-from engine import CSVLogger, UserError, atomic_save, atomic_write_json, cli
+from engine import CSVLogger, UserError, atomic_save, atomic_write_json, cli, require_positive_ints
 from losses import get_loss
 
 CLASSIFICATION_LOSSES = ("ce", "focal", "root", "root_convex")
@@ -101,11 +101,7 @@ def resolve(args):
         raise UserError(f"unknown sched {args.sched!r}; choose from: cosine, none")
     if args.aug not in vision.AUGS:
         raise UserError(f"unknown aug {args.aug!r}; choose from: {', '.join(vision.AUGS)}")
-    for name in ("epochs", "bs", "eval_every", "log_every", "num_classes", "fake_n"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
+    require_positive_ints(args, "epochs", "bs", "eval_every", "log_every", "num_classes", "fake_n", "max_steps")
     if args.workers < 0 or args.warmup < 0:
         raise UserError("--workers and --warmup must be >= 0")
     convnet = args.net in models.CONVNETS

@@ -19,3 +19,11 @@ def cli(main, argv=None):
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def require_positive_ints(args, *names):
+    """UserError for any named integer flag of `args` below 1 (None means unset and passes)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

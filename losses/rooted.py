@@ -41,6 +41,11 @@ def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _softplus(x):
+    # torch's softplus returns x above its threshold (20): exact to fp32, off by e^-20 ~ 2e-9 in float64.
+    return F.softplus(x, threshold=40.0 if x.dtype == torch.float64 else 20.0)
+
+
 def _upcast(x):
     return x.to(_compute_dtype(x))
 
@@ -233,7 +238,7 @@ class Logistic(_BinaryLoss):
     """log(1 + exp(-y z)) = softplus(-y z)."""
 
     def of_margin(self, margin, logits_dtype):
-        return F.softplus(-margin)
+        return _softplus(-margin)
 
 
 class BinaryRootConvex(_BinaryLoss):
@@ -265,7 +270,7 @@ class BinaryRoot(_BinaryLoss):
 
 def binary_root_convex(margin, k, limit=MAX_EXPONENT):
     """k * (1 + exp(-margin))^(1/k) elementwise, margin = y * z, stable; exponent clamped at `limit`."""
-    return k * torch.exp(_clamped_exp_argument(F.softplus(-margin) / k, limit))
+    return k * torch.exp(_clamped_exp_argument(_softplus(-margin) / k, limit))
 
 
 def binary_root_convex_grad_coef(margin, k):
@@ -274,7 +279,7 @@ def binary_root_convex_grad_coef(margin, k):
     With l = 1 + e^-z and t = sigmoid(-z) = 1 - sigmoid(z):  f'(z) = -l^(1/k) t.
     As k -> inf this is -sigmoid(-z), the logistic loss derivative (paper eq. 5-6).
     """
-    return -torch.exp(F.softplus(-margin) / k) * torch.sigmoid(-margin)
+    return -torch.exp(_softplus(-margin) / k) * torch.sigmoid(-margin)
 
 
 def binary_root_convex_hessian_coef(margin, k):
@@ -287,7 +292,7 @@ def binary_root_convex_hessian_coef(margin, k):
     it tends to t (1 - t), the logistic Hessian coefficient.
     """
     t = torch.sigmoid(-margin)
-    return torch.exp(F.softplus(-margin) / k) * t * (1 - t * (1 - 1 / k))
+    return torch.exp(_softplus(-margin) / k) * t * (1 - t * (1 - 1 / k))
 
 
 # ---- GAN losses (from discriminator logits) ------------------------------------------------------
@@ -296,10 +301,10 @@ class LogisticGANLoss:
     """The non-saturating logistic GAN loss (StyleGAN2's): G softplus(-gen), D softplus(gen) + softplus(-real)."""
 
     def generator(self, gen_logits):
-        return F.softplus(-_upcast(gen_logits)).mean()
+        return _softplus(-_upcast(gen_logits)).mean()
 
     def discriminator(self, gen_logits, real_logits):
-        return F.softplus(_upcast(gen_logits)).mean() + F.softplus(-_upcast(real_logits)).mean()
+        return _softplus(_upcast(gen_logits)).mean() + _softplus(-_upcast(real_logits)).mean()
 
 
 class RootedGANLoss:

@@ -285,3 +285,13 @@ def test_registry_is_case_insensitive_and_ignores_foreign_flags():
     focal = get_loss("Focal", k=5, gamma=2.0)
     assert (focal.alpha, focal.gamma) == (0.25, 2.0)
     assert set(LOSSES) >= set(CLASS_LOSSES + BINARY_LOSSES) and set(GAN_LOSSES) == {"ce", "root"}
+
+
+def test_float64_binary_forms_are_exact_at_large_margins():
+    """softplus's linear cut-off (x > 20) would cost 2e-9 relative error in float64."""
+    z = torch.tensor([-35.0, -25.0, -21.0, 21.0, 30.0], dtype=torch.float64)
+    y = torch.ones(5, dtype=torch.long)
+    torch.testing.assert_close(get_loss("logistic", reduction="none")(z, y), torch.log1p(torch.exp(-z)),
+                               rtol=1e-14, atol=0)
+    torch.testing.assert_close(get_loss("binary_root_convex", k=3, reduction="none")(z, y),
+                               3 * (1 + torch.exp(-z)) ** (1 / 3), rtol=1e-14, atol=0)
