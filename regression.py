@@ -323,8 +323,8 @@ def risk_hessian(X1, y, loss, n_out):
     """Hessian of theta -> loss(X1 @ theta) by autograd, theta the flattened (d+1, n_out) weights+bias."""
     binary = n_out == 1
 
-    # Multi-class: one-hot soft targets give the same loss through log_softmax, which autograd can
-    # differentiate twice (the hard-target path has a first-order closed-form backward only).
+    # Multi-class: one-hot soft targets give the same loss through plain log_softmax, which the
+    # vectorized (vmap) Hessian can batch; the hard-target path is a custom autograd.Function.
     target = y if binary else torch.nn.functional.one_hot(y, n_out).double()
 
     def risk(theta):

@@ -78,6 +78,10 @@ class _TargetLogProb(torch.autograd.Function):
         logits, target = ctx.saved_tensors
         dtype = _compute_dtype(logits)
         n, c = logits.shape
+        if torch.is_grad_enabled():  # create_graph=True (Hessians, gradient penalties): out of place
+            g = grad_out.to(dtype)[:, None]
+            onehot = F.one_hot(target, c).to(dtype)
+            return ((onehot - F.softmax(logits, dim=1, dtype=dtype)) * g).to(logits.dtype), None
         chunks = _row_chunks(n, c)
         grad = None if len(chunks) == 1 and logits.dtype == dtype else torch.empty_like(logits)
         g = grad_out.to(dtype)[:, None]
