@@ -17,8 +17,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The quick benchmarks (about a minute each on 2 cores); bench_quant.py has its own size flags.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_loss.py
+	$(PY) benchmarks/bench_lm_loss.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine import CSVLogger, UserError, atomic_write_text, cli, read_csv
+from engine import CSVLogger, UserError, atomic_savefig, atomic_write_text, cli, read_csv
 from losses import GAN_LOSSES, get_gan_loss
 
 FIELDS = ["loss", "k", "seed", "step", "modes", "hq_share", "d_loss", "g_loss"]
@@ -71,15 +71,6 @@ def label(loss, k):
     return "CE" if loss == "ce" else f"RLO k={k:g}"
 
 
-def save_png(fig, path):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
-
-
 def pyplot():
     import matplotlib
 
@@ -105,7 +96,7 @@ def plot_samples(path, samples, centers, std, title, lim):
     fig, ax = plt.subplots(figsize=(4, 4))
     scatter(ax, samples, centers, std, title, lim)
     fig.tight_layout()
-    save_png(fig, path)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -174,7 +165,7 @@ def plot_compare(path, args, finals, rows):
     axes[2].set_ylim(-0.3, len(centers) + 0.5)
     axes[3].set_ylim(-0.02, 1.02)
     fig.tight_layout()
-    save_png(fig, path)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
 
 

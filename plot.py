@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-from engine import UserError, cli, read_csv
+from engine import UserError, atomic_savefig, cli, read_csv
 
 
 def label(run):
@@ -59,10 +59,7 @@ def main(argv=None):
     if args.title:
         fig.suptitle(args.title)
     fig.tight_layout()
-    # Through a temporary name and a rename, like every result file.
-    tmp = args.out + ".tmp"
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, args.out)
+    atomic_savefig(fig, args.out, dpi=120)
     plt.close(fig)
     print(f"wrote {args.out}")
     return args.out

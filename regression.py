@@ -27,7 +27,7 @@ from torch import nn
 
 from data.synthetic import SYNTHETIC
 from data.tabular import TABULAR, load_tabular
-from engine import UserError, atomic_write_json, atomic_write_text, cli
+from engine import UserError, atomic_savefig, atomic_write_json, atomic_write_text, cli
 from losses import get_loss
 from losses.rooted import binary_root_convex_hessian_coef
 
@@ -258,12 +258,6 @@ def curve_rows(results):
     return rows
 
 
-def save_png(fig, path):
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
-
-
 def plot_convergence(results, ds, args, k, path):
     """Figure 1 style: training loss relative to its start (minus its infimum, fold mean) and test accuracy."""
     import matplotlib
@@ -288,7 +282,7 @@ def plot_convergence(results, ds, args, k, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    save_png(fig, path)
+    atomic_savefig(fig, path)
     plt.close(fig)
 
 
@@ -313,7 +307,7 @@ def plot_boundary(results, ds, k, path):
         ax.set(title=f"{title}: test acc {run.test_acc:.1f}%", xticks=[], yticks=[])
         ax.set_aspect("equal")
     fig.tight_layout()
-    save_png(fig, path)
+    atomic_savefig(fig, path)
     plt.close(fig)
 
 

@@ -21,7 +21,6 @@ Food-101/ImageNet; "randaug" = basic + RandAugment(N=2, M=14) first, as in the a
 Random transforms draw from torch's global RNG; train.py seeds it per (epoch, sample) so runs
 are reproducible whatever the number of workers or processes.
 """
-import json
 import os
 import pickle
 

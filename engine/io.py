@@ -39,3 +39,8 @@ def atomic_write_text(path, text):
 
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_savefig(fig, path, dpi=110):
+    """Save a matplotlib figure as PNG through a temporary file and a rename."""
+    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi), "wb")
