@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine import CSVLogger, UserError, atomic_savefig, atomic_write_text, cli, read_csv
+from engine import CSVLogger, UserError, atomic_savefig, atomic_write_text, cli, read_csv, require_positive_ints
 from losses import GAN_LOSSES, get_gan_loss
 
 FIELDS = ["loss", "k", "seed", "step", "modes", "hq_share", "d_loss", "g_loss"]
@@ -195,16 +195,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for name in ["steps", "batch", "z_dim", "hidden", "eval_every", "n_eval", "min_count"]:
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive_ints(args, "steps", "batch", "z_dim", "hidden", "eval_every", "n_eval", "min_count", "threads")
     if args.plots < 0:
         raise UserError(f"--plots must be >= 0, got {args.plots}")
+    if not args.lr >= 0:
+        raise UserError(f"--lr must be >= 0, got {args.lr}")
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds must be distinct, got {args.seeds}")
     args.losses = ["ce", "root"] if args.compare else [args.loss]
-    if args.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     get_gan_loss("root", k=args.k)  # a bad k fails here, before any training
     metrics_path = os.path.join(args.out, "metrics.csv")

@@ -27,7 +27,7 @@ from torch import nn
 
 from data.synthetic import SYNTHETIC
 from data.tabular import TABULAR, load_tabular
-from engine import UserError, atomic_savefig, atomic_write_json, atomic_write_text, cli
+from engine import UserError, atomic_savefig, atomic_write_json, atomic_write_text, cli, require_positive_ints
 from losses import get_loss
 from losses.rooted import binary_root_convex_hessian_coef
 
@@ -40,6 +40,8 @@ LABELS = {"lr": "LR", "lr_l2": "LR-L2", "rlo": "RLO", "rlo_l2": "RLO-L2"}
 def label(method, model):
     """Display name: the baseline of a network is its cross-entropy (CE), of a linear model LR."""
     return LABELS[method] if model == "linear" else LABELS[method].replace("LR", "CE")
+
+
 # Paper Table 1 (5-fold CV test accuracy, %): LR and the best RLO with its k.
 PAPER = {"wine": (90.0, 3, 97.22), "ionosphere": (81.4, 4, 85.07), "madelon": (52.03, 6, 54.36),
          "spectf": (80.49, 20, 84.0)}
@@ -71,9 +73,7 @@ def parse_args(argv):
         raise UserError(f"unknown dataset {args.dataset!r}; choose from: {', '.join(DATASETS)}")
     if args.model not in MODELS:
         raise UserError(f"unknown model {args.model!r}; choose from: {', '.join(MODELS)}")
-    for name in ("iters", "hidden", "repeats"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    require_positive_ints(args, "iters", "hidden", "repeats")
     if args.folds < 2:
         raise UserError(f"--folds must be >= 2, got {args.folds}")
     if not args.lr > 0 or args.l2 < 0:

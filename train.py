@@ -33,6 +33,8 @@ FIELDS = ["epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "
 RUN_KEYS = ("dataset", "net", "loss", "k", "m", "gamma", "opt", "lr", "wd", "momentum", "bs", "sched",
             "warmup", "epochs", "aug", "size", "seed", "patch", "dimhead", "max_steps", "num_classes",
             "fake_n", "pretrained")
+# What last.pt holds besides "args"; --resume checks them all before anything is built.
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_acc", "wall_seconds", "rng")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -109,6 +111,8 @@ def resolve(args):
         args.lr = 1e-3 if convnet else 1e-4
     if args.wd is None:
         args.wd = {"adamw": 0.01, "adam": 0.0, "sgd": 5e-4}[args.opt]
+    if not min(args.lr, args.wd, args.momentum) >= 0:  # torch's optimizers would raise a traceback
+        raise UserError(f"--lr, --wd and --momentum must be >= 0, got {args.lr}, {args.wd}, {args.momentum}")
     if args.size is None:
         args.size = 224 if args.net == "vit_timm" else vision.default_size(args.dataset)
     if args.device is None:
@@ -273,7 +277,7 @@ def prepare_out(args, rank):
         try:
             ckpt = torch.load(last, map_location="cpu", weights_only=True)
             saved = ckpt["args"]
-            _ = ckpt["model"], ckpt["optimizer"], ckpt["scheduler"], ckpt["epoch"]
+            _ = [ckpt[k] for k in CHECKPOINT_KEYS]  # all that run() reads back
         except Exception as err:
             msg = f"--resume: cannot read {last} ({type(err).__name__}: {err})"
             raise UserError(msg.splitlines()[0]) from None

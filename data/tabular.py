@@ -161,6 +161,7 @@ def load_tabular(name, data_dir=None, seed=0):
     """The set `name` from TABULAR; `data_dir` for the UCI files, `seed` for generated sets."""
     if name not in TABULAR:
         raise UserError(f"unknown tabular dataset {name!r}; choose from: {', '.join(TABULAR)}")
-    if name == "madelon_like":
-        return madelon_like(seed=seed)
-    return TABULAR[name](data_dir)
+    ds = madelon_like(seed=seed) if name == "madelon_like" else TABULAR[name](data_dir)
+    if not len(ds.y):  # empty files: one message here, not a numpy error in the caller
+        raise UserError(f"{name}: its files in {data_dir or '.'}/ hold no rows")
+    return ds

@@ -137,8 +137,11 @@ def _tinyimagenet(root, split, transform, **_):
         if not os.path.isfile(ann):
             raise _missing("tinyimagenet", ann, layout)
         with open(ann) as f:
-            rows = [line.split("\t") for line in f if line.strip()]
-        samples = [(os.path.join(base, "val", "images", r[0]), index[r[1]]) for r in rows]
+            rows = [(i, line.strip().split("\t")) for i, line in enumerate(f, 1) if line.strip()]
+        for lineno, cells in rows:
+            if len(cells) < 2 or cells[1] not in index:  # a bad line: one message, not a KeyError
+                raise UserError(f"{ann}:{lineno}: expected file<TAB>wnid of wnids.txt, got {cells[:2]}")
+            samples.append((os.path.join(base, "val", "images", cells[0]), index[cells[1]]))
     if not samples:
         raise _missing("tinyimagenet", base, layout + " (found no images)")
     return ImageList(samples, classes, transform)

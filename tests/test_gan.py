@@ -102,6 +102,8 @@ def test_compare_run_writes_metrics_summary_and_pngs(tmp_path, capsys):
     (["--k", "0"], "k must be a finite number > 0"),
     (["--seeds", "1", "1"], "--seeds must be distinct"),
     (["--plots", "-1"], "--plots must be >= 0"),
+    (["--lr", "-1"], "--lr must be >= 0"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_arguments(tmp_path, argv, message):
     with pytest.raises(UserError, match=message):

@@ -99,6 +99,7 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
         (["--loss", "hinge"], "unknown loss 'hinge'; choose from: ce, focal, root, root_convex"),
         (["--k", "0"], "k must be"),
         (["--m", "-1"], "m must be"),
+        (["--lr", "-1"], "--lr, --wd and --momentum must be >= 0"),
         (["--epochs", "x"], "invalid int value"),
         (["--resume"], "--resume: no checkpoint"),
     ]:
