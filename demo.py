@@ -6,10 +6,9 @@
    k = 3), cross-entropy vs RLO, mean over 3 seeded 70/30 splits.
 Prints the tables and the paths of the plots.
 """
-import argparse
 import os
 
-from engine import cli, read_csv
+from engine import ArgumentParser, cli, read_csv
 import regression
 
 SPIRAL = [("fcn2", 1000), ("fcn3", 100), ("fcn4", 50)]
@@ -24,7 +23,7 @@ def first_iter_at(curves, method, k, level):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default %(default)s)")
     p.add_argument("--optimizer", default="adam", choices=["gd", "adam"],
                    help="optimizer of the spiral FCNs (see the README: plain GD at lr 0.01 barely moves them)")

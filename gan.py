@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine import CSVLogger, UserError, atomic_savefig, atomic_write_text, cli, read_csv, require_positive_ints
+from engine import ArgumentParser, CSVLogger, UserError, atomic_savefig, atomic_write_text, cli, read_csv, require_positive_ints
 from losses import GAN_LOSSES, get_gan_loss
 
 FIELDS = ["loss", "k", "seed", "step", "modes", "hq_share", "d_loss", "g_loss"]
@@ -170,7 +170,7 @@ def plot_compare(path, args, finals, rows):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--loss", default="root", choices=sorted(GAN_LOSSES), help="GAN loss (ignored with --compare)")
     p.add_argument("--k", type=float, default=2.0, help="root k of the 'root' loss")

@@ -5,11 +5,10 @@
 Reads each run folder's metrics.csv (and args.json for the legend: loss, k, m) and writes one PNG
 with four panels, the layout of the paper's Figure 3 (accuracy / loss vs epoch and vs seconds).
 """
-import argparse
 import json
 import os
 
-from engine import UserError, atomic_savefig, cli, read_csv
+from engine import ArgumentParser, UserError, atomic_savefig, cli, read_csv
 
 
 def label(run):
@@ -33,7 +32,7 @@ def load(run):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders written by train.py")
     p.add_argument("--out", default="compare.png", help="PNG to write")
     p.add_argument("--title", default=None)

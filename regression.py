@@ -16,7 +16,6 @@ minus the constant k for two classes). All losses come from `losses/`.
 
 Outputs in --out: table.csv, curves.csv, convergence.png, boundary.png (2-D data), diagnose.json.
 """
-import argparse
 import csv
 import io
 import os
@@ -27,7 +26,7 @@ from torch import nn
 
 from data.synthetic import SYNTHETIC
 from data.tabular import TABULAR, load_tabular
-from engine import UserError, atomic_savefig, atomic_write_json, atomic_write_text, cli, require_positive_ints
+from engine import ArgumentParser, UserError, atomic_savefig, atomic_write_json, atomic_write_text, cli, require_positive_ints
 from losses import get_loss
 from losses.rooted import binary_root_convex_hessian_coef
 
@@ -48,7 +47,7 @@ PAPER = {"wine": (90.0, 3, 97.22), "ionosphere": (81.4, 4, 85.07), "madelon": (5
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default="data/uci", help="folder with the UCI files of ionosphere, madelon, spectf (default %(default)s)")
     p.add_argument("--model", default="linear", help=f"one of: {', '.join(MODELS)} (fcnN: N Linear layers, --hidden wide; default linear)")

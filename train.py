@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import models
 from data import vision
-from engine import CSVLogger, UserError, atomic_save, atomic_write_json, cli, require_positive_ints
+from engine import ArgumentParser, CSVLogger, UserError, atomic_save, atomic_write_json, cli, require_positive_ints
 from losses import get_loss
 
 CLASSIFICATION_LOSSES = ("ce", "focal", "root", "root_convex")
@@ -35,11 +35,6 @@ RUN_KEYS = ("dataset", "net", "loss", "k", "m", "gamma", "opt", "lr", "wd", "mom
             "fake_n", "pretrained")
 # What last.pt holds besides "args"; --resume checks them all before anything is built.
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_acc", "wall_seconds", "rng")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2 through cli(), not argparse's usage dump
-        raise UserError(message)
 
 
 def parse_args(argv=None):

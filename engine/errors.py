@@ -5,6 +5,7 @@ wrap their entry point with `cli(main)`. `UserError` subclasses `ValueError`, so
 (`losses.get_loss`, `quant.quantize`, ...) can raise it where a plain `ValueError` is the documented
 contract, and scripts still print it as one line.
 """
+import argparse
 import sys
 
 
@@ -27,3 +28,10 @@ def require_positive_ints(args, *names):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors raised as UserError: one line and exit 2 through `cli`, not a usage dump."""
+
+    def error(self, message):
+        raise UserError(message)
