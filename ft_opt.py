@@ -9,7 +9,6 @@ accumulation 2, 3 epochs). Unlike it, the perplexity reported is exp(mean token 
 every training loss, by the GPTQ/QuIP protocol (lm.perplexity), not exp(the training loss).
 Output in --out: the model and tokenizer (save_pretrained, safetensors) and metrics.json.
 """
-import argparse
 import math
 import os
 import tempfile
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import lm
-from engine import UserError, atomic_save, atomic_write_json, cli, require_positive_ints
+from engine import ArgumentParser, UserError, atomic_save, atomic_write_json, cli, require_positive_ints
 from losses import get_loss
 
 TOKEN_LOSSES = ("ce", "focal", "root", "root_convex")  # the multi-class forms of losses/
@@ -28,7 +27,7 @@ RESUME_KEYS = ("model", "dataset", "train_file", "loss", "k", "m", "seqlen", "bs
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="facebook/opt-125m", help="hub name or local directory")
     p.add_argument("--dataset", default="wikitext2", help=f"one of {', '.join(lm.DATASETS)}")
     p.add_argument("--data-dir", help="directory with the dataset's files (e.g. wiki.train.raw, wiki.test.raw)")

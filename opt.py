@@ -10,7 +10,6 @@ Outputs: a per-layer table (layer, module, proxy loss, greedy passes, seconds), 
 (loads with from_pretrained) plus quant_codes.safetensors, the packed integer codes, grids and
 rotation seeds from which quant.model.load_codes rebuilds the dense weights.
 """
-import argparse
 import os
 import shutil
 import time
@@ -19,7 +18,7 @@ import torch
 
 import lm
 import quant
-from engine import UserError, atomic_write_json, cli
+from engine import ArgumentParser, UserError, atomic_write_json, cli, require_positive_ints
 from quant.model import decoder_layers, load_codes, quantize_model, save_codes
 
 CODES_FILE = "quant_codes.safetensors"
@@ -28,13 +27,8 @@ PROJ_EXTRA = {0: "butterfly", 1: "kron", 2: "butterfly_nopermute"}  # QuIP's --p
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2 through engine.cli, not argparse's usage dump
-        raise UserError(message)
-
-
 def parse_args(argv):
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="hub name or local directory (e.g. ft_opt.py's output)")
     p.add_argument("dataset", choices=lm.DATASETS, help="calibration data source")
     # QuIP's flags, same names, defaults and meanings
@@ -79,8 +73,7 @@ def parse_args(argv):
             args.pre_proj_extra = 1  # what QuIP's --incoh_processing means (its code sets a misspelled name)
     if args.pre_proj_extra is None:
         args.pre_proj_extra = 0
-    if args.nsamples < 1:
-        raise UserError(f"--nsamples must be >= 1, got {args.nsamples}")
+    require_positive_ints(args, "nsamples")
     if args.percdamp < 0:
         raise UserError(f"--percdamp must be >= 0, got {args.percdamp}")
     if args.quant in quant.UNSUPPORTED:
@@ -89,6 +82,9 @@ def parse_args(argv):
         raise UserError(f"--save {args.save!r} exists and is not an empty directory; choose a new path")
     if args.load and args.save:
         raise UserError("--load evaluates a saved model; it cannot be combined with --save")
+    if args.wbits < 16 and not args.load:  # refuse bad combinations before the model is loaded
+        o = quant_options(args)
+        quant.check_options(args.quant, args.wbits, o["qfn"], o["npasses"], o["unbiased"], o["groupsize"], o["rotation"])
     args.report = args.report or os.path.join(args.save or "runs", REPORT_FILE)
     return args
 

@@ -37,11 +37,23 @@ def synthetic(rows, cols, seed, tokens):
     return W, H
 
 
+def shape(text):
+    """argparse type for ROWSxCOLS: a bad value is argparse's one-line error, not a traceback."""
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        rows = cols = 0
+    if rows < 1 or cols < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROWSxCOLS with positive integers")
+    return rows, cols
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", default=["768x768", "3072x768", "768x3072"], help="ROWSxCOLS")
-    p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
-    p.add_argument("--methods", nargs="+", default=["nearest", "gptq", "ldlq", "ldlqRG"])
+    p.add_argument("--shapes", nargs="+", type=shape, default=[(768, 768), (3072, 768), (768, 3072)],
+                   help="ROWSxCOLS")
+    p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], choices=[2, 3, 4])
+    p.add_argument("--methods", nargs="+", default=["nearest", "gptq", "ldlq", "ldlqRG"], choices=quant.METHODS)
     p.add_argument("--incoherence", nargs="+", default=["off", "on"], choices=["off", "on"])
     p.add_argument("--rotation", default="kron", choices=["kron", "hadamard"], help="incoherence rotation")
     p.add_argument("--tokens", type=int, default=8192, help="synthetic activations behind H")
@@ -56,8 +68,8 @@ def main():
           "synthetic W and H (see --help)")
     print(f"{'shape':>9} {'bits':>4} {'incoh':>5} {'method':>8} {'proxy':>11} {'vs nearest':>10} "
           f"{'seconds':>8} {'time vs nearest':>15}")
-    for shape in args.shapes:
-        rows, cols = (int(v) for v in shape.lower().split("x"))
+    for rows, cols in args.shapes:
+        name = f"{rows}x{cols}"
         W, H = synthetic(rows, cols, args.seed, args.tokens)
         W, H = W.to(args.device), H.to(args.device)
         for bits in args.bits:
@@ -75,7 +87,7 @@ def main():
                     seconds = time.perf_counter() - tick
                     base.setdefault("proxy", r.proxy)
                     base.setdefault("seconds", seconds)
-                    print(f"{shape:>9} {bits:>4} {incoh:>5} {method:>8} {r.proxy:>11.4g} "
+                    print(f"{name:>9} {bits:>4} {incoh:>5} {method:>8} {r.proxy:>11.4g} "
                           f"{r.proxy / base['proxy']:>10.3f} {seconds:>8.3f} {seconds / base['seconds']:>15.2f}",
                           flush=True)
 

@@ -31,8 +31,8 @@ from .ldlq import allbal, gptq, greedy_passes, ldlq, ldlqRG, nearest
 METHODS = ("nearest", "gptq", "ldlq", "ldlqRG", "allbal")
 UNSUPPORTED = {"ldlbal_admm": "QuIP's experimental ADMM variant is not implemented here; use ldlqRG"}
 
-__all__ = ["quantize", "quantize_layer", "dequantize", "QuantResult", "default_npasses", "METHODS", "WBITS",
-           "QFNS", "ROTATIONS", "HessianAccumulator", "proxy_loss", "damp", "with_damping", "make_grid", "Grid", "Incoherence",
+__all__ = ["quantize", "quantize_layer", "dequantize", "QuantResult", "default_npasses", "check_options", "METHODS",
+           "WBITS", "QFNS", "ROTATIONS", "HessianAccumulator", "proxy_loss", "damp", "with_damping", "make_grid", "Grid", "Incoherence",
            "nearest", "gptq", "ldlq", "ldlqRG", "allbal", "greedy_passes", "pack_codes", "unpack_codes"]
 
 
@@ -60,7 +60,8 @@ def default_npasses(method, npasses=None):
     return 1 if method in ("ldlqRG", "allbal") else 0
 
 
-def _check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation):
+def check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation):
+    """UserError for an unknown or unsupported option, or a combination `quantize_layer` refuses."""
     if method in UNSUPPORTED:
         raise UserError(f"method {method!r}: {UNSUPPORTED[method]}")
     if method not in METHODS:
@@ -100,7 +101,7 @@ def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, r
     qfn = qfn if qfn is not None else ("b" if incoherence else "a")
     rescale = rescale if rescale is not None else incoherence
     rotation = rotation if rotation is not None else ("kron" if incoherence else None)
-    _check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation)
+    check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation)
     rows, cols = W.shape
     check_hessian(H, cols)
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32

@@ -69,7 +69,7 @@ def make_grid(W, wbits, qfn="a", groupsize=-1):
     if groupsize == -1 or groupsize >= cols:
         groups = W.unsqueeze(1)  # (rows, 1, cols)
     elif groupsize > 0:
-        pad = (-cols) % groupsize  # a last, shorter group: pad with its own first value (no effect on min/max)
+        pad = (-cols) % groupsize  # a last, shorter group: pad with its own last value (no effect on min/max)
         Wp = torch.cat([W, W[:, -1:].expand(rows, pad)], 1) if pad else W
         groups = Wp.reshape(rows, -1, groupsize)
     else:

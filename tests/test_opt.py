@@ -146,6 +146,15 @@ def test_bad_flags_are_one_line_user_errors(assets, flags, match):
         run(assets, "opt", *flags)
 
 
+def test_bad_option_combinations_fail_before_the_model_is_loaded():
+    # "no/such/model" is never read: the options are refused while parsing
+    with pytest.raises(UserError, match="allbal rounds only"):
+        opt.main(["no/such/model", "wikitext2", "--wbits", "2", "--quant", "allbal", "--npasses", "0"])
+    with pytest.raises(UserError, match="cannot be combined with greedy passes"):
+        opt.main(["no/such/model", "wikitext2", "--wbits", "2", "--quant", "ldlqRG", "--unbiased"])
+    assert opt.parse_args(["m", "c4", "--quant", "allbal", "--npasses", "0"]).wbits == 16  # nothing to quantize
+
+
 def test_unsupported_family_and_missing_data(assets, tmp_path):
     gpt2 = str(tmp_path / "gpt2")
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).save_pretrained(gpt2)
