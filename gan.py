@@ -19,8 +19,6 @@ metrics per run), and with both losses (--compare) compare.png: final samples si
 metric curves over training, mean and range over seeds.
 """
 import argparse
-import csv
-import io
 import os
 import time
 
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine import ArgumentParser, CSVLogger, UserError, atomic_savefig, atomic_write_text, cli, read_csv, require_positive_ints
+from engine import ArgumentParser, CSVLogger, UserError, atomic_savefig, atomic_write_csv, cli, read_csv, require_positive_ints
 from losses import GAN_LOSSES, get_gan_loss
 
 FIELDS = ["loss", "k", "seed", "step", "modes", "hq_share", "d_loss", "g_loss"]
@@ -222,13 +220,12 @@ def main(argv=None):
             print(f"{args.data} {label(loss, args.k):10s} seed {seed}: {modes} modes, {hq:.1%} high quality "
                   f"({time.time() - start:.0f}s)", flush=True)
 
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["data", "loss", "k", "seed", "steps", "modes", "n_modes", "hq_share"])
     n_modes = len(mode_centers(args.data)[0])
-    for (loss, seed), (_, modes, hq) in finals.items():
-        writer.writerow([args.data, loss, "" if loss == "ce" else args.k, seed, args.steps, modes, n_modes, round(hq, 5)])
-    atomic_write_text(os.path.join(args.out, "summary.csv"), buf.getvalue())
+    atomic_write_csv(os.path.join(args.out, "summary.csv"),
+                     ["data", "loss", "k", "seed", "steps", "modes", "n_modes", "hq_share"],
+                     [dict(data=args.data, loss=loss, k="" if loss == "ce" else args.k, seed=seed, steps=args.steps,
+                           modes=modes, n_modes=n_modes, hq_share=round(hq, 5))
+                      for (loss, seed), (_, modes, hq) in finals.items()])
     for loss in args.losses:
         modes = np.array([finals[(loss, s)][1] for s in args.seeds], dtype=float)
         hq = np.array([finals[(loss, s)][2] for s in args.seeds])

@@ -16,8 +16,6 @@ minus the constant k for two classes). All losses come from `losses/`.
 
 Outputs in --out: table.csv, curves.csv, convergence.png, boundary.png (2-D data), diagnose.json.
 """
-import csv
-import io
 import os
 
 import numpy as np
@@ -26,7 +24,7 @@ from torch import nn
 
 from data.synthetic import SYNTHETIC
 from data.tabular import TABULAR, load_tabular
-from engine import ArgumentParser, UserError, atomic_savefig, atomic_write_json, atomic_write_text, cli, require_positive_ints
+from engine import ArgumentParser, UserError, atomic_savefig, atomic_write_csv, atomic_write_json, cli, require_positive_ints
 from losses import get_loss
 from losses.rooted import binary_root_convex_hessian_coef
 
@@ -239,14 +237,6 @@ def format_table(ds, args, rows, top=3):
     return "\n".join(lines)
 
 
-def write_csv(path, fields, rows):
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fields, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
 def curve_rows(results):
     rows = []
     for (method, k), runs in results.items():
@@ -397,10 +387,10 @@ def main(argv=None):
     results = run_all(ds, args)
     rows = summarize(results)
     os.makedirs(args.out, exist_ok=True)
-    write_csv(os.path.join(args.out, "table.csv"), ["method", "k", "test_acc_mean", "test_acc_std"],
+    atomic_write_csv(os.path.join(args.out, "table.csv"), ["method", "k", "test_acc_mean", "test_acc_std"],
               [{**r, "test_acc_mean": f"{r['test_acc_mean']:.4f}", "test_acc_std": f"{r['test_acc_std']:.4f}"}
                for r in rows])
-    write_csv(os.path.join(args.out, "curves.csv"), ["method", "k", "iter", "train_loss", "train_acc", "test_acc"],
+    atomic_write_csv(os.path.join(args.out, "curves.csv"), ["method", "k", "iter", "train_loss", "train_acc", "test_acc"],
               curve_rows(results))
     k = best_k(rows, "rlo")
     pngs = [os.path.join(args.out, "convergence.png")]

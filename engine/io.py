@@ -4,6 +4,8 @@ Each writer writes to a temporary file in the destination's directory (same file
 renames it over the destination with `os.replace`, which is atomic on POSIX; a killed process
 leaves at most a stray `*.tmp` file, never a truncated result.
 """
+import csv
+import io
 import json
 import os
 import tempfile
@@ -44,3 +46,12 @@ def atomic_write_json(path, obj):
 def atomic_savefig(fig, path, dpi=110):
     """Save a matplotlib figure as PNG through a temporary file and a rename."""
     _atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi), "wb")
+
+
+def atomic_write_csv(path, fields, rows):
+    """A CSV with header `fields` from dict rows (extra keys ignored), written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())

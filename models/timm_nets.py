@@ -17,7 +17,8 @@ from timm.models.mlp_mixer import MlpMixer
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-SMALL_MAX = 64
+from .torchvision_nets import SMALL_MAX  # one threshold for the CIFAR forms of every family
+
 DEFAULT_DIM = 512
 
 
