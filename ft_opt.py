@@ -8,6 +8,11 @@ Defaults follow the authors' script (block 256, lr 1e-5, warmup 500, weight deca
 accumulation 2, 3 epochs). Unlike it, the perplexity reported is exp(mean token cross-entropy) for
 every training loss, by the GPTQ/QuIP protocol (lm.perplexity), not exp(the training loss).
 Output in --out: the model and tokenizer (save_pretrained, safetensors) and metrics.json.
+
+Finetuning in quantized space: with --model a packed directory written by `opt.py --save`, the codes
+stay frozen and the continuous parameters train (norms, biases, the QuantLinears' codebook scales and
+per-channel in/out scales, and the unquantized embeddings and head unless --freeze-embeddings), as in
+QuIP#'s and AQLM's finetuning; the result is saved back in the packed format.
 """
 import math
 import os
@@ -18,17 +23,21 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import lm
+import quant
 from engine import ArgumentParser, UserError, atomic_save, atomic_write_json, cli, require_positive_ints
 from losses import get_loss
 
 TOKEN_LOSSES = ("ce", "focal", "root", "root_convex")  # the multi-class forms of losses/
 RESUME_KEYS = ("model", "dataset", "train_file", "loss", "k", "m", "seqlen", "bs", "grad_accum", "epochs",
-               "max_steps", "lr", "warmup", "seed")
+               "max_steps", "lr", "warmup", "seed", "freeze_embeddings")
 
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="facebook/opt-125m", help="hub name or local directory")
+    p.add_argument("--model", default="facebook/opt-125m",
+                   help="hub name, local directory, or a packed quantized directory (opt.py --save)")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="keep the input embeddings and the output head fixed")
     p.add_argument("--dataset", default="wikitext2", help=f"one of {', '.join(lm.DATASETS)}")
     p.add_argument("--data-dir", help="directory with the dataset's files (e.g. wiki.train.raw, wiki.test.raw)")
     p.add_argument("--train-file", help="plain text file to train on (replaces the dataset's train split)")
@@ -80,20 +89,42 @@ def training_blocks(ids, seqlen):
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def freeze_embeddings(model):
+    """requires_grad False for the input embeddings and the output head (tied or not)."""
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            module.requires_grad_(False)
+
+
+def prepare_quantized(model):
+    """Finetuning in quantized space: every QuantLinear gets trainable per-channel scales; its codes
+    are buffers, so only continuous parameters train. Returns {name: code buffer clone} to check
+    that the codes come out bit-identical."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)}
+    for layer in layers.values():
+        layer.add_channel_scales()
+    return {f"{n}.{b}": t.clone() for n, layer in layers.items() for b, t in layer.code_tensors().items()}
+
+
 def build_optimizer(model, args):
-    # Like the HF Trainer the authors used: no weight decay on biases and norm weights (1-D tensors).
+    # Like the HF Trainer the authors used: no weight decay on biases and norm weights (1-D tensors);
+    # none on a QuantLinear's scales either (decay would shrink the quantized weights themselves).
+    scales = {id(p) for m in model.modules() if isinstance(m, quant.QuantLinear) for p in m.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in scales], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2 or id(p) in scales], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr)
 
 
 def save_pretrained(model, tokenizer, out):
-    """save_pretrained into a temporary folder, then move each file into `out` with an atomic rename,
-    so `out` never holds a half-written weights file."""
+    """save_pretrained (packed for a quantized model) into a temporary folder, then move each file
+    into `out` with an atomic rename, so `out` never holds a half-written weights file."""
     with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if hasattr(model, "rlo_quantization"):
+            lm.save_quantized(model, tokenizer, tmp, model.rlo_quantization)
+        else:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
 
@@ -103,6 +134,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model, tokenizer = lm.load_causal_lm(args.model, device=device)
+    codes_before = prepare_quantized(model) if hasattr(model, "rlo_quantization") else None
+    if args.freeze_embeddings:
+        freeze_embeddings(model)
     seqlen = lm.default_seqlen(model, args.seqlen)
     eval_seqlen = lm.default_seqlen(model, args.eval_seqlen)
     train_ids = load_ids(tokenizer, args, "train", args.train_file)
@@ -127,7 +161,8 @@ def main(argv=None):
     metrics = {"model": args.model, "dataset": args.dataset, "loss": args.loss, "k": args.k, "m": args.m,
                "seqlen": seqlen, "eval_seqlen": eval_seqlen, "train_tokens": blocks.numel(),
                "eval_tokens": test_ids.numel(), "ppl_before": None, "ppl_after": None,
-               "train_loss": [], "steps": 0, "args": vars(args)}
+               "train_loss": [], "steps": 0, "quantized": codes_before is not None,
+               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "args": vars(args)}
     start_epoch, step = 0, 0
     if args.resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -183,6 +218,12 @@ def main(argv=None):
 
     metrics["ppl_after"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device)
     print(f"perplexity after finetuning: {metrics['ppl_after']:.3f}")
+    if codes_before is not None:
+        codes_after = {f"{n}.{b}": t for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)
+                       for b, t in m.code_tensors().items()}
+        metrics["codes_unchanged"] = all(torch.equal(codes_after[k].cpu(), v.cpu()) for k, v in codes_before.items())
+        if not metrics["codes_unchanged"]:
+            raise RuntimeError("finetuning in quantized space changed the frozen codes")  # a bug, not a user error
     save_pretrained(model, tokenizer, args.out)
     atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
     # The finished model is saved; the optimizer checkpoint (3x the model) is only for resuming.

@@ -6,9 +6,9 @@ GPTQ or nearest rounding, layer by layer on calibration data; perplexity before 
 
 QuIP's flags keep their names, defaults and meanings (see the README for the few differences).
 Outputs: a per-layer table (layer, module, proxy loss, greedy passes, seconds), the perplexity on each
---eval dataset, quant_report.json; with --save, a Hugging Face checkpoint of the dequantized model
-(loads with from_pretrained) plus quant_codes.safetensors, the packed integer codes, grids and
-rotation seeds from which quant.model.load_codes rebuilds the dense weights.
+--eval dataset, quant_report.json; with --save, a packed low-bit checkpoint (lm.quantized: the codes,
+scales and rotation seeds of every quantized linear, no dense copy, plus the fp rest) that
+`--load`, `ft_opt.py --model` and `lm.load_causal_lm` run from.
 """
 import os
 import shutil
@@ -19,9 +19,9 @@ import torch
 import lm
 import quant
 from engine import ArgumentParser, UserError, atomic_write_json, cli, require_positive_ints
-from quant.model import decoder_layers, load_codes, quantize_model, save_codes
+from lm.quantized import is_quantized_dir, load_quantized, save_quantized
+from quant.model import decoder_layers, quantize_model
 
-CODES_FILE = "quant_codes.safetensors"
 REPORT_FILE = "quant_report.json"
 PROJ_EXTRA = {0: "butterfly", 1: "kron", 2: "butterfly_nopermute"}  # QuIP's --pre_proj_extra
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -54,9 +54,13 @@ def parse_args(argv):
                    help="rotation used by --incoh_processing: Kronecker (QuIP) or randomized Hadamard (QuIP#)")
     p.add_argument("--lazy_batch", action="store_true", help="LDLQ/GPTQ updates in blocks of 128 columns")
     p.add_argument("--proxy_only", action="store_true", help="skip the perplexity evaluation")
-    p.add_argument("--save", help="write the quantized model (HF format) and its codes to this new directory")
-    p.add_argument("--load", help="evaluate a model written by --save instead of quantizing MODEL")
-    p.add_argument("--check", action="store_true", help="rebuild the weights from the codes and compare")
+    p.add_argument("--save", help="write the packed quantized model to this new directory")
+    p.add_argument("--load", help="evaluate a packed model written by --save instead of quantizing MODEL")
+    p.add_argument("--check", action="store_true",
+                   help="compare every packed layer with its dense weights; with --save also reload the "
+                        "saved directory and recompute the perplexities")
+    p.add_argument("--generate", metavar="PROMPT", help="greedy continuation of PROMPT by the (quantized) model")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens --generate adds")
     # ours
     p.add_argument("--seqlen", type=int, help="calibration and evaluation length (default: the model's)")
     p.add_argument("--eval", nargs="*", default=["wikitext2"], choices=lm.DATASETS, help="perplexity datasets")
@@ -73,7 +77,7 @@ def parse_args(argv):
             args.pre_proj_extra = 1  # what QuIP's --incoh_processing means (its code sets a misspelled name)
     if args.pre_proj_extra is None:
         args.pre_proj_extra = 0
-    require_positive_ints(args, "nsamples")
+    require_positive_ints(args, "nsamples", "max_new_tokens")
     if args.percdamp < 0:
         raise UserError(f"--percdamp must be >= 0, got {args.percdamp}")
     if args.quant in quant.UNSUPPORTED:
@@ -82,6 +86,8 @@ def parse_args(argv):
         raise UserError(f"--save {args.save!r} exists and is not an empty directory; choose a new path")
     if args.load and args.save:
         raise UserError("--load evaluates a saved model; it cannot be combined with --save")
+    if not args.load and is_quantized_dir(args.model):
+        raise UserError(f"{args.model!r} is already quantized: evaluate it with --load {args.model}")
     if args.wbits < 16 and not args.load:  # refuse bad combinations before the model is loaded
         o = quant_options(args)
         quant.check_options(args.quant, args.wbits, o["qfn"], o["npasses"], o["unbiased"], o["groupsize"], o["rotation"])
@@ -99,25 +105,27 @@ def quant_options(args):
                 groupsize=args.groupsize, unbiased=args.unbiased, lazy_batch=args.lazy_batch)
 
 
-def check_codes(model, codes_path):
-    """Largest |dense weight - weight rebuilt from the codes| over all quantized layers."""
-    params = dict(model.named_parameters())
+def check_packed(model, n=8, seed=0):
+    """Largest relative difference between each QuantLinear's packed forward and a dense matmul with
+    its dequantized weight, on random inputs."""
+    g = torch.Generator().manual_seed(seed)
     worst = 0.0
-    for name, w in load_codes(codes_path).items():
-        if name not in params:
-            raise UserError(f"{codes_path!r} has codes for {name!r}, which the model does not have")
-        worst = max(worst, float((params[name].detach().float().cpu() - w.float()).abs().max()))
+    for module in model.modules():
+        if isinstance(module, quant.QuantLinear):
+            x = torch.randn(n, module.in_features, generator=g).to(module.codes_device())
+            with torch.no_grad():
+                dense = torch.nn.functional.linear(x, module.dequantize(), module.bias)
+                worst = max(worst, float((module(x) - dense).abs().max() / dense.abs().max().clamp(min=1e-30)))
     return worst
 
 
-def save_model(model, tokenizer, codes, path):
-    """Everything into a temporary sibling directory, renamed to `path` at the end: never half-written."""
+def save_dense(model, tokenizer, path):
+    """A 16-bit (unquantized) run saved with save_pretrained, through a temporary sibling directory."""
     path = os.path.abspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_codes(os.path.join(tmp, CODES_FILE), codes)
         if os.path.isdir(path):
             os.rmdir(path)  # empty (checked at start)
         os.rename(tmp, path)
@@ -126,23 +134,30 @@ def save_model(model, tokenizer, codes, path):
         raise
 
 
+def generate(model, tokenizer, prompt, max_new_tokens, device):
+    """Greedy continuation of `prompt` (with the tokenizer's usual BOS)."""
+    ids = lm.encode(tokenizer, prompt)[None].to(device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = args.device
     dtype = DTYPES.get(args.dtype, torch.float16 if torch.device(device).type == "cuda" else torch.float32)
     report = dict(args=vars(args).copy(), layers=[], ppl={})
     if args.load:
-        print(f"loading the quantized model from {args.load} (MODEL {args.model!r} only names the run)")
-        model, tokenizer = lm.load_causal_lm(args.load, dtype=dtype)
-    else:
-        model, tokenizer = lm.load_causal_lm(args.model, dtype=dtype)
+        print(f"loading the model from {args.load} (MODEL {args.model!r} only names the run)")
+    model, tokenizer = lm.load_causal_lm(args.load or args.model, dtype=dtype)
     decoder_layers(model)  # unsupported families fail before any data is read
     seqlen = report["seqlen"] = lm.default_seqlen(model, args.seqlen)
     # read every dataset before the long quantization, so a missing file fails fast
     eval_ids = {} if args.proxy_only else {d: lm.encode(tokenizer, lm.load_text(d, "test", args.data_dir))
                                            for d in args.eval}
-    codes = {}
-    if not args.load and args.wbits < 16:
+    quantized = not args.load and args.wbits < 16
+    if quantized:
         options = quant_options(args)
         print(f"method {args.quant}, {args.wbits} bits, qfn {options['qfn']}, rescale {options['rescale']}, "
               f"rotation {options['rotation']}, damping H {options['damp_h']} (percdamp {args.percdamp}), "
@@ -159,24 +174,35 @@ def main(argv=None):
             print(f"{row['layer']:>5} {row['module']:<22} {row['proxy']:>12.5g} {row['npasses']:>6} {row['seconds']:>8.2f}")
 
         tick = time.time()
-        rows, codes = quantize_model(model, calib, device, args.wbits, args.quant, args.seed, on_result=show, **options)
+        rows = quantize_model(model, calib, device, args.wbits, args.quant, args.seed, on_result=show, **options)
         report.update(layers=rows, total_proxy=sum(r["proxy"] for r in rows), quant_seconds=time.time() - tick,
                       options=options)
         print(f"total proxy loss {report['total_proxy']:.5g}, quantization {report['quant_seconds']:.1f} s")
+    model.to(device)
     for name, ids in eval_ids.items():
-        model.to(device)
         report["ppl"][name] = lm.perplexity(model, ids, seqlen, device=device)
-        print(f"{name} perplexity: {report['ppl'][name]:.3f}")
+        print(f"{name} perplexity: {report['ppl'][name]:.6g}")
+    if args.generate is not None:
+        report["generated"] = generate(model, tokenizer, args.generate, args.max_new_tokens, device)
+        print(f"generated: {report['generated']}")
+    if args.check:
+        report["check_max_rel_diff"] = check_packed(model)
+        print(f"check: max relative |packed forward - dense forward| = {report['check_max_rel_diff']:.3g}")
     model.to("cpu")
     if args.save:
-        save_model(model, tokenizer, codes, args.save)
-        print(f"saved the dequantized model and {CODES_FILE} to {args.save}")
-    if args.check:
-        codes_path = os.path.join(args.save or args.load or "", CODES_FILE)
-        if not os.path.isfile(codes_path):
-            raise UserError("--check needs codes: use it with --save or with --load of a --save directory")
-        report["check_max_abs_diff"] = check_codes(model, codes_path)
-        print(f"check: max |dense weight - weight from codes| = {report['check_max_abs_diff']:.3g}")
+        if quantized:
+            save_quantized(model, tokenizer, args.save, dict(method=args.quant, wbits=args.wbits, options=options))
+            print(f"saved the packed {args.wbits}-bit model to {args.save}")
+        else:
+            save_dense(model, tokenizer, args.save)
+            print(f"saved the model to {args.save}")
+        if args.check and eval_ids:
+            reloaded, _ = lm.load_causal_lm(args.save, dtype=dtype, device=device)
+            report["reloaded_ppl"] = {name: lm.perplexity(reloaded, ids, seqlen, device=device)
+                                      for name, ids in eval_ids.items()}
+            for name, ppl in report["reloaded_ppl"].items():
+                print(f"check: {name} perplexity of the reloaded model {ppl:.6g} "
+                      f"(relative difference {abs(ppl / report['ppl'][name] - 1):.2g})")
     atomic_write_json(args.report, report)
     print(f"report: {args.report}")
     return report

@@ -42,11 +42,16 @@ def _not_found(name, err):
 
 
 def load_causal_lm(name_or_path, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) for a hub name or a local directory; the model is in eval mode on `device`."""
+    """(model, tokenizer) for a hub name or a local directory (a packed quantized one too, see
+    `lm.quantized`); the model is in eval mode on `device`."""
     name = os.path.expanduser(os.fspath(name_or_path))
     looks_local = os.path.isabs(name) or name.startswith(".") or os.path.exists(name)
     if looks_local and not os.path.isdir(name):
         raise UserError(f"model directory {name!r} does not exist; {_WHERE}")
+    from .quantized import is_quantized_dir, load_quantized  # quantized imports this module
+
+    if os.path.isdir(name) and is_quantized_dir(name):
+        return load_quantized(name, dtype=dtype, device=device)
     try:
         with quiet_hub():
             config = AutoConfig.from_pretrained(name)

@@ -15,7 +15,8 @@ W (rows, cols) is a weight matrix, H (cols, cols) the second moment E[x x^T] of 
    computed in the original basis with the undamped H.
 
 `quantize_layer` returns everything needed to store the weights compactly (integer codes, grid,
-rescaling vector, rotation kind and seed); `dequantize` rebuilds W_hat from those.
+rescaling vector, rotation kind and seed, and their layout as `spec`); `QuantLinear.from_result`
+turns it into a layer that runs from the packed codes (`quant.linear`).
 """
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import torch
 
 from engine import UserError
 
-from .grid import QFNS, WBITS, Grid, compact, expand, make_grid, pack_codes, unpack_codes
+from .grid import QFNS, WBITS, Grid, compact, make_grid
 from .hessian import HessianAccumulator, check_hessian, damp, proxy_loss, with_damping
 from .incoherence import ROTATIONS, Incoherence, rescale_vector
 from .ldlq import allbal, gptq, greedy_passes, ldlq, ldlqRG, nearest
@@ -31,9 +32,11 @@ from .ldlq import allbal, gptq, greedy_passes, ldlq, ldlqRG, nearest
 METHODS = ("nearest", "gptq", "ldlq", "ldlqRG", "allbal")
 UNSUPPORTED = {"ldlbal_admm": "QuIP's experimental ADMM variant is not implemented here; use ldlqRG"}
 
-__all__ = ["quantize", "quantize_layer", "dequantize", "QuantResult", "default_npasses", "check_options", "METHODS",
+from .linear import QuantLinear
+
+__all__ = ["quantize", "quantize_layer", "QuantLinear", "QuantResult", "default_npasses", "check_options", "METHODS",
            "WBITS", "QFNS", "ROTATIONS", "HessianAccumulator", "proxy_loss", "damp", "with_damping", "make_grid", "Grid", "Incoherence",
-           "nearest", "gptq", "ldlq", "ldlqRG", "allbal", "greedy_passes", "pack_codes", "unpack_codes"]
+           "nearest", "gptq", "ldlq", "ldlqRG", "allbal", "greedy_passes"]
 
 
 @dataclass
@@ -50,6 +53,7 @@ class QuantResult:
     proxy: float  # tr((W_hat - W) H (W_hat - W)^T), original basis, undamped H
     npasses: int  # greedy passes run
     damping: float  # relative damping of H used (after any escalation)
+    spec: dict = None  # the `quant.linear.QuantLinear` layout of the codes (None at 16 bits)
 
 
 def default_npasses(method, npasses=None):
@@ -148,23 +152,13 @@ def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, r
         passes = ran[-1]
     codes = grid.codes(Wq)
     W_hat = proc.unweight(Wq)
-    gsize = groupsize if groupsize != -1 else cols
+    gsize = groupsize if groupsize != -1 else Wp.shape[1]
+    spec = dict(codebook="grid", wbits=wbits, shape=[rows, cols], padded=list(Wp.shape), rotation=rotation,
+                seed=seed, qfn=qfn, groupsize=groupsize, in_scale=s is not None)
     return QuantResult(W_hat.to(W.dtype), codes, compact(grid.scale, gsize), compact(grid.zero, gsize), groupsize,
-                       wbits, s, rotation, seed, proxy_loss(W0, W_hat, H0), passes, damping)
+                       wbits, s, rotation, seed, proxy_loss(W0, W_hat, H0), passes, damping, spec)
 
 
 def quantize(W, H, wbits, method, incoherence=True, seed=0, **options):
     """Dequantized quantized weights (same shape and dtype as W); options as in `quantize_layer`."""
     return quantize_layer(W, H, wbits, method, incoherence, seed, **options).w_hat
-
-
-def dequantize(codes, scale, zero, groupsize, rescale=None, rotation=None, seed=0, dtype=torch.float32):
-    """Weights from stored codes: scale * (codes - zero) in the processed basis, then the inverse
-    incoherence processing with the rotation regenerated from (rotation, seed)."""
-    rows, cols = codes.shape
-    gsize = groupsize if groupsize != -1 else cols
-    scale = expand(scale.float(), gsize, cols).to(codes.device)
-    zero = expand(zero.float(), gsize, cols).to(codes.device)
-    Wp = scale * (codes.float() - zero)
-    W = Incoherence(rows, cols, None if rescale is None else rescale.float(), rotation, seed).unweight(Wp)
-    return W.to(dtype)

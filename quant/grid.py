@@ -1,4 +1,4 @@
-"""Quantization grids (QuIP's `qfn`) and compact storage of integer codes.
+"""Quantization grids (QuIP's `qfn`).
 
 Every grid is affine: a code q in {0, ..., 2^wbits - 1} stands for the value scale * (q - zero).
 - qfn 'a': per-row (or per-group of `groupsize` columns) asymmetric min/max range that includes 0,
@@ -10,7 +10,6 @@ Every grid is affine: a code q in {0, ..., 2^wbits - 1} stands for the value sca
 `scale` and `zero` broadcast against the (rows, cols) matrix: shape (1, 1) for 'b', (rows, 1) for
 'a', (rows, cols) for 'a' with groups (expanded per column so that column permutations stay simple).
 """
-import numpy as np
 import torch
 
 from engine import UserError
@@ -95,18 +94,3 @@ def compact(t, groupsize):
 def expand(t, groupsize, cols):
     """Inverse of `compact`."""
     return t.repeat_interleave(groupsize, 1)[:, :cols] if t.shape[1] > 1 else t
-
-
-def pack_codes(codes, wbits):
-    """uint8 codes of any shape -> a flat uint8 tensor holding `wbits` bits per code (4 codes per
-    byte at 2 bits), little-endian bit order within each code."""
-    c = codes.reshape(-1).cpu().numpy().astype(np.uint8)
-    bits = (c[:, None] >> np.arange(wbits, dtype=np.uint8)) & 1
-    return torch.from_numpy(np.packbits(bits.reshape(-1), bitorder="little"))
-
-
-def unpack_codes(packed, wbits, shape):
-    n = int(np.prod(shape))
-    bits = np.unpackbits(packed.cpu().numpy(), count=n * wbits, bitorder="little").reshape(n, wbits)
-    c = (bits.astype(np.uint8) << np.arange(wbits, dtype=np.uint8)).sum(1, dtype=np.uint8)
-    return torch.from_numpy(c).reshape(shape)

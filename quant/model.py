@@ -3,27 +3,23 @@ QuIP do: the calibration inputs of decoder layer i are computed by the already q
 0..i-1, only one decoder layer sits on the accelerator at a time (a 7B model fits on one GPU), and
 all linear layers of a decoder layer are quantized from Hessians collected in one forward pass.
 
-Also the compact storage of the result: packed integer codes, grids, rescaling vectors and rotation
-seeds of every quantized linear layer in one safetensors file, from which `load_codes` rebuilds the
-dense weights.
+Each quantized linear is replaced by a `quant.linear.QuantLinear` that runs from its packed codes, so
+the next layer is calibrated on the outputs of exactly the layers that will be saved and reloaded.
 """
-import json
 import time
 import warnings
 import zlib
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from engine import UserError
 
-from . import dequantize, quantize_layer
-from .grid import pack_codes, unpack_codes
+from . import quantize_layer
 from .hessian import HessianAccumulator
+from .linear import QuantLinear
 
 FAMILIES = {"opt": "model.decoder.layers", "llama": "model.layers"}
-CODES_FORMAT = "rlo-quip-codes-v1"
 
 
 def decoder_layers(model):
@@ -92,12 +88,12 @@ def _run(layer, inps, kwargs):
 @torch.no_grad()
 def quantize_model(model, input_ids, device, wbits, method, seed=0, on_result=None, **options):
     """Quantize every linear layer inside the decoder layers of `model` in place, from the (nsamples,
-    seqlen) calibration `input_ids`. `options` go to `quant.quantize_layer` (incoherence, qfn,
-    rescale, rotation, percdamp, damp_h, npasses, groupsize, unbiased, lazy_batch).
+    seqlen) calibration `input_ids`: each becomes a `QuantLinear` holding its packed codes. `options`
+    go to `quant.quantize_layer` (incoherence, qfn, rescale, rotation, percdamp, damp_h, npasses,
+    groupsize, unbiased, lazy_batch).
 
-    Returns (rows, codes): one dict per linear layer (layer index, module name, proxy loss, greedy
-    passes, damping, seconds) and the compact codes per full weight name (see `save_codes`).
-    `on_result(row)` is called as each linear layer finishes."""
+    Returns one dict per linear layer (layer index, module name, proxy loss, greedy passes, damping,
+    seconds). `on_result(row)` is called as each linear layer finishes."""
     layers, prefix = decoder_layers(model)
     use_cache = model.config.use_cache
     model.config.use_cache = False
@@ -107,7 +103,7 @@ def quantize_model(model, input_ids, device, wbits, method, seed=0, on_result=No
         inps, kwargs = _layer_inputs(model, layers, input_ids, device)
     finally:
         _move_outside(model, layers, home)
-    rows, codes = [], {}
+    rows = []
     for i in tqdm(range(len(layers)), desc="layers"):
         layer = layers[i].to(device)
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -127,51 +123,15 @@ def quantize_model(model, input_ids, device, wbits, method, seed=0, on_result=No
                                    seed=layer_seed(seed, full), **options)
             if torch.device(device).type == "cuda":  # honest per-layer seconds
                 torch.cuda.synchronize()
-            linear.weight.data = r.w_hat
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent), child, QuantLinear.from_result(r, linear.bias).to(device))
             del acc[name]
             row = dict(layer=i, module=name, proxy=r.proxy, npasses=r.npasses, damping=r.damping,
                        seconds=time.time() - tick, warnings=[str(w.message) for w in caught])
             rows.append(row)
-            codes[f"{full}.weight"] = r
             if on_result is not None:
                 on_result(row)
         inps = _run(layer, inps, kwargs)  # inputs of the next layer, from this quantized layer
         layers[i] = layer.to(home)
     model.config.use_cache = use_cache
-    return rows, codes
-
-
-def save_codes(path, results):
-    """One safetensors file: per weight name, the packed codes (`wbits` bits each), grid scale and
-    zero, and the rescaling vector; shapes, bits, group size, rotation kind and seed in the metadata."""
-    tensors, meta = {}, {}
-    for name, r in results.items():
-        if r.codes is None:
-            continue
-        tensors[f"{name}.codes"] = pack_codes(r.codes, r.wbits)
-        tensors[f"{name}.scale"] = r.scale.float().cpu().contiguous()
-        tensors[f"{name}.zero"] = r.zero.float().cpu().contiguous()
-        if r.rescale is not None:
-            tensors[f"{name}.rescale"] = r.rescale.float().cpu().contiguous()
-        meta[name] = dict(shape=list(r.codes.shape), wbits=r.wbits, groupsize=r.groupsize, rotation=r.rotation,
-                          seed=r.seed, dtype=str(r.w_hat.dtype).replace("torch.", ""))
-    save_file(tensors, path, metadata={"format": CODES_FORMAT, "layers": json.dumps(meta)})
-
-
-def load_codes(path, device="cpu"):
-    """{weight name: dense weight} rebuilt from a `save_codes` file (codes -> grid values -> inverse
-    incoherence processing with the rotations regenerated from their seeds)."""
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        header = f.metadata() or {}
-    if header.get("format") != CODES_FORMAT:
-        raise UserError(f"{path!r} is not a quantized-codes file (format {header.get('format')!r})")
-    tensors = load_file(path, device="cpu")
-    weights = {}
-    for name, m in json.loads(header["layers"]).items():
-        codes = unpack_codes(tensors[f"{name}.codes"], m["wbits"], m["shape"]).to(device)
-        weights[name] = dequantize(codes, tensors[f"{name}.scale"], tensors[f"{name}.zero"], m["groupsize"],
-                                   tensors.get(f"{name}.rescale"), m["rotation"], m["seed"],
-                                   getattr(torch, m["dtype"]))
-    return weights
+    return rows

@@ -147,3 +147,36 @@ def test_bad_input_user_errors(assets, tmp_path):
     with pytest.raises(UserError, match=r"put wiki\.train\.raw"):
         ft_opt.main([*base, "--data-dir", str(tmp_path)])  # the last --data-dir wins
     assert not os.path.exists(tmp_path / "o" / "metrics.json")
+
+
+@pytest.mark.parametrize("loss", ["ce", "root"])
+def test_finetuning_in_quantized_space_keeps_the_codes_and_lowers_perplexity(assets, loss):
+    import opt
+    import quant
+    packed = str(assets["root"] / f"packed_{loss}")
+    opt.main([assets["llama"], "wikitext2", "--data-dir", assets["data"], "--nsamples", "4", "--seqlen", "32",
+              "--wbits", "2", "--quant", "ldlqRG", "--incoh_processing", "--proxy_only", "--save", packed])
+    out = str(assets["root"] / f"qft_{loss}")
+    metrics = ft_opt.main(["--model", packed, "--data-dir", assets["data"], "--out", out, "--loss", loss, *FAST])
+    assert metrics["quantized"] and metrics["codes_unchanged"]
+    before, _ = lm.load_causal_lm(packed)
+    after, tokenizer = lm.load_causal_lm(out)  # saved back packed
+    codes = lambda model: {f"{n}.{b}": t for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)
+                           for b, t in m.code_tensors().items()}
+    assert codes(before).keys() == codes(after).keys() and len(codes(after)) == 2 * 7 * 2
+    assert all(torch.equal(codes(before)[k], t) for k, t in codes(after).items())  # bit-identical codes
+    assert metrics["ppl_after"] < metrics["ppl_before"]
+    ids = lm.encode(tokenizer, lm.load_text("wikitext2", "test", assets["data"]))
+    assert lm.perplexity(after, ids, metrics["eval_seqlen"]) == pytest.approx(metrics["ppl_after"], rel=1e-6)
+    trained = {n for n, p in after.named_parameters()
+               if not torch.equal(p, dict(before.named_parameters()).get(n, torch.empty(0)))}
+    assert any(n.endswith("q_proj.out_scale") for n in trained) and any(n.endswith("norm.weight") for n in trained)
+
+
+def test_freeze_embeddings_leaves_embeddings_and_head_unchanged(assets):
+    out = str(assets["root"] / "frozen_emb")
+    ft_opt.main(["--model", assets["opt"], "--data-dir", assets["data"], "--out", out, "--freeze-embeddings",
+                 *FAST, "--epochs", "1"])
+    before, after = (AutoModelForCausalLM.from_pretrained(d) for d in (assets["opt"], out))
+    assert torch.equal(before.get_input_embeddings().weight, after.get_input_embeddings().weight)
+    assert not torch.equal(before.model.decoder.layers[0].fc1.weight, after.model.decoder.layers[0].fc1.weight)

@@ -13,7 +13,7 @@ import lm
 import opt
 import quant
 from engine import UserError
-from quant.model import decoder_layers, load_codes, quantize_model
+from quant.model import decoder_layers, quantize_model
 from tests.lm_fixtures import save_tiny_lm, write_wikitext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,40 +73,73 @@ def test_each_layer_is_calibrated_on_the_outputs_of_the_quantized_layers_before_
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     calib = lm.calibration_batch(tok, "wikitext2", 4, 32, 0, assets["data"])
     H_before = _fc_hessian(model, calib, 1, module)
-    rows, _ = quantize_model(model, calib, "cpu", 2, "nearest", incoherence=False)
+    rows = quantize_model(model, calib, "cpu", 2, "nearest", incoherence=False)
     H_after = _fc_hessian(model, calib, 1, module)  # layer 0 is quantized now
-    name = f"{decoder_layers(model)[1]}.1.{module}.weight"
-    W, W_hat = original[name], dict(model.named_parameters())[name].detach()
+    name = f"{decoder_layers(model)[1]}.1.{module}"
+    W, W_hat = original[f"{name}.weight"], model.get_submodule(name).dequantize()
     reported = next(r["proxy"] for r in rows if r["layer"] == 1 and r["module"] == module)
     after, before = quant.proxy_loss(W, W_hat, H_after), quant.proxy_loss(W, W_hat, H_before)
     assert float((H_after - H_before).norm() / H_before.norm()) > 0.1  # quantizing layer 0 moved H
     assert abs(reported - after) < 0.1 * abs(reported - before)
 
 
-def test_save_writes_hf_weights_and_2bit_codes_that_rebuild_them(assets):
-    out = str(assets["root"] / "saved")
-    report = run(assets, "llama", "--wbits", "2", "--quant", "ldlqRG", "--incoh_processing", "--lazy_batch",
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_save_writes_only_packed_codes_and_the_reloaded_model_has_the_same_perplexity(assets, kind):
+    out = str(assets["root"] / f"saved_{kind}")
+    report = run(assets, kind, "--wbits", "2", "--quant", "ldlqRG", "--incoh_processing", "--lazy_batch",
                  "--check", save=out)
-    files = set(os.listdir(out))
-    assert {"config.json", "model.safetensors", opt.CODES_FILE, opt.REPORT_FILE} <= files
-    assert not any(f.startswith("saved.tmp") for f in os.listdir(assets["root"]))
-    assert report["check_max_abs_diff"] < 1e-6
-    reloaded = AutoModelForCausalLM.from_pretrained(out)
-    params = dict(reloaded.named_parameters())
-    rebuilt = load_codes(os.path.join(out, opt.CODES_FILE))
-    assert len(rebuilt) == 14
-    for name, w in rebuilt.items():
-        torch.testing.assert_close(w, params[name].detach(), atol=1e-6, rtol=0)
+    assert {"config.json", "model.safetensors", opt.REPORT_FILE} <= set(os.listdir(out))
+    assert not any(".tmp" in f for f in os.listdir(assets["root"]))
+    assert report["check_max_rel_diff"] < 1e-5  # packed forward = dense forward with the dequantized weight
+    assert report["reloaded_ppl"]["wikitext2"] == pytest.approx(report["ppl"]["wikitext2"], rel=1e-6)
     from safetensors import safe_open
-    with safe_open(os.path.join(out, opt.CODES_FILE), "pt") as f:
-        packed = f.get_tensor("model.layers.0.mlp.up_proj.weight.codes")
-    assert packed.dtype == torch.uint8 and packed.numel() == 128 * 64 * 2 // 8
-    with open(os.path.join(out, opt.REPORT_FILE)) as f:
-        assert json.load(f)["ppl"]["wikitext2"] == pytest.approx(report["ppl"]["wikitext2"])
-    again = opt.main([out, "wikitext2", "--load", out, "--data-dir", assets["data"], *FAST, "--check",
-                      "--report", str(assets["root"] / "load.json")])
-    assert again["ppl"]["wikitext2"] == pytest.approx(report["ppl"]["wikitext2"], rel=1e-5)
-    assert again["check_max_abs_diff"] < 1e-6
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        mlp = "model.layers.0.mlp.up_proj" if kind == "llama" else "model.decoder.layers.0.fc1"
+        packed = f.get_tensor(f"{mlp}.codes")
+    assert not any(k.endswith("proj.weight") or k.endswith("fc1.weight") for k in keys)  # no dense copy
+    assert packed.dtype == torch.uint8 and packed.shape == (128, 64 * 2 // 8)
+    config = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert config["quant_method"] == "rlo" and config["wbits"] == 2 and len(config["layers"]) == 2 * (7 if kind == "llama" else 6)
+    model, _ = lm.load_causal_lm(out)
+    assert sum(isinstance(m, quant.QuantLinear) for m in model.modules()) == len(config["layers"])
+    again = opt.main([out, "wikitext2", "--load", out, "--data-dir", assets["data"], *FAST,
+                      "--report", str(assets["root"] / "load.json"), "--generate", "The cat", "--max-new-tokens", "5"])
+    assert again["ppl"]["wikitext2"] == pytest.approx(report["ppl"]["wikitext2"], rel=1e-6)
+    assert again["generated"].startswith("The cat") and len(again["generated"]) > len("The cat")
+
+
+def test_corrupt_packed_checkpoints_are_one_line_errors(assets, tmp_path):
+    from safetensors.torch import load_file, save_file
+    out = str(tmp_path / "q")
+    run(assets, "llama", "--wbits", "2", "--quant", "nearest", "--proxy_only", save=out)
+    weights = os.path.join(out, "model.safetensors")
+    tensors = load_file(weights)
+    broken = dict(tensors)
+    del broken["model.layers.1.self_attn.q_proj.scale"]
+    save_file(broken, weights)
+    with pytest.raises(UserError, match="missing model.layers.1.self_attn.q_proj.scale"):
+        lm.load_causal_lm(out)
+    broken = dict(tensors, **{"model.layers.0.mlp.down_proj.codes": tensors["model.layers.0.mlp.down_proj.codes"][:3]})
+    save_file(broken, weights)
+    with pytest.raises(UserError, match="down_proj.codes has shape"):
+        lm.load_causal_lm(out)
+    with open(weights, "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        lm.load_causal_lm(out)
+    os.remove(weights)
+    with pytest.raises(UserError, match="has no model.safetensors"):
+        lm.load_causal_lm(out)
+    config_path = os.path.join(out, "config.json")
+    config = json.load(open(config_path))
+    config["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"]["shape"] = [5, 5]
+    json.dump(config, open(config_path, "w"))
+    save_file(tensors, weights)
+    with pytest.raises(UserError, match="up_proj' is \\[5, 5\\]"):
+        lm.load_causal_lm(out)
+    with pytest.raises(UserError, match="already quantized"):
+        opt.main([out, "wikitext2", "--wbits", "2"])
 
 
 def test_wbits16_keeps_the_model_and_its_perplexity(assets):

@@ -7,7 +7,8 @@ import torch
 
 import quant
 from engine import UserError
-from quant.grid import make_grid, pack_codes, unpack_codes
+from quant.grid import make_grid
+from quant.linear import pack_rows, unpack_rows
 from quant.hessian import HessianAccumulator, damp, proxy_loss
 from quant.incoherence import ROTATIONS, Incoherence, make_rotation
 
@@ -122,8 +123,10 @@ def test_every_entry_is_on_its_grid_and_codes_rebuild_the_weights(wbits, method,
     W, H = weight(16, 40, wbits), hessian(40, wbits)
     r = quant.quantize_layer(W, H, wbits, method, incoherence, seed=1)
     assert r.codes.dtype == torch.uint8 and int(r.codes.max()) <= 2 ** wbits - 1
-    rebuilt = quant.dequantize(r.codes, r.scale, r.zero, r.groupsize, r.rescale, r.rotation, r.seed)
-    torch.testing.assert_close(rebuilt, r.w_hat, atol=1e-5, rtol=1e-5)
+    layer = quant.QuantLinear.from_result(r)
+    torch.testing.assert_close(layer.dequantize(), r.w_hat, atol=1e-5, rtol=1e-5)
+    x = torch.randn(5, 40)  # the layer applies W_hat from its packed codes, rotating the activations
+    torch.testing.assert_close(layer(x), x @ r.w_hat.T, atol=1e-4, rtol=1e-4)
     if not incoherence:  # no transform to undo: W_hat itself sits on the per-row grid
         u = r.w_hat / r.scale + r.zero
         torch.testing.assert_close(u, u.round(), atol=1e-4, rtol=0)
@@ -145,8 +148,7 @@ def test_qfn_a_is_per_row_min_max_and_groups_work():
     H = hessian(20, 5)
     r = quant.quantize_layer(W, H, 3, "ldlq", incoherence=False, groupsize=8)
     assert r.scale.shape == (8, 3)  # groups of 8, 8, 4 columns
-    rebuilt = quant.dequantize(r.codes, r.scale, r.zero, r.groupsize)
-    torch.testing.assert_close(rebuilt, r.w_hat, atol=1e-6, rtol=0)
+    torch.testing.assert_close(quant.QuantLinear.from_result(r).dequantize(), r.w_hat, atol=1e-6, rtol=0)
     full = quant.quantize_layer(W, H, 3, "ldlq", incoherence=False)
     assert r.proxy < full.proxy  # finer grids fit better
 
@@ -223,11 +225,15 @@ def test_hessian_accumulator_matches_the_mean_outer_product():
 
 
 @pytest.mark.parametrize("wbits", [2, 3, 4])
-def test_pack_codes_round_trip(wbits):
+def test_packed_rows_round_trip_bit_exact(wbits):
     codes = torch.randint(0, 2 ** wbits, (13, 7), dtype=torch.uint8)
-    packed = pack_codes(codes, wbits)
-    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(codes.numel() * wbits / 8)
-    assert torch.equal(unpack_codes(packed, wbits, codes.shape), codes)
+    packed = pack_rows(codes, wbits)
+    assert packed.dtype == torch.uint8 and packed.shape == (13, math.ceil(7 * wbits / 8))
+    assert torch.equal(unpack_rows(packed, wbits, 7), codes)
+    assert torch.equal(unpack_rows(packed[4:9], wbits, 7), codes[4:9])  # a block of rows decodes alone
+    # little-endian bits within each row: code j occupies bits j*wbits .. j*wbits + wbits - 1
+    row = sum(int(c) << (j * wbits) for j, c in enumerate(codes[0]))
+    assert packed[0].tolist() == list(row.to_bytes(packed.shape[1], "little"))
 
 
 @pytest.mark.parametrize("kwargs, match", [

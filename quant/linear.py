@@ -1,0 +1,194 @@
+"""`QuantLinear`: a linear layer that runs from its packed low-bit codes.
+
+A quantized weight is stored in the processed (incoherent) basis, W_p = U (W diag(s)) V^T (see
+`incoherence`), as codes of a codebook plus scales. The layer never rebuilds W itself:
+
+    y = out_scale * (U^T W_p V (in_scale * x)) + bias
+
+The rotations U, V act on the activations (fast Walsh-Hadamard / Kronecker factors, regenerated from
+the seed), and W_p is decoded from its codes a block of rows at a time (`CHUNK` values), so the
+extra memory of a forward pass is one block of decoded weights. `in_scale` starts as 1/s (QuIP's
+rescaling vector) and `out_scale` as 1; with the codebook scales they are the continuous parameters
+that finetuning in quantized space trains (QuIP# trains its sign vectors the same way), while the
+codes stay frozen buffers.
+
+Codecs (the `codebook` field of a layer's spec) say how codes are packed and decoded:
+- `grid`: scalar affine grids (QuIP's qfn a/b): value = scale * (code - zero), codes of `wbits` bits
+  packed little-endian into each row's own bytes (so a block of rows decodes on its own);
+- the lattice codebooks of `quant.e8p` (E8P and its residual variants): one 16-bit (or 8-bit) word per
+  8 weights and stage, one scale per stage.
+"""
+import math
+
+import torch
+from torch import nn
+
+from engine import UserError
+
+from .grid import expand
+from .incoherence import Incoherence
+
+CHUNK = 1 << 22  # decoded weights per block of rows (16 MB in fp32)
+
+
+def pack_rows(codes, wbits):
+    """uint8 codes (rows, cols) < 2^wbits -> (rows, ceil(cols * wbits / 8)) uint8, little-endian bits,
+    each row starting on a byte boundary. Torch ops only, on the codes' device."""
+    rows, cols = codes.shape
+    bits = (codes.to(torch.uint8)[..., None] >> torch.arange(wbits, device=codes.device, dtype=torch.uint8)) & 1
+    bits = bits.reshape(rows, cols * wbits)
+    pad = (-bits.shape[1]) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(rows, pad)], 1)
+    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32)).to(torch.uint8)
+    return (bits.reshape(rows, -1, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_rows(packed, wbits, cols):
+    """Inverse of `pack_rows`: (rows, cols) uint8 codes."""
+    rows = packed.shape[0]
+    bits = (packed[..., None] >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1
+    bits = bits.reshape(rows, -1)[:, :cols * wbits].reshape(rows, cols, wbits)
+    weights = (1 << torch.arange(wbits, device=packed.device, dtype=torch.int32)).to(torch.uint8)
+    return (bits * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+
+
+class GridCodec:
+    """Scalar grid codes: buffers `codes` (packed rows) and `zero`; parameter `scale` of shape (1, 1)
+    (qfn b), (rows, 1) (qfn a) or (rows, groups) (qfn a with groups)."""
+
+    name = "grid"
+
+    @staticmethod
+    def tensors(spec, result):
+        return {"codes": pack_rows(result.codes, spec["wbits"]), "scale": result.scale.float(),
+                "zero": result.zero.float()}
+
+    @staticmethod
+    def shapes(spec):
+        rows, cols = spec["padded"]
+        groups = 1 if spec["groupsize"] == -1 else math.ceil(cols / spec["groupsize"])
+        grid_rows = 1 if spec["qfn"] == "b" else rows
+        return {"codes": ((rows, math.ceil(cols * spec["wbits"] / 8)), torch.uint8),
+                "scale": ((grid_rows, groups), torch.float32), "zero": ((grid_rows, groups), torch.float32)}
+
+    trainable = ("scale",)
+
+    @staticmethod
+    def decode(layer, r0, r1):
+        spec = layer.spec
+        cols = spec["padded"][1]
+        q = unpack_rows(layer.codes[r0:r1], spec["wbits"], cols).float()
+        scale, zero = layer.scale, layer.zero
+        if scale.shape[0] > 1:
+            scale, zero = scale[r0:r1], zero[r0:r1]
+        g = spec["groupsize"]
+        return expand(scale, g, cols) * (q - expand(zero, g, cols))
+
+
+CODECS = {GridCodec.name: GridCodec}
+
+
+def codec(spec):
+    name = spec.get("codebook")
+    if name not in CODECS:
+        raise UserError(f"unknown codebook {name!r} in a quantized layer; known: {', '.join(CODECS)}")
+    return CODECS[name]
+
+
+class QuantLinear(nn.Module):
+    """A linear layer held as packed codes; `spec` (a JSON-able dict) describes the layout:
+    codebook, wbits, shape [out, in], padded [rows, cols] of the processed matrix, rotation, seed,
+    qfn and groupsize (grid codebooks), and whether in_scale/out_scale are present."""
+
+    def __init__(self, spec, bias=False):
+        super().__init__()
+        self.spec = dict(spec)
+        self.out_features, self.in_features = spec["shape"]
+        self.codec = codec(spec)
+        for name, (shape, dtype) in self.codec.shapes(spec).items():
+            t = torch.zeros(shape, dtype=dtype)
+            if name in self.codec.trainable:
+                setattr(self, name, nn.Parameter(t))
+            else:
+                self.register_buffer(name, t)
+        self.in_scale = nn.Parameter(torch.ones(self.in_features)) if spec.get("in_scale") else None
+        self.out_scale = nn.Parameter(torch.ones(self.out_features)) if spec.get("out_scale") else None
+        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+        rows, cols = spec["shape"]
+        self.proc = Incoherence(rows, cols, None, spec.get("rotation"), spec.get("seed", 0))
+        if tuple(self.proc.padded_shape) != tuple(spec["padded"]):
+            raise UserError(f"quantized layer spec: padded shape {spec['padded']} does not match rotation "
+                            f"{spec.get('rotation')!r} of a {rows}x{cols} weight ({list(self.proc.padded_shape)})")
+
+    @classmethod
+    def from_result(cls, result, bias=None):
+        """A QuantLinear holding a `quant.QuantResult` (codes of the processed weights) and the
+        original layer's bias."""
+        spec = dict(result.spec)
+        layer = cls(spec, bias=bias is not None)
+        with torch.no_grad():
+            for name, t in layer.codec.tensors(spec, result).items():
+                getattr(layer, name).copy_(t)
+            if layer.in_scale is not None:
+                layer.in_scale.copy_(1 / result.rescale.float())
+            if bias is not None:
+                layer.bias.copy_(bias.float())
+        return layer
+
+    def add_channel_scales(self):
+        """Give the layer trainable in_scale / out_scale (ones where absent), for finetuning."""
+        for name, n in (("in_scale", self.in_features), ("out_scale", self.out_features)):
+            if getattr(self, name) is None:
+                setattr(self, name, nn.Parameter(torch.ones(n, device=self.codes_device())))
+                self.spec[name] = True
+
+    def codes_device(self):
+        return next(iter(self.buffers())).device
+
+    def code_tensors(self):
+        """The frozen buffers: codes (and zero points), what finetuning in quantized space must leave
+        bit-identical."""
+        return dict(self.named_buffers())
+
+    def processed_weight(self, r0=0, r1=None):
+        """Rows r0:r1 of W_p decoded from the codes, float32 (differentiable in the scales)."""
+        return self.codec.decode(self, r0, self.spec["padded"][0] if r1 is None else r1)
+
+    def _chunks(self):
+        rows, cols = self.spec["padded"]
+        step = max(1, CHUNK // cols)
+        return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+
+    def forward(self, x):
+        rows, cols = self.spec["padded"]
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)
+        if self.in_scale is not None:
+            x = x * self.in_scale.to(x.dtype)
+        if cols > self.in_features:
+            x = torch.nn.functional.pad(x, (0, cols - self.in_features))
+        z = x if self.proc.V is None else self.proc.V.apply(x.T).T
+        t = torch.cat([z @ self.processed_weight(r0, r1).to(z.dtype).T for r0, r1 in self._chunks()], 1)
+        y = t if self.proc.U is None else self.proc.U.apply_t(t.T).T
+        y = y[:, :self.out_features]
+        if self.out_scale is not None:
+            y = y * self.out_scale.to(y.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def dequantize(self):
+        """The dense (out, in) float32 weight this layer applies (for checks and export)."""
+        W = self.proc.unweight(self.processed_weight().double()).float()
+        if self.in_scale is not None:
+            W = W * self.in_scale.float()
+        if self.out_scale is not None:
+            W = W * self.out_scale.float()[:, None]
+        return W
+
+    def extra_repr(self):
+        s = self.spec
+        return (f"in={self.in_features}, out={self.out_features}, codebook={s['codebook']}, wbits={s['wbits']}, "
+                f"rotation={s.get('rotation')}, bias={self.bias is not None}")
