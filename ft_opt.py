@@ -53,6 +53,7 @@ def parse_args(argv):
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     p.add_argument("--seqlen", type=int, default=256, help="training block length in tokens")
     p.add_argument("--eval-seqlen", type=int, help="perplexity window (default: the model's max positions)")
+    p.add_argument("--eval-windows", type=int, help="perplexity on the first N windows only (default: all)")
     p.add_argument("--eval-bs", type=int, default=1, help="windows per perplexity forward pass")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=int, default=0)
@@ -67,7 +68,7 @@ def parse_args(argv):
     for name in ("k", "m", "lr"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             raise UserError(f"--{name} must be a finite number > 0, got {getattr(args, name)}")
-    require_positive_ints(args, "epochs", "bs", "grad_accum", "eval_bs", "max_steps")
+    require_positive_ints(args, "epochs", "bs", "grad_accum", "eval_bs", "max_steps", "eval_windows")
     if args.warmup < 0 or args.weight_decay < 0:
         raise UserError("--warmup and --weight-decay must be >= 0")
     if args.dataset not in lm.DATASETS and not (args.train_file and args.eval_file):
@@ -181,7 +182,7 @@ def main(argv=None):
         print(f"no {ckpt_path}; starting from scratch")
 
     if metrics["ppl_before"] is None:
-        metrics["ppl_before"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device)
+        metrics["ppl_before"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
     print(f"perplexity before finetuning: {metrics['ppl_before']:.3f}")
 
     for epoch in range(start_epoch, args.epochs):
@@ -216,7 +217,7 @@ def main(argv=None):
                      "epoch": epoch + 1, "step": step, "metrics": metrics}, ckpt_path)
         atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
 
-    metrics["ppl_after"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device)
+    metrics["ppl_after"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
     print(f"perplexity after finetuning: {metrics['ppl_after']:.3f}")
     if codes_before is not None:
         codes_after = {f"{n}.{b}": t for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)

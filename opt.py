@@ -65,6 +65,9 @@ def parse_args(argv):
     p.add_argument("--seqlen", type=int, help="calibration and evaluation length (default: the model's)")
     p.add_argument("--eval", nargs="*", default=["wikitext2"], choices=lm.DATASETS, help="perplexity datasets")
     p.add_argument("--data-dir", help="directory with offline dataset files (wiki.train.raw, ...)")
+    p.add_argument("--train-file", help="plain text file to calibrate on (replaces DATASET's train split)")
+    p.add_argument("--eval-windows", type=int, help="perplexity on the first N windows only (default: all)")
+    p.add_argument("--eval-file", help="plain text file for perplexity (reported as 'eval_file'; replaces --eval)")
     p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
                    help="model dtype (auto: float16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -77,7 +80,7 @@ def parse_args(argv):
             args.pre_proj_extra = 1  # what QuIP's --incoh_processing means (its code sets a misspelled name)
     if args.pre_proj_extra is None:
         args.pre_proj_extra = 0
-    require_positive_ints(args, "nsamples", "max_new_tokens")
+    require_positive_ints(args, "nsamples", "max_new_tokens", "eval_windows")
     if args.percdamp < 0:
         raise UserError(f"--percdamp must be >= 0, got {args.percdamp}")
     if args.quant in quant.UNSUPPORTED:
@@ -154,8 +157,13 @@ def main(argv=None):
     decoder_layers(model)  # unsupported families fail before any data is read
     seqlen = report["seqlen"] = lm.default_seqlen(model, args.seqlen)
     # read every dataset before the long quantization, so a missing file fails fast
-    eval_ids = {} if args.proxy_only else {d: lm.encode(tokenizer, lm.load_text(d, "test", args.data_dir))
-                                           for d in args.eval}
+    if args.proxy_only:
+        eval_ids = {}
+    elif args.eval_file:
+        eval_ids = {"eval_file": lm.encode(tokenizer, lm.read_text_file(args.eval_file))}
+    else:
+        eval_ids = {d: lm.encode(tokenizer, lm.load_text(d, "test", args.data_dir)) for d in args.eval}
+    calib_ids = lm.encode(tokenizer, lm.read_text_file(args.train_file)) if args.train_file else None
     quantized = not args.load and args.wbits < 16
     if quantized:
         options = quant_options(args)
@@ -165,7 +173,10 @@ def main(argv=None):
         if args.quant in ("ldlq", "ldlqRG", "allbal"):
             given = "given" if args.npasses is not None else "default"
             print(f"greedy passes per layer: {options['npasses']} ({given}; a pass stops early at a fixed point)")
-        calib = lm.calibration_batch(tokenizer, args.dataset, args.nsamples, seqlen, args.seed, args.data_dir)
+        if calib_ids is not None:
+            calib = lm.calibration_windows(calib_ids, args.nsamples, seqlen, args.seed, repr(args.train_file))
+        else:
+            calib = lm.calibration_batch(tokenizer, args.dataset, args.nsamples, seqlen, args.seed, args.data_dir)
         print(f"{'layer':>5} {'module':<22} {'proxy loss':>12} {'passes':>6} {'seconds':>8}")
 
         def show(row):
@@ -180,7 +191,7 @@ def main(argv=None):
         print(f"total proxy loss {report['total_proxy']:.5g}, quantization {report['quant_seconds']:.1f} s")
     model.to(device)
     for name, ids in eval_ids.items():
-        report["ppl"][name] = lm.perplexity(model, ids, seqlen, device=device)
+        report["ppl"][name] = lm.perplexity(model, ids, seqlen, device=device, max_windows=args.eval_windows)
         print(f"{name} perplexity: {report['ppl'][name]:.6g}")
     if args.generate is not None:
         report["generated"] = generate(model, tokenizer, args.generate, args.max_new_tokens, device)
@@ -198,7 +209,7 @@ def main(argv=None):
             print(f"saved the model to {args.save}")
         if args.check and eval_ids:
             reloaded, _ = lm.load_causal_lm(args.save, dtype=dtype, device=device)
-            report["reloaded_ppl"] = {name: lm.perplexity(reloaded, ids, seqlen, device=device)
+            report["reloaded_ppl"] = {name: lm.perplexity(reloaded, ids, seqlen, device=device, max_windows=args.eval_windows)
                                       for name, ids in eval_ids.items()}
             for name, ppl in report["reloaded_ppl"].items():
                 print(f"check: {name} perplexity of the reloaded model {ppl:.6g} "

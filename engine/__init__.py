@@ -1,8 +1,10 @@
 """What every script shares and nothing else: user errors turned into one line and exit 2
-(`errors`), atomic writes of checkpoints and result files (`io`), and CSV metric logs (`metrics`).
+(`errors`), atomic writes of checkpoints and result files (`io`), CSV metric logs (`metrics`), and mean ± CI
+summaries over seeds (`stats`).
 Anything specific to one task lives beside that task's script, not here."""
 from .errors import ArgumentParser, UserError, cli, require_positive_ints
 from .io import atomic_save, atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text
 from .metrics import CSVLogger, read_csv
+from .stats import format_ci, mean_ci
 
-__all__ = ["ArgumentParser", "UserError", "cli", "require_positive_ints", "atomic_save", "atomic_savefig", "atomic_write_csv", "atomic_write_text", "atomic_write_json", "CSVLogger", "read_csv"]
+__all__ = ["ArgumentParser", "UserError", "cli", "require_positive_ints", "atomic_save", "atomic_savefig", "atomic_write_csv", "atomic_write_text", "atomic_write_json", "CSVLogger", "read_csv", "mean_ci", "format_ci"]

@@ -25,12 +25,15 @@ def token_loss(criterion, logits, labels):
 
 
 @torch.no_grad()
-def perplexity(model, input_ids, seqlen, batch_size=1, device=None):
+def perplexity(model, input_ids, seqlen, batch_size=1, device=None, max_windows=None):
     """exp(mean next-token NLL) over non-overlapping windows of `seqlen` tokens of the 1-D `input_ids`
-    (the remainder after the last full window is dropped), as GPTQ/QuIP evaluate. Each window predicts
-    its tokens 2..seqlen; the NLL is computed in fp32 per batch and summed in float64."""
+    (the remainder after the last full window is dropped; only the first `max_windows` when given), as
+    GPTQ/QuIP evaluate. Each window predicts its tokens 2..seqlen; the NLL is computed in fp32 per
+    batch and summed in float64."""
     input_ids = input_ids.reshape(-1)
     nwindows = input_ids.numel() // seqlen
+    if max_windows is not None:
+        nwindows = min(nwindows, max_windows)
     if nwindows == 0:
         raise UserError(f"the evaluation text has {input_ids.numel()} tokens, fewer than one window of {seqlen}")
     device = device if device is not None else next(model.parameters()).device

@@ -139,10 +139,15 @@ def calibration_batch(tokenizer, dataset, nsamples, seqlen, seed=0, data_dir=Non
             i = rng.randint(0, len(ids) - seqlen - 1)
             rows.append(ids[i:i + seqlen])
     else:
-        ids = encode(tokenizer, load_text(dataset, "train", data_dir))
-        if len(ids) <= seqlen:
-            raise UserError(f"{dataset} train split has {len(ids)} tokens, fewer than seqlen + 1 = {seqlen + 1}")
-        for _ in range(nsamples):
-            i = rng.randint(0, len(ids) - seqlen - 1)
-            rows.append(ids[i:i + seqlen])
+        return calibration_windows(encode(tokenizer, load_text(dataset, "train", data_dir)), nsamples, seqlen,
+                                   seed, f"{dataset} train split")
+    return torch.stack(rows) if rows else torch.empty(0, seqlen, dtype=torch.long)
+
+
+def calibration_windows(ids, nsamples, seqlen, seed=0, what="the calibration text"):
+    """(nsamples, seqlen) random windows of the 1-D token stream `ids`, seeded like GPTQ."""
+    if len(ids) <= seqlen:
+        raise UserError(f"{what} has {len(ids)} tokens, fewer than seqlen + 1 = {seqlen + 1}")
+    rng = random.Random(seed)
+    rows = [ids[i:i + seqlen] for i in (rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples))]
     return torch.stack(rows) if rows else torch.empty(0, seqlen, dtype=torch.long)
