@@ -43,8 +43,14 @@ def _not_found(name, err):
 
 def load_causal_lm(name_or_path, dtype=torch.float32, device="cpu"):
     """(model, tokenizer) for a hub name or a local directory (a packed quantized one too, see
-    `lm.quantized`); the model is in eval mode on `device`."""
+    `lm.quantized`) or a llama2.c `.bin` file (see `lm.llama2c`); the model is in eval mode on `device`."""
     name = os.path.expanduser(os.fspath(name_or_path))
+    if name.endswith(".bin") and os.path.isfile(name):
+        # imported here: a module-level import would warn when `python -m lm.llama2c` runs it as __main__
+        from .llama2c import load
+
+        model, tokenizer = load(name, dtype=dtype)
+        return model.to(device).eval(), tokenizer
     looks_local = os.path.isabs(name) or name.startswith(".") or os.path.exists(name)
     if looks_local and not os.path.isdir(name):
         raise UserError(f"model directory {name!r} does not exist; {_WHERE}")
