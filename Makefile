@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench llm-demo clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(STAMP): requirements.txt
 
 demo: $(STAMP)
 	$(PY) demo.py
+
+# The AISTATS pipeline on stories260K + WikiText-2 from ../shared/data (about 12 min on 2 cores).
+llm-demo: $(STAMP)
+	$(PY) llm_pipeline.py --overwrite --out runs/llm_demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

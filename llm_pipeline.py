@@ -66,6 +66,12 @@ def parse_args(argv):
     args = p.parse_args(argv)
     require_positive_ints(args, "seqlen", "eval_seqlen", "eval_windows", "nsamples", "ft_steps", "qft_steps", "bs",
                           "threads")
+    return args
+
+
+def check_inputs(args):
+    """Missing inputs and an occupied run folder fail before any work (not in parse_args, which
+    commands.txt's test runs on machines without ../shared/data)."""
     for flag, path, default in (("--model", args.model, DEFAULT_MODEL), ("--train-file", args.train_file, DEFAULT_TRAIN),
                                 ("--eval-file", args.eval_file, DEFAULT_EVAL)):
         if not os.path.exists(path) and (path == default or flag != "--model"):
@@ -73,7 +79,6 @@ def parse_args(argv):
             raise UserError(f"{flag} {path!r} does not exist{where}; pass {flag} with your own file")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise UserError(f"--out {args.out!r} already holds a run; pass --overwrite to replace it or choose another")
-    return args
 
 
 def finetune(args, model, loss, seed, steps, lr, out):
@@ -131,6 +136,7 @@ def plot(rows, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_inputs(args)
     torch.set_num_threads(args.threads)
     if os.path.isdir(args.out):
         shutil.rmtree(args.out)  # --overwrite (checked in parse_args)

@@ -47,6 +47,9 @@ def pack_rows(codes, wbits):
 def unpack_rows(packed, wbits, cols):
     """Inverse of `pack_rows`: (rows, cols) uint8 codes."""
     rows = packed.shape[0]
+    if 8 % wbits == 0:  # whole codes per byte: one shift-and-mask per code position
+        shifts = torch.arange(0, 8, wbits, device=packed.device, dtype=torch.uint8)
+        return ((packed[..., None] >> shifts) & (2 ** wbits - 1)).reshape(rows, -1)[:, :cols]
     bits = (packed[..., None] >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1
     bits = bits.reshape(rows, -1)[:, :cols * wbits].reshape(rows, cols, wbits)
     weights = (1 << torch.arange(wbits, device=packed.device, dtype=torch.int32)).to(torch.uint8)

@@ -11,7 +11,8 @@ Format of commands.txt (what this test reads):
   `VAR=value` assignments) names a script of this repository. For train.py, regression.py, ft_opt.py,
   opt.py and gan.py, the arguments after the script must be accepted by its parser: the script's
   `build_parser().parse_args(args)`, or its `parse_args(args)` where it has no `build_parser`. The check
-  imports the script by file name and parses; nothing is trained. Any other script must exist.
+  imports the script by file name and parses; nothing is trained. llm_pipeline.py is checked the same way.
+  Any other script must exist.
 - Output redirections (`> log`, `2>&1`, `| tee log`) are ignored.
 - Other commands (git clone, cp, sed, mkdir, ...) are not checked.
 """
@@ -27,7 +28,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = os.path.join(ROOT, "commands.txt")
-CHECKED = ("train.py", "regression.py", "ft_opt.py", "opt.py", "gan.py")
+CHECKED = ("train.py", "regression.py", "ft_opt.py", "opt.py", "gan.py", "llm_pipeline.py")
 LAUNCHERS = ("python", "python3", "torchrun")
 REDIRECT = re.compile(r"^(\||\d*>|\d*<|&>)")  # |, >, >>, 2>&1, 2>file, <, &>
 
