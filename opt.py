@@ -35,7 +35,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="calibration sampling and rotation seed")
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
     p.add_argument("--percdamp", type=float, default=0.01, help="damping, fraction of mean(diag(H))")
-    p.add_argument("--quant", default="nearest", choices=quant.METHODS + tuple(quant.UNSUPPORTED))
+    p.add_argument("--quant", default="nearest", choices=quant.METHODS + tuple(quant.UNSUPPORTED),
+                   help="; ".join(f"{name}: {m.help}" for name, m in quant.TABLE.items()))
     p.add_argument("--wbits", type=int, default=16, choices=quant.WBITS, help="16 = no quantization")
     p.add_argument("--npasses", type=int, help="greedy passes (default: 1 for ldlqRG and allbal, else 0; "
                                               "QuIP's default 0 ran none for ldlqRG)")
@@ -46,12 +47,14 @@ def parse_args(argv):
     p.add_argument("--pre_proj_extra", type=int, choices=sorted(PROJ_EXTRA),
                    help="0: block-diagonal butterfly, 1: Kronecker, 2: butterfly without permutations "
                         "(default 1 with --incoh_processing, else 0)")
-    p.add_argument("--qfn", default="a", choices=quant.QFNS, help="a: per-row min/max; b: 2.4 RMS, symmetric")
+    p.add_argument("--qfn", choices=quant.QFNS, help="grid of the scalar methods: a: per-row min/max; b: 2.4 RMS, "
+                                                    "symmetric (default: b with --incoh_processing, else a)")
     p.add_argument("--unbiased", action="store_true", help="stochastic (unbiased) rounding")
     p.add_argument("--incoh_processing", action="store_true",
                    help="= --pre_gptqH --pre_rescale --pre_proj --pre_proj_extra 1 --qfn b")
-    p.add_argument("--incoh_mode", default="kron", choices=("kron", "hadamard"),
-                   help="rotation used by --incoh_processing: Kronecker (QuIP) or randomized Hadamard (QuIP#)")
+    p.add_argument("--incoh_mode", choices=("kron", "hadamard"),
+                   help="rotation used by --incoh_processing: Kronecker (QuIP) or randomized Hadamard (QuIP#) "
+                        "(default: kron; e8p always uses hadamard)")
     p.add_argument("--lazy_batch", action="store_true", help="LDLQ/GPTQ updates in blocks of 128 columns")
     p.add_argument("--proxy_only", action="store_true", help="skip the perplexity evaluation")
     p.add_argument("--save", help="write the packed quantized model to this new directory")
@@ -73,13 +76,17 @@ def parse_args(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--report", help=f"report path (default: SAVE/{REPORT_FILE}, else runs/{REPORT_FILE})")
     args = p.parse_args(argv)
+    if quant.TABLE.get(args.quant) is not None and quant.TABLE[args.quant].codebook == "vector":
+        check_vector_flags(args)
     if args.incoh_processing:
         args.pre_gptqH = args.pre_rescale = args.pre_proj = True
-        args.qfn = "b"
+        args.qfn = args.qfn or "b"
         if args.pre_proj_extra is None:
             args.pre_proj_extra = 1  # what QuIP's --incoh_processing means (its code sets a misspelled name)
     if args.pre_proj_extra is None:
         args.pre_proj_extra = 0
+    args.qfn = args.qfn or "a"
+    args.incoh_mode = args.incoh_mode or "kron"
     require_positive_ints(args, "nsamples", "max_new_tokens", "eval_windows")
     if args.percdamp < 0:
         raise UserError(f"--percdamp must be >= 0, got {args.percdamp}")
@@ -98,10 +105,23 @@ def parse_args(argv):
     return args
 
 
+def check_vector_flags(args):
+    """The lattice codebooks (e8p) fix what the scalar methods' flags choose: one line per conflict."""
+    fixed = {"--qfn": args.qfn, "--groupsize": None if args.groupsize == -1 else args.groupsize,
+             "--pre_proj_extra": args.pre_proj_extra, "--unbiased": args.unbiased or None,
+             "--npasses": args.npasses or None, "--incoh_mode kron": args.incoh_mode == "kron" or None}
+    given = [flag for flag, value in fixed.items() if value is not None]
+    if given:
+        raise UserError(f"--quant {args.quant} quantizes 8 weights per code at one scale per matrix after the "
+                        f"randomized Hadamard transform, with block LDLQ; it does not take {', '.join(given)} "
+                        f"(supported with it: --wbits {'/'.join(map(str, quant.TABLE[args.quant].wbits))}, "
+                        "--incoh_processing or --pre_rescale, --percdamp, --pre_gptqH)")
+
+
 def quant_options(args):
-    """quant.quantize_layer options from QuIP's flags."""
-    rotation = None
-    if args.pre_proj:
+    """quant.quantize_layer options from QuIP's flags (the method's own rotation where it has one)."""
+    rotation = quant.TABLE[args.quant].rotation if args.quant in quant.TABLE else None
+    if args.pre_proj and rotation is None:
         rotation = "hadamard" if args.incoh_processing and args.incoh_mode == "hadamard" else PROJ_EXTRA[args.pre_proj_extra]
     return dict(incoherence=False, qfn=args.qfn, rescale=args.pre_rescale, rotation=rotation,
                 percdamp=args.percdamp, damp_h=args.pre_gptqH, npasses=quant.default_npasses(args.quant, args.npasses),
@@ -167,10 +187,13 @@ def main(argv=None):
     quantized = not args.load and args.wbits < 16
     if quantized:
         options = quant_options(args)
-        print(f"method {args.quant}, {args.wbits} bits, qfn {options['qfn']}, rescale {options['rescale']}, "
+        method = quant.TABLE[args.quant]
+        grid = (f"codebook {quant.VECTOR_CODEBOOKS[args.wbits]}" if method.codebook == "vector"
+                else f"qfn {options['qfn']}")
+        print(f"method {args.quant}, {args.wbits} bits, {grid}, rescale {options['rescale']}, "
               f"rotation {options['rotation']}, damping H {options['damp_h']} (percdamp {args.percdamp}), "
               f"lazy_batch {args.lazy_batch}, seed {args.seed}")
-        if args.quant in ("ldlq", "ldlqRG", "allbal"):
+        if method.greedy:
             given = "given" if args.npasses is not None else "default"
             print(f"greedy passes per layer: {options['npasses']} ({given}; a pass stops early at a fixed point)")
         if calib_ids is not None:

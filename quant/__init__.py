@@ -8,9 +8,10 @@ W (rows, cols) is a weight matrix, H (cols, cols) the second moment E[x x^T] of 
 1. incoherence pre-processing (`incoherence.Incoherence`): diagonal rescaling and seeded random
    orthogonal multiplication of both sides of W, matching multiplication of H;
 2. damping of H (`hessian.damp`, `percdamp` x mean(diag(H)), escalated with a warning if needed);
-3. a grid (`grid.make_grid`, QuIP's qfn 'a' or 'b') and a rounding method (`ldlq`): nearest, gptq,
-   ldlq, ldlqRG (LDLQ on columns sorted by diag(H), then greedy coordinate passes), allbal (greedy
-   passes only);
+3. a method from the table in `methods.py`: a grid (`grid.make_grid`, QuIP's qfn 'a' or 'b') and a
+   rounding algorithm (`ldlq`): nearest, gptq, ldlq, ldlqRG (LDLQ on columns sorted by diag(H), then
+   greedy coordinate passes), allbal (greedy passes only); or QuIP#'s lattice codebooks (`e8p`: E8P
+   at 2 bits, residual E8P at 3 and 4) with block LDLQ after the randomized Hadamard transform;
 4. post-processing back to the original basis. The proxy loss tr((W_hat - W) H (W_hat - W)^T) is
    computed in the original basis with the undamped H.
 
@@ -27,24 +28,25 @@ from engine import UserError
 from .grid import QFNS, WBITS, Grid, compact, make_grid
 from .hessian import HessianAccumulator, check_hessian, damp, proxy_loss, with_damping
 from .incoherence import ROTATIONS, Incoherence, rescale_vector
-from .ldlq import allbal, gptq, greedy_passes, ldlq, ldlqRG, nearest
+from .ldlq import allbal, block_ldlq, gptq, greedy_passes, ldlq, ldlqRG, nearest
+from .linear import QuantLinear
+from .methods import METHODS, ROUNDING, TABLE, VECTOR_CODEBOOKS, vector_quantize
 
-METHODS = ("nearest", "gptq", "ldlq", "ldlqRG", "allbal")
 UNSUPPORTED = {"ldlbal_admm": "QuIP's experimental ADMM variant is not implemented here; use ldlqRG"}
 
-from .linear import QuantLinear
-
 __all__ = ["quantize", "quantize_layer", "QuantLinear", "QuantResult", "default_npasses", "check_options", "METHODS",
-           "WBITS", "QFNS", "ROTATIONS", "HessianAccumulator", "proxy_loss", "damp", "with_damping", "make_grid", "Grid", "Incoherence",
-           "nearest", "gptq", "ldlq", "ldlqRG", "allbal", "greedy_passes"]
+           "TABLE", "VECTOR_CODEBOOKS", "WBITS", "QFNS", "ROTATIONS", "HessianAccumulator", "proxy_loss", "damp", "with_damping", "make_grid",
+           "Grid", "Incoherence", "nearest", "gptq", "ldlq", "ldlqRG", "allbal", "greedy_passes", "block_ldlq"]
 
 
 @dataclass
 class QuantResult:
     w_hat: torch.Tensor  # dequantized weights, original basis, W's dtype
-    codes: torch.Tensor  # uint8 (rows, cols) codes of the processed weights; None at 16 bits
-    scale: torch.Tensor  # grid: value = scale * (code - zero); (1, 1), (rows, 1) or (rows, groups)
-    zero: torch.Tensor
+    # codes of the processed weights: grid methods uint8 (rows, cols); e8p int64 (rows, cols // 8, stages);
+    # None at 16 bits
+    codes: torch.Tensor
+    scale: torch.Tensor  # grid: value = scale * (code - zero), (1, 1), (rows, 1) or (rows, groups); e8p: (1,)
+    zero: torch.Tensor  # grid only
     groupsize: int
     wbits: int
     rescale: torch.Tensor  # (cols,) or None
@@ -57,33 +59,44 @@ class QuantResult:
 
 
 def default_npasses(method, npasses=None):
-    """Greedy passes: the given number, else 1 for ldlqRG and allbal (QuIP's default 0 would run none
-    for ldlqRG, silently) and 0 otherwise."""
+    """Greedy passes: the given number, else the method's default (1 for ldlqRG and allbal: QuIP's
+    default 0 would run none for ldlqRG, silently)."""
     if npasses is not None:
         return npasses
-    return 1 if method in ("ldlqRG", "allbal") else 0
+    return TABLE[method].default_npasses if method in TABLE else 0
 
 
 def check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation):
     """UserError for an unknown or unsupported option, or a combination `quantize_layer` refuses."""
     if method in UNSUPPORTED:
         raise UserError(f"method {method!r}: {UNSUPPORTED[method]}")
-    if method not in METHODS:
+    if method not in TABLE:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    m = TABLE[method]
     if wbits not in WBITS:
         raise UserError(f"wbits must be one of {', '.join(map(str, WBITS))}, got {wbits}")
+    if wbits != 16 and wbits not in m.wbits:
+        raise UserError(f"{method} supports wbits {', '.join(map(str, m.wbits))}, got {wbits}")
     if qfn not in QFNS:
         raise UserError(f"unknown qfn {qfn!r}; choose one of {', '.join(QFNS)}")
     if rotation is not None and rotation not in ROTATIONS:
         raise UserError(f"unknown rotation {rotation!r}; choose one of {', '.join(ROTATIONS)}")
+    if m.rotation is not None and rotation != m.rotation:
+        raise UserError(f"{method} works after the {m.rotation!r} rotation (QuIP#'s randomized Hadamard "
+                        f"transform), got rotation {rotation!r}")
     if npasses < 0:
         raise UserError(f"npasses must be >= 0, got {npasses}")
-    if npasses > 0 and method in ("nearest", "gptq"):
-        raise UserError(f"greedy passes (npasses={npasses}) apply to ldlq, ldlqRG and allbal, not {method}")
+    if npasses > 0 and not m.greedy:
+        greedy = ", ".join(n for n, t in TABLE.items() if t.greedy)
+        raise UserError(f"greedy passes (npasses={npasses}) apply to {greedy}, not {method}")
     if method == "allbal" and npasses == 0:
         raise UserError("allbal rounds only through its greedy passes; give npasses >= 1")
+    if unbiased and not m.stochastic:
+        raise UserError(f"unbiased (stochastic) rounding is not available for {method}")
     if unbiased and npasses > 0:
         raise UserError("unbiased (stochastic) rounding cannot be combined with greedy passes; set npasses 0")
+    if m.codebook == "vector" and groupsize != -1:
+        raise UserError(f"{method} has one scale per matrix; groupsize applies to the grid methods")
     if groupsize != -1 and (groupsize <= 0 or qfn != "a"):
         raise UserError(f"groupsize {groupsize}: use -1 or a positive size, with qfn a")
 
@@ -94,17 +107,20 @@ def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, r
                    blocksize=128):
     """Quantize W (rows, cols) given its input Hessian H (cols, cols); returns a `QuantResult`.
 
-    incoherence=True is QuIP's `--incoh_processing`: rescale=True, rotation='kron', qfn='b' (each can
-    be overridden); False: no rescaling, no rotation, qfn 'a'. damp_h (QuIP's `--pre_gptqH`) zeroes
-    dead columns and adds percdamp x mean(diag(H)) to the diagonal. With a rotation, H is first
-    normalized to mean diagonal 1 and 0.01 I is added, as QuIP does. lazy_batch: LDLQ updates in
-    blocks of `blocksize` columns (otherwise after every column; same result). Computation is float32
-    (float64 inputs stay float64) on W's device.
+    incoherence=True is QuIP's `--incoh_processing`: rescale=True, rotation='kron' ('hadamard' for
+    e8p, which needs it), qfn='b' (each can be overridden); False: no rescaling, no rotation, qfn 'a'.
+    damp_h (QuIP's `--pre_gptqH`) zeroes dead columns and adds percdamp x mean(diag(H)) to the
+    diagonal. With a rotation, H is first normalized to mean diagonal 1 and 0.01 I is added, as QuIP
+    does. lazy_batch: LDLQ updates in blocks of `blocksize` columns (otherwise after every column; same
+    result). Computation is float32 (float64 inputs stay float64) on W's device.
     """
+    m = TABLE.get(method)
     npasses = default_npasses(method, npasses)
     qfn = qfn if qfn is not None else ("b" if incoherence else "a")
     rescale = rescale if rescale is not None else incoherence
-    rotation = rotation if rotation is not None else ("kron" if incoherence else None)
+    if rotation is None and m is not None and m.rotation is not None:
+        rotation = m.rotation
+    rotation = rotation if rotation is not None or not incoherence else "kron"
     check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation)
     rows, cols = W.shape
     check_hessian(H, cols)
@@ -118,7 +134,8 @@ def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, r
     proc = Incoherence(rows, cols, s, rotation, seed)
     Wp, Hp = proc.weight(W0), proc.hessian(H0)
     if rotation is not None:
-        Hp = Hp * (cols / Hp.trace().clamp(min=1e-30)) + 0.01 * torch.eye(cols, dtype=dtype, device=W.device)
+        n = Hp.shape[0]
+        Hp = Hp * (n / Hp.trace().clamp(min=1e-30)) + 0.01 * torch.eye(n, dtype=dtype, device=W.device)
     if damp_h:
         dead = Hp.diagonal() == 0
         if bool(dead.any()):
@@ -126,37 +143,48 @@ def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, r
             Hp[dead, dead] = 1
             Wp = Wp.clone()
             Wp[:, dead] = 0
-    grid = make_grid(Wp, wbits, qfn, groupsize)
-    generator = torch.Generator().manual_seed(seed) if unbiased else None
+    spec = dict(shape=[rows, cols], padded=list(Wp.shape), wbits=wbits, rotation=rotation, seed=seed,
+                in_scale=s is not None)
+    what = f"H ({rows}x{cols} weight)"
     damping, passes = 0.0, 0
-    if method == "nearest":
-        Wq = nearest(Wp, grid, generator)
+    if m.codebook == "vector":
+        from .e8p import get_codebook
+
+        codebook = get_codebook(VECTOR_CODEBOOKS[wbits])
+        found = []
+
+        def run_vector(Hd):
+            Wr, codes, scale = vector_quantize(Wp, Hd, codebook, blocksize)
+            found[:] = [codes, scale]
+            return Wr
+
+        Wq, damping = with_damping(Hp, percdamp if damp_h else 0.0, run_vector, what=what)
+        codes, scale = found
+        scale, zero = scale.reshape(1).float(), None
+        spec.update(codebook=codebook.name, groupsize=-1, stage_scales=list(codebook.stage_scales))
     else:
-        bs = blocksize if lazy_batch else 1
+        grid = make_grid(Wp, wbits, qfn, groupsize)
+        generator = torch.Generator().manual_seed(seed) if unbiased else None
         ran = []
 
-        def run(Hd):
+        def run_grid(Hd):
             if generator is not None:
                 generator.manual_seed(seed)  # the same noise on every damping attempt
-            if method == "ldlqRG":
-                Wr, n = ldlqRG(Wp, Hd, grid, npasses, blocksize, lazy_batch, generator)
-            elif method == "allbal":
-                Wr, n = allbal(Wp, Hd, grid, npasses, blocksize)
-            else:  # gptq, ldlq (QuIP runs greedy passes after ldlq too when npasses > 0)
-                Wr = (gptq if method == "gptq" else ldlq)(Wp, Hd, grid, bs, generator)
-                Wr, n = greedy_passes(Wp, Hd, Wr, grid, npasses, blocksize) if npasses else (Wr, 0)
+            Wr, n = ROUNDING[method](Wp, Hd, grid, npasses, blocksize, lazy_batch, generator)
             ran.append(n)
             return Wr
 
-        Wq, damping = with_damping(Hp, percdamp if damp_h else 0.0, run, what=f"H ({rows}x{cols} weight)")
-        passes = ran[-1]
-    codes = grid.codes(Wq)
+        if method == "nearest":  # no H needed, hence no damping
+            Wq, passes = ROUNDING[method](Wp, Hp, grid, npasses, blocksize, lazy_batch, generator)
+        else:
+            Wq, damping = with_damping(Hp, percdamp if damp_h else 0.0, run_grid, what=what)
+            passes = ran[-1]
+        gsize = groupsize if groupsize != -1 else Wp.shape[1]
+        codes, scale, zero = grid.codes(Wq), compact(grid.scale, gsize), compact(grid.zero, gsize)
+        spec.update(codebook="grid", qfn=qfn, groupsize=groupsize)
     W_hat = proc.unweight(Wq)
-    gsize = groupsize if groupsize != -1 else Wp.shape[1]
-    spec = dict(codebook="grid", wbits=wbits, shape=[rows, cols], padded=list(Wp.shape), rotation=rotation,
-                seed=seed, qfn=qfn, groupsize=groupsize, in_scale=s is not None)
-    return QuantResult(W_hat.to(W.dtype), codes, compact(grid.scale, gsize), compact(grid.zero, gsize), groupsize,
-                       wbits, s, rotation, seed, proxy_loss(W0, W_hat, H0), passes, damping, spec)
+    return QuantResult(W_hat.to(W.dtype), codes, scale, zero, groupsize, wbits, s, rotation, seed,
+                       proxy_loss(W0, W_hat, H0), passes, damping, spec)
 
 
 def quantize(W, H, wbits, method, incoherence=True, seed=0, **options):

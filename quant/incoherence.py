@@ -10,14 +10,26 @@ Rotations (all seeded, regenerated exactly from (kind, size, seed); QuIP sets no
 - 'butterfly': the same two-factor structure but a separate random factor for every fibre along each
   axis (block-diagonal factors), QuIP's `--pre_proj_extra 0`; 'butterfly_nopermute' without the
   permutations, QuIP's `--pre_proj_extra 2`.
-- 'hadamard': the randomized Hadamard transform of QuIP#, (H_2^k kron Q_m) diag(random signs) / 2^(k/2)
-  for n = 2^k m, m odd; QuIP# uses stored Hadamard matrices for the odd part, here Q_m is a random
-  orthogonal m x m matrix (m = 1 for powers of two, 3 for 768 and 3072, 43 for 11008).
+- 'hadamard': QuIP#'s randomized Hadamard transform (RHT), R = H_n diag(random signs) / sqrt(n) with H_n
+  a Hadamard matrix (entries +-1, H H^T = n I). For n = 2^a m, H_n = H_2^a kron H_m: H_2^a in Sylvester
+  order, applied by the fast Walsh-Hadamard transform in O(n log n), and H_m (m = 1 or a Paley order
+  up to HADAMARD_MAX) a small dense matrix built by Paley's construction I (m = q + 1, q prime = 3
+  mod 4: 12, 20, 24, 44, 48, 60, ...) or II (m = 2 (q + 1), q prime = 1 mod 4: 12, 28, 36, 60, 76,
+  ...). QuIP# ships stored matrices instead, among them orders Paley with a prime q does not give
+  (52 needs q = 25, 172 other constructions).
+  A size with no such factorization is zero-padded to `hadamard_size(n)`, the smallest one >= n that
+  has one (columns: also a multiple of 8, so that 8-dimensional vector codebooks tile the rows), e.g.
+  172 -> 176 = 4 x 44 and 11008 -> 11264 = 256 x 44 (QuIP# uses H_172 for 11008 = 64 x 172). The
+  padded input coordinates are zero, so padding changes nothing the layer computes: `weight`
+  returns the padded (rows_p, cols_p) matrix, `hessian` the padded H (cols_p, cols_p; H is padded
+  with zeros, and the quantizer's damping makes it definite), and `unweight` crops back.
 Rotations are generated in float64 on the CPU, so the same seed gives the same matrix on any device.
 """
 import math
 
 import torch
+
+from engine import UserError
 
 ROTATIONS = ("kron", "hadamard", "butterfly", "butterfly_nopermute")
 
@@ -32,6 +44,71 @@ def random_orthogonal(n, generator, count=1):
 def kron_factors(n):
     p1 = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
     return p1, n // p1
+
+
+HADAMARD_MAX = 256  # largest dense Hadamard factor H_m
+
+
+def _is_prime(q):
+    return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
+
+
+def _quadratic_character(q):
+    """Jacobsthal matrix Q[i, j] = chi(j - i) mod q, chi the Legendre symbol (chi(0) = 0), float64."""
+    chi = torch.full((q,), -1.0, dtype=torch.float64)
+    chi[sorted({i * i % q for i in range(1, q)})] = 1
+    chi[0] = 0
+    idx = torch.arange(q)
+    return chi[(idx[None, :] - idx[:, None]) % q]
+
+
+def _paley_construction(m):
+    """1 or 2 when Paley's construction I (q = m - 1 prime = 3 mod 4) or II (q = m / 2 - 1 prime = 1 mod 4)
+    gives a Hadamard matrix of order m, else None."""
+    if _is_prime(m - 1) and (m - 1) % 4 == 3:
+        return 1
+    if m % 2 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+        return 2
+    return None
+
+
+def paley_hadamard(m):
+    """A Hadamard matrix of order m (float64 +-1, H H^T = m I) by Paley's construction I or II."""
+    kind = _paley_construction(m)
+    if kind == 1:  # I + [[0, 1^T], [-1, Q]], Q skew-symmetric
+        q = m - 1
+        S = torch.zeros(m, m, dtype=torch.float64)
+        S[0, 1:], S[1:, 0], S[1:, 1:] = 1, -1, _quadratic_character(q)
+        return S + torch.eye(m, dtype=torch.float64)
+    if kind == 2:  # conference matrix C = [[0, 1^T], [1, Q]], 0 -> [[1, -1], [-1, -1]], +-1 -> +-[[1, 1], [1, -1]]
+        q = m // 2 - 1
+        C = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+        C[0, 1:], C[1:, 0], C[1:, 1:] = 1, 1, _quadratic_character(q)
+        plus = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        return torch.kron(C, plus) + torch.kron(torch.eye(q + 1, dtype=torch.float64), zero)
+    raise UserError(f"no Paley construction for a Hadamard matrix of order {m}")
+
+
+def hadamard_factor(n):
+    """The smallest m (1, or a Paley order <= HADAMARD_MAX) with n = 2^a m; None if there is none."""
+    odd = n >> ((n & -n).bit_length() - 1)
+    if odd == 1:
+        return 1
+    m = 4 * odd
+    while m <= min(n, HADAMARD_MAX):
+        if n % m == 0 and _paley_construction(m):
+            return m
+        m *= 2
+    return None
+
+
+def hadamard_size(n, multiple=1):
+    """The smallest size >= n, a multiple of `multiple`, that has a Hadamard factorization here."""
+    size = -(-n // multiple) * multiple
+    while hadamard_factor(size) is None:
+        size += multiple
+    return size
 
 
 def fwht(x):
@@ -92,27 +169,32 @@ class Butterfly(_Cached):
 
 
 class RandomHadamard(_Cached):
-    def __init__(self, n, generator):
-        self.n = n
-        self.m = n >> ((n & -n).bit_length() - 1)  # odd part
-        self.k2 = n // self.m
-        signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
-        Q = random_orthogonal(self.m, generator)[0] if self.m > 1 else None
-        self.factors = [signs, Q]
+    """R = (H_2^a kron H_m) diag(signs) / sqrt(n); n must have a factorization (`hadamard_size`)."""
 
+    def __init__(self, n, generator):
+        m = hadamard_factor(n)
+        if m is None:
+            raise UserError(f"no Hadamard matrix of order {n} here; pad to {hadamard_size(n)}")
+        self.n, self.m, self.k2 = n, m, n // m
+        signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
+        Hm = paley_hadamard(m) / math.sqrt(m) if m > 1 else None
+        self.factors = [signs, Hm]
+
+    # Index i = i2 * m + im: the FWHT acts on the power-of-two axis i2, H_m on the axis im.
     def apply(self, X):
-        signs, Q = self._factors(X)
-        x = (X * signs[:, None]).reshape(self.k2, self.m, -1)
-        x = fwht(x)
-        if Q is not None:
-            x = Q @ x
+        """R @ X for X of shape (n, q)."""
+        signs, Hm = self._factors(X)
+        x = fwht((X * signs[:, None]).reshape(self.k2, self.m, -1))
+        if Hm is not None:
+            x = Hm @ x
         return x.reshape(X.shape)
 
     def apply_t(self, X):
-        signs, Q = self._factors(X)
+        """R^T @ X = diag(signs) (H_2^a kron H_m^T) X / sqrt(n) (Sylvester matrices are symmetric)."""
+        signs, Hm = self._factors(X)
         x = X.reshape(self.k2, self.m, -1)
-        if Q is not None:
-            x = Q.T @ x
+        if Hm is not None:
+            x = Hm.T @ x
         return fwht(x).reshape(X.shape) * signs[:, None]
 
 
@@ -138,38 +220,52 @@ def rescale_vector(W, H):
 
 class Incoherence:
     """The pre/post-processing of one weight matrix (rows, cols): optional rescaling vector `s` (cols,)
-    and optional rotations of kind `rotation` regenerated from `seed` (U first, then V)."""
+    and optional rotations of kind `rotation` regenerated from `seed` (U first, then V). The processed
+    matrices have `padded_shape` (rows_p, cols_p): (rows, cols) except for 'hadamard', which pads
+    sizes without a Hadamard factorization (rows to `hadamard_size(rows)`, cols to
+    `hadamard_size(cols, 8)`)."""
 
     def __init__(self, rows, cols, rescale=None, rotation=None, seed=0):
         self.rows, self.cols, self.s, self.rotation, self.seed = rows, cols, rescale, rotation, seed
+        self.padded_shape = (rows, cols)
+        if rotation == "hadamard":
+            self.padded_shape = (hadamard_size(rows), hadamard_size(cols, 8))
         self.U = self.V = None
         if rotation is not None:
             g = torch.Generator().manual_seed(seed)
-            self.U = make_rotation(rotation, rows, g)
-            self.V = make_rotation(rotation, cols, g)
+            self.U = make_rotation(rotation, self.padded_shape[0], g)
+            self.V = make_rotation(rotation, self.padded_shape[1], g)
+
+    def _pad(self, X, rows, cols):
+        return torch.nn.functional.pad(X, (0, cols - X.shape[1], 0, rows - X.shape[0]))
 
     def weight(self, W):
-        """W -> U (W diag(s)) V^T."""
+        """W -> U (W diag(s)) V^T, W zero-padded to `padded_shape` first."""
         if self.s is not None:
             W = W * self.s.to(W)
         if self.U is not None:
+            W = self._pad(W, *self.padded_shape)
             W = self.V.apply(self.U.apply(W).T).T
         return W
 
     def hessian(self, H):
-        """H -> V (diag(1/s) H diag(1/s)) V^T."""
+        """H -> V (diag(1/s) H diag(1/s)) V^T, H zero-padded to (cols_p, cols_p) first."""
         if self.s is not None:
             s = self.s.to(H)
             H = H / s[:, None] / s[None, :]
         if self.V is not None:
+            H = self._pad(H, self.padded_shape[1], self.padded_shape[1])
             H = self.V.apply(self.V.apply(H).T)
             H = (H + H.T) / 2  # exact symmetry for the Cholesky factorization
         return H
 
     def unweight(self, W):
-        """Inverse of `weight`: U^T W V, then divide the columns by s."""
+        """Inverse of `weight` for a `padded_shape` matrix: U^T W V, cropped to (rows, cols), then the
+        columns divided by s."""
+        if tuple(W.shape) != self.padded_shape:
+            raise UserError(f"unweight expects the processed {self.padded_shape} matrix, got {tuple(W.shape)}")
         if self.U is not None:
-            W = self.V.apply_t(self.U.apply_t(W).T).T
+            W = self.V.apply_t(self.U.apply_t(W).T).T[:self.rows, :self.cols]
         if self.s is not None:
             W = W / self.s.to(W)
         return W

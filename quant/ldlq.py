@@ -9,8 +9,13 @@ triangular, column k is rounded as W_hat_k = Q(W_k + (W_:k - W_hat_:k) U_:k,k): 
 rounding errors of the columns before it. It is the same algorithm as GPTQ (QuIP's Theorem 6), which
 `gptq` implements the GPTQ way (Cholesky of H^-1, updating the remaining weights), so the two give the
 same W_hat; a test checks it.
+
+Block LDLQ (QuIP#, Tseng et al. 2024) is the same with blocks of columns quantized jointly by a vector
+codebook (`block_ldlq`); H = (U + I) D (U + I)^T with U block strictly upper and D block diagonal.
 """
 import torch
+
+from engine import UserError
 
 
 def _noise(W, generator):
@@ -122,3 +127,50 @@ def allbal(W, H, grid, npasses=1, blocksize=128):
     perm, Ws, Hs, gs = _by_diag(W, H, grid)
     Wq, passes = greedy_passes(Ws, Hs, Ws, gs, npasses, blocksize)
     return Wq[:, torch.argsort(perm)], passes
+
+
+def block_ldl(H, block):
+    """(U, D) with H = (U + I) D (U + I)^T, U block strictly upper triangular and D block diagonal
+    (blocks of `block` columns; D as (cols // block, block, block)). From the upper factor M with
+    H = M M^T (`ldl_upper`'s flipped Cholesky): U + I = M diag(M_JJ)^-1 blockwise, D_J = M_JJ M_JJ^T."""
+    n = H.shape[0]
+    nb = n // block
+    M = torch.linalg.cholesky(H.flip(0, 1)).flip(0, 1)
+    Mjj = M.reshape(nb, block, nb, block).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    cols = M.reshape(n, nb, block).transpose(0, 1)  # column block J of M: (nb, n, block)
+    UI = torch.linalg.solve_triangular(Mjj, cols, upper=True, left=False).transpose(0, 1).reshape(n, n)
+    return UI - torch.eye(n, dtype=H.dtype, device=H.device), Mjj @ Mjj.transpose(1, 2)
+
+
+def block_ldlq(W, H, quantize_block, block=8, blocksize=128):
+    """Block LDLQ: columns J = j..j+block-1 in index order get
+        W_hat[:, J] = quantize_block(W[:, J] + (W - W_hat)[:, :j] U[:j, J]),
+    the linear feedback of the errors of the blocks before. `quantize_block` maps a (rows, block)
+    tensor to its reconstruction, e.g. `lambda X: cb.quantize(X / s)[0] * s` for a
+    `quant.e8p.VectorCodebook` cb and matrix scale s, or to (reconstruction, codes), e.g.
+    `cb.quantizer(s)`; then the codes come back too (re-quantizing W_hat need not give them back: a
+    residual codebook's greedy stages can pick other codes for the same sum). Returns W_hat, or
+    (W_hat, codes stacked as (rows, cols // block, ...)).
+
+    With a (block-)diagonal H, U = 0 and this is exactly the nearest codeword of every block. Errors
+    of finished groups of `blocksize` columns reach later columns through one matrix product per group
+    (lazy batch updates, as `ldlq`)."""
+    rows, cols = W.shape
+    if cols % block or blocksize % block:
+        raise UserError(f"block LDLQ needs columns ({cols}) and blocksize ({blocksize}) in multiples of {block}")
+    U, _ = block_ldl(H, block)
+    X = W.clone()  # W plus the feedback from finished groups
+    err = torch.zeros_like(W)  # W - W_hat
+    W_hat = torch.empty_like(W)
+    codes = []
+    for g1 in range(0, cols, blocksize):
+        g2 = min(g1 + blocksize, cols)
+        for j1 in range(g1, g2, block):
+            j2 = j1 + block
+            x = X[:, j1:j2] + err[:, g1:j1] @ U[g1:j1, j1:j2] if j1 > g1 else X[:, j1:j2]
+            out = quantize_block(x)
+            W_hat[:, j1:j2], code = out if isinstance(out, tuple) else (out, None)
+            err[:, j1:j2] = W[:, j1:j2] - W_hat[:, j1:j2]
+            codes.append(code)
+        X[:, g2:] += err[:, g1:g2] @ U[g1:g2, g2:]
+    return W_hat if codes[0] is None else (W_hat, torch.stack(codes, 1))

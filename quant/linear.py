@@ -25,6 +25,7 @@ from torch import nn
 
 from engine import UserError
 
+from .e8p import CODEBOOKS, get_codebook
 from .grid import expand
 from .incoherence import Incoherence
 
@@ -89,7 +90,37 @@ class GridCodec:
         return expand(scale, g, cols) * (q - expand(zero, g, cols))
 
 
-CODECS = {GridCodec.name: GridCodec}
+class VectorCodec:
+    """Lattice codebook codes (`quant.e8p`): buffers `codes0`, `codes1`, ... (one per stage, rows x cols/8,
+    int16 for 16-bit codes, uint8 for 8-bit ones); parameter `scale` (1,), the matrix scale."""
+
+    trainable = ("scale",)
+
+    def __init__(self, name):
+        self.name = name
+        self.codebook = get_codebook(name)
+
+    def tensors(self, spec, result):
+        rows, blocks, stages = result.codes.shape
+        packed = self.codebook.pack(result.codes.reshape(-1, stages))
+        return dict({k: v.reshape(rows, blocks) for k, v in packed.items()}, scale=result.scale.float())
+
+    def shapes(self, spec):
+        if list(spec.get("stage_scales", [])) != list(self.codebook.stage_scales):
+            raise UserError(f"{self.name} layer written with residual stage scales {spec.get('stage_scales')}, "
+                            f"this version decodes with {self.codebook.stage_scales}")
+        rows, cols = spec["padded"]
+        codes = {f"codes{i}": ((rows, cols // 8), torch.int16 if bits == 16 else torch.uint8)
+                 for i, bits in enumerate(self.codebook.code_bits)}
+        return dict(codes, scale=((1,), torch.float32))
+
+    def decode(self, layer, r0, r1):
+        stages = len(self.codebook.code_bits)
+        codes = self.codebook.unpack({f"codes{i}": getattr(layer, f"codes{i}")[r0:r1].reshape(-1) for i in range(stages)})
+        return self.codebook.decode(codes).reshape(r1 - r0, -1) * layer.scale
+
+
+CODECS = dict({GridCodec.name: GridCodec}, **{name: VectorCodec(name) for name in CODEBOOKS})
 
 
 def codec(spec):

@@ -171,7 +171,7 @@ def test_incoh_processing_means_kronecker_and_passes_are_printed(assets, capsys)
     (["--wbits", "5"], "invalid choice: 5"),
     (["--quant", "foo"], "invalid choice: 'foo'"),
     (["--quant", "ldlbal_admm", "--wbits", "2"], "not implemented here"),
-    (["--wbits", "2", "--quant", "nearest", "--npasses", "2"], "apply to ldlq, ldlqRG and allbal"),
+    (["--wbits", "2", "--quant", "nearest", "--npasses", "2"], "apply to ldlq, ldlqRG, allbal, not"),
     (["--wbits", "2", "--quant", "ldlq", "--incoh_processing", "--groupsize", "8"], "with qfn a"),
 ])
 def test_bad_flags_are_one_line_user_errors(assets, flags, match):
@@ -208,3 +208,48 @@ def test_save_into_a_non_empty_dir_exits_2_and_writes_nothing(assets, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not an empty directory" in proc.stderr
     assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["busy"]
+
+
+@pytest.mark.parametrize("kind, wbits", [("opt", 2), ("llama", 4), ("llama", 3)])
+def test_e8p_saves_packed_16_bit_words_and_reloads_with_identical_perplexity(assets, kind, wbits):
+    out = str(assets["root"] / f"e8p_{kind}_{wbits}")
+    report = run(assets, kind, "--wbits", str(wbits), "--quant", "e8p", "--incoh_processing", "--check", save=out)
+    assert report["check_max_rel_diff"] < 1e-5
+    assert report["reloaded_ppl"]["wikitext2"] == pytest.approx(report["ppl"]["wikitext2"], rel=1e-6)
+    config = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    codebook = quant.VECTOR_CODEBOOKS[wbits]
+    assert {spec["codebook"] for spec in config["layers"].values()} == {codebook}
+    assert all(spec["rotation"] == "hadamard" for spec in config["layers"].values())
+    from safetensors import safe_open
+    name = "model.layers.0.mlp.up_proj" if kind == "llama" else "model.decoder.layers.0.fc1"
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        first = f.get_tensor(f"{name}.codes0")
+        stages = sorted(k for k in f.keys() if k.startswith(f"{name}.codes"))
+    assert first.dtype == torch.int16 and first.shape == (128, 64 // 8)  # one 16-bit word per 8 weights
+    assert len(stages) == (1 if wbits == 2 else 2)
+
+
+def test_e8p_beats_ldlqRG_at_2_bits_on_the_proxy_loss(assets):
+    e8p = run(assets, "llama", "--wbits", "2", "--quant", "e8p", "--incoh_processing", "--proxy_only")
+    scalar = run(assets, "llama", "--wbits", "2", "--quant", "ldlqRG", "--incoh_processing", "--incoh_mode",
+                 "hadamard", "--proxy_only")
+    assert e8p["total_proxy"] < scalar["total_proxy"]
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--wbits", "2", "--quant", "e8p", "--qfn", "a"], "does not take --qfn"),
+    (["--wbits", "2", "--quant", "e8p", "--groupsize", "64"], "does not take --groupsize"),
+    (["--wbits", "2", "--quant", "e8p", "--incoh_processing", "--incoh_mode", "kron"], "--incoh_mode kron"),
+    (["--wbits", "3", "--quant", "e8p", "--npasses", "1", "--unbiased"], "does not take --unbiased, --npasses"),
+])
+def test_e8p_conflicting_flags_fail_before_the_model_loads(flags, match):
+    with pytest.raises(UserError, match=match):
+        opt.main(["no/such/model", "wikitext2", *flags])
+
+
+def test_help_lists_every_method_of_the_table(capsys):
+    with pytest.raises(SystemExit):
+        opt.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, method in quant.TABLE.items():
+        assert f"{name}: {' '.join(method.help.split())}" in text

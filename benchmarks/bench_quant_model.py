@@ -1,0 +1,90 @@
+"""Post-training quantization of a real pretrained model, every method of the table side by side:
+perplexity, total proxy loss and seconds, with the fp model and nearest rounding measured in the same
+run as baselines.
+
+    python benchmarks/bench_quant_model.py                           # stories260K, 2/3/4 bits, all methods
+    python benchmarks/bench_quant_model.py --methods ldlqRG e8p --bits 2 --text wikitext
+
+Model: llama2.c's stories260K from ../shared/data (any `lm.load_causal_lm` model with --model).
+Text (--text): 'stories' (default) = in-domain text sampled from the fp model itself (seeded,
+temperature 1, from BOS; calibration and evaluation from different seeds), the protocol of the
+reference figures in the README; 'wikitext' = WikiText-2 raw valid (calibration) / test (evaluation)
+from ../shared/data, out of domain for a TinyStories model.
+"""
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import lm  # noqa: E402
+import quant  # noqa: E402
+from quant.model import quantize_model  # noqa: E402
+
+SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+STORIES = os.path.join(SHARED, "models", "stories260K", "stories260K.bin")
+WIKI = os.path.join(SHARED, "text", "wikitext-2-raw")
+
+
+@torch.no_grad()
+def sample_tokens(model, n_tokens, seqlen, seed, batch=16):
+    """`n_tokens` tokens sampled from the model (temperature 1) in rows of `seqlen` starting at BOS."""
+    torch.manual_seed(seed)
+    rows = []
+    while sum(r.numel() for r in rows) < n_tokens:
+        bos = torch.full((batch, 1), model.config.bos_token_id, dtype=torch.long)
+        out = model.generate(bos, attention_mask=torch.ones_like(bos), do_sample=True, temperature=1.0, top_k=0,
+                             max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, pad_token_id=0)
+        rows.extend(out)
+    return torch.cat(rows)[:n_tokens]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=STORIES)
+    p.add_argument("--text", default="stories", choices=["stories", "wikitext"])
+    p.add_argument("--methods", nargs="+", default=list(quant.METHODS), choices=quant.METHODS)
+    p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], choices=[2, 3, 4])
+    p.add_argument("--incoh", nargs="+", default=["off", "on"], choices=["off", "on"],
+                   help="incoherence processing for the scalar methods (e8p always uses the RHT)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=72 * 1024)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    fp, tokenizer = lm.load_causal_lm(args.model)
+    if args.text == "stories":
+        calib = sample_tokens(fp, args.nsamples * args.seqlen, args.seqlen, seed=1000 + args.seed)
+        calib = calib.view(args.nsamples, args.seqlen)
+        test = sample_tokens(fp, args.eval_tokens, args.seqlen, seed=2000 + args.seed)
+    else:
+        train = lm.encode(tokenizer, lm.read_text_file(os.path.join(WIKI, "wiki.valid.raw")))
+        calib = lm.calibration_windows(train, args.nsamples, args.seqlen, args.seed)
+        test = lm.encode(tokenizer, lm.read_text_file(os.path.join(WIKI, "wiki.test.raw")))[:args.eval_tokens]
+    base = lm.perplexity(fp, test, args.seqlen)
+    print(f"model {os.path.basename(args.model)}, text {args.text}: calibration {args.nsamples}x{args.seqlen}, "
+          f"evaluation {test.numel()} tokens, {torch.get_num_threads()} thread(s)")
+    print(f"fp perplexity {base:.4g}")
+    print(f"{'method':>8} {'bits':>4} {'incoh':>5} {'ppl':>9} {'ppl / fp':>9} {'proxy':>10} {'seconds':>8}")
+    for bits in args.bits:
+        for method in args.methods:
+            vector = quant.TABLE[method].codebook == "vector"
+            for incoh in (["on"] if vector else args.incoh):
+                model, _ = lm.load_causal_lm(args.model)
+                options = dict(incoherence=incoh == "on", lazy_batch=True)
+                tick = time.perf_counter()
+                rows = quantize_model(model, calib, "cpu", bits, method, args.seed, **options)
+                seconds = time.perf_counter() - tick
+                ppl = lm.perplexity(model, test, args.seqlen)
+                print(f"{method:>8} {bits:>4} {incoh:>5} {ppl:>9.4g} {ppl / base:>9.3f} "
+                      f"{sum(r['proxy'] for r in rows):>10.4g} {seconds:>8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
