@@ -112,7 +112,7 @@ def check_vector_flags(args):
              "--npasses": args.npasses or None, "--incoh_mode kron": args.incoh_mode == "kron" or None}
     given = [flag for flag, value in fixed.items() if value is not None]
     if given:
-        raise UserError(f"--quant {args.quant} quantizes 8 weights per code at one scale per matrix after the "
+        raise UserError(f"--quant {args.quant} quantizes 8 weights per code, one scale per row, after the "
                         f"randomized Hadamard transform, with block LDLQ; it does not take {', '.join(given)} "
                         f"(supported with it: --wbits {'/'.join(map(str, quant.TABLE[args.quant].wbits))}, "
                         "--incoh_processing or --pre_rescale, --percdamp, --pre_gptqH)")

@@ -45,7 +45,7 @@ class QuantResult:
     # codes of the processed weights: grid methods uint8 (rows, cols); e8p int64 (rows, cols // 8, stages);
     # None at 16 bits
     codes: torch.Tensor
-    scale: torch.Tensor  # grid: value = scale * (code - zero), (1, 1), (rows, 1) or (rows, groups); e8p: (1,)
+    scale: torch.Tensor  # grid: value = scale * (code - zero), (1, 1), (rows, 1) or (rows, groups); e8p: (rows, 1)
     zero: torch.Tensor  # grid only
     groupsize: int
     wbits: int
@@ -96,7 +96,7 @@ def check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation):
     if unbiased and npasses > 0:
         raise UserError("unbiased (stochastic) rounding cannot be combined with greedy passes; set npasses 0")
     if m.codebook == "vector" and groupsize != -1:
-        raise UserError(f"{method} has one scale per matrix; groupsize applies to the grid methods")
+        raise UserError(f"{method} has one scale per row; groupsize applies to the grid methods")
     if groupsize != -1 and (groupsize <= 0 or qfn != "a"):
         raise UserError(f"groupsize {groupsize}: use -1 or a positive size, with qfn a")
 
@@ -160,7 +160,7 @@ def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, r
 
         Wq, damping = with_damping(Hp, percdamp if damp_h else 0.0, run_vector, what=what)
         codes, scale = found
-        scale, zero = scale.reshape(1).float(), None
+        scale, zero = scale.float(), None
         spec.update(codebook=codebook.name, groupsize=-1, stage_scales=list(codebook.stage_scales))
     else:
         grid = make_grid(Wp, wbits, qfn, groupsize)

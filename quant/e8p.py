@@ -203,9 +203,12 @@ class VectorCodebook:
     def __repr__(self):
         return f"VectorCodebook({self.name!r}, {self.bits} bits/weight, code bits {self.code_bits})"
 
-    def scale_for(self, W):
-        """The matrix scale s: quantize W / s, reconstruct X_hat * s."""
-        return W.square().mean().sqrt() / self.input_rms + 1e-16
+    def scale_for(self, W, dim=None):
+        """The scale s: quantize W / s, reconstruct X_hat * s. One for the matrix (0-dim), or with
+        `dim=1` one per row ((rows, 1))."""
+        if dim is None:
+            return W.square().mean().sqrt() / self.input_rms + 1e-16
+        return W.square().mean(dim, keepdim=True).sqrt() / self.input_rms + 1e-16
 
     def quantizer(self, scale):
         """The function X -> (reconstruction, codes) for X in the weight's own units (X / scale is

@@ -92,7 +92,8 @@ class GridCodec:
 
 class VectorCodec:
     """Lattice codebook codes (`quant.e8p`): buffers `codes0`, `codes1`, ... (one per stage, rows x cols/8,
-    int16 for 16-bit codes, uint8 for 8-bit ones); parameter `scale` (1,), the matrix scale."""
+    int16 for 16-bit codes, uint8 for 8-bit ones); parameter `scale` (rows, 1), one scale per
+    row of the processed matrix."""
 
     trainable = ("scale",)
 
@@ -112,12 +113,12 @@ class VectorCodec:
         rows, cols = spec["padded"]
         codes = {f"codes{i}": ((rows, cols // 8), torch.int16 if bits == 16 else torch.uint8)
                  for i, bits in enumerate(self.codebook.code_bits)}
-        return dict(codes, scale=((1,), torch.float32))
+        return dict(codes, scale=((rows, 1), torch.float32))
 
     def decode(self, layer, r0, r1):
         stages = len(self.codebook.code_bits)
         codes = self.codebook.unpack({f"codes{i}": getattr(layer, f"codes{i}")[r0:r1].reshape(-1) for i in range(stages)})
-        return self.codebook.decode(codes).reshape(r1 - r0, -1) * layer.scale
+        return self.codebook.decode(codes).reshape(r1 - r0, -1) * layer.scale[r0:r1]
 
 
 CODECS = dict({GridCodec.name: GridCodec}, **{name: VectorCodec(name) for name in CODEBOOKS})

@@ -265,3 +265,17 @@ def test_bad_hessians_are_user_errors():
     H[0, 1] = H[1, 0] = 3.0  # eigenvalue -2 with mean(diag) 1: no damping up to 1 x mean(diag) helps
     with pytest.raises(UserError, match="not positive definite even with damping"):
         quant.quantize(W, H, 2, "ldlq", incoherence=False)
+
+
+@pytest.mark.parametrize("wbits, stages", [(2, 1), (3, 2), (4, 2)])
+def test_e8p_layer_pads_172_columns_and_runs_from_its_codes(wbits, stages):
+    W, H = weight(24, 172, wbits), hessian(172, wbits)
+    r = quant.quantize_layer(W, H, wbits, "e8p", seed=2)
+    assert r.spec["padded"] == [24, 176] and r.rotation == "hadamard"  # 172 -> 176 = 4 x 44 (Paley)
+    assert r.codes.shape == (24, 176 // 8, stages) and r.scale.shape == (24, 1)  # one scale per row
+    layer = quant.QuantLinear.from_result(r)
+    x = torch.randn(3, 172)
+    torch.testing.assert_close(layer(x), x @ r.w_hat.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.dequantize(), r.w_hat, atol=1e-5, rtol=1e-5)
+    nearest = quant.quantize_layer(W, H, wbits, "nearest", rotation="hadamard")
+    assert r.proxy < nearest.proxy  # vector codebook + block LDLQ beat scalar rounding
