@@ -36,6 +36,7 @@ WIKI = os.path.join(SHARED, "text", "wikitext-2-raw")
 CONFIGS = {  # name -> (method, quantize_layer options)
     "ldlqRG": ("ldlqRG", dict(incoherence=False)),
     "ldlqRG+incoh": ("ldlqRG", dict(incoherence=True)),
+    "e8p": ("e8p", dict(incoherence=True)),
 }
 
 

@@ -120,6 +120,15 @@ class E8P:
                           norm12=_NORM12, key=_KEY_TO_INDEX, pow3=_POW3)
 
     def decode(self, codes, dtype=torch.float32):
+        """A gather from the full 2^16 x 8 codebook (2 MB in fp32), built once per device and dtype
+        from the bit layout (`_decode_bits`): the packed-model forward decodes every weight each time."""
+        key = (codes.device, dtype)
+        if getattr(self, "_full_key", None) != key:
+            self._full_key = key
+            self._full = self._decode_bits(torch.arange(1 << 16, device=codes.device), dtype)
+        return self._full.index_select(0, codes)
+
+    def _decode_bits(self, codes, dtype):
         t = self._t.on(codes.device, dtype)
         index = codes >> 8
         neg = (codes[:, None] >> torch.arange(7, device=codes.device)) & 1
@@ -181,7 +190,7 @@ class E8OneBit:
         self._t = _Tables(grid=E8_1BIT)
 
     def decode(self, codes, dtype=torch.float32):
-        return self._t.on(codes.device, dtype)["grid"][codes]
+        return self._t.on(codes.device, dtype)["grid"].index_select(0, codes)
 
     def nearest(self, x):
         grid = self._t.on(x.device, x.dtype)["grid"]

@@ -111,15 +111,32 @@ def hadamard_size(n, multiple=1):
     return size
 
 
+FWHT_RADIX = 64  # largest dense Sylvester factor per pass: one small matmul beats log2(64) elementwise passes
+_SYLVESTER = {}
+
+
+def sylvester(r, device, dtype):
+    """The r x r Sylvester Hadamard matrix (entries +-1), r a power of 2, cached per device and dtype."""
+    key = (r, device, dtype)
+    if key not in _SYLVESTER:
+        H = torch.ones(1, 1, dtype=torch.float64)
+        while H.shape[0] < r:
+            H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+        _SYLVESTER[key] = H.to(device, dtype)
+    return _SYLVESTER[key]
+
+
 def fwht(x):
-    """Orthonormal Walsh-Hadamard transform (Sylvester order) along dim 0, whose size is a power of 2."""
+    """Orthonormal Walsh-Hadamard transform (Sylvester order) along dim 0, whose size is a power of 2.
+    H_n = H_r1 kron H_r2 kron ... with factors of at most FWHT_RADIX: one batched matmul per factor,
+    O(n log n) work (n * FWHT_RADIX per log2(FWHT_RADIX) levels) and no n x n matrix."""
     n = x.shape[0]
     y = x.reshape(n, -1)
-    h = 1
-    while h < n:
-        y = y.reshape(n // (2 * h), 2, h, -1)
-        y = torch.stack((y[:, 0] + y[:, 1], y[:, 0] - y[:, 1]), dim=1)
-        h *= 2
+    q, inner = y.shape[1], n
+    while inner > 1:
+        r = min(inner, FWHT_RADIX)
+        inner //= r
+        y = sylvester(r, y.device, y.dtype) @ y.reshape(-1, r, inner * q)
     return y.reshape(x.shape) / math.sqrt(n)
 
 

@@ -7,7 +7,7 @@ import torch
 from engine import UserError
 from quant.e8p import CODEBOOKS, E8_1BIT, E8P_ABS, get_codebook
 from quant.hessian import damp, proxy_loss
-from quant.incoherence import (HADAMARD_MAX, Incoherence, RandomHadamard, _paley_construction, hadamard_factor,
+from quant.incoherence import (FWHT_RADIX, HADAMARD_MAX, Incoherence, RandomHadamard, _paley_construction, hadamard_factor,
                                hadamard_size, make_rotation, paley_hadamard)
 from quant.ldlq import block_ldl, block_ldlq
 
@@ -220,14 +220,19 @@ def test_power_of_two_rht_builds_no_n_by_n_matrix():
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            self.calls.append((getattr(func, "__name__", str(func)), out.numel() if torch.is_tensor(out) else 0))
+            operands = [a.shape for a in args if torch.is_tensor(a)]
+            self.calls.append((getattr(func, "__name__", str(func)), out.numel() if torch.is_tensor(out) else 0,
+                               operands))
             return out
 
     for f in (rot.apply, rot.apply_t):
         with Record() as rec:
             f(X)
-        assert max(size for _, size in rec.calls) <= 2 * X.numel()
-        assert not [name for name, _ in rec.calls if name in ("matmul", "mm", "__matmul__", "kron")]
+        assert max(size for _, size, _ in rec.calls) <= 2 * X.numel()
+        assert not [name for name, _, _ in rec.calls if name == "kron"]
+        # the only products are by small Sylvester factors (radix <= FWHT_RADIX), never an n x n matrix
+        factors = [ops[0] for name, _, ops in rec.calls if name in ("matmul", "mm", "__matmul__")]
+        assert factors and all(tuple(f) == (FWHT_RADIX, FWHT_RADIX) for f in factors)
 
 
 def test_hadamard_incoherence_pads_crops_and_keeps_the_proxy():
