@@ -14,7 +14,7 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	$(PY) demo.py
 
-# The AISTATS pipeline on stories260K + WikiText-2 from ../shared/data (about 12 min on 2 cores).
+# The AISTATS pipeline on stories260K + WikiText-2 from ../shared/data (12 min on 2 cores).
 llm-demo: $(STAMP)
 	$(PY) llm_pipeline.py --overwrite --out runs/llm_demo
 

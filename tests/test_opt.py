@@ -253,3 +253,25 @@ def test_help_lists_every_method_of_the_table(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name, method in quant.TABLE.items():
         assert f"{name}: {' '.join(method.help.split())}" in text
+
+
+STORIES = os.path.join(ROOT, "..", "shared", "data", "models", "stories260K", "stories260K.bin")
+WIKI_VALID = os.path.join(ROOT, "..", "shared", "data", "text", "wikitext-2-raw", "wiki.valid.raw")
+
+
+def test_real_stories260K_packed_4_bit_e8p_generates_like_the_fp_model(tmp_path):
+    if not (os.path.isfile(STORIES) and os.path.isfile(WIKI_VALID)):
+        pytest.skip("../shared/data/models/stories260K or text/wikitext-2-raw absent: the real-model check "
+                    "needs the team's shared data beside the repo")
+    out = str(tmp_path / "w4")
+    prompt = "Once upon a time"
+    report = opt.main([STORIES, "wikitext2", "--train-file", WIKI_VALID, "--nsamples", "16", "--seqlen", "256",
+                       "--wbits", "4", "--quant", "e8p", "--incoh_processing", "--proxy_only", "--save", out,
+                       "--report", str(tmp_path / "r.json")])
+    assert len(report["layers"]) == 5 * 7
+    again = opt.main([out, "wikitext2", "--load", out, "--proxy_only", "--generate", prompt, "--max-new-tokens", "12",
+                      "--report", str(tmp_path / "g.json")])
+    fp, tokenizer = lm.load_causal_lm(STORIES)
+    expected = opt.generate(fp, tokenizer, prompt, 12, "cpu")
+    # the first words of the 4-bit model's greedy continuation are the fp model's
+    assert again["generated"].split()[:6] == expected.split()[:6], (again["generated"], expected)
