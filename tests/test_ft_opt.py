@@ -157,7 +157,8 @@ def test_finetuning_in_quantized_space_keeps_the_codes_and_lowers_perplexity(ass
     opt.main([assets["llama"], "wikitext2", "--data-dir", assets["data"], "--nsamples", "4", "--seqlen", "32",
               "--wbits", "2", "--quant", "ldlqRG", "--incoh_processing", "--proxy_only", "--save", packed])
     out = str(assets["root"] / f"qft_{loss}")
-    metrics = ft_opt.main(["--model", packed, "--data-dir", assets["data"], "--out", out, "--loss", loss, *FAST])
+    metrics = ft_opt.main(["--model", packed, "--data-dir", assets["data"], "--out", out, "--loss", loss, *FAST,
+                           "--max-steps", "6"])
     assert metrics["quantized"] and metrics["codes_unchanged"]
     before, _ = lm.load_causal_lm(packed)
     after, tokenizer = lm.load_causal_lm(out)  # saved back packed
