@@ -20,10 +20,12 @@ import tempfile
 
 import torch
 from tqdm import tqdm
+from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
 import lm
 import quant
+from engine.distributed import barrier, distributed
 from engine import ArgumentParser, UserError, atomic_save, atomic_write_json, cli, require_positive_ints
 from losses import get_loss
 
@@ -90,6 +92,15 @@ def training_blocks(ids, seqlen):
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def mean_over_ranks(values):
+    """Mean of this rank's values averaged over the ranks (each rank holds as many)."""
+    mean = torch.tensor(sum(values) / len(values), dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(mean)
+        mean /= torch.distributed.get_world_size()
+    return float(mean)
+
+
 def freeze_embeddings(model):
     """requires_grad False for the input embeddings and the output head (tied or not)."""
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
@@ -132,8 +143,15 @@ def save_pretrained(model, tokenizer, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    with distributed(args.device) as (rank, world, device):
+        return run(args, rank, world, device)
+
+
+def run(args, rank, world, device):
+    """One process of the run (rank of world). Each optimizer step sees `grad_accum` global micro-batches
+    of bs x world blocks; rank r trains on rows r*bs..(r+1)*bs of each, DDP averages the gradients, so
+    N ranks with --bs b equal one process with --bs N*b. Only rank 0 evaluates and writes."""
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     model, tokenizer = lm.load_causal_lm(args.model, device=device)
     codes_before = prepare_quantized(model) if hasattr(model, "rlo_quantization") else None
     if args.freeze_embeddings:
@@ -148,7 +166,11 @@ def main(argv=None):
                         " (lower --eval-seqlen)")
     criterion = get_loss(args.loss, k=args.k, m=args.m, ignore_index=-100)
 
-    micro_batches = math.ceil(len(blocks) / args.bs)
+    global_bs = args.bs * world
+    # a last, incomplete global micro-batch would leave some ranks without rows: dropped under torchrun
+    micro_batches = math.ceil(len(blocks) / global_bs) if world == 1 else len(blocks) // global_bs
+    if micro_batches == 0:
+        raise UserError(f"{len(blocks)} training blocks are fewer than one global micro-batch of {global_bs}")
     steps_per_epoch = math.ceil(micro_batches / args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps is not None:
@@ -157,7 +179,8 @@ def main(argv=None):
     scheduler = get_linear_schedule_with_warmup(optimizer, min(args.warmup, total_steps), total_steps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
-    os.makedirs(args.out, exist_ok=True)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     metrics = {"model": args.model, "dataset": args.dataset, "loss": args.loss, "k": args.k, "m": args.m,
                "seqlen": seqlen, "eval_seqlen": eval_seqlen, "train_tokens": blocks.numel(),
@@ -181,9 +204,10 @@ def main(argv=None):
     elif args.resume:
         print(f"no {ckpt_path}; starting from scratch")
 
-    if metrics["ppl_before"] is None:
+    if metrics["ppl_before"] is None and rank == 0:
         metrics["ppl_before"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
-    print(f"perplexity before finetuning: {metrics['ppl_before']:.3f}")
+        print(f"perplexity before finetuning: {metrics['ppl_before']:.3f}")
+    train_model = DistributedDataParallel(model) if world > 1 else model
 
     for epoch in range(start_epoch, args.epochs):
         if step >= total_steps:
@@ -192,11 +216,12 @@ def main(argv=None):
         # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
         order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         losses, pending = [], 0
-        bar = tqdm(range(micro_batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        bar = tqdm(range(micro_batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=rank != 0)
         for i in bar:
-            input_ids = blocks[order[i * args.bs:(i + 1) * args.bs]].to(device)
+            first = i * global_bs + rank * args.bs
+            input_ids = blocks[order[first:min(first + args.bs, (i + 1) * global_bs)]].to(device)
             with autocast:
-                logits = model(input_ids=input_ids, use_cache=False).logits
+                logits = train_model(input_ids=input_ids, use_cache=False).logits
             loss = lm.token_loss(criterion, logits, lm.shift_labels(input_ids))
             (loss / args.grad_accum).backward()
             losses.append(loss.item())
@@ -209,14 +234,18 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
                 if step >= total_steps:
                     break
-        metrics["train_loss"].append(sum(losses) / len(losses))
+        metrics["train_loss"].append(mean_over_ranks(losses))
         metrics["steps"] = step
-        print(f"epoch {epoch + 1}: train {args.loss} loss {metrics['train_loss'][-1]:.4f} ({step} steps)")
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                     "epoch": epoch + 1, "step": step, "metrics": metrics}, ckpt_path)
-        atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
+        if rank == 0:
+            print(f"epoch {epoch + 1}: train {args.loss} loss {metrics['train_loss'][-1]:.4f} ({step} steps)")
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                         "epoch": epoch + 1, "step": step, "metrics": metrics}, ckpt_path)
+            atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
+        barrier()  # every rank sees the checkpoint of a finished epoch
 
+    if rank != 0:
+        return None
     metrics["ppl_after"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
     print(f"perplexity after finetuning: {metrics['ppl_after']:.3f}")
     if codes_before is not None:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 import models
 from data import vision
 from engine import ArgumentParser, CSVLogger, UserError, atomic_save, atomic_write_json, cli, require_positive_ints
+from engine.distributed import distributed
 from losses import get_loss
 
 CLASSIFICATION_LOSSES = ("ce", "focal", "root", "root_convex")
@@ -122,19 +123,6 @@ def resolve(args):
     # Built here so a bad k / m / gamma is reported before anything is loaded.
     args.criterion = get_loss(args.loss, k=args.k, m=args.m, gamma=args.gamma)
     return args
-
-
-def setup_distributed(args):
-    """(rank, world size, device). torchrun sets WORLD_SIZE / RANK / LOCAL_RANK."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, torch.device(args.device)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
 class EpochTagged(Sampler):
@@ -293,12 +281,8 @@ def prepare_out(args, rank):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args)
-    try:
+    with distributed(args.device) as (rank, world, device):
         return run(args, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run(args, rank, world, device):

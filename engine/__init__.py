@@ -1,6 +1,6 @@
 """What every script shares and nothing else: user errors turned into one line and exit 2
-(`errors`), atomic writes of checkpoints and result files (`io`), CSV metric logs (`metrics`), and mean ± CI
-summaries over seeds (`stats`).
+(`errors`), atomic writes of checkpoints and result files (`io`), CSV metric logs (`metrics`), mean ± CI
+summaries over seeds (`stats`), and torchrun setup (`distributed`, imported from there).
 Anything specific to one task lives beside that task's script, not here."""
 from .errors import ArgumentParser, UserError, cli, require_positive_ints
 from .io import atomic_save, atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text

@@ -181,3 +181,27 @@ def test_freeze_embeddings_leaves_embeddings_and_head_unchanged(assets):
     before, after = (AutoModelForCausalLM.from_pretrained(d) for d in (assets["opt"], out))
     assert torch.equal(before.get_input_embeddings().weight, after.get_input_embeddings().weight)
     assert not torch.equal(before.model.decoder.layers[0].fc1.weight, after.model.decoder.layers[0].fc1.weight)
+
+
+def test_torchrun_two_gloo_processes_equal_one_process_with_the_same_global_batch(assets):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--model", assets["opt"], "--data-dir", assets["data"], "--seqlen", "32", "--lr", "3e-3",
+              "--warmup", "2", "--grad-accum", "2", "--epochs", "1", "--max-steps", "6", "--device", "cpu"]
+    single, ddp = str(assets["root"] / "ddp_single"), str(assets["root"] / "ddp_two")
+    one = ft_opt.main(common + ["--bs", "4", "--out", single])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", f"--master_port={port}",
+           "ft_opt.py", *common, "--bs", "2", "--out", ddp]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("perplexity after finetuning") == 1  # only rank 0 evaluates and writes
+    two = json.load(open(os.path.join(ddp, "metrics.json")))
+    assert two["steps"] == one["steps"] == 6
+    assert two["train_loss"][0] == pytest.approx(one["train_loss"][0], rel=1e-5)
+    assert two["ppl_after"] == pytest.approx(one["ppl_after"], rel=1e-5)
+    a, b = (AutoModelForCausalLM.from_pretrained(d) for d in (single, ddp))
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=name)
