@@ -5,11 +5,14 @@
 
 Each loss runs in its own child process on the same (tokens x vocab) leaf logits (10% of the targets
 set to ignore_index -100, like padding), so one measurement's allocator state cannot leak into the
-other. Peak memory is the memory above the logits themselves during forward + backward:
-- CUDA: torch.cuda.max_memory_allocated() minus the allocation before the first pass;
-- CPU: the process's peak resident set size (VmHWM in /proc/self/status) minus its resident size
-  before the first pass (torch's CPU allocator returns large blocks to the OS, so this is the peak
-  of the tensors alive at once, plus a few MB of noise).
+other. The logits are drawn directly in their dtype, and the peak counters are reset once the inputs
+exist, so building the inputs cannot set the peak. Peak memory is the memory above the inputs during
+forward + backward:
+- CUDA: torch.cuda.max_memory_allocated() after torch.cuda.reset_peak_memory_stats(), minus the
+  allocation at the reset;
+- CPU: the process's peak resident set size (VmHWM in /proc/self/status, reset by writing 5 to
+  /proc/self/clear_refs) minus its resident size at the reset (torch's CPU allocator returns large
+  blocks to the OS, so this is the peak of the tensors alive at once, plus a few MB of noise).
 Time is the median of --repeats passes after one warm-up pass. Goal (issue 6): both ratios <= 1.2.
 """
 import argparse
@@ -41,7 +44,8 @@ def worker(args):
     """One loss in this process; prints a JSON line {seconds, peak_mib}."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    logits = torch.randn(args.tokens, args.vocab, device=device).to(getattr(torch, args.dtype)).requires_grad_()
+    # Drawn in its own dtype: an fp32 temporary here would be larger than the bf16 logits and set the peak.
+    logits = torch.randn(args.tokens, args.vocab, device=device, dtype=getattr(torch, args.dtype)).requires_grad_()
     target = torch.randint(0, args.vocab, (args.tokens,), device=device)
     target[torch.rand(args.tokens, device=device) < 0.1] = -100
     if args.worker == "ce":
@@ -59,6 +63,8 @@ def worker(args):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS: the baseline is the process with its inputs, now
         base = rss_kib("VmRSS") * 1024
     times = []
     for i in range(args.repeats + 1):

@@ -8,8 +8,9 @@
 `get_gan_loss(name, k)` returns the generator / discriminator pair for `ce` (logistic) or `root`.
 The formulas, their numerics and derivations are in `losses/rooted.py`.
 
-Keyword arguments a loss does not take (e.g. `k` for `ce`) are ignored, so a script can pass all of
-its loss flags to any loss; bad values of the ones it takes raise `engine.UserError` (a ValueError).
+Keyword arguments that another loss of the registry takes (e.g. `k` for `ce`) are ignored, so a script
+can pass all of its loss flags to any loss; a keyword that no loss takes (a typo such as `gama`) and bad
+values (`k`, `m` not finite and > 0, ...) raise a one-line `engine.UserError` (a ValueError).
 """
 import inspect
 
@@ -31,17 +32,28 @@ LOSSES = {
 GAN_LOSSES = {"ce": LogisticGANLoss, "root": RootedGANLoss}
 
 
+def _keywords(builder):
+    """The keyword arguments `builder` takes, in order; subclasses forward **kw along the MRO."""
+    names = {}
+    for cls in builder.__mro__:
+        if "__init__" in vars(cls):
+            for p in inspect.signature(cls.__init__).parameters.values():
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                    names[p.name] = None
+    return list(names)
+
+
 def _build(registry, kind, name, kwargs):
     key = str(name).lower()
     if key not in registry:
         raise UserError(f"unknown {kind} {name!r}; choose from: {', '.join(registry)}")
-    builder = registry[key]
-    accepted = set(inspect.signature(builder.__init__).parameters)
-    # Subclasses forward **kw to the base class: collect the names accepted along the MRO.
-    for base in builder.__mro__[1:]:
-        if "__init__" in vars(base):
-            accepted |= set(inspect.signature(base.__init__).parameters)
-    return builder(**{k: v for k, v in kwargs.items() if k in accepted})
+    accepted = _keywords(registry[key])
+    known = {kw for builder in registry.values() for kw in _keywords(builder)}
+    unknown = [kw for kw in kwargs if kw not in known]
+    if unknown:
+        raise UserError(f"{kind} {key!r}: unknown keyword {', '.join(map(repr, unknown))}; it takes: "
+                        f"{', '.join(accepted) or 'none'}")
+    return registry[key](**{k: v for k, v in kwargs.items() if k in accepted})
 
 
 def get_loss(name, **kwargs):

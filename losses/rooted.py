@@ -11,19 +11,27 @@ the authors' public code, both here:
 
 Every multi-class form is a function f(log p_y) of the target log-probability, so one memory-light
 autograd function (`target_log_prob`) computes ``log p_y = z_y - logsumexp(z)`` in fp32 (float64 for
-float64 input) and its gradient ``(onehot(y) - softmax(z)) * g`` in closed form, chunked over rows:
-it saves only the logits, so a (tokens x vocab) LM head costs one gradient tensor and no fp32 copy.
-The per-form f then runs through ordinary autograd on an (N,) vector, which costs nothing.
+float64 input) and its gradient ``(onehot(y) - softmax(z)) * g`` in closed form, in blocks of rows
+written straight into the gradient: it saves only the logits (the input, or a view of it for
+(N, C, d1, ...) logits), so a (tokens x vocab) LM head costs one gradient tensor and no fp32 copy.
+The per-form f then runs through ordinary autograd on an (N,) vector, which costs nothing. Soft targets
+go through the same blocks (`_SoftTargetRows`), recomputed block by block in backward.
 
-The authors' code computes softmax, indexes it, then takes a power: p_y underflows to 0 for confident
-mistakes and the gradient becomes NaN. Here ``p_y^(1/k) = exp(log p_y / k)`` never underflows to a NaN.
-
-The convex forms grow like ``exp(-log p_y / k)``, which overflows fp32 when ``-log p_y / k > 88``
-(e.g. a logit margin of 1e4 at k = 3). Their exponent is clamped in log space at ``MAX_EXPONENT`` = 80
-for fp32/bf16 logits and lower for fp16 logits (where the gradient, stored in fp16, would otherwise
-overflow 65504; see `exponent_limit`); beyond the clamp the loss and its gradient coefficient stay at
-the (finite, huge) value at the clamp. The clamp is straight-through: a clamped sample still gets a
-gradient pointing the right way.
+Exactness at the edges:
+- ``p_y^(1/k) = exp(log p_y / k)`` never underflows to a NaN (the authors' softmax-index-pow form does),
+  and every ``expm1`` here is differentiated as ``exp(x)`` (`_expm1`): torch's backward uses
+  ``expm1(x) + 1``, exactly 0 in fp32 once x < -16.6, which zeroed ``root``'s gradient for confident
+  mistakes (-log p_y > 16.6 k).
+- The convex forms grow like ``e^E``, ``E = -log(p_y) / k``, which overflows fp32 at E ~ 88. Beyond
+  ``exponent_limit(compute dtype, m)`` = ln(dtype max) - ln(max(m, 1)) - 20 (E = 67.6 for fp32 and
+  m = 3; 688.7 for float64) the loss continues along its tangent in E, i.e. linearly in log p_y, like a
+  scaled cross-entropy: value and gradient agree (gradcheck holds on both sides), the loss stays convex,
+  the gradient coefficient stays at its finite value at the limit, and the e^20 ~ 5e8 of headroom
+  keeps sums over many such rows finite. The limit depends on the fp32 (or float64) compute only, not
+  on the logits' dtype.
+- The gradient's own dtype bounds only the gradient: for fp16 logits a row whose gradient would pass
+  65504 is scaled down into range (its direction kept, the loss value unchanged).
+- ``mean`` / ``sum`` accumulate in float64.
 """
 import math
 
@@ -33,8 +41,10 @@ from torch import nn
 
 from engine.errors import UserError
 
-MAX_EXPONENT = 80.0  # exp(80) ~ 5.5e34 < fp32 max ~ 3.4e38, with room for the factor m
-_CHUNK_ELEMENTS = 1 << 22  # rows are processed in chunks of ~4M logits (16 MB of fp32 temporaries)
+_HEADROOM = 20.0  # e^20 ~ 5e8: room below the dtype's max for sums of rows past the limit, and their growth
+# Logits per block (16 MB of fp32 temporaries): few enough kernel launches (and thread-pool wake-ups
+# on a shared CPU) to cost nothing next to the math, small enough to bound the temporaries.
+_BLOCK_ELEMENTS = 1 << 22
 
 
 def _compute_dtype(x):
@@ -46,58 +56,185 @@ def _softplus(x):
     return F.softplus(x, threshold=40.0 if x.dtype == torch.float64 else 20.0)
 
 
+class _Upcast(torch.autograd.Function):
+    """x in its compute dtype; backward clamps the gradient into x's own dtype range (fp16: 65504)
+    where the cast back would overflow to inf (straight-through: the value is exact)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.to(_compute_dtype(x))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad):
+        bound = torch.finfo(ctx.dtype).max
+        return grad.clamp(-bound, bound).to(ctx.dtype)
+
+
 def _upcast(x):
-    return x.to(_compute_dtype(x))
+    return x if x.dtype == _compute_dtype(x) else _Upcast.apply(x)
 
 
-def _row_chunks(n_rows, n_cols):
-    step = max(1, _CHUNK_ELEMENTS // max(1, n_cols))
-    return [(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
+def _blocks(logits):
+    """Indices of blocks of about _BLOCK_ELEMENTS of (N, C) or (N, C, L) logits, the class dim 1 always
+    whole; a sample larger than a block is split along L. Per-sample tensors ((N,) or (N, L)) are
+    indexed by the same tuples through their `.unsqueeze(1)` views."""
+    n, per_sample = logits.shape[0], logits[0].numel()
+    if logits.dim() == 2 or per_sample <= _BLOCK_ELEMENTS:
+        step = max(1, _BLOCK_ELEMENTS // max(1, per_sample))
+        return [(slice(s, s + step),) for s in range(0, n, step)]
+    step = max(1, _BLOCK_ELEMENTS // logits.shape[1])
+    return [(slice(s, s + 1), slice(None), slice(i, i + step))
+            for s in range(n) for i in range(0, logits.shape[2], step)]
 
 
 class _TargetLogProb(torch.autograd.Function):
-    """log p_y = log_softmax(z)[y] per row, fp32 (or float64) math, gradient in closed form.
+    """log p_y = log_softmax(z, dim=1)[y] for (N, C) or (N, C, L) logits, fp32 (or float64) math,
+    gradient in closed form.
 
-    Both passes use torch's fused (log_)softmax kernels on row chunks, so the only full-size
-    tensors are the saved logits and the gradient; the chunk temporaries are bounded.
+    Both passes run torch's fused (log_)softmax kernels block by block, so the only full-size tensors
+    are the saved logits (the caller's) and the gradient.
     """
 
     @staticmethod
     def forward(ctx, logits, target):
         dtype = _compute_dtype(logits)
-        n, c = logits.shape
-        logp = torch.empty(n, dtype=dtype, device=logits.device)
-        for s, e in _row_chunks(n, c):
-            chunk = F.log_softmax(logits[s:e], dim=1, dtype=dtype)
-            logp[s:e] = chunk.gather(1, target[s:e, None]).squeeze(1)
+        logp = torch.empty(target.shape, dtype=dtype, device=logits.device)
+        t, out = target.unsqueeze(1), logp.unsqueeze(1)
+        for idx in _blocks(logits):
+            torch.gather(F.log_softmax(logits[idx], dim=1, dtype=dtype), 1, t[idx], out=out[idx])
         ctx.save_for_backward(logits, target)
         return logp
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_logp):
         logits, target = ctx.saved_tensors
         dtype = _compute_dtype(logits)
-        n, c = logits.shape
+        # Every entry of a row's gradient g * (onehot - softmax) is at most |g|: clamping g to the
+        # gradient dtype's range (fp16: 65504) scales an overflowing row down, direction kept.
+        bound = torch.finfo(logits.dtype).max
+        g = grad_logp.to(dtype).clamp(-bound, bound).unsqueeze(1)
+        t = target.unsqueeze(1)
         if torch.is_grad_enabled():  # create_graph=True (Hessians, gradient penalties): out of place
-            g = grad_out.to(dtype)[:, None]
-            onehot = F.one_hot(target, c).to(dtype)
-            return ((onehot - F.softmax(logits, dim=1, dtype=dtype)) * g).to(logits.dtype), None
-        chunks = _row_chunks(n, c)
-        grad = None if len(chunks) == 1 and logits.dtype == dtype else torch.empty_like(logits)
-        g = grad_out.to(dtype)[:, None]
-        for s, e in chunks:
-            # d(log p_y)/dz = onehot(y) - softmax(z)
-            chunk = F.softmax(logits[s:e], dim=1, dtype=dtype).mul_(-g[s:e])
-            chunk.scatter_add_(1, target[s:e, None], g[s:e])
-            if grad is None:
-                return chunk, None
-            grad[s:e] = chunk
+            grad = F.softmax(logits, dim=1, dtype=dtype).mul(-g).scatter_add(1, t, g)
+            return grad.to(logits.dtype), None
+        grad, minus_g = torch.empty_like(logits), -g
+        in_place = grad.dtype == dtype
+        for idx in _blocks(logits):
+            # (softmax - onehot) * -g, built in the gradient itself when it has the compute dtype, else in
+            # an fp32 block temporary cast into it at the end (a mixed-dtype mul(out=) is slower on CPU)
+            if in_place:
+                p = torch.softmax(logits[idx], dim=1, out=grad[idx])
+            else:
+                p = F.softmax(logits[idx], dim=1, dtype=dtype)
+            p.scatter_(1, t[idx], -1.0, reduce="add").mul_(minus_g[idx])
+            if not in_place:
+                grad[idx] = p
         return grad, None
 
 
 def target_log_prob(logits, target):
-    """log softmax(logits)[i, target_i] for (N, C) logits and (N,) int targets, shape (N,), fp32+."""
+    """log softmax(logits, dim=1)[target] for (N, C) or (N, C, L) logits and (N,) or (N, L) int targets;
+    shape of the target, fp32 (float64 for float64 logits)."""
     return _TargetLogProb.apply(logits, target)
+
+
+def _soft_rows(logits, target, f):
+    """sum_j t_j f(log p_j) per sample (dim 1 kept), in the compute dtype."""
+    logp = F.log_softmax(logits, dim=1, dtype=_compute_dtype(logits))
+    return (target.to(logp.dtype) * f(logp)).sum(1, keepdim=True)
+
+
+def _fit_rows(grad, dtype):
+    """`grad` cast to `dtype`, each row (along dim 1) that would overflow it scaled down into range."""
+    bound = torch.finfo(dtype).max
+    if bound < torch.finfo(grad.dtype).max:
+        grad = grad * (bound / grad.abs().amax(1, keepdim=True)).clamp(max=1)
+    return grad.to(dtype)
+
+
+class _SoftTargetRows(torch.autograd.Function):
+    """sum_j t_ij f(log p_ij) for soft targets, in the blocks of `_blocks`: saves only its inputs, and
+    backward recomputes one block at a time under autograd. With create_graph=True it differentiates the
+    whole batch at once, in the graph, so that Hessians (vectorized ones too) see ordinary ops."""
+
+    @staticmethod
+    def forward(ctx, logits, target, f):
+        rows = torch.empty(target.shape[:1] + target.shape[2:], dtype=_compute_dtype(logits),
+                           device=logits.device)
+        out = rows.unsqueeze(1)
+        for idx in _blocks(logits):
+            out[idx] = _soft_rows(logits[idx], target[idx], f)
+        ctx.save_for_backward(logits, target)
+        ctx.f = f
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        logits, target = ctx.saved_tensors
+        needs, g = ctx.needs_input_grad[:2], grad_rows.unsqueeze(1)
+        if torch.is_grad_enabled():
+            return (*_soft_rows_grad(logits, target, g, ctx.f, needs, create_graph=True), None)
+        grads = [torch.empty_like(x) if need else None for x, need in zip((logits, target), needs)]
+        for idx in _blocks(logits):
+            parts = _soft_rows_grad(logits[idx].detach(), target[idx].detach(), g[idx], ctx.f, needs,
+                                    create_graph=False)
+            for grad, part in zip(grads, parts):
+                if grad is not None:
+                    grad[idx] = part
+        return (*grads, None)
+
+
+def _soft_rows_grad(logits, target, grad_rows, f, needs, create_graph):
+    """Gradients of _soft_rows w.r.t. (logits, target), None where not needed; the logits' in fp32,
+    fitted to their dtype's range by row."""
+    with torch.enable_grad():
+        if not create_graph:
+            logits, target = logits.requires_grad_(needs[0]), target.requires_grad_(needs[1])
+        upcast = logits.to(_compute_dtype(logits))
+        wrt = [x for x, need in zip((upcast, target), needs) if need]
+        found = iter(torch.autograd.grad(_soft_rows(upcast, target, f), wrt, grad_rows,
+                                         create_graph=create_graph))
+    return (_fit_rows(next(found), logits.dtype) if needs[0] else None, next(found) if needs[1] else None)
+
+
+class _Expm1(torch.autograd.Function):
+    """expm1 with the gradient exp(x) computed directly (torch's expm1(x) + 1 is 0 in fp32 for x < -16.6)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.expm1(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x)
+
+
+def _expm1(x):
+    return _Expm1.apply(x)
+
+
+def exponent_limit(dtype, scale=1.0):
+    """The exponent E beyond which the convex forms continue linearly: scale * e^E stays a factor e^20
+    below the largest finite `dtype` value (67.6 for fp32 and scale 3)."""
+    return math.log(torch.finfo(dtype).max) - math.log(max(scale, 1.0)) - _HEADROOM
+
+
+def _tangent_expm1(e, limit):
+    """expm1(e) up to `limit`, continued beyond it along its tangent: C1, convex, finite gradient."""
+    return _expm1(e.clamp(max=limit)) + math.exp(limit) * (e - limit).clamp(min=0)
 
 
 # Per-form f(log p_y): the per-sample loss as a function of the target log-probability.
@@ -105,35 +242,32 @@ def _ce(logp):
     return -logp
 
 
-def exponent_limit(dtype, scale=1.0):
-    """Largest exponent e with scale * exp(e) safely finite in `dtype` (capped at MAX_EXPONENT)."""
-    headroom = math.log(torch.finfo(dtype).max) - math.log(max(scale, 1.0)) - 1.0
-    return min(MAX_EXPONENT, headroom)
-
-
-def _clamped_exp_argument(exponent, limit):
-    """exponent clamped at `limit` in value, with the unclamped exponent's gradient (straight-through)."""
-    return exponent + (exponent.clamp(max=limit) - exponent).detach()
-
-
 def _root(logp, k, m):
     # expm1 keeps precision for large k, where p_y^(1/k) is within 1e-5 of 1.
-    return -m * torch.expm1(logp / k)
+    return -m * _expm1(logp / k)
 
 
-def _root_convex(logp, k, m, limit):
-    return m * torch.expm1(_clamped_exp_argument(-logp / k, limit))
+def _root_convex(logp, k, m):
+    return m * _tangent_expm1(-logp / k, exponent_limit(logp.dtype, m))
 
 
 def _focal(logp, alpha, gamma):
     # (1 - p)^gamma from log space: 1 - exp(logp) = -expm1(logp) keeps precision near p = 1.
-    return -alpha * (-torch.expm1(logp)).clamp(min=0).pow(gamma) * logp
+    return -alpha * (-_expm1(logp)).clamp(min=0).pow(gamma) * logp
+
+
+def _reduce(loss, reduction, count):
+    """`reduction` of per-sample losses; the sum runs in float64 so that it cannot overflow on the way."""
+    if reduction == "none":
+        return loss
+    total = loss.sum(dtype=torch.float64)
+    return (total if reduction == "sum" else total / count).to(loss.dtype)
 
 
 class _ClassLoss(nn.Module):
     """A multi-class loss defined by f(log p_y): hard or soft targets, ignore_index, reductions.
 
-    Soft targets (N, C) give sum_j t_ij * f(log p_ij), the exact mixup/cutmix combination
+    Soft targets (N, C, ...) give sum_j t_ij * f(log p_ij), the exact mixup/cutmix combination
     lambda * loss(y_a) + (1 - lambda) * loss(y_b).
     """
 
@@ -146,31 +280,27 @@ class _ClassLoss(nn.Module):
 
     def forward(self, logits, target):
         sample_shape = (logits.shape[0],) + tuple(logits.shape[2:])
-        if logits.dim() > 2:  # (N, C, d1, ...) -> (N * d1 * ..., C), as F.cross_entropy accepts
-            n_classes = logits.shape[1]
-            logits = logits.movedim(1, -1).reshape(-1, n_classes)
-            target = (target.movedim(1, -1).reshape(-1, n_classes) if target.is_floating_point()
-                      else target.reshape(-1))
-        if target.is_floating_point():
-            logp = F.log_softmax(logits.to(_compute_dtype(logits)), dim=1)
-            loss = (target.to(logp.dtype) * self.per_sample(logp, logits.dtype)).sum(1)
-            count = loss.new_tensor(loss.numel())
+        soft = target.is_floating_point()
+        if logits.dim() > 2:  # (N, C, d1, ...) -> (N, C, L): a view of contiguous logits, not a copy
+            logits = logits.reshape(logits.shape[0], logits.shape[1], -1)
+            target = target.reshape(logits.shape if soft else (logits.shape[0], -1))
+        if soft:
+            loss = _SoftTargetRows.apply(logits, target, self.per_sample)
+            count = loss.numel()
         else:
             valid = target != self.ignore_index
             logp = target_log_prob(logits, torch.where(valid, target, 0))
             # Ignored rows get logp = 0 (a finite f) and a zero weight, so their gradient is exactly 0.
-            loss = torch.where(valid, self.per_sample(torch.where(valid, logp, 0.0), logits.dtype), 0.0)
+            loss = torch.where(valid, self.per_sample(torch.where(valid, logp, 0.0)), 0.0)
             # Mean over non-ignored rows; an all-ignored batch gives 0 (not NaN) so LM padding is safe.
             count = valid.sum().clamp(min=1)
-        if self.reduction == "none":
-            return loss.reshape(sample_shape)
-        return loss.sum() if self.reduction == "sum" else loss.sum() / count
+        return _reduce(loss, self.reduction, count).reshape(sample_shape if self.reduction == "none" else ())
 
 
 class CrossEntropy(_ClassLoss):
     """-log p_y (same values as F.cross_entropy, computed by the same fp32 path as the RLO forms)."""
 
-    def per_sample(self, logp, logits_dtype):
+    def per_sample(self, logp):
         return _ce(logp)
 
 
@@ -179,21 +309,16 @@ class Focal(_ClassLoss):
 
     def __init__(self, alpha=0.25, gamma=3.0, **kw):
         super().__init__(**kw)
-        if alpha <= 0 or gamma < 0:
-            raise UserError(f"focal needs alpha > 0 and gamma >= 0, got alpha={alpha}, gamma={gamma}")
-        self.alpha, self.gamma = alpha, gamma
+        self.alpha, self.gamma = _finite("alpha", alpha), _finite("gamma", gamma, zero_ok=True)
 
-    def per_sample(self, logp, logits_dtype):
+    def per_sample(self, logp):
         return _focal(logp, self.alpha, self.gamma)
 
 
 class _RootedBase(_ClassLoss):
     def __init__(self, k=3.0, m=3.0, **kw):
         super().__init__(**kw)
-        _check_k(k)
-        if not float(m) > 0:
-            raise UserError(f"m must be > 0, got {m}")
-        self.k, self.m = float(k), float(m)
+        self.k, self.m = _finite("k", k), _finite("m", m)
 
     def extra_repr(self):
         return f"k={self.k}, m={self.m}"
@@ -205,18 +330,18 @@ class Root(_RootedBase):
     d loss / d log p_y = -(m/k) p_y^(1/k): a cross-entropy gradient reweighted by p_y^(1/k).
     """
 
-    def per_sample(self, logp, logits_dtype):
+    def per_sample(self, logp):
         return _root(logp, self.k, self.m)
 
 
 class RootConvex(_RootedBase):
     """m * (p_y^(-1/k) - 1): paper eq. 4 for softmax (strictly convex for two classes, k > 1).
 
-    The exponent -log(p_y)/k is clamped at MAX_EXPONENT (straight-through) so values stay finite.
+    Past exponent_limit(fp32, m) in -log(p_y)/k it continues linearly in log p_y (module docstring).
     """
 
-    def per_sample(self, logp, logits_dtype):
-        return _root_convex(logp, self.k, self.m, exponent_limit(logits_dtype, self.m / self.k))
+    def per_sample(self, logp):
+        return _root_convex(logp, self.k, self.m)
 
 
 # ---- binary forms: logit z (N,), label y in {-1, +1} (0 is read as -1) -----------------------------
@@ -234,30 +359,29 @@ class _BinaryLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, z, y):
-        loss = self.of_margin(_signed_margin(z, y), z.dtype)
-        return loss if self.reduction == "none" else loss.sum() if self.reduction == "sum" else loss.mean()
+        loss = self.of_margin(_signed_margin(z, y))
+        return _reduce(loss, self.reduction, loss.numel())
 
 
 class Logistic(_BinaryLoss):
     """log(1 + exp(-y z)) = softplus(-y z)."""
 
-    def of_margin(self, margin, logits_dtype):
+    def of_margin(self, margin):
         return _softplus(-margin)
 
 
 class BinaryRootConvex(_BinaryLoss):
     """k * (1 + exp(-y z))^(1/k): paper eq. 4 per sample (strictly convex in w for k > 1).
 
-    Computed as k * exp(softplus(-y z) / k), exponent clamped at MAX_EXPONENT (straight-through).
+    Computed as k * exp(softplus(-y z) / k), continued linearly past exponent_limit(fp32, k).
     """
 
     def __init__(self, k=3.0, **kw):
         super().__init__(**kw)
-        _check_k(k)
-        self.k = float(k)
+        self.k = _finite("k", k)
 
-    def of_margin(self, margin, logits_dtype):
-        return binary_root_convex(margin, self.k, exponent_limit(logits_dtype))
+    def of_margin(self, margin):
+        return binary_root_convex(margin, self.k)
 
 
 class BinaryRoot(_BinaryLoss):
@@ -265,16 +389,17 @@ class BinaryRoot(_BinaryLoss):
 
     def __init__(self, k=3.0, **kw):
         super().__init__(**kw)
-        _check_k(k)
-        self.k = float(k)
+        self.k = _finite("k", k)
 
-    def of_margin(self, margin, logits_dtype):
-        return -self.k * torch.expm1(F.logsigmoid(margin) / self.k)
+    def of_margin(self, margin):
+        return -self.k * _expm1(F.logsigmoid(margin) / self.k)
 
 
-def binary_root_convex(margin, k, limit=MAX_EXPONENT):
-    """k * (1 + exp(-margin))^(1/k) elementwise, margin = y * z, stable; exponent clamped at `limit`."""
-    return k * torch.exp(_clamped_exp_argument(_softplus(-margin) / k, limit))
+def binary_root_convex(margin, k):
+    """k * (1 + exp(-margin))^(1/k) elementwise, margin = y * z, stable; past exponent_limit(dtype, k)
+    in softplus(-margin) / k it continues along its tangent."""
+    margin = _upcast(margin)
+    return k * (1 + _tangent_expm1(_softplus(-margin) / k, exponent_limit(margin.dtype, k)))
 
 
 def binary_root_convex_grad_coef(margin, k):
@@ -318,11 +443,11 @@ class RootedGANLoss:
     """
 
     def __init__(self, k=2.0):
-        _check_k(k)
-        self.k = float(k)
+        self.k = _finite("k", k)
 
     def _term(self, margin):
-        return binary_root_convex(_upcast(margin), self.k, exponent_limit(margin.dtype)).mean()
+        loss = binary_root_convex(_upcast(margin), self.k)
+        return _reduce(loss, "mean", loss.numel())
 
     def generator(self, gen_logits):
         return self._term(gen_logits)
@@ -331,10 +456,12 @@ class RootedGANLoss:
         return self._term(-gen_logits) + self._term(real_logits)
 
 
-def _check_k(k):
+def _finite(name, value, zero_ok=False):
+    """float(value) if it is a finite number > 0 (>= 0 with zero_ok), else a UserError."""
     try:
-        ok = math.isfinite(float(k)) and float(k) > 0
+        x = float(value)
     except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise UserError(f"k must be a finite number > 0, got {k!r}")
+        x = math.nan
+    if not (math.isfinite(x) and (x > 0 or (zero_ok and x == 0))):
+        raise UserError(f"{name} must be a finite number {'>=' if zero_ok else '>'} 0, got {value!r}")
+    return x
