@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_loss.py
 	$(PY) benchmarks/bench_lm_loss.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_e8p.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
