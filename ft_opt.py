@@ -108,14 +108,20 @@ def freeze_embeddings(model):
             module.requires_grad_(False)
 
 
+def code_buffers(model):
+    """{name: tensor} of every QuantLinear's frozen code buffers."""
+    return {f"{n}.{b}": t for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)
+            for b, t in m.code_tensors().items()}
+
+
 def prepare_quantized(model):
     """Finetuning in quantized space: every QuantLinear gets trainable per-channel scales; its codes
-    are buffers, so only continuous parameters train. Returns {name: code buffer clone} to check
-    that the codes come out bit-identical."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)}
-    for layer in layers.values():
-        layer.add_channel_scales()
-    return {f"{n}.{b}": t.clone() for n, layer in layers.items() for b, t in layer.code_tensors().items()}
+    are buffers, so only continuous parameters train. Returns a copy of the code buffers, to check
+    that they come out bit-identical."""
+    for m in model.modules():
+        if isinstance(m, quant.QuantLinear):
+            m.add_channel_scales()
+    return {name: t.clone() for name, t in code_buffers(model).items()}
 
 
 def build_optimizer(model, args):
@@ -249,8 +255,7 @@ def run(args, rank, world, device):
     metrics["ppl_after"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
     print(f"perplexity after finetuning: {metrics['ppl_after']:.3f}")
     if codes_before is not None:
-        codes_after = {f"{n}.{b}": t for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)
-                       for b, t in m.code_tensors().items()}
+        codes_after = code_buffers(model)
         metrics["codes_unchanged"] = all(torch.equal(codes_after[k].cpu(), v.cpu()) for k, v in codes_before.items())
         if not metrics["codes_unchanged"]:
             raise RuntimeError("finetuning in quantized space changed the frozen codes")  # a bug, not a user error

@@ -11,15 +11,14 @@ scales and rotation seeds of every quantized linear, no dense copy, plus the fp 
 `--load`, `ft_opt.py --model` and `lm.load_causal_lm` run from.
 """
 import os
-import shutil
 import time
 
 import torch
 
 import lm
 import quant
-from engine import ArgumentParser, UserError, atomic_write_json, cli, require_positive_ints
-from lm.quantized import is_quantized_dir, load_quantized, save_quantized
+from engine import ArgumentParser, UserError, atomic_dir, atomic_write_json, cli, require_positive_ints
+from lm.quantized import is_quantized_dir, save_quantized
 from quant.model import decoder_layers, quantize_model
 
 REPORT_FILE = "quant_report.json"
@@ -144,17 +143,9 @@ def check_packed(model, n=8, seed=0):
 
 def save_dense(model, tokenizer, path):
     """A 16-bit (unquantized) run saved with save_pretrained, through a temporary sibling directory."""
-    path = os.path.abspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_dir(path) as tmp:  # path is new or empty (checked at start)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if os.path.isdir(path):
-            os.rmdir(path)  # empty (checked at start)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def generate(model, tokenizer, prompt, max_new_tokens, device):

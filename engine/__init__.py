@@ -3,8 +3,8 @@
 summaries over seeds (`stats`), and torchrun setup (`distributed`, imported from there).
 Anything specific to one task lives beside that task's script, not here."""
 from .errors import ArgumentParser, UserError, cli, require_positive_ints
-from .io import atomic_save, atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text
+from .io import atomic_dir, atomic_save, atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text
 from .metrics import CSVLogger, read_csv
 from .stats import format_ci, mean_ci
 
-__all__ = ["ArgumentParser", "UserError", "cli", "require_positive_ints", "atomic_save", "atomic_savefig", "atomic_write_csv", "atomic_write_text", "atomic_write_json", "CSVLogger", "read_csv", "mean_ci", "format_ci"]
+__all__ = ["ArgumentParser", "UserError", "cli", "require_positive_ints", "atomic_dir", "atomic_save", "atomic_savefig", "atomic_write_csv", "atomic_write_text", "atomic_write_json", "CSVLogger", "read_csv", "mean_ci", "format_ci"]

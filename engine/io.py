@@ -4,10 +4,12 @@ Each writer writes to a temporary file in the destination's directory (same file
 renames it over the destination with `os.replace`, which is atomic on POSIX; a killed process
 leaves at most a stray `*.tmp` file, never a truncated result.
 """
+import contextlib
 import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 
 
@@ -25,6 +27,24 @@ def _atomic(path, write, mode):
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a temporary sibling directory of `path` to fill; on success it is renamed to `path` (which
+    must be absent or an empty directory), on any error removed: `path` is never half-written."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

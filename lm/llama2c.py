@@ -14,8 +14,6 @@ alone, so the tokenizer prepends BOS too.
 import glob
 import math
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import torch
@@ -23,7 +21,7 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from engine import ArgumentParser, UserError, cli
+from engine import ArgumentParser, UserError, atomic_dir, cli
 
 MAGIC = 0x616B3432  # "ak42", the first uint32 of version 1 and 2 files
 HEADER_BYTES = 256  # version 1 and 2 pad their header to this size
@@ -278,18 +276,10 @@ def refuse_nonempty(out):
 def save(model, tokenizer, out):
     """`save_pretrained` of both into `out` through a temporary sibling directory and a rename, so `out`
     is either absent or complete."""
-    out = os.path.abspath(out)
     refuse_nonempty(out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=os.path.basename(out) + ".", suffix=".tmp")
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def main(argv=None):

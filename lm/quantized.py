@@ -15,14 +15,13 @@ with `lm.load_quantized(DIR)` (or `lm.load_causal_lm`, which dispatches to it).
 """
 import json
 import os
-import shutil
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from engine import UserError
+from engine import UserError, atomic_dir
 
 from .load import _DTYPE_KW, quiet_hub
 
@@ -67,11 +66,8 @@ def quantization_specs(model):
 def save_quantized(model, tokenizer, path, quantization_config):
     """Write the packed checkpoint into a temporary sibling directory, renamed to `path` at the end (an
     existing `path` must be empty): a crash never leaves a half-written directory."""
-    path = os.path.abspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
     qc = dict(quantization_config, quant_method="rlo", format=FORMAT, layers=quantization_specs(model))
-    try:
-        os.makedirs(tmp)
+    with atomic_dir(path) as tmp:
         model.config.save_pretrained(tmp)
         with open(os.path.join(tmp, "config.json")) as f:
             config = json.load(f)
@@ -81,12 +77,6 @@ def save_quantized(model, tokenizer, path, quantization_config):
         save_model(model, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "rlo": FORMAT})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.isdir(path):
-            os.rmdir(path)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _stored_shapes(weights):
@@ -115,8 +105,6 @@ def _check_tensors(model, weights, stored):
 
 def load_quantized(path, dtype=torch.float32, device="cpu"):
     """(model, tokenizer) from a `save_quantized` directory, its linears rebuilt as QuantLinears."""
-    from transformers import AutoTokenizer
-
     if not is_quantized_dir(path):
         raise UserError(f"{path!r} is not a packed quantized checkpoint (no config.json with an rlo "
                         "quantization_config); write one with `opt.py ... --save DIR`")

@@ -16,7 +16,7 @@ Codecs (the `codebook` field of a layer's spec) say how codes are packed and dec
 - `grid`: scalar affine grids (QuIP's qfn a/b): value = scale * (code - zero), codes of `wbits` bits
   packed little-endian into each row's own bytes (so a block of rows decodes on its own);
 - the lattice codebooks of `quant.e8p` (E8P and its residual variants): one 16-bit (or 8-bit) word per
-  8 weights and stage, one scale per stage.
+  8 weights and stage, one scale per row.
 """
 import math
 
