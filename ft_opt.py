@@ -27,7 +27,6 @@ import lm
 import quant
 from engine.distributed import barrier, distributed
 from engine import ArgumentParser, UserError, atomic_save, atomic_write_json, cli, require_positive_ints
-from losses import get_loss
 
 TOKEN_LOSSES = ("ce", "focal", "root", "root_convex")  # the multi-class forms of losses/
 RESUME_KEYS = ("model", "dataset", "train_file", "loss", "k", "m", "seqlen", "bs", "grad_accum", "epochs",
@@ -59,6 +58,9 @@ def parse_args(argv):
     p.add_argument("--eval-bs", type=int, default=1, help="windows per perplexity forward pass")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
+                   help="compute the loss from the model's logits instead of the fused head + loss "
+                        "(losses.linear_token_loss, which never builds the tokens x vocab logits)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision; weights stay fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="output directory (default runs/ft_opt_<dataset>_<loss>)")
@@ -170,7 +172,7 @@ def run(args, rank, world, device):
     if test_ids.numel() < eval_seqlen:
         raise UserError(f"the evaluation text has {test_ids.numel()} tokens, fewer than one window of {eval_seqlen}"
                         " (lower --eval-seqlen)")
-    criterion = get_loss(args.loss, k=args.k, m=args.m, ignore_index=-100)
+    objective = lm.NextTokenLoss(model, args.loss, fused=args.fused_loss, k=args.k, m=args.m)
 
     global_bs = args.bs * world
     # a last, incomplete global micro-batch would leave some ranks without rows: dropped under torchrun
@@ -213,7 +215,7 @@ def run(args, rank, world, device):
     if metrics["ppl_before"] is None and rank == 0:
         metrics["ppl_before"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
         print(f"perplexity before finetuning: {metrics['ppl_before']:.3f}")
-    train_model = DistributedDataParallel(model) if world > 1 else model
+    train_objective = DistributedDataParallel(objective) if world > 1 else objective
 
     for epoch in range(start_epoch, args.epochs):
         if step >= total_steps:
@@ -227,8 +229,7 @@ def run(args, rank, world, device):
             first = i * global_bs + rank * args.bs
             input_ids = blocks[order[first:min(first + args.bs, (i + 1) * global_bs)]].to(device)
             with autocast:
-                logits = train_model(input_ids=input_ids, use_cache=False).logits
-            loss = lm.token_loss(criterion, logits, lm.shift_labels(input_ids))
+                loss = train_objective(input_ids, lm.shift_labels(input_ids))
             (loss / args.grad_accum).backward()
             losses.append(loss.item())
             pending += 1

@@ -205,3 +205,12 @@ def test_torchrun_two_gloo_processes_equal_one_process_with_the_same_global_batc
     a, b = (AutoModelForCausalLM.from_pretrained(d) for d in (single, ddp))
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_fused_loss_and_no_fused_loss_train_the_same_model(assets, tmp_path):
+    args = ["--model", assets["llama"], "--data-dir", assets["data"], *FAST, "--epochs", "1", "--max-steps", "3"]
+    fused = ft_opt.main([*args, "--out", str(tmp_path / "fused")])
+    plain = ft_opt.main([*args, "--out", str(tmp_path / "plain"), "--no-fused-loss"])
+    assert fused["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+    assert fused["ppl_after"] == pytest.approx(plain["ppl_after"], rel=1e-5)
+    assert fused["ppl_after"] != fused["ppl_before"]
