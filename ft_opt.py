@@ -25,11 +25,11 @@ from transformers import get_linear_schedule_with_warmup
 
 import lm
 import quant
-from engine.distributed import barrier, distributed
+from engine.distributed import barrier, distributed, full_state, fully_shard_blocks, load_full_state
 from engine import ArgumentParser, UserError, atomic_save, atomic_write_json, cli, require_positive_ints
 
 TOKEN_LOSSES = ("ce", "focal", "root", "root_convex")  # the multi-class forms of losses/
-RESUME_KEYS = ("model", "dataset", "train_file", "loss", "k", "m", "seqlen", "bs", "grad_accum", "epochs",
+RESUME_KEYS = ("model", "dataset", "train_file", "loss", "k", "m", "seqlen", "grad_accum", "epochs",
                "max_steps", "lr", "warmup", "seed", "freeze_embeddings")
 
 
@@ -61,6 +61,9 @@ def parse_args(argv):
     p.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
                    help="compute the loss from the model's logits instead of the fused head + loss "
                         "(losses.linear_token_loss, which never builds the tokens x vocab logits)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state over the processes "
+                        "(FSDP2 fully_shard per transformer block) instead of DDP's full copies")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision; weights stay fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="output directory (default runs/ft_opt_<dataset>_<loss>)")
@@ -149,6 +152,16 @@ def save_pretrained(model, tokenizer, out):
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
 
 
+def build_model(args, device):
+    """(model, tokenizer, code snapshot or None) ready to train: a packed model gets its channel scales,
+    --freeze-embeddings freezes embeddings and head."""
+    model, tokenizer = lm.load_causal_lm(args.model, device=device)
+    codes = prepare_quantized(model) if hasattr(model, "rlo_quantization") else None
+    if args.freeze_embeddings:
+        freeze_embeddings(model)
+    return model, tokenizer, codes
+
+
 def main(argv=None):
     args = parse_args(argv)
     with distributed(args.device) as (rank, world, device):
@@ -157,13 +170,12 @@ def main(argv=None):
 
 def run(args, rank, world, device):
     """One process of the run (rank of world). Each optimizer step sees `grad_accum` global micro-batches
-    of bs x world blocks; rank r trains on rows r*bs..(r+1)*bs of each, DDP averages the gradients, so
-    N ranks with --bs b equal one process with --bs N*b. Only rank 0 evaluates and writes."""
+    of bs x world blocks; rank r trains on rows r*bs..(r+1)*bs of each, DDP (or FSDP) averages the
+    gradients, so N ranks with --bs b equal one process with --bs N*b. Only rank 0 evaluates and writes."""
+    if args.fsdp and world == 1:
+        raise UserError("--fsdp shards the model over the processes of torchrun: run it under torchrun --nproc_per_node N")
     torch.manual_seed(args.seed)
-    model, tokenizer = lm.load_causal_lm(args.model, device=device)
-    codes_before = prepare_quantized(model) if hasattr(model, "rlo_quantization") else None
-    if args.freeze_embeddings:
-        freeze_embeddings(model)
+    model, tokenizer, codes_before = build_model(args, device)
     seqlen = lm.default_seqlen(model, args.seqlen)
     eval_seqlen = lm.default_seqlen(model, args.eval_seqlen)
     train_ids = load_ids(tokenizer, args, "train", args.train_file)
@@ -183,8 +195,6 @@ def run(args, rank, world, device):
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    optimizer = build_optimizer(model, args)
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(args.warmup, total_steps), total_steps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     if rank == 0:
@@ -192,30 +202,42 @@ def run(args, rank, world, device):
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     metrics = {"model": args.model, "dataset": args.dataset, "loss": args.loss, "k": args.k, "m": args.m,
                "seqlen": seqlen, "eval_seqlen": eval_seqlen, "train_tokens": blocks.numel(),
-               "eval_tokens": test_ids.numel(), "ppl_before": None, "ppl_after": None,
+               "eval_tokens": test_ids.numel(), "global_bs": global_bs, "ppl_before": None, "ppl_after": None,
                "train_loss": [], "steps": 0, "quantized": codes_before is not None,
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "args": vars(args)}
-    start_epoch, step = 0, 0
+    ckpt = None
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         # A checkpoint only continues the run that wrote it (same data order, schedule and loss).
         changed = [f"--{key.replace('_', '-')}" for key in RESUME_KEYS if ckpt["metrics"]["args"][key] != getattr(args, key)]
+        if ckpt["metrics"]["global_bs"] != global_bs:  # --bs x processes: any split of it resumes
+            changed.append("--bs x processes")
         if changed:
             raise UserError(f"{ckpt_path} was written with different {', '.join(changed)}; "
                             "resume with the same settings or use another --out")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
-        start_epoch, step, metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
-        print(f"resumed from {ckpt_path} after epoch {start_epoch} (step {step})")
+        metrics = ckpt["metrics"]
     elif args.resume:
         print(f"no {ckpt_path}; starting from scratch")
 
-    if metrics["ppl_before"] is None and rank == 0:
+    if metrics["ppl_before"] is None and rank == 0:  # before sharding: rank 0 holds the whole model
         metrics["ppl_before"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
         print(f"perplexity before finetuning: {metrics['ppl_before']:.3f}")
-    train_objective = DistributedDataParallel(objective) if world > 1 else objective
+    if args.fsdp:
+        train_objective, blocks_sharded = fully_shard_blocks(objective, model)
+        if rank == 0:
+            print(f"FSDP: {blocks_sharded} transformer blocks + the rest sharded over {world} processes")
+    else:
+        train_objective = DistributedDataParallel(objective) if world > 1 else objective
+    # built after sharding: FSDP replaces the parameters by their shards
+    optimizer = build_optimizer(model, args)
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(args.warmup, total_steps), total_steps)
+    start_epoch, step = 0, 0
+    if ckpt is not None:
+        load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        print(f"resumed from {ckpt_path} after epoch {start_epoch} (step {step})")
 
     for epoch in range(start_epoch, args.epochs):
         if step >= total_steps:
@@ -243,14 +265,20 @@ def run(args, rank, world, device):
                     break
         metrics["train_loss"].append(mean_over_ranks(losses))
         metrics["steps"] = step
+        model_state, optimizer_state = full_state(model, optimizer)  # every rank takes part
         if rank == 0:
             print(f"epoch {epoch + 1}: train {args.loss} loss {metrics['train_loss'][-1]:.4f} ({step} steps)")
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                         "epoch": epoch + 1, "step": step, "metrics": metrics}, ckpt_path)
+            atomic_save({"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                         "rng": torch.get_rng_state(), "epoch": epoch + 1, "step": step, "metrics": metrics},
+                        ckpt_path)
             atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
         barrier()  # every rank sees the checkpoint of a finished epoch
 
+    if args.fsdp:  # rank 0 evaluates and saves an unsharded copy holding the trained weights
+        model_state, _ = full_state(model)
+        if rank == 0:
+            model, tokenizer, _ = build_model(args, device)
+            model.load_state_dict(model_state)
     if rank != 0:
         return None
     metrics["ppl_after"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
