@@ -36,24 +36,34 @@ from .rooted import _ClassLoss, _reduce
 _CHUNK_ELEMENTS = 1 << 23
 
 
-def _chunk(hidden_c, weight, bias, labels_c, valid_c, f, scale):
-    """Per-token losses of one chunk (fp32, 0 where ignored) and, when `scale` is given (a per-token
-    upstream gradient, or None for no gradient), the gradient w.r.t. the chunk's logits in the matmul
-    dtype."""
-    logits = F.linear(hidden_c, weight, bias)
-    logp_all = F.log_softmax(logits, dim=1, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    del logits
-    logp = logp_all.gather(1, labels_c.unsqueeze(1)).squeeze(1)
+def _chunk(hidden_c, weight, bias, labels_c, valid_c, f, scale, work):
+    """Per-token losses of one chunk (0 where ignored) and, when `scale` is given (a per-token upstream
+    gradient; None for no gradient), the gradient w.r.t. the chunk's logits in the matmul dtype.
+
+    The logits, their softmax and their gradient all live in `work` (chunk x V, compute dtype), one
+    after the other, so a chunk costs one buffer (plus a matmul-dtype copy for bf16/fp16)."""
+    z = work[:len(hidden_c)]
+    if weight.dtype != z.dtype:  # logits rounded to the matmul dtype first, as F.linear returns them
+        z.copy_(F.linear(hidden_c, weight, bias))
+    elif bias is None:
+        torch.mm(hidden_c, weight.t(), out=z)
+    else:
+        torch.addmm(bias, hidden_c, weight.t(), out=z)
+    labels_c = labels_c.unsqueeze(1)
+    target = z.gather(1, labels_c).squeeze(1)
+    top = z.amax(1, keepdim=True)
+    total = z.sub_(top).exp_().sum(1)  # z now holds exp(logit - max)
+    logp = target - top.squeeze(1) - total.log()
     with torch.enable_grad():
-        x = logp.detach().requires_grad_()
+        x = logp.requires_grad_()
         values = f(torch.where(valid_c, x, 0.0))
         (df,) = torch.autograd.grad(values, x, torch.ones_like(values)) if scale is not None else (None,)
     values = torch.where(valid_c, values.detach(), 0.0)
     if scale is None:
         return values, None
     g = torch.where(valid_c, df * scale, 0.0).unsqueeze(1)
-    # (onehot - softmax) * g, built in the fp32 log-softmax buffer
-    grad = logp_all.exp_().mul_(-g).scatter_add_(1, labels_c.unsqueeze(1), g)
+    # (onehot - softmax) * g
+    grad = z.div_(total.unsqueeze(1)).mul_(-g).scatter_add_(1, labels_c, g)
     return values, grad.to(hidden_c.dtype)
 
 
@@ -72,10 +82,11 @@ class _LinearTokenLoss(torch.autograd.Function):
         scale = (1.0 / count.to(compute)) if reduction == "mean" else torch.ones((), dtype=compute, device=hidden.device)
         grads = _Grads(hidden, weight, bias, needs, accum_dtype) if eager else None
         values = torch.empty(n, dtype=compute, device=hidden.device)
+        work = torch.empty(min(chunk, n), weight.shape[0], dtype=compute, device=hidden.device)
         for s in range(0, n, chunk):
             h = hidden[s:s + chunk].to(matmul_dtype)
             values[s:s + chunk], grad = _chunk(h, w, b, safe_labels[s:s + chunk], valid[s:s + chunk], f,
-                                               scale if eager else None)
+                                               scale if eager else None, work)
             if eager:
                 grads.add(s, grad, h, w)
         ctx.eager, ctx.grads = eager, grads.finish() if eager else None
@@ -97,10 +108,12 @@ class _LinearTokenLoss(torch.autograd.Function):
         grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3], accum_dtype)
         w = weight.to(matmul_dtype)
         b = bias.to(matmul_dtype) if bias is not None else None
-        g = grad_out.to(torch.float64 if matmul_dtype == torch.float64 else torch.float32)
+        compute = torch.float64 if matmul_dtype == torch.float64 else torch.float32
+        g = grad_out.to(compute)
+        work = torch.empty(min(chunk, len(hidden)), weight.shape[0], dtype=compute, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk].to(matmul_dtype)
-            _, grad = _chunk(h, w, b, labels[s:s + chunk], valid[s:s + chunk], f, g[s:s + chunk])
+            _, grad = _chunk(h, w, b, labels[s:s + chunk], valid[s:s + chunk], f, g[s:s + chunk], work)
             grads.add(s, grad, h, w)
         return (*grads.finish(), None, *nones)
 
