@@ -69,14 +69,15 @@ def _chunk(hidden_c, weight, bias, labels_c, valid_c, f, scale, work):
 
 class _LinearTokenLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, f, reduction, ignore_index, chunk, accum_dtype, matmul_dtype):
+    def forward(ctx, hidden, weight, bias, labels, f, reduction, ignore_index, chunk, accum_dtype, matmul_dtype,
+                grad_enabled):
         n = hidden.shape[0]
         valid = labels != ignore_index
         safe_labels = torch.where(valid, labels, 0)
         count = valid.sum().clamp(min=1)
         w = weight.to(matmul_dtype)
         b = bias.to(matmul_dtype) if bias is not None else None
-        needs = ctx.needs_input_grad[:3]
+        needs = [need and grad_enabled for need in ctx.needs_input_grad[:3]]  # (True under no_grad too)
         eager = reduction != "none" and any(needs)  # gradients now, scaled in backward
         compute = torch.float64 if matmul_dtype == torch.float64 else torch.float32
         scale = (1.0 / count.to(compute)) if reduction == "mean" else torch.ones((), dtype=compute, device=hidden.device)
@@ -97,7 +98,7 @@ class _LinearTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        nones = (None,) * 7
+        nones = (None,) * 8
         if ctx.eager:
             grads, ctx.grads = ctx.grads, None  # released at once: they are as large as the parameters
             if grads is None:
@@ -165,5 +166,5 @@ def linear_token_loss(hidden, weight, labels, loss="root", *, bias=None, ignore_
     with torch.autocast(device, enabled=False):
         out = _LinearTokenLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1),
                                      criterion.per_sample, reduction, ignore_index, chunk,
-                                     accum_dtype or weight.dtype, matmul_dtype)
+                                     accum_dtype or weight.dtype, matmul_dtype, torch.is_grad_enabled())
     return out.reshape(labels.shape) if reduction == "none" else out

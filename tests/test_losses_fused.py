@@ -87,17 +87,18 @@ def test_all_targets_ignored_gives_zero_loss_and_zero_gradients():
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces."""
+    """Records the shapes of the tensors ops produce, and the largest number of elements among them."""
 
     def __init__(self):
         super().__init__()
-        self.largest = 0
+        self.largest, self.shapes = 0, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
+                self.shapes.add(tuple(t.shape))
         return out
 
 
@@ -134,6 +135,15 @@ def test_autocast_with_fp32_master_weights():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0.02, atol=0.02 * w.abs().max().item())
+
+
+def test_no_gradient_work_without_autograd():
+    hidden, weight, _, labels = case(shape=(400,), d=16, vocab=1000, bias=False)
+    with torch.no_grad(), LargestTensor() as mode:
+        out = linear_token_loss(hidden, weight, labels, "root", chunk_tokens=50)
+    assert not out.requires_grad and mode.largest == 50 * 1000
+    assert (1000, 16) not in mode.shapes  # no weight-gradient accumulator
+    assert out.item() == pytest.approx(unfused(hidden, weight, None, labels, "root").item(), rel=1e-6)
 
 
 def test_backward_twice_is_refused():
