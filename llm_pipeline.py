@@ -38,7 +38,7 @@ FIELDS = ["seed", "loss", "quant", "wbits", "incoh", "fp", "finetuned", "ptq", "
 
 
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="llama2.c .bin, HF directory or hub name")
     p.add_argument("--train-file", default=DEFAULT_TRAIN, help="finetuning and calibration text")
     p.add_argument("--eval-file", default=DEFAULT_EVAL, help="perplexity text")

@@ -6,7 +6,6 @@ args.json atomically. Under torchrun only rank 0 looks at the folder and the oth
 so no rank sees the args.json that rank 0 has just written.
 """
 import json
-import math
 import os
 
 import torch
@@ -58,13 +57,6 @@ def set_threads(args):
     torch.set_num_threads(args.threads)
 
 
-def check_k_m(**values):
-    """The one check of RLO's k and m (and any other named value that must be finite and > 0)."""
-    for name, value in values.items():
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
-
-
 def run_args(args):
     """args as JSON-able values (objects a script attached, such as a built criterion, dropped)."""
     return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool, list, tuple))}
@@ -88,7 +80,7 @@ def _check_run_dir(args, files, run_keys):
             raise UserError(f"--resume: {out} was started with other arguments: {'; '.join(changed)}")
         return
     if present and not args.overwrite:
-        raise UserError(f"{out} already holds a run ({', '.join(present)}); pass "
+        raise UserError(f"{out} already holds a run; pass "
                         + ("--resume to continue it or " if hasattr(args, "resume") else "")
                         + "--overwrite to replace it, or choose another --out")
     for f in present:

@@ -16,7 +16,7 @@ from losses import get_loss
 from tests.lm_fixtures import save_tiny_lm, write_wikitext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--seqlen", "32", "--lr", "3e-3", "--warmup", "2", "--bs", "4", "--grad-accum", "2", "--epochs", "2"]
+FAST = ["--seqlen", "32", "--lr", "3e-3", "--warmup-steps", "2", "--micro-bs", "4", "--grad-accum", "2", "--epochs", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +89,10 @@ def test_resume_reproduces_uninterrupted_run(assets, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ft_opt.main([*args, "--out", out])
     monkeypatch.setattr(ft_opt, "atomic_save", real_save)
-    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == 1
-    with pytest.raises(UserError, match="different --k"):
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 1
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        ft_opt.main([*args, "--out", out])
+    with pytest.raises(UserError, match="started with other arguments: --k 3.0 -> 4.0"):
         ft_opt.main([*args, "--out", out, "--resume", "--k", "4"])
     resumed = ft_opt.main([*args, "--out", out, "--resume"])
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6)
@@ -132,9 +134,9 @@ def test_bad_input_exits_2_with_one_line(assets):
 
 def test_bad_input_user_errors(assets, tmp_path):
     base = ["--model", assets["opt"], "--data-dir", assets["data"], "--out", str(tmp_path / "o"), "--seqlen", "32"]
-    with pytest.raises(UserError, match="--k must be a finite number > 0"):
+    with pytest.raises(UserError, match="k must be a finite number > 0"):
         ft_opt.main([*base, "--k", "0"])
-    with pytest.raises(UserError, match="--m must be"):
+    with pytest.raises(UserError, match="m must be"):
         ft_opt.main([*base, "--m", "-1"])
     with pytest.raises(UserError, match="larger than the model's 128 positions"):
         ft_opt.main([*base, "--seqlen", "256"])
@@ -144,9 +146,17 @@ def test_bad_input_user_errors(assets, tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(UserError, match="empty.txt' is empty"):
         ft_opt.main([*base, "--train-file", str(tmp_path / "empty.txt")])
+    with pytest.raises(UserError, match="empty.txt' is empty"):  # the data is checked before the model loads
+        ft_opt.main([*base[2:], "--model", str(tmp_path / "no-model"), "--train-file", str(tmp_path / "empty.txt")])
     with pytest.raises(UserError, match=r"put wiki\.train\.raw"):
         ft_opt.main([*base, "--data-dir", str(tmp_path)])  # the last --data-dir wins
-    assert not os.path.exists(tmp_path / "o" / "metrics.json")
+    assert not os.path.exists(tmp_path / "o")  # no error left a run folder behind
+
+
+def test_default_run_folder_names_loss_k_and_m():
+    outs = {ft_opt.parse_args(["--k", k]).out for k in ("3", "5")} | {ft_opt.parse_args(["--loss", "ce"]).out}
+    assert outs == {os.path.join("runs", name) for name in
+                    ("ft_opt_wikitext2_root_k3_m5", "ft_opt_wikitext2_root_k5_m5", "ft_opt_wikitext2_ce")}
 
 
 @pytest.mark.parametrize("loss", ["ce", "root"])
@@ -189,11 +199,11 @@ def test_torchrun_two_gloo_processes_equal_one_process_with_the_same_global_batc
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     common = ["--model", assets["opt"], "--data-dir", assets["data"], "--seqlen", "32", "--lr", "3e-3",
-              "--warmup", "2", "--grad-accum", "2", "--epochs", "1", "--max-steps", "6", "--device", "cpu"]
+              "--warmup-steps", "2", "--grad-accum", "2", "--epochs", "1", "--max-steps", "6", "--device", "cpu"]
     single, ddp = str(assets["root"] / "ddp_single"), str(assets["root"] / "ddp_two")
-    one = ft_opt.main(common + ["--bs", "4", "--out", single])
+    one = ft_opt.main(common + ["--micro-bs", "4", "--out", single])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", f"--master_port={port}",
-           "ft_opt.py", *common, "--bs", "2", "--out", ddp]
+           "ft_opt.py", *common, "--micro-bs", "2", "--out", ddp]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
