@@ -35,7 +35,8 @@ def default_device():
 def add_common_args(p, out, resume=False, seeds=False, seed_help="random seed", device=None,
                     data_dir_help="folder holding the data sets", data_dir=None, threads=None):
     """The shared flags. `out`: the default run folder in words; `seeds`: --seed takes a list (one run
-    each; --seeds is an alias); `device`/`data_dir`/`threads`: the script's defaults where they differ."""
+    each; --seeds is an alias); `device`/`data_dir`/`threads`: the script's defaults where they differ,
+    False for a script without that flag (regression.py runs on the CPU, gan.py generates its data)."""
     a = p.add_argument
     a("--out", default=None, help=f"run folder (default: {out})")
     a("--overwrite", action="store_true", help="replace the run already in --out")
@@ -45,9 +46,11 @@ def add_common_args(p, out, resume=False, seeds=False, seed_help="random seed", 
         a("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[0], help=f"{seed_help}; one run per seed")
     else:
         a("--seed", type=int, default=0, help=seed_help)
-    a("--device", default=device or default_device(), help="cuda, cuda:N or cpu")
-    a("--data-dir", default=data_dir or default_data_dir(),
-      help=f"{data_dir_help} (default: ${DATA_DIR_ENV}, else ./datasets; now %(default)s)")
+    if device is not False:
+        a("--device", default=device or default_device(), help="cuda, cuda:N or cpu")
+    if data_dir is not False:
+        a("--data-dir", default=data_dir or default_data_dir(),
+          help=f"{data_dir_help} (default: ${DATA_DIR_ENV}, else ./datasets; now %(default)s)")
     a("--threads", type=int, default=threads or default_threads(), help="torch CPU threads (torch.set_num_threads)")
 
 

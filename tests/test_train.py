@@ -153,3 +153,22 @@ def test_plot_compares_runs(tmp_path):
     assert plot.label(runs[1]) == "vit_tiny root k=3 m=3"
     with pytest.raises(UserError, match="no metrics.csv"):
         plot.main([str(tmp_path), "--out", png])
+    foreign = tmp_path / "gan"
+    foreign.mkdir()
+    (foreign / "metrics.csv").write_text("loss,k,seed,step,modes\nce,,0,10,3\n")  # gan.py's
+    with pytest.raises(UserError, match="is not a train.py metrics.csv: no column epoch, wall_seconds, test_acc"):
+        plot.main([str(foreign), "--out", png])
+
+
+def test_plot_marks_a_run_with_one_evaluated_epoch(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    run = tmp_path / "one"
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch,step,test_loss,test_acc,wall_seconds\n1,4,1.5,40.0,2.0\n")
+    markers = []
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **kw: markers.append(kw.get("marker")) or real_plot(self, *a, **kw))
+    plot.main([str(run), "--out", str(tmp_path / "one.png")])
+    assert markers == ["o"] * 4  # one point per panel, visible
