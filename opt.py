@@ -58,19 +58,19 @@ def parse_args(argv):
                         "(default: kron; e8p always uses hadamard)")
     p.add_argument("--lazy_batch", action="store_true", help="LDLQ/GPTQ updates in blocks of 128 columns")
     p.add_argument("--proxy_only", action="store_true", help="skip the perplexity evaluation")
-    p.add_argument("--save", help="write the packed quantized model to this new directory")
-    p.add_argument("--load", help="evaluate a packed model written by --save instead of quantizing MODEL")
+    p.add_argument("--save", help="write the packed quantized model to this new directory (default: none)")
+    p.add_argument("--load", help="evaluate a packed model written by --save instead of quantizing MODEL (default: none)")
     p.add_argument("--check", action="store_true",
                    help="compare every packed layer with its dense weights; with --save also reload the "
                         "saved directory and recompute the perplexities")
-    p.add_argument("--generate", metavar="PROMPT", help="greedy continuation of PROMPT by the (quantized) model")
+    p.add_argument("--generate", metavar="PROMPT", help="greedy continuation of PROMPT by the (quantized) model (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens --generate adds")
     # ours
     p.add_argument("--seqlen", type=int, help="calibration and evaluation length (default: the model's)")
     p.add_argument("--eval", nargs="*", default=["wikitext2"], choices=lm.DATASETS, help="perplexity datasets")
-    p.add_argument("--train-file", help="plain text file to calibrate on (replaces DATASET's train split)")
+    p.add_argument("--train-file", help="plain text file to calibrate on (default: DATASET's train split)")
     p.add_argument("--eval-windows", type=int, help="perplexity on the first N windows only (default: all)")
-    p.add_argument("--eval-file", help="plain text file for perplexity (reported as 'eval_file'; replaces --eval)")
+    p.add_argument("--eval-file", help="plain text file for perplexity, reported as 'eval_file' (default: the --eval datasets)")
     p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
                    help="model dtype (auto: float16 on CUDA, float32 on CPU)")
     add_common_args(p, out="SAVE, else runs/opt_<model>_<quant>_w<wbits> (_eval with --load)", seed_help="calibration sampling and "

@@ -51,7 +51,7 @@ PAPER = {"wine": (90.0, 3, 97.22), "ionosphere": (81.4, 4, 85.07), "madelon": (5
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
+    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)} (required, no default)")
     p.add_argument("--model", default="linear", help=f"one of: {', '.join(MODELS)} (fcnN: N Linear layers, --hidden wide)")
     p.add_argument("--hidden", type=int, default=100, help="FCN width")
     p.add_argument("--k", type=float, default=3.0, help="RLO root k")
