@@ -25,14 +25,14 @@ from transformers import get_linear_schedule_with_warmup
 
 import lm
 import quant
-from engine.distributed import barrier, distributed
+from engine.distributed import barrier, distributed, full_state, fully_shard_blocks, load_full_state
 from engine import (ArgumentParser, UserError, add_common_args, atomic_save, atomic_write_json, cli, load_checkpoint,
-                    prepare_run_dir, require_positive_ints, restore, rng_state, run_args, set_rng_state,
-                    set_threads)
+                    prepare_run_dir, require_positive_ints, rng_state, run_args, set_rng_state, set_threads)
 from losses import describe, get_loss, is_rooted, names
 
 TOKEN_LOSSES = names()  # the multi-class forms
-RESUME_KEYS = ("model", "dataset", "train_file", "loss", "k", "m", "seqlen", "micro_bs", "grad_accum", "epochs",
+# --micro-bs is not among them: any split of the global batch over processes resumes (checked apart)
+RESUME_KEYS = ("model", "dataset", "train_file", "loss", "k", "m", "seqlen", "grad_accum", "epochs",
                "max_steps", "lr", "warmup_steps", "seed", "freeze_embeddings")
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "step", "metrics")
 
@@ -60,6 +60,12 @@ def parse_args(argv):
     p.add_argument("--eval-windows", type=int, help="perplexity on the first N windows only (default: all)")
     p.add_argument("--eval-bs", type=int, default=1, help="windows per perplexity forward pass")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total (default: all epochs)")
+    p.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
+                   help="compute the loss from the model's logits instead of the fused head + loss "
+                        "(losses.linear_token_loss, which never builds the tokens x vocab logits; default: fused)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state over the processes "
+                        "(FSDP2 fully_shard per transformer block) instead of DDP's full copies")
     p.add_argument("--amp", "--bf16", action="store_true", help="bf16 autocast (mixed precision; weights stay fp32)")
     add_common_args(p, out="runs/ft_opt_<dataset>_<loss>[_k<k>_m<m>]", resume=True,
                     seed_help="weight init of new heads, data order", data_dir_help="folder with the dataset's "
@@ -136,6 +142,16 @@ def build_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr)
 
 
+def build_model(args, device):
+    """(model, tokenizer, code snapshot or None) ready to train: a packed model gets its channel scales,
+    --freeze-embeddings freezes embeddings and head."""
+    model, tokenizer = lm.load_causal_lm(args.model, device=device)
+    codes = prepare_quantized(model) if hasattr(model, "rlo_quantization") else None
+    if args.freeze_embeddings:
+        freeze_embeddings(model)
+    return model, tokenizer, codes
+
+
 def main(argv=None):
     args = parse_args(argv)
     set_threads(args)
@@ -145,17 +161,16 @@ def main(argv=None):
 
 def run(args, rank, world, device):
     """One process of the run (rank of world). Each optimizer step sees `grad_accum` global micro-batches
-    of micro_bs x world blocks; rank r trains on rows r*micro_bs..(r+1)*micro_bs of each, DDP averages the
-    gradients, so N ranks with --micro-bs b equal one process with --micro-bs N*b. Only rank 0 evaluates
-    and writes."""
+    of micro_bs x world blocks; rank r trains on rows r*micro_bs..(r+1)*micro_bs of each, DDP (or FSDP)
+    averages the gradients, so N ranks with --micro-bs b equal one process with --micro-bs N*b. Only rank 0
+    evaluates and writes."""
+    if args.fsdp and world == 1:
+        raise UserError("--fsdp shards the model over the processes of torchrun: run it under torchrun --nproc_per_node N")
     # The texts first: a missing or empty file is reported before a model loads for seconds or minutes.
     train_text = load_text(args, "train", args.train_file)
     test_text = load_text(args, "test", args.eval_file)
     torch.manual_seed(args.seed)
-    model, tokenizer = lm.load_causal_lm(args.model, device=device)
-    codes_before = prepare_quantized(model) if hasattr(model, "rlo_quantization") else None
-    if args.freeze_embeddings:
-        freeze_embeddings(model)
+    model, tokenizer, codes_before = build_model(args, device)
     seqlen = lm.default_seqlen(model, args.seqlen)
     eval_seqlen = lm.default_seqlen(model, args.eval_seqlen)
     train_ids, test_ids = lm.encode(tokenizer, train_text), lm.encode(tokenizer, test_text)
@@ -163,7 +178,7 @@ def run(args, rank, world, device):
     if test_ids.numel() < eval_seqlen:
         raise UserError(f"the evaluation text has {test_ids.numel()} tokens, fewer than one window of {eval_seqlen}"
                         " (lower --eval-seqlen)")
-    criterion = get_loss(args.loss, k=args.k, m=args.m, ignore_index=-100)
+    objective = lm.NextTokenLoss(model, args.loss, fused=args.fused_loss, k=args.k, m=args.m)
 
     global_bs = args.micro_bs * world
     # a last, incomplete global micro-batch would leave some ranks without rows: dropped under torchrun
@@ -174,29 +189,42 @@ def run(args, rank, world, device):
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    optimizer = build_optimizer(model, args)
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps), total_steps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
     prepare_run_dir(args, ("metrics.json", "checkpoint.pt"), RESUME_KEYS)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     metrics = {"model": args.model, "dataset": args.dataset, "loss": args.loss, "k": args.k, "m": args.m,
                "seqlen": seqlen, "eval_seqlen": eval_seqlen, "train_tokens": blocks.numel(),
-               "eval_tokens": test_ids.numel(), "ppl_before": None, "ppl_after": None,
+               "eval_tokens": test_ids.numel(), "global_bs": global_bs, "ppl_before": None, "ppl_after": None,
                "train_loss": [], "steps": 0, "quantized": codes_before is not None,
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "args": run_args(args)}
-    start_epoch, step = 0, 0
+    ckpt = None
     if args.resume:  # args.json's run-defining flags equal ours (prepare_run_dir)
         ckpt = load_checkpoint(ckpt_path, CHECKPOINT_KEYS)
-        restore(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        set_rng_state(ckpt["rng"])
-        start_epoch, step, metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
-        print(f"resumed from {ckpt_path} after epoch {start_epoch} (step {step})")
+        if ckpt["metrics"]["global_bs"] != global_bs:  # --micro-bs x processes: any split of it resumes
+            raise UserError(f"--resume: {args.out} was started with --micro-bs x processes = "
+                            f"{ckpt['metrics']['global_bs']}, now {global_bs}")
+        metrics = ckpt["metrics"]
 
-    if metrics["ppl_before"] is None and rank == 0:
+    if metrics["ppl_before"] is None and rank == 0:  # before sharding: rank 0 holds the whole model
         metrics["ppl_before"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
         print(f"perplexity before finetuning: {metrics['ppl_before']:.3f}")
-    train_model = DistributedDataParallel(model) if world > 1 else model
+    if args.fsdp:
+        train_objective, blocks_sharded = fully_shard_blocks(objective, model)
+        if rank == 0:
+            print(f"FSDP: {blocks_sharded} transformer blocks + the rest sharded over {world} processes")
+    else:
+        train_objective = DistributedDataParallel(objective) if world > 1 else objective
+    # built after sharding: FSDP replaces the parameters by their shards
+    optimizer = build_optimizer(model, args)
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps), total_steps)
+    start_epoch, step = 0, 0
+    if ckpt is not None:
+        load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        print(f"resumed from {ckpt_path} after epoch {start_epoch} (step {step})")
 
     for epoch in range(start_epoch, args.epochs):
         if step >= total_steps:
@@ -210,8 +238,7 @@ def run(args, rank, world, device):
             first = i * global_bs + rank * args.micro_bs
             input_ids = blocks[order[first:min(first + args.micro_bs, (i + 1) * global_bs)]].to(device)
             with autocast:
-                logits = train_model(input_ids=input_ids, use_cache=False).logits
-            loss = lm.token_loss(criterion, logits, lm.shift_labels(input_ids))
+                loss = train_objective(input_ids, lm.shift_labels(input_ids))
             (loss / args.grad_accum).backward()
             losses.append(loss.item())
             pending += 1
@@ -225,14 +252,20 @@ def run(args, rank, world, device):
                     break
         metrics["train_loss"].append(mean_over_ranks(losses))
         metrics["steps"] = step
+        model_state, optimizer_state = full_state(model, optimizer)  # every rank takes part
         if rank == 0:
             print(f"epoch {epoch + 1}: train {args.loss} loss {metrics['train_loss'][-1]:.4f} ({step} steps)")
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                         "epoch": epoch + 1, "step": step, "metrics": metrics}, ckpt_path)
+            atomic_save({"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                         "rng": rng_state(), "epoch": epoch + 1, "step": step, "metrics": metrics},
+                        ckpt_path)
             atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
         barrier()  # every rank sees the checkpoint of a finished epoch
 
+    if args.fsdp:  # rank 0 evaluates and saves an unsharded copy holding the trained weights
+        model_state, _ = full_state(model)
+        if rank == 0:
+            model, tokenizer, _ = build_model(args, device)
+            model.load_state_dict(model_state)
     if rank != 0:
         return None
     metrics["ppl_after"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)

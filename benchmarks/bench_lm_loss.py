@@ -7,21 +7,13 @@ Each loss runs in its own child process on the same (tokens x vocab) leaf logits
 set to ignore_index -100, like padding), so one measurement's allocator state cannot leak into the
 other. The logits are drawn directly in their dtype, and the peak counters are reset once the inputs
 exist, so building the inputs cannot set the peak. Peak memory is the memory above the inputs during
-forward + backward:
-- CUDA: torch.cuda.max_memory_allocated() after torch.cuda.reset_peak_memory_stats(), minus the
-  allocation at the reset;
-- CPU: the process's peak resident set size (VmHWM in /proc/self/status, reset by writing 5 to
-  /proc/self/clear_refs) minus its resident size at the reset (torch's CPU allocator returns large
-  blocks to the OS, so this is the peak of the tensors alive at once, plus a few MB of noise).
-Time is the median of --repeats passes after one warm-up pass. Goal (issue 6): both ratios <= 1.2.
+forward + backward (benchmarks/peak.py says how). Time is the median of --repeats passes after one warm-up pass. Goal (issue 6): both ratios <= 1.2.
 """
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,14 +22,7 @@ import torch.nn.functional as F
 
 from engine import UserError, cli
 from losses import get_loss
-
-
-def rss_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from peak import measure
 
 
 def worker(args):
@@ -54,28 +39,11 @@ def worker(args):
         criterion = get_loss(args.worker, k=5, m=5, ignore_index=-100)
         loss_fn = lambda: criterion(logits, target)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS: the baseline is the process with its inputs, now
-        base = rss_kib("VmRSS") * 1024
-    times = []
-    for i in range(args.repeats + 1):
-        start = time.perf_counter()
+    def step():
         loss_fn().backward()
-        sync()
-        if i:  # the first pass is a warm-up
-            times.append(time.perf_counter() - start)
         logits.grad = None
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kib("VmHWM") * 1024
-    print(json.dumps({"seconds": statistics.median(times), "peak_mib": (peak - base) / 2**20}))
+
+    print(json.dumps(measure(step, args.repeats, device)))
 
 
 def main(argv=None):

@@ -1,9 +1,14 @@
-"""torchrun glue shared by train.py and ft_opt.py: one process per device, rank 0 writes."""
+"""torchrun glue shared by train.py and ft_opt.py: one process per device, rank 0 writes; FSDP2 sharding
+and full (unsharded) state dicts that one code path saves and loads with or without it."""
 import contextlib
 import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+
+from .errors import UserError
 
 
 def setup_distributed(device):
@@ -33,3 +38,34 @@ def distributed(device):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def fully_shard_blocks(root, model):
+    """FSDP2: each transformer block of the HF `model` (the classes in its `_no_split_modules`, as
+    accelerate wraps them) becomes one unit, gathered only while it runs; what remains (embeddings,
+    head, final norm; a tied head stays with its embedding) belongs to `root`, the module whose
+    forward is called. Returns (root, number of blocks)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise UserError(f"--fsdp: {type(model).__name__} names no transformer block class (_no_split_modules)")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(root)
+    return root, len(blocks)
+
+
+def full_state(model, optimizer=None):
+    """(model state dict, optimizer state dict or {}), unsharded and on the CPU on rank 0 ({} on the
+    other ranks), parameters named by their path: the same format with or without FSDP, so a
+    checkpoint resumes under either. A collective under torchrun: every rank calls it."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_state_dict(model, [], options=options)[0], {}
+    return get_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model, optimizer, model_state, optimizer_state):
+    """Load `full_state`'s dicts (every rank passes the whole dicts; FSDP keeps each rank's shard)."""
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))

@@ -1,7 +1,7 @@
 """Shared helpers for causal language models, used by `ft_opt.py` (finetuning) and `opt.py`
 (quantization): loading a model and tokenizer (`load`), reading and tokenizing the evaluation
 corpora (`text`), and the GPTQ/QuIP perplexity protocol plus the next-token loss glue (`evaluate`)."""
-from .evaluate import perplexity, shift_labels, token_loss
+from .evaluate import NextTokenLoss, perplexity, shift_labels, token_loss
 from .load import default_seqlen, load_causal_lm, model_max_positions
 from .quantized import load_quantized, save_pretrained, save_quantized
 from .text import DATASETS, calibration_batch, calibration_windows, encode, load_text, read_text_file
@@ -9,5 +9,5 @@ from .text import DATASETS, calibration_batch, calibration_windows, encode, load
 __all__ = [
     "load_causal_lm", "model_max_positions", "default_seqlen", "load_quantized", "save_quantized", "save_pretrained",
     "DATASETS", "load_text", "read_text_file", "encode", "calibration_batch", "calibration_windows",
-    "perplexity", "shift_labels", "token_loss",
+    "perplexity", "shift_labels", "token_loss", "NextTokenLoss",
 ]

@@ -1,10 +1,12 @@
-"""Perplexity by the GPTQ/QuIP protocol and the glue between a causal LM's logits and a token loss."""
+"""Perplexity by the GPTQ/QuIP protocol and the glue between a causal LM and a token loss."""
 import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from engine import UserError
+from losses import get_loss, linear_token_loss
 
 
 def shift_labels(input_ids, attention_mask=None, ignore_index=-100):
@@ -22,6 +24,51 @@ def token_loss(criterion, logits, labels):
     """`criterion` (a `losses.get_loss` module) on (batch, seq, V) logits and shifted labels, flattened
     with views only."""
     return criterion(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+class NextTokenLoss(nn.Module):
+    """A causal LM's training loss as one module (what DDP / FSDP wrap): `loss` (a multi-class form of
+    `losses`, with its `params`) of the next-token targets, mean over targets.
+
+    fused=True computes it with `losses.linear_token_loss` from the base model's last hidden states and
+    the output head (tied or not, with its bias), so the (tokens x vocab) logits never exist; that
+    needs logits = head(last hidden state), which `check_fused` verifies once on a short input.
+    fused=False runs the model's own forward and the registry loss on its logits.
+    """
+
+    def __init__(self, model, loss, fused=True, **params):
+        super().__init__()
+        self.model, self.loss, self.fused, self.params = model, loss, fused, params
+        self.criterion = get_loss(loss, ignore_index=-100, **params)
+        if fused:
+            check_fused(model)
+
+    def forward(self, input_ids, labels):
+        if not self.fused:
+            return token_loss(self.criterion, self.model(input_ids=input_ids, use_cache=False).logits, labels)
+        hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        head = self.model.get_output_embeddings()
+        return linear_token_loss(hidden, head.weight, labels, self.loss, bias=head.bias, **self.params)
+
+
+@torch.no_grad()
+def check_fused(model):
+    """A UserError unless the model's logits are its output head applied to its base model's last
+    hidden states (not so for e.g. soft-capped or scaled logits, which the fused loss would miss)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or model.base_model is model:
+        raise UserError(f"{type(model).__name__} has no base model + linear output head: use --no-fused-loss")
+    ids = torch.arange(1, 9, device=head.weight.device)[None] % head.out_features
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    finally:
+        model.train(was_training)
+    if not torch.allclose(F.linear(hidden, head.weight, head.bias), logits, rtol=1e-4, atol=1e-4 * logits.abs().max().item()):
+        raise UserError(f"{type(model).__name__}'s logits are not its output head of the last hidden states "
+                        "(scaled or soft-capped?): use --no-fused-loss")
 
 
 @torch.no_grad()

@@ -5,6 +5,8 @@
   with `ignore_index` (default -100) or soft targets (N, C) for mixup/cutmix; `reduction` mean/sum/none.
 - binary (`logistic`, `binary_root_convex`, `binary_root`): logits z (N,), labels y in {-1, +1}
   (0 is read as -1).
+`linear_token_loss(hidden, weight, labels, name, **kwargs)` is any multi-class loss of an LM head
+computed without the (tokens x vocab) logits (`losses/fused.py`).
 `get_gan_loss(name, k)` returns the generator / discriminator pair for `ce` (logistic) or `root`.
 The formulas, their numerics and derivations are in `losses/rooted.py`.
 
@@ -95,5 +97,7 @@ def get_gan_loss(name, **kwargs):
     return _build(GAN_LOSSES, "GAN loss", name, kwargs)
 
 
+from .fused import linear_token_loss  # noqa: E402  (it builds its loss through get_loss)
+
 __all__ = ["LOSSES", "GAN_LOSSES", "Loss", "names", "is_rooted", "describe", "get_loss", "get_gan_loss",
-           "target_log_prob"]
+           "linear_token_loss", "target_log_prob"]

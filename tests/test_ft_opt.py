@@ -193,25 +193,78 @@ def test_freeze_embeddings_leaves_embeddings_and_head_unchanged(assets):
     assert not torch.equal(before.model.decoder.layers[0].fc1.weight, after.model.decoder.layers[0].fc1.weight)
 
 
-def test_torchrun_two_gloo_processes_equal_one_process_with_the_same_global_batch(assets):
+# 54 training blocks = 9 global micro-batches of 6: one process with --micro-bs 6 and two with --micro-bs 3 see the
+# same rows in every step (3 per epoch with accumulation 3)
+TORCHRUN = ["--seqlen", "32", "--lr", "3e-3", "--warmup-steps", "2", "--grad-accum", "3", "--epochs", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(assets):
+    out = str(assets["root"] / "torchrun_single")
+    return out, ft_opt.main(["--model", assets["opt"], "--data-dir", assets["data"], *TORCHRUN, "--micro-bs", "6", "--out", out])
+
+
+def torchrun(args):
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    common = ["--model", assets["opt"], "--data-dir", assets["data"], "--seqlen", "32", "--lr", "3e-3",
-              "--warmup-steps", "2", "--grad-accum", "2", "--epochs", "1", "--max-steps", "6", "--device", "cpu"]
-    single, ddp = str(assets["root"] / "ddp_single"), str(assets["root"] / "ddp_two")
-    one = ft_opt.main(common + ["--micro-bs", "4", "--out", single])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", f"--master_port={port}",
-           "ft_opt.py", *common, "--micro-bs", "2", "--out", ddp]
+           "ft_opt.py", *args]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("perplexity after finetuning") == 1  # only rank 0 evaluates and writes
-    two = json.load(open(os.path.join(ddp, "metrics.json")))
-    assert two["steps"] == one["steps"] == 6
-    assert two["train_loss"][0] == pytest.approx(one["train_loss"][0], rel=1e-5)
-    assert two["ppl_after"] == pytest.approx(one["ppl_after"], rel=1e-5)
-    a, b = (AutoModelForCausalLM.from_pretrained(d) for d in (single, ddp))
+    return res.stdout
+
+
+def assert_same_run(out, metrics, reference_out, reference):
+    assert metrics["steps"] == reference["steps"] == 6
+    assert metrics["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
+    assert metrics["ppl_after"] == pytest.approx(reference["ppl_after"], rel=1e-5)
+    a, b = (AutoModelForCausalLM.from_pretrained(d) for d in (reference_out, out))
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_gloo_processes_equal_one_process_with_the_same_global_batch(assets, single_process_run, mode):
+    out = str(assets["root"] / f"torchrun_{mode}")
+    stdout = torchrun(["--model", assets["opt"], "--data-dir", assets["data"], *TORCHRUN, "--micro-bs", "3", "--out", out,
+                       *(["--fsdp"] if mode == "fsdp" else [])])
+    assert ("FSDP: 2 transformer blocks + the rest sharded over 2 processes" in stdout) == (mode == "fsdp")
+    assert_same_run(out, json.load(open(os.path.join(out, "metrics.json"))), *single_process_run)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_resumes_a_checkpoint(assets, single_process_run, mode, monkeypatch):
+    # epoch 1 in one process, killed after its checkpoint; epoch 2 resumed by two processes: the
+    # checkpoint holds full (unsharded) state dicts, so it loads under DDP, FSDP or neither
+    out = str(assets["root"] / f"torchrun_resumed_{mode}")
+    args = ["--model", assets["opt"], "--data-dir", assets["data"], *TORCHRUN, "--out", out]
+    real_save = ft_opt.atomic_save
+
+    def save_then_crash(obj, path):
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft_opt, "atomic_save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        ft_opt.main([*args, "--micro-bs", "6"])
+    stdout = torchrun([*args, "--micro-bs", "3", "--resume", *(["--fsdp"] if mode == "fsdp" else [])])
+    assert "resumed from" in stdout and "after epoch 1" in stdout
+    assert_same_run(out, json.load(open(os.path.join(out, "metrics.json"))), *single_process_run)
+
+
+def test_fsdp_needs_torchrun(assets, tmp_path):
+    with pytest.raises(UserError, match="--fsdp shards the model over the processes of torchrun"):
+        ft_opt.main(["--model", assets["opt"], "--data-dir", assets["data"], "--out", str(tmp_path / "o"), "--fsdp"])
+
+
+def test_fused_loss_and_no_fused_loss_train_the_same_model(assets, tmp_path):
+    args = ["--model", assets["llama"], "--data-dir", assets["data"], *FAST, "--epochs", "1", "--max-steps", "3"]
+    fused = ft_opt.main([*args, "--out", str(tmp_path / "fused")])
+    plain = ft_opt.main([*args, "--out", str(tmp_path / "plain"), "--no-fused-loss"])
+    assert fused["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+    assert fused["ppl_after"] == pytest.approx(plain["ppl_after"], rel=1e-5)
+    assert fused["ppl_after"] != fused["ppl_before"]
