@@ -12,7 +12,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) demo.py
+	$(PY) demo.py --overwrite
 
 # The AISTATS pipeline on stories260K + WikiText-2 from ../shared/data (12 min on 2 cores).
 llm-demo: $(STAMP)

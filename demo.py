@@ -24,14 +24,16 @@ def first_iter_at(curves, method, k, level):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default %(default)s)")
+    p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs already in --out")
     p.add_argument("--optimizer", default="adam", choices=["gd", "adam"],
                    help="optimizer of the spiral FCNs (see the README: plain GD at lr 0.01 barely moves them)")
-    p.add_argument("--repeats", type=int, default=3, help="seeded 70/30 spiral splits (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="seeded 70/30 spiral splits")
     args = p.parse_args(argv)
+    overwrite = ["--overwrite"] if args.overwrite else []
 
     print("== 1. Wine: LR vs RLO (paper Table 1 / Figure 1) ==")
-    regression.main(["--dataset", "wine", "--sweep-k", "3:20", "--out", os.path.join(args.out, "wine")])
+    regression.main(["--dataset", "wine", "--sweep-k", "3:20", "--out", os.path.join(args.out, "wine"), *overwrite])
 
     print(f"\n== 2. Spiral: FCNs, CE vs RLO k=3 (paper Figure 2), {args.optimizer} lr 0.01, "
           f"{args.repeats} x 70/30 split ==")
@@ -42,7 +44,7 @@ def main(argv=None):
         out = os.path.join(args.out, f"spiral_{model}")
         rows = regression.main(["--dataset", "spiral", "--model", model, "--iters", str(iters), "--k", "3",
                                 "--optimizer", args.optimizer, "--repeats", str(args.repeats), "--out", out,
-                                "--quiet"])
+                                "--quiet", *overwrite])
         acc = {r["method"]: (r["test_acc_mean"], r["test_acc_std"]) for r in rows}
         curves = read_csv(os.path.join(out, "curves.csv"))
         speed = [first_iter_at(curves, m, 3.0, 90.0) for m in ("lr", "rlo")]

@@ -2,12 +2,13 @@
 report the true perplexity before and after, and save the model for `opt.py` (quantization).
 
     python ft_opt.py                                   # facebook/opt-125m on wikitext2, root loss k=m=5
-    python ft_opt.py --model DIR --loss ce --data-dir data/wikitext-2-raw --out runs/opt125m_ce
+    python ft_opt.py --model DIR --loss ce --data-dir datasets/wikitext-2-raw --out runs/opt125m_ce
 
-Defaults follow the authors' script (block 256, lr 1e-5, warmup 500, weight decay 0.01, batch 4 x
-accumulation 2, 3 epochs). Unlike it, the perplexity reported is exp(mean token cross-entropy) for
+Defaults follow the authors' script (block 256, lr 1e-5, 500 warmup steps, weight decay 0.01, micro-batch
+4 x accumulation 2, 3 epochs). Unlike it, the perplexity reported is exp(mean token cross-entropy) for
 every training loss, by the GPTQ/QuIP protocol (lm.perplexity), not exp(the training loss).
-Output in --out: the model and tokenizer (save_pretrained, safetensors) and metrics.json.
+Output in --out: args.json, the model and tokenizer (save_pretrained, safetensors) and metrics.json;
+checkpoint.pt (for --resume) until the run finishes.
 
 Finetuning in quantized space: with --model a packed directory written by `opt.py --save`, the codes
 stay frozen and the continuous parameters train (norms, biases, the QuantLinears' codebook scales and
@@ -16,7 +17,6 @@ QuIP#'s and AQLM's finetuning; the result is saved back in the packed format.
 """
 import math
 import os
-import tempfile
 
 import torch
 from tqdm import tqdm
@@ -26,11 +26,15 @@ from transformers import get_linear_schedule_with_warmup
 import lm
 import quant
 from engine.distributed import barrier, distributed, full_state, fully_shard_blocks, load_full_state
-from engine import ArgumentParser, UserError, atomic_save, atomic_write_json, cli, require_positive_ints
+from engine import (ArgumentParser, UserError, add_common_args, atomic_save, atomic_write_json, cli, load_checkpoint,
+                    prepare_run_dir, require_positive_ints, rng_state, run_args, set_rng_state, set_threads)
+from losses import describe, get_loss, is_rooted, names
 
-TOKEN_LOSSES = ("ce", "focal", "root", "root_convex")  # the multi-class forms of losses/
+TOKEN_LOSSES = names()  # the multi-class forms
+# --micro-bs is not among them: any split of the global batch over processes resumes (checked apart)
 RESUME_KEYS = ("model", "dataset", "train_file", "loss", "k", "m", "seqlen", "grad_accum", "epochs",
-               "max_steps", "lr", "warmup", "seed", "freeze_embeddings")
+               "max_steps", "lr", "warmup_steps", "seed", "freeze_embeddings")
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "step", "metrics")
 
 
 def parse_args(argv):
@@ -40,53 +44,52 @@ def parse_args(argv):
     p.add_argument("--freeze-embeddings", action="store_true",
                    help="keep the input embeddings and the output head fixed")
     p.add_argument("--dataset", default="wikitext2", help=f"one of {', '.join(lm.DATASETS)}")
-    p.add_argument("--data-dir", help="directory with the dataset's files (e.g. wiki.train.raw, wiki.test.raw)")
-    p.add_argument("--train-file", help="plain text file to train on (replaces the dataset's train split)")
-    p.add_argument("--eval-file", help="plain text file for perplexity (replaces the dataset's test split)")
-    p.add_argument("--loss", default="root", help=f"one of {', '.join(TOKEN_LOSSES)}")
+    p.add_argument("--train-file", help="plain text file to train on (default: the dataset's train split)")
+    p.add_argument("--eval-file", help="plain text file for perplexity (default: the dataset's test split)")
+    p.add_argument("--loss", default="root", help=describe())
     p.add_argument("--k", type=float, default=5.0, help="RLO root order k")
     p.add_argument("--m", type=float, default=5.0, help="RLO scale m")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--warmup", type=int, default=500, help="linear warmup steps (optimizer steps)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--bs", type=int, default=4, help="sequences per micro-batch")
+    p.add_argument("--warmup-steps", type=int, default=500, help="linear warmup length in optimizer steps")
+    p.add_argument("--weight-decay", "--wd", type=float, default=0.01)
+    p.add_argument("--micro-bs", type=int, default=4, help="sequences per forward pass and process")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     p.add_argument("--seqlen", type=int, default=256, help="training block length in tokens")
     p.add_argument("--eval-seqlen", type=int, help="perplexity window (default: the model's max positions)")
     p.add_argument("--eval-windows", type=int, help="perplexity on the first N windows only (default: all)")
     p.add_argument("--eval-bs", type=int, default=1, help="windows per perplexity forward pass")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total (default: all epochs)")
     p.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
                    help="compute the loss from the model's logits instead of the fused head + loss "
-                        "(losses.linear_token_loss, which never builds the tokens x vocab logits)")
+                        "(losses.linear_token_loss, which never builds the tokens x vocab logits; default: fused)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state over the processes "
                         "(FSDP2 fully_shard per transformer block) instead of DDP's full copies")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision; weights stay fp32)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="output directory (default runs/ft_opt_<dataset>_<loss>)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--amp", "--bf16", action="store_true", help="bf16 autocast (mixed precision; weights stay fp32)")
+    add_common_args(p, out="runs/ft_opt_<dataset>_<loss>[_k<k>_m<m>]", resume=True,
+                    seed_help="weight init of new heads, data order", data_dir_help="folder with the dataset's "
+                    "files (e.g. wiki.train.raw, wiki.test.raw); wikitext2 also comes from the datasets cache")
     args = p.parse_args(argv)
     args.loss = args.loss.lower()
     if args.loss not in TOKEN_LOSSES:
         raise UserError(f"unknown loss {args.loss!r}; choose one of {', '.join(TOKEN_LOSSES)}")
-    for name in ("k", "m", "lr"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            raise UserError(f"--{name} must be a finite number > 0, got {getattr(args, name)}")
-    require_positive_ints(args, "epochs", "bs", "grad_accum", "eval_bs", "max_steps", "eval_windows")
-    if args.warmup < 0 or args.weight_decay < 0:
-        raise UserError("--warmup and --weight-decay must be >= 0")
+    get_loss(args.loss, k=args.k, m=args.m)  # the one check of k and m
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
+    require_positive_ints(args, "epochs", "micro_bs", "grad_accum", "eval_bs", "max_steps", "eval_windows", "threads")
+    if args.warmup_steps < 0 or args.weight_decay < 0:
+        raise UserError("--warmup-steps and --weight-decay must be >= 0")
     if args.dataset not in lm.DATASETS and not (args.train_file and args.eval_file):
         raise UserError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(lm.DATASETS)}")
-    args.out = args.out or os.path.join("runs", f"ft_opt_{args.dataset}_{args.loss}")
+    if args.out is None:
+        rlo = f"_k{args.k:g}_m{args.m:g}" if is_rooted(args.loss) else ""
+        args.out = os.path.join("runs", f"ft_opt_{args.dataset}_{args.loss}{rlo}")
     return args
 
 
-def load_ids(tokenizer, args, split, path):
-    text = lm.read_text_file(path) if path else lm.load_text(args.dataset, split, args.data_dir)
-    return lm.encode(tokenizer, text)
+def load_text(args, split, path):
+    return lm.read_text_file(path) if path else lm.load_text(args.dataset, split, args.data_dir)
 
 
 def training_blocks(ids, seqlen):
@@ -139,19 +142,6 @@ def build_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr)
 
 
-def save_pretrained(model, tokenizer, out):
-    """save_pretrained (packed for a quantized model) into a temporary folder, then move each file
-    into `out` with an atomic rename, so `out` never holds a half-written weights file."""
-    with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
-        if hasattr(model, "rlo_quantization"):
-            lm.save_quantized(model, tokenizer, tmp, model.rlo_quantization)
-        else:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
-
-
 def build_model(args, device):
     """(model, tokenizer, code snapshot or None) ready to train: a packed model gets its channel scales,
     --freeze-embeddings freezes embeddings and head."""
@@ -164,29 +154,33 @@ def build_model(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    set_threads(args)
     with distributed(args.device) as (rank, world, device):
         return run(args, rank, world, device)
 
 
 def run(args, rank, world, device):
     """One process of the run (rank of world). Each optimizer step sees `grad_accum` global micro-batches
-    of bs x world blocks; rank r trains on rows r*bs..(r+1)*bs of each, DDP (or FSDP) averages the
-    gradients, so N ranks with --bs b equal one process with --bs N*b. Only rank 0 evaluates and writes."""
+    of micro_bs x world blocks; rank r trains on rows r*micro_bs..(r+1)*micro_bs of each, DDP (or FSDP)
+    averages the gradients, so N ranks with --micro-bs b equal one process with --micro-bs N*b. Only rank 0
+    evaluates and writes."""
     if args.fsdp and world == 1:
         raise UserError("--fsdp shards the model over the processes of torchrun: run it under torchrun --nproc_per_node N")
+    # The texts first: a missing or empty file is reported before a model loads for seconds or minutes.
+    train_text = load_text(args, "train", args.train_file)
+    test_text = load_text(args, "test", args.eval_file)
     torch.manual_seed(args.seed)
     model, tokenizer, codes_before = build_model(args, device)
     seqlen = lm.default_seqlen(model, args.seqlen)
     eval_seqlen = lm.default_seqlen(model, args.eval_seqlen)
-    train_ids = load_ids(tokenizer, args, "train", args.train_file)
-    test_ids = load_ids(tokenizer, args, "test", args.eval_file)
+    train_ids, test_ids = lm.encode(tokenizer, train_text), lm.encode(tokenizer, test_text)
     blocks = training_blocks(train_ids, seqlen)
     if test_ids.numel() < eval_seqlen:
         raise UserError(f"the evaluation text has {test_ids.numel()} tokens, fewer than one window of {eval_seqlen}"
                         " (lower --eval-seqlen)")
     objective = lm.NextTokenLoss(model, args.loss, fused=args.fused_loss, k=args.k, m=args.m)
 
-    global_bs = args.bs * world
+    global_bs = args.micro_bs * world
     # a last, incomplete global micro-batch would leave some ranks without rows: dropped under torchrun
     micro_batches = math.ceil(len(blocks) / global_bs) if world == 1 else len(blocks) // global_bs
     if micro_batches == 0:
@@ -195,29 +189,22 @@ def run(args, rank, world, device):
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
+    prepare_run_dir(args, ("metrics.json", "checkpoint.pt"), RESUME_KEYS)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     metrics = {"model": args.model, "dataset": args.dataset, "loss": args.loss, "k": args.k, "m": args.m,
                "seqlen": seqlen, "eval_seqlen": eval_seqlen, "train_tokens": blocks.numel(),
                "eval_tokens": test_ids.numel(), "global_bs": global_bs, "ppl_before": None, "ppl_after": None,
                "train_loss": [], "steps": 0, "quantized": codes_before is not None,
-               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "args": vars(args)}
+               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "args": run_args(args)}
     ckpt = None
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        # A checkpoint only continues the run that wrote it (same data order, schedule and loss).
-        changed = [f"--{key.replace('_', '-')}" for key in RESUME_KEYS if ckpt["metrics"]["args"][key] != getattr(args, key)]
-        if ckpt["metrics"]["global_bs"] != global_bs:  # --bs x processes: any split of it resumes
-            changed.append("--bs x processes")
-        if changed:
-            raise UserError(f"{ckpt_path} was written with different {', '.join(changed)}; "
-                            "resume with the same settings or use another --out")
+    if args.resume:  # args.json's run-defining flags equal ours (prepare_run_dir)
+        ckpt = load_checkpoint(ckpt_path, CHECKPOINT_KEYS)
+        if ckpt["metrics"]["global_bs"] != global_bs:  # --micro-bs x processes: any split of it resumes
+            raise UserError(f"--resume: {args.out} was started with --micro-bs x processes = "
+                            f"{ckpt['metrics']['global_bs']}, now {global_bs}")
         metrics = ckpt["metrics"]
-    elif args.resume:
-        print(f"no {ckpt_path}; starting from scratch")
 
     if metrics["ppl_before"] is None and rank == 0:  # before sharding: rank 0 holds the whole model
         metrics["ppl_before"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
@@ -230,12 +217,12 @@ def run(args, rank, world, device):
         train_objective = DistributedDataParallel(objective) if world > 1 else objective
     # built after sharding: FSDP replaces the parameters by their shards
     optimizer = build_optimizer(model, args)
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(args.warmup, total_steps), total_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps), total_steps)
     start_epoch, step = 0, 0
     if ckpt is not None:
         load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         print(f"resumed from {ckpt_path} after epoch {start_epoch} (step {step})")
 
@@ -248,8 +235,8 @@ def run(args, rank, world, device):
         losses, pending = [], 0
         bar = tqdm(range(micro_batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=rank != 0)
         for i in bar:
-            first = i * global_bs + rank * args.bs
-            input_ids = blocks[order[first:min(first + args.bs, (i + 1) * global_bs)]].to(device)
+            first = i * global_bs + rank * args.micro_bs
+            input_ids = blocks[order[first:min(first + args.micro_bs, (i + 1) * global_bs)]].to(device)
             with autocast:
                 loss = train_objective(input_ids, lm.shift_labels(input_ids))
             (loss / args.grad_accum).backward()
@@ -269,7 +256,7 @@ def run(args, rank, world, device):
         if rank == 0:
             print(f"epoch {epoch + 1}: train {args.loss} loss {metrics['train_loss'][-1]:.4f} ({step} steps)")
             atomic_save({"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                         "rng": torch.get_rng_state(), "epoch": epoch + 1, "step": step, "metrics": metrics},
+                         "rng": rng_state(), "epoch": epoch + 1, "step": step, "metrics": metrics},
                         ckpt_path)
             atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
         barrier()  # every rank sees the checkpoint of a finished epoch
@@ -288,7 +275,7 @@ def run(args, rank, world, device):
         metrics["codes_unchanged"] = all(torch.equal(codes_after[k].cpu(), v.cpu()) for k, v in codes_before.items())
         if not metrics["codes_unchanged"]:
             raise RuntimeError("finetuning in quantized space changed the frozen codes")  # a bug, not a user error
-    save_pretrained(model, tokenizer, args.out)
+    lm.save_pretrained(model, tokenizer, args.out)
     atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
     # The finished model is saved; the optimizer checkpoint (3x the model) is only for resuming.
     if os.path.exists(ckpt_path):

@@ -6,19 +6,18 @@ of 8 Gaussians (radius 2, std 0.02) or a 5x5 grid of 25 Gaussians (spacing 2, st
 (Unrolled GAN, VEEGAN, PacGAN): a sample is high quality when it lies within 3 standard deviations of
 its nearest mode, and a mode is covered when it holds at least --min-count high-quality samples.
 
-    python gan.py --loss root --k 2 --data ring --out runs/gan/ring_root
-    python gan.py --compare --k 2 --data grid --seeds 0 1 2 --out runs/gan/grid
+    python gan.py --loss root --k 2 --dataset ring --out runs/gan/ring_root
+    python gan.py --compare --k 2 --dataset grid --seed 0 1 2 --out runs/gan/grid
 
 The losses come from `losses.get_gan_loss`: 'ce' is the non-saturating logistic loss
 (G: softplus(-D(G(z))), D: softplus(D(fake)) + softplus(-D(real))); 'root' replaces each softplus(x)
 by k (1 + e^x)^(1/k). Both losses train the same networks from the same seeds and draws.
 
-Outputs in --out: metrics.csv (one row per run and evaluation: loss, k, seed, step, modes, hq_share,
+Outputs in --out: args.json, metrics.csv (one row per run and evaluation: loss, k, seed, step, modes, hq_share,
 d_loss, g_loss), samples_<loss>_seed<S>_step<N>.png (scatter plots over training), summary.csv (final
 metrics per run), and with both losses (--compare) compare.png: final samples side by side and the
 metric curves over training, mean and range over seeds.
 """
-import argparse
 import os
 import time
 
@@ -26,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine import ArgumentParser, CSVLogger, UserError, atomic_savefig, atomic_write_csv, cli, read_csv, require_positive_ints
+from engine import (ArgumentParser, CSVLogger, UserError, add_common_args, atomic_savefig, atomic_write_csv, cli,
+                    prepare_run_dir, read_csv, require_positive_ints, set_threads)
 from losses import GAN_LOSSES, get_gan_loss
 
 FIELDS = ["loss", "k", "seed", "step", "modes", "hq_share", "d_loss", "g_loss"]
@@ -168,15 +168,13 @@ def plot_compare(path, args, finals, rows):
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--loss", default="root", choices=sorted(GAN_LOSSES), help="GAN loss (ignored with --compare)")
     p.add_argument("--k", type=float, default=2.0, help="root k of the 'root' loss")
     p.add_argument("--compare", action="store_true", help="train both losses and plot them side by side")
-    p.add_argument("--data", default="ring", choices=["ring", "grid"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (and per loss)")
+    p.add_argument("--dataset", "--data", dest="data", default="ring", choices=["ring", "grid"])
     p.add_argument("--steps", type=int, default=5000, help="training steps (one D and one G update each)")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--bs", "--batch", dest="batch", type=int, default=256, help="real and generated samples per step")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (betas 0.5, 0.999) of G and D")
     p.add_argument("--z-dim", type=int, default=16)
     p.add_argument("--hidden", type=int, default=128, help="width of the MLPs (G: 3 hidden layers, D: 2)")
@@ -184,31 +182,27 @@ def build_parser():
     p.add_argument("--n-eval", type=int, default=2500, help="generated samples scored per evaluation")
     p.add_argument("--min-count", type=int, default=20, help="high-quality samples for a mode to count")
     p.add_argument("--plots", type=int, default=4, help="scatter PNGs per run, evenly spaced (0: none)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (tiny MLPs: one thread is fastest)")
-    p.add_argument("--out", default="runs/gan")
-    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    # tiny MLPs: the CPU and one thread are fastest
+    add_common_args(p, out="runs/gan", seeds=True, seed_help="weights, real samples and latents (and per loss)",
+                    device="cpu", data_dir=False, threads=1)
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.out = args.out or os.path.join("runs", "gan")
     require_positive_ints(args, "steps", "batch", "z_dim", "hidden", "eval_every", "n_eval", "min_count", "threads")
     if args.plots < 0:
         raise UserError(f"--plots must be >= 0, got {args.plots}")
     if not args.lr >= 0:
         raise UserError(f"--lr must be >= 0, got {args.lr}")
     if len(set(args.seeds)) != len(args.seeds):
-        raise UserError(f"--seeds must be distinct, got {args.seeds}")
+        raise UserError(f"--seed values must be distinct, got {args.seeds}")
     args.losses = ["ce", "root"] if args.compare else [args.loss]
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     get_gan_loss("root", k=args.k)  # a bad k fails here, before any training
+    prepare_run_dir(args, ("metrics.csv", "summary.csv", "compare.png"))
     metrics_path = os.path.join(args.out, "metrics.csv")
-    if os.path.exists(metrics_path) and not args.overwrite:
-        raise UserError(f"{metrics_path} exists; pass --overwrite or choose another --out")
-    os.makedirs(args.out, exist_ok=True)
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
     logger = CSVLogger(metrics_path, FIELDS)
 
     finals = {}

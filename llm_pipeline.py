@@ -9,24 +9,22 @@ and one table of perplexities (fp, finetuned, PTQ, QFT, and the ratios to the fi
 mean ± 95% CI over the seeds, plus a PNG.
 
     python llm_pipeline.py                      # stories260K + WikiText-2 from ../shared/data
-    python llm_pipeline.py --model DIR --train-file train.txt --eval-file test.txt --seeds 0 1 2
+    python llm_pipeline.py --model DIR --train-file train.txt --eval-file test.txt --seed 0 1 2
 
 Defaults: stories260K (llama2.c, a real pretrained Llama) from ../shared/data when present;
 WikiText-2 raw valid as training/calibration text and test as evaluation text.
 Every number is exp(mean token cross-entropy) on the same evaluation windows.
 """
-import argparse
 import math
 import os
 import shutil
 
-import torch
 
 import ft_opt
 import opt
 import quant
-from engine import (ArgumentParser, UserError, atomic_savefig, atomic_write_csv, atomic_write_json,
-                    atomic_write_text, cli, format_ci, require_positive_ints)
+from engine import (ArgumentParser, UserError, add_common_args, atomic_savefig, atomic_write_csv, atomic_write_text,
+                    cli, format_ci, prepare_run_dir, require_positive_ints, set_threads)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
@@ -38,7 +36,7 @@ FIELDS = ["seed", "loss", "quant", "wbits", "incoh", "fp", "finetuned", "ptq", "
 
 
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="llama2.c .bin, HF directory or hub name")
     p.add_argument("--train-file", default=DEFAULT_TRAIN, help="finetuning and calibration text")
     p.add_argument("--eval-file", default=DEFAULT_EVAL, help="perplexity text")
@@ -49,7 +47,6 @@ def parse_args(argv):
     p.add_argument("--wbits", nargs="+", type=int, default=[2, 3, 4], choices=[2, 3, 4])
     p.add_argument("--incoh", nargs="+", default=["off", "on"], choices=["off", "on"],
                    help="incoherence processing (opt.py --incoh_processing)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one full pipeline per seed")
     p.add_argument("--seqlen", type=int, default=256, help="training block length")
     p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window and calibration length")
     p.add_argument("--eval-windows", type=int, default=48, help="perplexity on the first N windows")
@@ -58,12 +55,10 @@ def parse_args(argv):
     p.add_argument("--qft-steps", type=int, default=100, help="optimizer steps in quantized space")
     p.add_argument("--lr", type=float, default=1e-3, help="fp finetuning learning rate")
     p.add_argument("--qft-lr", type=float, default=1e-3, help="learning rate in quantized space")
-    p.add_argument("--bs", type=int, default=8, help="sequences per optimizer step")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=os.path.join("runs", "llm_pipeline"), help="run folder")
-    p.add_argument("--overwrite", action="store_true", help="replace the run folder if it holds a run")
+    p.add_argument("--bs", type=int, default=8, help="sequences per optimizer step (ft_opt.py --micro-bs, no accumulation)")
+    add_common_args(p, out="runs/llm_pipeline", seeds=True, seed_help="one full pipeline per seed", data_dir=False)
     args = p.parse_args(argv)
+    args.out = args.out or os.path.join("runs", "llm_pipeline")
     require_positive_ints(args, "seqlen", "eval_seqlen", "eval_windows", "nsamples", "ft_steps", "qft_steps", "bs",
                           "threads")
     return args
@@ -85,15 +80,16 @@ def finetune(args, model, loss, seed, steps, lr, out):
     argv = ["--model", model, "--train-file", args.train_file, "--eval-file", args.eval_file, "--loss", loss,
             "--k", str(args.k), "--m", str(args.m), "--seqlen", str(args.seqlen), "--eval-seqlen", str(args.eval_seqlen),
             "--eval-windows", str(args.eval_windows), "--max-steps", str(steps), "--epochs", "1000", "--lr", str(lr),
-            "--warmup", str(steps // 10), "--bs", str(args.bs), "--grad-accum", "1", "--seed", str(seed),
-            "--device", args.device, "--out", out]
+            "--warmup-steps", str(steps // 10), "--micro-bs", str(args.bs), "--grad-accum", "1", "--seed", str(seed),
+            "--device", args.device, "--threads", str(args.threads), "--out", out]
     return ft_opt.main(argv)
 
 
 def quantize(args, model, method, wbits, incoh, seed, out):
     argv = [model, "wikitext2", "--train-file", args.train_file, "--eval-file", args.eval_file, "--nsamples",
             str(args.nsamples), "--seqlen", str(args.eval_seqlen), "--eval-windows", str(args.eval_windows),
-            "--wbits", str(wbits), "--quant", method, "--seed", str(seed), "--device", args.device, "--save", out]
+            "--wbits", str(wbits), "--quant", method, "--seed", str(seed), "--device", args.device, "--threads",
+            str(args.threads), "--save", out]
     return opt.main(argv + (["--incoh_processing"] if incoh == "on" else []))
 
 
@@ -137,10 +133,10 @@ def plot(rows, path):
 def main(argv=None):
     args = parse_args(argv)
     check_inputs(args)
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     if os.path.isdir(args.out):
-        shutil.rmtree(args.out)  # --overwrite (checked in parse_args)
-    atomic_write_json(os.path.join(args.out, "args.json"), vars(args))
+        shutil.rmtree(args.out)  # --overwrite (checked in check_inputs), with the sub-runs' folders
+    prepare_run_dir(args)
     rows = []
     for seed in args.seeds:
         for loss in args.losses:

@@ -2,22 +2,25 @@
 GPTQ or nearest rounding, layer by layer on calibration data; perplexity before saving.
 
     python opt.py facebook/opt-125m wikitext2 --wbits 2 --quant ldlqRG --incoh_processing --save runs/q2
-    python opt.py runs/ft_opt_wikitext2_root c4 --wbits 2 --quant ldlq --incoh_processing --data-dir data/
+    python opt.py runs/ft_opt_wikitext2_root_k5_m5 c4 --wbits 2 --quant ldlq --incoh_processing --data-dir datasets/
 
 QuIP's flags keep their names, defaults and meanings (see the README for the few differences).
 Outputs: a per-layer table (layer, module, proxy loss, greedy passes, seconds), the perplexity on each
---eval dataset, quant_report.json; with --save, a packed low-bit checkpoint (lm.quantized: the codes,
+--eval dataset, args.json and quant_report.json in --out (default: SAVE, else
+runs/opt_<model>_<quant>_w<wbits>); with --save, a packed low-bit checkpoint (lm.quantized: the codes,
 scales and rotation seeds of every quantized linear, no dense copy, plus the fp rest) that
 `--load`, `ft_opt.py --model` and `lm.load_causal_lm` run from.
 """
 import os
+import shutil
 import time
 
 import torch
 
 import lm
 import quant
-from engine import ArgumentParser, UserError, atomic_dir, atomic_write_json, cli, require_positive_ints
+from engine import (ArgumentParser, UserError, add_common_args, atomic_write_json, cli, prepare_run_dir,
+                    require_positive_ints, set_threads)
 from lm.quantized import is_quantized_dir, save_quantized
 from quant.model import decoder_layers, quantize_model
 
@@ -30,8 +33,7 @@ def parse_args(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="hub name or local directory (e.g. ft_opt.py's output)")
     p.add_argument("dataset", choices=lm.DATASETS, help="calibration data source")
-    # QuIP's flags, same names, defaults and meanings
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling and rotation seed")
+    # QuIP's flags, same names, defaults and meanings (--seed: in add_common_args below)
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
     p.add_argument("--percdamp", type=float, default=0.01, help="damping, fraction of mean(diag(H))")
     p.add_argument("--quant", default="nearest", choices=quant.METHODS + tuple(quant.UNSUPPORTED),
@@ -56,24 +58,23 @@ def parse_args(argv):
                         "(default: kron; e8p always uses hadamard)")
     p.add_argument("--lazy_batch", action="store_true", help="LDLQ/GPTQ updates in blocks of 128 columns")
     p.add_argument("--proxy_only", action="store_true", help="skip the perplexity evaluation")
-    p.add_argument("--save", help="write the packed quantized model to this new directory")
-    p.add_argument("--load", help="evaluate a packed model written by --save instead of quantizing MODEL")
+    p.add_argument("--save", help="write the packed quantized model to this new directory (default: none)")
+    p.add_argument("--load", help="evaluate a packed model written by --save instead of quantizing MODEL (default: none)")
     p.add_argument("--check", action="store_true",
                    help="compare every packed layer with its dense weights; with --save also reload the "
                         "saved directory and recompute the perplexities")
-    p.add_argument("--generate", metavar="PROMPT", help="greedy continuation of PROMPT by the (quantized) model")
+    p.add_argument("--generate", metavar="PROMPT", help="greedy continuation of PROMPT by the (quantized) model (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens --generate adds")
     # ours
     p.add_argument("--seqlen", type=int, help="calibration and evaluation length (default: the model's)")
     p.add_argument("--eval", nargs="*", default=["wikitext2"], choices=lm.DATASETS, help="perplexity datasets")
-    p.add_argument("--data-dir", help="directory with offline dataset files (wiki.train.raw, ...)")
-    p.add_argument("--train-file", help="plain text file to calibrate on (replaces DATASET's train split)")
+    p.add_argument("--train-file", help="plain text file to calibrate on (default: DATASET's train split)")
     p.add_argument("--eval-windows", type=int, help="perplexity on the first N windows only (default: all)")
-    p.add_argument("--eval-file", help="plain text file for perplexity (reported as 'eval_file'; replaces --eval)")
+    p.add_argument("--eval-file", help="plain text file for perplexity, reported as 'eval_file' (default: the --eval datasets)")
     p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
                    help="model dtype (auto: float16 on CUDA, float32 on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--report", help=f"report path (default: SAVE/{REPORT_FILE}, else runs/{REPORT_FILE})")
+    add_common_args(p, out="SAVE, else runs/opt_<model>_<quant>_w<wbits> (_eval with --load)", seed_help="calibration sampling and "
+                    "rotation seed", data_dir_help="folder with the dataset files (wiki.train.raw, ...)")
     args = p.parse_args(argv)
     if quant.TABLE.get(args.quant) is not None and quant.TABLE[args.quant].codebook == "vector":
         check_vector_flags(args)
@@ -86,13 +87,15 @@ def parse_args(argv):
         args.pre_proj_extra = 0
     args.qfn = args.qfn or "a"
     args.incoh_mode = args.incoh_mode or "kron"
-    require_positive_ints(args, "nsamples", "max_new_tokens", "eval_windows")
+    require_positive_ints(args, "nsamples", "max_new_tokens", "eval_windows", "threads")
     if args.percdamp < 0:
         raise UserError(f"--percdamp must be >= 0, got {args.percdamp}")
     if args.quant in quant.UNSUPPORTED:
         raise UserError(f"--quant {args.quant}: {quant.UNSUPPORTED[args.quant]}")
     if args.save and os.path.exists(args.save) and (not os.path.isdir(args.save) or os.listdir(args.save)):
-        raise UserError(f"--save {args.save!r} exists and is not an empty directory; choose a new path")
+        if not (args.overwrite and os.path.isfile(os.path.join(args.save, "args.json"))):  # not a run of ours
+            raise UserError(f"--save {args.save!r} exists and is not an empty directory; choose a new path"
+                            + (" (or --overwrite a run of opt.py)" if os.path.isdir(args.save) else ""))
     if args.load and args.save:
         raise UserError("--load evaluates a saved model; it cannot be combined with --save")
     if not args.load and is_quantized_dir(args.model):
@@ -100,7 +103,9 @@ def parse_args(argv):
     if args.wbits < 16 and not args.load:  # refuse bad combinations before the model is loaded
         o = quant_options(args)
         quant.check_options(args.quant, args.wbits, o["qfn"], o["npasses"], o["unbiased"], o["groupsize"], o["rotation"])
-    args.report = args.report or os.path.join(args.save or "runs", REPORT_FILE)
+    if args.out is None:
+        name = os.path.basename(os.path.normpath(args.load or args.model)).replace(".", "_")
+        args.out = args.save or os.path.join("runs", f"opt_{name}_" + ("eval" if args.load else f"{args.quant}_w{args.wbits}"))
     return args
 
 
@@ -141,13 +146,6 @@ def check_packed(model, n=8, seed=0):
     return worst
 
 
-def save_dense(model, tokenizer, path):
-    """A 16-bit (unquantized) run saved with save_pretrained, through a temporary sibling directory."""
-    with atomic_dir(path) as tmp:  # path is new or empty (checked at start)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-
 def generate(model, tokenizer, prompt, max_new_tokens, device):
     """Greedy continuation of `prompt` (with the tokenizer's usual BOS)."""
     ids = lm.encode(tokenizer, prompt)[None].to(device)
@@ -157,24 +155,39 @@ def generate(model, tokenizer, prompt, max_new_tokens, device):
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
+def read_texts(args):
+    """Every text the run needs, read before the model loads so that a missing or empty file fails fast:
+    {eval name: text} and the calibration text (None: lm.calibration_batch reads DATASET itself)."""
+    if args.proxy_only:
+        evals = {}
+    elif args.eval_file:
+        evals = {"eval_file": lm.read_text_file(args.eval_file)}
+    else:
+        evals = {d: lm.load_text(d, "test", args.data_dir) for d in args.eval}
+    if args.train_file:
+        return evals, lm.read_text_file(args.train_file)
+    if not args.load and args.wbits < 16:
+        lm.load_text(args.dataset, "train", args.data_dir)  # only checked: C4 calibration samples documents
+    return evals, None
+
+
 def main(argv=None):
     args = parse_args(argv)
+    set_threads(args)
     device = args.device
     dtype = DTYPES.get(args.dtype, torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+    eval_texts, calib_text = read_texts(args)
     report = dict(args=vars(args).copy(), layers=[], ppl={})
     if args.load:
         print(f"loading the model from {args.load} (MODEL {args.model!r} only names the run)")
     model, tokenizer = lm.load_causal_lm(args.load or args.model, dtype=dtype)
     decoder_layers(model)  # unsupported families fail before any data is read
     seqlen = report["seqlen"] = lm.default_seqlen(model, args.seqlen)
-    # read every dataset before the long quantization, so a missing file fails fast
-    if args.proxy_only:
-        eval_ids = {}
-    elif args.eval_file:
-        eval_ids = {"eval_file": lm.encode(tokenizer, lm.read_text_file(args.eval_file))}
-    else:
-        eval_ids = {d: lm.encode(tokenizer, lm.load_text(d, "test", args.data_dir)) for d in args.eval}
-    calib_ids = lm.encode(tokenizer, lm.read_text_file(args.train_file)) if args.train_file else None
+    eval_ids = {name: lm.encode(tokenizer, text) for name, text in eval_texts.items()}
+    calib_ids = lm.encode(tokenizer, calib_text) if calib_text is not None else None
+    if args.save and os.path.isdir(args.save) and args.overwrite:
+        shutil.rmtree(args.save)  # a previous run of opt.py (checked in parse_args)
+    prepare_run_dir(args, (REPORT_FILE,))
     quantized = not args.load and args.wbits < 16
     if quantized:
         options = quant_options(args)
@@ -219,7 +232,7 @@ def main(argv=None):
             save_quantized(model, tokenizer, args.save, dict(method=args.quant, wbits=args.wbits, options=options))
             print(f"saved the packed {args.wbits}-bit model to {args.save}")
         else:
-            save_dense(model, tokenizer, args.save)
+            lm.save_pretrained(model, tokenizer, args.save)
             print(f"saved the model to {args.save}")
         if args.check and eval_ids:
             reloaded, _ = lm.load_causal_lm(args.save, dtype=dtype, device=device)
@@ -228,8 +241,9 @@ def main(argv=None):
             for name, ppl in report["reloaded_ppl"].items():
                 print(f"check: {name} perplexity of the reloaded model {ppl:.6g} "
                       f"(relative difference {abs(ppl / report['ppl'][name] - 1):.2g})")
-    atomic_write_json(args.report, report)
-    print(f"report: {args.report}")
+    report_path = os.path.join(args.out, REPORT_FILE)
+    atomic_write_json(report_path, report)
+    print(f"report: {report_path}")
     return report
 
 

@@ -9,6 +9,9 @@ import json
 import os
 
 from engine import ArgumentParser, UserError, atomic_savefig, cli, read_csv
+from losses import is_rooted
+
+COLUMNS = ("epoch", "wall_seconds", "test_acc", "test_loss")  # of train.py's metrics.csv
 
 
 def label(run):
@@ -17,7 +20,7 @@ def label(run):
             a = json.load(f)
     except (OSError, ValueError):
         return os.path.basename(os.path.normpath(run))
-    rlo = f" k={a['k']:g} m={a['m']:g}" if str(a.get("loss", "")).startswith("root") else ""
+    rlo = f" k={a['k']:g} m={a['m']:g}" if is_rooted(a.get("loss")) else ""
     return f"{a.get('net')} {a.get('loss')}{rlo}"
 
 
@@ -25,7 +28,11 @@ def load(run):
     path = os.path.join(run, "metrics.csv")
     if not os.path.isfile(path):
         raise UserError(f"{run}: no metrics.csv (is it a train.py run folder?)")
-    rows = [r for r in read_csv(path) if r.get("test_acc") != ""]  # epochs without an evaluation
+    rows = read_csv(path)
+    missing = [c for c in COLUMNS if rows and c not in rows[0]]
+    if missing:
+        raise UserError(f"{path} is not a train.py metrics.csv: no column {', '.join(missing)}")
+    rows = [r for r in rows if r["test_acc"] != ""]  # epochs without an evaluation
     if not rows:
         raise UserError(f"{path} has no evaluated epochs yet")
     return rows
@@ -35,7 +42,7 @@ def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders written by train.py")
     p.add_argument("--out", default="compare.png", help="PNG to write")
-    p.add_argument("--title", default=None)
+    p.add_argument("--title", default=None, help="figure title (default: none)")
     args = p.parse_args(argv)
     data = [(label(r), load(r)) for r in args.runs]
 
@@ -48,8 +55,9 @@ def main(argv=None):
     for name, rows in data:
         for col, (x_key, x_label) in enumerate((("epoch", "epoch"), ("wall_seconds", "wall time (s)"))):
             x = [r[x_key] for r in rows]
-            axes[0, col].plot(x, [r["test_acc"] for r in rows], label=name)
-            axes[1, col].plot(x, [r["test_loss"] for r in rows], label=name)
+            # markers: a run with a single evaluated epoch is a point, which a bare line would not draw
+            axes[0, col].plot(x, [r["test_acc"] for r in rows], marker="o", ms=3, label=name)
+            axes[1, col].plot(x, [r["test_loss"] for r in rows], marker="o", ms=3, label=name)
             axes[0, col].set(xlabel=x_label, ylabel="test accuracy (%)")
             axes[1, col].set(xlabel=x_label, ylabel="test loss (each run's own objective)")
     for ax in axes.flat:

@@ -16,7 +16,9 @@ minus the constant k for two classes). All losses come from `losses/`.
 
 Outputs in --out: table.csv, curves.csv, convergence.png, boundary.png (2-D data), diagnose.json.
 """
+import copy
 import os
+import sys
 
 import numpy as np
 import torch
@@ -24,13 +26,16 @@ from torch import nn
 
 from data.synthetic import SYNTHETIC
 from data.tabular import TABULAR, load_tabular
-from engine import ArgumentParser, UserError, atomic_savefig, atomic_write_csv, atomic_write_json, cli, require_positive_ints
+from engine import (ArgumentParser, UserError, add_common_args, atomic_savefig, atomic_write_csv, atomic_write_json, cli,
+                    prepare_run_dir, require_positive_ints, set_threads)
+from engine.cli import default_data_dir
 from losses import get_loss
 from losses.rooted import binary_root_convex_hessian_coef
 
 DATASETS = list(TABULAR) + list(SYNTHETIC)
 MODELS = {"linear": 0, "fcn2": 1, "fcn3": 2, "fcn4": 3}  # number of hidden layers
 METHODS = ["lr", "lr_l2", "rlo", "rlo_l2"]
+OUTPUTS = ("table.csv", "curves.csv", "convergence.png", "boundary.png", "diagnose.json")
 LABELS = {"lr": "LR", "lr_l2": "LR-L2", "rlo": "RLO", "rlo_l2": "RLO-L2"}
 
 
@@ -46,41 +51,42 @@ PAPER = {"wine": (90.0, 3, 97.22), "ionosphere": (81.4, 4, 85.07), "madelon": (5
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
-    p.add_argument("--data-dir", default="data/uci", help="folder with the UCI files of ionosphere, madelon, spectf (default %(default)s)")
-    p.add_argument("--model", default="linear", help=f"one of: {', '.join(MODELS)} (fcnN: N Linear layers, --hidden wide; default linear)")
-    p.add_argument("--hidden", type=int, default=100, help="FCN width (default %(default)s)")
-    p.add_argument("--k", type=float, default=3.0, help="RLO root k (default %(default)s)")
+    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)} (required, no default)")
+    p.add_argument("--model", default="linear", help=f"one of: {', '.join(MODELS)} (fcnN: N Linear layers, --hidden wide)")
+    p.add_argument("--hidden", type=int, default=100, help="FCN width")
+    p.add_argument("--k", type=float, default=3.0, help="RLO root k")
     p.add_argument("--sweep-k", default=None, help="run every k in A:B (integers, inclusive) or a list a,b,c; "
-                                                   "print the top 3")
-    p.add_argument("--iters", type=int, default=200, help="full-batch iterations (default %(default)s)")
-    p.add_argument("--lr", type=float, default=0.01, help="step size (default %(default)s)")
-    p.add_argument("--optimizer", default="gd", choices=["gd", "adam"], help="gd (default): plain full-batch gradient descent")
-    p.add_argument("--l2", type=float, default=0.01, help="penalty l2/2 * ||weights||^2 of the *_l2 methods (default %(default)s)")
-    p.add_argument("--folds", type=int, default=5, help="stratified CV folds of the tabular sets (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=1, help="seeded 70/30 splits of the 2-D sets (default %(default)s)")
+                                                   "print the top 3 (default: only --k)")
+    p.add_argument("--iters", type=int, default=200, help="full-batch iterations")
+    p.add_argument("--lr", type=float, default=0.01, help="step size")
+    p.add_argument("--optimizer", "--opt", default="gd", choices=["gd", "adam"], help="gd: plain full-batch gradient descent")
+    p.add_argument("--weight-decay", "--l2", type=float, default=0.01,
+                   help="penalty weight_decay/2 * ||weights||^2 of the *_l2 methods")
+    p.add_argument("--folds", type=int, default=5, help="stratified CV folds of the tabular sets")
+    p.add_argument("--repeats", type=int, default=1, help="seeded 70/30 splits of the 2-D sets")
     p.add_argument("--no-standardize", action="store_true", help="keep raw features (default: standardize "
                                                                  "on each training fold)")
     p.add_argument("--diagnose", action="store_true", help="Hessian eigenvalues / condition of LR and RLO")
-    p.add_argument("--seed", type=int, default=0, help="CV shuffle, splits, FCN init, generated data")
-    p.add_argument("--out", default=None, help="default runs/regression/DATASET[_MODEL]")
     p.add_argument("--quiet", action="store_true", help="print nothing (the results are in --out)")
+    # These problems are tiny: one thread is fastest (2 threads made a 178x13 float64 matmul 200x slower).
+    add_common_args(p, out="runs/regression/<dataset>[_<model>]", device=False, threads=1,
+                    seed_help="CV shuffle, splits, FCN init, generated data", data_dir=os.path.join(default_data_dir(), "uci"),
+                    data_dir_help="folder with the UCI files of ionosphere, madelon, spectf")
     args = p.parse_args(argv)
     if args.dataset not in DATASETS:
         raise UserError(f"unknown dataset {args.dataset!r}; choose from: {', '.join(DATASETS)}")
     if args.model not in MODELS:
         raise UserError(f"unknown model {args.model!r}; choose from: {', '.join(MODELS)}")
-    require_positive_ints(args, "iters", "hidden", "repeats")
+    require_positive_ints(args, "iters", "hidden", "repeats", "threads")
     if args.folds < 2:
         raise UserError(f"--folds must be >= 2, got {args.folds}")
-    if not args.lr > 0 or args.l2 < 0:
-        raise UserError(f"--lr must be > 0 and --l2 >= 0, got lr={args.lr}, l2={args.l2}")
+    if not args.lr > 0 or args.weight_decay < 0:
+        raise UserError(f"--lr must be > 0 and --weight-decay >= 0, got lr={args.lr}, weight_decay={args.weight_decay}")
     if args.diagnose and args.model != "linear":
         raise UserError("--diagnose needs --model linear (the convex case)")
     args.ks = parse_ks(args.sweep_k) if args.sweep_k else [args.k]
     for k in args.ks:
-        if not k > 0:
-            raise UserError(f"k must be > 0, got {k}")
+        get_loss("binary_root_convex", k=k)  # the one check of k
     if args.out is None:
         suffix = "" if args.model == "linear" else f"_{args.model}"
         args.out = os.path.join("runs", "regression", args.dataset + suffix)
@@ -155,28 +161,55 @@ class Run:
         self.binary = binary = num_classes == 2
         self.model = build_model(args.model, Xtr.shape[1], 1 if binary else num_classes, args.hidden)
         loss, infimum = make_loss(method, k, binary)
-        l2 = args.l2 if method.endswith("_l2") else 0.0
+        l2 = args.weight_decay if method.endswith("_l2") else 0.0
         weights = [p for name, p in self.model.named_parameters() if name.endswith("weight")]
+        penalty = lambda: 0.5 * l2 * sum(w.pow(2).sum() for w in weights)
         opt = (torch.optim.SGD if args.optimizer == "gd" else torch.optim.Adam)(self.model.parameters(), lr=args.lr)
         self.curve = np.zeros((args.iters + 1, 3))  # train loss (minus infimum), train acc, test acc
         for t in range(args.iters + 1):
             out = self.forward(Xtr)
-            objective = loss(out, ytr) + 0.5 * l2 * sum(w.pow(2).sum() for w in weights)
+            value = loss(out, ytr) + penalty()
             with torch.no_grad():
-                self.curve[t] = (objective.item() - infimum, accuracy(predict(out), ytr),
-                                 accuracy(predict(self.forward(Xte)), yte))
+                self.curve[t] = (value.item(), accuracy(predict(out), ytr), accuracy(predict(self.forward(Xte)), yte))
             if t == args.iters:
                 break
             opt.zero_grad()
-            objective.backward()
+            value.backward()
             opt.step()
         if not np.isfinite(self.curve[:, 0]).all():
             raise UserError(f"{method} (k={k}) diverged at --lr {args.lr}; lower --lr or standardize the features")
+        # The penalty moves the infimum: that of the regularised objective is its minimum, found here by
+        # L-BFGS from the last iterate (the global one for the linear model, which is strictly convex).
+        if l2:
+            infimum = min(self.curve[:, 0].min(), minimize(self.model, lambda: loss(self.forward(Xtr), ytr) + penalty()))
+        self.infimum = infimum
+        self.curve[:, 0] -= infimum
         self.test_acc = self.curve[-1, 2]
+        with torch.no_grad():
+            self.constant = predict(self.forward(Xte)).unique().numel() == 1
 
     def forward(self, X):
         out = self.model(X)
         return out.squeeze(1) if self.binary else out
+
+
+def minimize(model, objective):
+    """min of `objective` (a function of `model`'s parameters) by L-BFGS from a copy of `model`."""
+    saved = copy.deepcopy(model.state_dict())
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-16,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = objective()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    with torch.no_grad():
+        value = objective().item()
+    model.load_state_dict(saved)
+    return value if np.isfinite(value) else np.inf
 
 
 def accuracy(pred, y):
@@ -192,10 +225,10 @@ def fold_tensors(ds, train, test, standardize):
             scaler)
 
 
-def run_all(ds, args):
-    """Train every (method, k) on every split; returns results[(method, k)] = list of Runs (one per split)."""
+def run_all(ds, args, folds):
+    """Train every (method, k) on every split of `folds`; returns results[(method, k)] = list of Runs."""
     results = {}
-    for i, (train, test) in enumerate(splits(ds, args)):
+    for i, (train, test) in enumerate(folds):
         Xtr, ytr, Xte, yte, scaler = fold_tensors(ds, train, test, not args.no_standardize)
         for method in METHODS:
             for k in (args.ks if method.startswith("rlo") else [None]):
@@ -204,6 +237,18 @@ def run_all(ds, args):
                 run.test_idx = test
                 results.setdefault((method, k), []).append(run)
     return results
+
+
+def warn_constant(results):
+    """A run that predicts one class for every test sample has collapsed (e.g. raw features at too large a
+    --lr): its accuracy is the majority-class share, not a result of the method."""
+    for (method, k), runs in results.items():
+        collapsed = sum(r.constant for r in runs)
+        if collapsed:
+            name = method + ("" if k is None else f" k={k:g}")
+            print(f"warning: {name} predicts a single class for every test sample in {collapsed}/{len(runs)} "
+                  "splits: its accuracy is the majority-class share (standardize the features or lower --lr)",
+                  file=sys.stderr)
 
 
 def summarize(results):
@@ -222,7 +267,7 @@ def best_k(rows, method):
 def format_table(ds, args, rows, top=3):
     header = (f"{ds.name}: {len(ds.y)} samples, {ds.X.shape[1]} features, {ds.num_classes} classes; {args.model}, "
               + (f"{args.repeats} x 70/30 split" if args.dataset in SYNTHETIC else f"{args.folds}-fold stratified CV")
-              + f", {args.optimizer} lr {args.lr:g}, {args.iters} iterations, l2 {args.l2:g}")
+              + f", {args.optimizer} lr {args.lr:g}, {args.iters} iterations, weight decay {args.weight_decay:g}")
     lines = [header, f"{'method':8s} {'k':>4s}  {'test acc (%)':>16s}"]
     for method in METHODS:
         ranked = sorted((r for r in rows if r["method"] == method), key=lambda r: -r["test_acc_mean"])[:top]
@@ -232,8 +277,11 @@ def format_table(ds, args, rows, top=3):
         lr, k, rlo = PAPER[args.dataset]
         lines.append(f"paper Table 1: LR {lr:.2f}, RLO k={k} {rlo:.2f}")
     if len(args.ks) > top:
-        lines.append(f"(RLO rows: the top {top} of k in {args.ks[0]:g}..{args.ks[-1]:g}, chosen on the test folds "
-                     f"as in the paper, so optimistic)")
+        ks = args.ks
+        span = (f"{ks[0]:g}..{ks[-1]:g}" if ks == [float(k) for k in range(int(ks[0]), int(ks[-1]) + 1)]
+                else ", ".join(f"{k:g}" for k in ks))
+        lines.append(f"(RLO rows: the top {top} of k in {span}, chosen on the test folds as in the paper, so "
+                     f"optimistic)")
     return "\n".join(lines)
 
 
@@ -381,12 +429,13 @@ def format_diagnose(report, ds):
 
 def main(argv=None):
     args = parse_args(argv)
-    # These problems are tiny: one thread is fastest (2 threads made a 178x13 float64 matmul 200x slower).
-    torch.set_num_threads(1)
+    set_threads(args)
     ds = load(args)
-    results = run_all(ds, args)
+    folds = splits(ds, args)
+    prepare_run_dir(args, OUTPUTS)
+    results = run_all(ds, args, folds)
+    warn_constant(results)
     rows = summarize(results)
-    os.makedirs(args.out, exist_ok=True)
     atomic_write_csv(os.path.join(args.out, "table.csv"), ["method", "k", "test_acc_mean", "test_acc_std"],
               [{**r, "test_acc_mean": f"{r['test_acc_mean']:.4f}", "test_acc_std": f"{r['test_acc_std']:.4f}"}
                for r in rows])

@@ -2,7 +2,7 @@
 
     python train.py                                   # cifar10, ViT, root loss (k=3, m=3), 200 epochs
     python train.py --dataset cifar100 --net Swin --k 8 --m 10
-    python train.py --dataset fake --net res18 --epochs 1 --max-steps 20   # offline smoke run
+    python train.py --dataset fake --net res18 --epochs 1 --steps-per-epoch 20   # offline smoke run
     torchrun --nproc_per_node=4 train.py --dataset cifar10 --net res50 --loss ce
 
 Writes `--out` (default runs/<dataset>_<net>_<loss>[_k<k>_m<m>]): args.json, metrics.csv (one row per
@@ -21,66 +21,66 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
+import losses
 import models
 from data import vision
-from engine import ArgumentParser, CSVLogger, UserError, atomic_save, atomic_write_json, cli, require_positive_ints
+from engine import (ArgumentParser, CSVLogger, UserError, add_common_args, atomic_save, cli, load_checkpoint,
+                    prepare_run_dir, require_positive_ints, restore, rng_state, run_args, set_rng_state,
+                    set_threads)
 from engine.distributed import distributed
-from losses import get_loss
+from engine.loop import autocast_dtype, train_step
 
-CLASSIFICATION_LOSSES = ("ce", "focal", "root", "root_convex")
 FIELDS = ["epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
           "wall_seconds"]
 # Arguments that define a run: --resume refuses to continue a run started with other values.
-RUN_KEYS = ("dataset", "net", "loss", "k", "m", "gamma", "opt", "lr", "wd", "momentum", "bs", "sched",
-            "warmup", "epochs", "aug", "size", "seed", "patch", "dimhead", "max_steps", "num_classes",
-            "fake_n", "pretrained")
+RUN_KEYS = ("dataset", "net", "loss", "k", "m", "gamma", "optimizer", "lr", "weight_decay", "momentum", "bs",
+            "sched", "warmup_epochs", "epochs", "aug", "size", "seed", "patch", "dimhead", "steps_per_epoch",
+            "num_classes", "fake_n", "pretrained")
+RUN_FILES = ("metrics.csv", "last.pt", "best.pt")
 # What last.pt holds besides "args"; --resume checks them all before anything is built.
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_acc", "wall_seconds", "rng")
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--dataset", default="cifar10", help=f"one of: {', '.join(vision.DATASETS)}")
-    a("--data-dir", default="./data", help="root folder holding the data sets (layouts: data/vision.py)")
     a("--download", action="store_true", help="let torchvision download CIFAR / Food-101 (needs network)")
     a("--net", default="ViT", help=f"one of: {', '.join(models.MODELS)}")
-    a("--pretrained", default=None, help="local weights file (.safetensors, torch state dict, or our .pt)")
+    a("--pretrained", default=None, help="local weights file (.safetensors, torch state dict, or our .pt), or "
+      "'none' for random init; default: none, except finetuning nets (vit_timm), which need weights")
     a("--patch", type=int, default=None, help="ViT/CaiT/Mixer patch or Swin window (default 4 at 32px)")
     a("--dimhead", type=int, default=None, help="width of the ViT/CaiT/Mixer family (default 512)")
-    a("--loss", default="root", help=f"one of: {', '.join(CLASSIFICATION_LOSSES)}")
+    a("--loss", default="root", help=losses.describe())
     a("--k", type=float, default=3.0, help="RLO root order k")
     a("--m", type=float, default=3.0, help="RLO scale m")
     a("--gamma", type=float, default=3.0, help="focal loss gamma (alpha 0.25)")
     a("--epochs", "--n_epochs", dest="epochs", type=int, default=200)
-    a("--opt", default="adamw", help="adamw, adam or sgd")
+    a("--optimizer", "--opt", default="adamw", help="adamw, adam or sgd")
     a("--lr", type=float, default=None, help="default 1e-3 for convnets, 1e-4 for transformers (authors')")
-    a("--wd", type=float, default=None, help="weight decay; default 0.01 adamw, 0 adam, 5e-4 sgd")
+    a("--weight-decay", "--wd", type=float, default=None, help="default 0.01 adamw, 0 adam, 5e-4 sgd")
     a("--momentum", type=float, default=0.9, help="SGD momentum")
-    a("--bs", type=int, default=512, help="global batch size (split across processes)")
+    a("--bs", type=int, default=512, help="global batch size: images per optimizer step, all processes together")
     a("--sched", default="cosine", help="cosine (per step, after warmup) or none")
-    a("--warmup", type=float, default=0.0, help="linear warmup length in epochs")
+    a("--warmup-epochs", type=float, default=0.0, help="linear warmup length in epochs")
     a("--aug", default="basic", help=f"one of: {', '.join(vision.AUGS)} (see data/vision.py)")
-    a("--noaug", dest="aug", action="store_const", const="none", help="same as --aug none")
+    a("--noaug", dest="aug", action="store_const", const="none", default=argparse.SUPPRESS,
+      help="same as --aug none")
     a("--size", type=int, default=None, help="image size (default: 32 for CIFAR/fake, 224 otherwise)")
     a("--num-classes", type=int, default=10, help="classes of the fake data set")
     a("--fake-n", type=int, default=5000, help="training images of the fake data set (test: n // 5)")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per rank")
-    a("--out", default=None, help="run folder (default runs/<dataset>_<net>_<loss>...)")
-    a("--overwrite", action="store_true", help="replace a run already in --out")
-    a("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    a("--seed", type=int, default=0)
+    add_common_args(p, out="runs/<dataset>_<net>_<loss>[_k<k>_m<m>]", resume=True,
+                    data_dir_help="root folder holding the data sets (layouts: data/vision.py)")
     a("--amp", action=argparse.BooleanOptionalAction, default=None,
       help="bf16 autocast (fp16 + grad scaling on GPUs without bf16); default: on for CUDA, off on CPU")
-    a("--noamp", dest="amp", action="store_false", help="same as --no-amp")
+    a("--noamp", dest="amp", action="store_false", default=argparse.SUPPRESS, help="same as --no-amp")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
       help="NHWC memory format; default: on for convnets")
-    a("--max-steps", type=int, default=None, help="cut every epoch to at most this many steps")
+    a("--steps-per-epoch", type=int, default=None, help="cut every epoch to at most this many steps (default: all)")
     a("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     a("--log-every", type=int, default=50, help="steps between progress-bar metric updates (host syncs)")
-    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     args = p.parse_args(argv)
     return resolve(args)
 
@@ -90,38 +90,38 @@ def resolve(args):
     args.dataset = vision.canonical_name(args.dataset)
     args.net = models.canonical_name(args.net)
     args.loss = args.loss.lower()
-    if args.loss not in CLASSIFICATION_LOSSES:
-        raise UserError(f"unknown loss {args.loss!r}; choose from: {', '.join(CLASSIFICATION_LOSSES)}")
-    args.opt, args.sched, args.aug = args.opt.lower(), args.sched.lower(), args.aug.lower()
-    if args.opt not in ("adamw", "adam", "sgd"):
-        raise UserError(f"unknown opt {args.opt!r}; choose from: adamw, adam, sgd")
+    if args.loss not in losses.names():
+        raise UserError(f"unknown loss {args.loss!r}; choose from: {', '.join(losses.names())}")
+    args.optimizer, args.sched, args.aug = args.optimizer.lower(), args.sched.lower(), args.aug.lower()
+    if args.optimizer not in ("adamw", "adam", "sgd"):
+        raise UserError(f"unknown optimizer {args.optimizer!r}; choose from: adamw, adam, sgd")
     if args.sched not in ("cosine", "none"):
         raise UserError(f"unknown sched {args.sched!r}; choose from: cosine, none")
     if args.aug not in vision.AUGS:
         raise UserError(f"unknown aug {args.aug!r}; choose from: {', '.join(vision.AUGS)}")
-    require_positive_ints(args, "epochs", "bs", "eval_every", "log_every", "num_classes", "fake_n", "max_steps")
-    if args.workers < 0 or args.warmup < 0:
-        raise UserError("--workers and --warmup must be >= 0")
-    convnet = args.net in models.CONVNETS
+    require_positive_ints(args, "epochs", "bs", "eval_every", "log_every", "num_classes", "fake_n",
+                          "steps_per_epoch", "threads")
+    if args.workers < 0 or args.warmup_epochs < 0:
+        raise UserError("--workers and --warmup-epochs must be >= 0")
+    convnet = models.MODELS[args.net].convnet
     if args.lr is None:
         args.lr = 1e-3 if convnet else 1e-4
-    if args.wd is None:
-        args.wd = {"adamw": 0.01, "adam": 0.0, "sgd": 5e-4}[args.opt]
-    if not min(args.lr, args.wd, args.momentum) >= 0:  # torch's optimizers would raise a traceback
-        raise UserError(f"--lr, --wd and --momentum must be >= 0, got {args.lr}, {args.wd}, {args.momentum}")
+    if args.weight_decay is None:
+        args.weight_decay = {"adamw": 0.01, "adam": 0.0, "sgd": 5e-4}[args.optimizer]
+    if not min(args.lr, args.weight_decay, args.momentum) >= 0:  # torch's optimizers would raise a traceback
+        raise UserError(f"--lr, --weight-decay and --momentum must be >= 0, got {args.lr}, {args.weight_decay}, "
+                        f"{args.momentum}")
     if args.size is None:
-        args.size = 224 if args.net == "vit_timm" else vision.default_size(args.dataset)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.size = 224 if models.MODELS[args.net].finetune else vision.default_size(args.dataset)
     if args.amp is None:
         args.amp = args.device.startswith("cuda")
     if args.channels_last is None:
         args.channels_last = convnet
     if args.out is None:
-        rlo = f"_k{args.k:g}_m{args.m:g}" if args.loss.startswith("root") else ""
+        rlo = f"_k{args.k:g}_m{args.m:g}" if losses.is_rooted(args.loss) else ""
         args.out = os.path.join("runs", f"{args.dataset}_{args.net}_{args.loss}{rlo}")
     # Built here so a bad k / m / gamma is reported before anything is loaded.
-    args.criterion = get_loss(args.loss, k=args.k, m=args.m, gamma=args.gamma)
+    args.criterion = losses.get_loss(args.loss, k=args.k, m=args.m, gamma=args.gamma)
     return args
 
 
@@ -186,33 +186,10 @@ def lr_factor(step, total, warmup, sched):
 
 def make_optimizer(args, model):
     params = [p for p in model.parameters() if p.requires_grad]
-    if args.opt == "sgd":
-        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    cls = torch.optim.AdamW if args.opt == "adamw" else torch.optim.Adam
-    return cls(params, lr=args.lr, weight_decay=args.wd)
-
-
-def autocast_dtype(device):
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def train_step(model, x, y, criterion, optimizer, scaler, autocast, sums):
-    """One optimizer step. Metrics are added into the device tensor `sums` = [loss * n, correct, n];
-    nothing here waits for the device."""
-    with autocast():
-        logits = model(x)
-    loss = criterion(logits, y)  # the losses compute in fp32 from bf16/fp16 logits
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    with torch.no_grad():
-        n = y.shape[0]
-        sums[0] += loss.detach() * n
-        sums[1] += (logits.argmax(1) == y).sum()
-        sums[2] += n
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
 @torch.no_grad()
@@ -239,9 +216,7 @@ def reduce_mean(sums):
 
 
 def rng_states(world):
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    state = rng_state()
     if world == 1:
         return [state]
     states = [None] * world
@@ -249,133 +224,75 @@ def rng_states(world):
     return states
 
 
-def prepare_out(args, rank):
-    """Check --out against --resume / --overwrite; return the checkpoint to resume from, or None."""
-    files = ("args.json", "metrics.csv", "last.pt", "best.pt")
-    holds_run = any(os.path.exists(os.path.join(args.out, f)) for f in files)
-    last = os.path.join(args.out, "last.pt")
-    if args.resume:
-        if not os.path.isfile(last):
-            raise UserError(f"--resume: no checkpoint {last}")
-        try:
-            ckpt = torch.load(last, map_location="cpu", weights_only=True)
-            saved = ckpt["args"]
-            _ = [ckpt[k] for k in CHECKPOINT_KEYS]  # all that run() reads back
-        except Exception as err:
-            msg = f"--resume: cannot read {last} ({type(err).__name__}: {err})"
-            raise UserError(msg.splitlines()[0]) from None
-        changed = [f"--{k} {saved.get(k)} -> {getattr(args, k)}"
-                   for k in RUN_KEYS if saved.get(k) != getattr(args, k)]
-        if changed:
-            raise UserError(f"--resume: {args.out} was started with other arguments: {'; '.join(changed)}")
-        return ckpt
-    if holds_run and not args.overwrite:
-        raise UserError(f"{args.out} already holds a run; pass --resume to continue it "
-                        "or --overwrite to replace it")
-    if holds_run and rank == 0:
-        for f in files:
-            if os.path.exists(os.path.join(args.out, f)):
-                os.remove(os.path.join(args.out, f))
-    return None
-
-
 def main(argv=None):
     args = parse_args(argv)
+    set_threads(args)
     with distributed(args.device) as (rank, world, device):
         return run(args, rank, world, device)
 
 
-def run(args, rank, world, device):
-    if args.bs % world:
-        raise UserError(f"--bs {args.bs} is not divisible by the {world} processes")
-    ckpt = prepare_out(args, rank)
-    criterion = args.criterion
-    run_args = {k: v for k, v in vars(args).items() if k != "criterion"}
+class Run:
+    """Everything one process trains with; `build` makes it, `restore` loads a checkpoint into it."""
 
-    data = dict(root=args.data_dir, size=args.size, download=args.download and rank == 0,
-                num_classes=args.num_classes, n=args.fake_n)
-    if args.net == "vit_timm":  # timm's ViT-B/16 weights expect inputs scaled to [-1, 1]
-        data.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    if args.download and world > 1:  # rank 0 downloads, the others wait and read
-        if rank == 0:
-            vision.build_dataset(args.dataset, split="train", aug="none", **data)
-        dist.barrier()
-        data["download"] = False
-    train_ds = vision.build_dataset(args.dataset, split="train", aug=args.aug, **data)
-    test_ds = vision.build_dataset(args.dataset, split="test", aug="none", **data)
+    def __init__(self, args, rank, world, device):
+        if args.bs % world:
+            raise UserError(f"--bs {args.bs} is not divisible by the {world} processes")
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        self.train_ds, self.test_ds = build_data(args, rank, world)
+        torch.manual_seed(args.seed)  # the same initial weights on every rank
+        self.model = models.build_model(args.net, self.train_ds.num_classes, args.size, pretrained=args.pretrained,
+                                        patch=args.patch, dim=args.dimhead)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model.to(device, memory_format=self.memory_format)
+        self.optimizer = make_optimizer(args, self.model)
+        self.sampler, self.train_loader, self.test_loader = make_loaders(args, self.train_ds, self.test_ds, rank,
+                                                                         world, device)
+        self.steps_per_epoch = min(len(self.train_loader), args.steps_per_epoch or len(self.train_loader))
+        if self.steps_per_epoch == 0:
+            raise UserError(f"--bs {args.bs} is larger than the {len(self.train_ds)} training images")
+        total, warmup = args.epochs * self.steps_per_epoch, round(args.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total, warmup, args.sched))
+        self.amp_dtype = autocast_dtype(device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp and self.amp_dtype == torch.float16)
+        self.epoch, self.step, self.best_acc, self.wall_before = 0, 0, -1.0, 0.0
+        torch.manual_seed(args.seed + rank)  # per-rank dropout streams
+        # Evaluation runs outside DDP: ranks may hold different numbers of test batches.
+        self.eval_model = torch.compile(self.model) if args.compile else self.model
+        self.train_model = self.eval_model
+        if world > 1:
+            self.train_model = DistributedDataParallel(
+                self.eval_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = models.build_model(args.net, train_ds.num_classes, args.size, pretrained=args.pretrained,
-                               patch=args.patch, dim=args.dimhead)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
-    optimizer = make_optimizer(args, model)
-    sampler, train_loader, test_loader = make_loaders(args, train_ds, test_ds, rank, world, device)
-    steps_per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
-    if steps_per_epoch == 0:
-        raise UserError(f"--bs {args.bs} is larger than the {len(train_ds)} training images")
-    total_steps = args.epochs * steps_per_epoch
-    warmup = round(args.warmup * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, args.sched))
-    amp_dtype = autocast_dtype(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.args.amp)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp)
+    def restore(self, ckpt):
+        restore(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.best_acc, self.wall_before = ckpt["best_acc"], ckpt["wall_seconds"]
+        rngs = ckpt["rng"]
+        set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0])
 
-    start_epoch, step, best_acc, wall_before = 0, 0, -1.0, 0.0
-    torch.manual_seed(args.seed + rank)  # per-rank dropout streams
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        best_acc, wall_before = ckpt["best_acc"], ckpt["wall_seconds"]
-        rng = ckpt["rng"][rank] if len(ckpt["rng"]) == world else ckpt["rng"][0]
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-
-    raw_model = model
-    # Evaluation runs outside DDP: ranks may hold different numbers of test batches.
-    eval_model = torch.compile(model) if args.compile else model
-    model = eval_model
-    if world > 1:
-        model = DistributedDataParallel(eval_model,
-                                        device_ids=[device.index] if device.type == "cuda" else None)
-
-    log = None
-    if rank == 0:
-        if ckpt is None:
-            atomic_write_json(os.path.join(args.out, "args.json"), run_args)
-        log = CSVLogger(os.path.join(args.out, "metrics.csv"), FIELDS)
-        log.truncate_after("epoch", start_epoch)  # rows a killed run logged after its last.pt
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{args.net} ({n_params / 1e6:.2f}M params) on {args.dataset} {args.size}px "
-              f"({len(train_ds)} train / {len(test_ds)} test, {train_ds.num_classes} classes), "
-              f"loss {args.loss}, "
-              f"{world} x {device.type}, amp {args.amp}, channels_last {args.channels_last} -> {args.out}")
-
-    t_start = time.time()
-    for epoch in range(start_epoch, args.epochs):
+    def train_epoch(self, epoch):
+        """One epoch (and its evaluation when due): the metrics row."""
+        args, device = self.args, self.device
         t_epoch = time.time()
-        sampler.set_epoch(epoch)
-        model.train()
+        self.sampler.set_epoch(epoch)
+        self.train_model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0,
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=self.rank != 0,
                    dynamic_ncols=True, leave=False)
         t_log, seen = time.time(), 0
-        for i, (x, y) in enumerate(itertools.islice(train_loader, steps_per_epoch)):
-            x = x.to(device, non_blocking=True, memory_format=memory_format)
+        for i, (x, y) in enumerate(itertools.islice(self.train_loader, self.steps_per_epoch)):
+            x = x.to(device, non_blocking=True, memory_format=self.memory_format)
             y = y.to(device, non_blocking=True)
-            train_step(model, x, y, criterion, optimizer, scaler, autocast, sums)
-            scheduler.step()
-            step += 1
-            seen += y.shape[0] * world
+            train_step(self.train_model, x, y, args.criterion, self.optimizer, self.scaler, self.autocast, sums)
+            self.scheduler.step()
+            self.step += 1
+            seen += y.shape[0] * self.world
             bar.update()
-            if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
+            if (i + 1) % args.log_every == 0 or i + 1 == self.steps_per_epoch:
                 loss, correct, n = sums.tolist()  # the one host sync per log interval (this rank's view)
                 now = time.time()
                 bar.set_postfix(loss=f"{loss / n:.4f}", acc=f"{100 * correct / n:.2f}",
@@ -385,27 +302,68 @@ def run(args, rank, world, device):
         train_loss, train_acc = reduce_mean(sums)
         test_loss = test_acc = ""
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            test_loss, test_acc = evaluate(eval_model, test_loader, criterion, autocast, device, memory_format)
-        epoch_seconds = time.time() - t_epoch
-        wall = wall_before + time.time() - t_start
+            test_loss, test_acc = evaluate(self.eval_model, self.test_loader, args.criterion, self.autocast, device,
+                                           self.memory_format)
+        self.epoch = epoch + 1
+        return dict(epoch=epoch + 1, step=self.step, train_loss=train_loss, train_acc=train_acc,
+                    test_loss=test_loss, test_acc=test_acc, lr=self.optimizer.param_groups[0]["lr"],
+                    epoch_seconds=round(time.time() - t_epoch, 3))
+
+    def save(self, row, rng):
+        """best.pt when the test accuracy improved, then last.pt (rank 0)."""
+        out, saved_args = self.args.out, run_args(self.args)
+        state = self.model.state_dict()
+        if row["test_acc"] != "" and row["test_acc"] > self.best_acc:
+            self.best_acc = row["test_acc"]
+            atomic_save({"model": state, "epoch": row["epoch"], "test_acc": row["test_acc"], "args": saved_args},
+                        os.path.join(out, "best.pt"))
+        atomic_save({"model": state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict(), "epoch": row["epoch"], "step": row["step"],
+                     "best_acc": self.best_acc, "wall_seconds": row["wall_seconds"], "rng": rng, "args": saved_args},
+                    os.path.join(out, "last.pt"))
+
+
+def build_data(args, rank, world):
+    data = dict(root=args.data_dir, size=args.size, download=args.download and rank == 0,
+                num_classes=args.num_classes, n=args.fake_n)
+    if args.net == "vit_timm":  # timm's ViT-B/16 weights expect inputs scaled to [-1, 1]
+        data.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    if args.download and world > 1:  # rank 0 downloads, the others wait and read
+        if rank == 0:
+            vision.build_dataset(args.dataset, split="train", aug="none", **data)
+        dist.barrier()
+        data["download"] = False
+    return (vision.build_dataset(args.dataset, split="train", aug=args.aug, **data),
+            vision.build_dataset(args.dataset, split="test", aug="none", **data))
+
+
+def run(args, rank, world, device):
+    r = Run(args, rank, world, device)  # data and model first: a bad --data-dir leaves --out untouched
+    prepare_run_dir(args, RUN_FILES, RUN_KEYS)
+    if args.resume:
+        r.restore(load_checkpoint(os.path.join(args.out, "last.pt"), CHECKPOINT_KEYS))
+    log = None
+    if rank == 0:
+        log = CSVLogger(os.path.join(args.out, "metrics.csv"), FIELDS)
+        log.truncate_after("epoch", r.epoch)  # rows a killed run logged after its last.pt
+        n_params = sum(p.numel() for p in r.model.parameters())
+        print(f"{args.net} ({n_params / 1e6:.2f}M params) on {args.dataset} {args.size}px "
+              f"({len(r.train_ds)} train / {len(r.test_ds)} test, {r.train_ds.num_classes} classes), "
+              f"loss {args.loss}, "
+              f"{world} x {device.type}, amp {args.amp}, channels_last {args.channels_last} -> {args.out}")
+    t_start = time.time()
+    for epoch in range(r.epoch, args.epochs):
+        row = r.train_epoch(epoch)
+        row["wall_seconds"] = round(r.wall_before + time.time() - t_start, 3)
         rng = rng_states(world)
         if rank != 0:
             continue
-        row = dict(epoch=epoch + 1, step=step, train_loss=train_loss, train_acc=train_acc,
-                   test_loss=test_loss, test_acc=test_acc, lr=optimizer.param_groups[0]["lr"],
-                   epoch_seconds=round(epoch_seconds, 3), wall_seconds=round(wall, 3))
         log.log(**row)
-        print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f} acc {train_acc:.2f} | test loss "
-              f"{test_loss if test_loss == '' else f'{test_loss:.4f}'} acc "
-              f"{test_acc if test_acc == '' else f'{test_acc:.2f}'} | {epoch_seconds:.1f}s")
-        state = raw_model.state_dict()
-        if test_acc != "" and test_acc > best_acc:
-            best_acc = test_acc
-            atomic_save({"model": state, "epoch": epoch + 1, "test_acc": test_acc, "args": run_args},
-                        os.path.join(args.out, "best.pt"))
-        atomic_save({"model": state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step, "best_acc": best_acc,
-                     "wall_seconds": wall, "rng": rng, "args": run_args}, os.path.join(args.out, "last.pt"))
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} | "
+              f"test loss {row['test_loss'] if row['test_loss'] == '' else format(row['test_loss'], '.4f')} acc "
+              f"{row['test_acc'] if row['test_acc'] == '' else format(row['test_acc'], '.2f')} | "
+              f"{row['epoch_seconds']:.1f}s")
+        r.save(row, rng)
     return args.out
 
 

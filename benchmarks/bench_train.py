@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --amp --no-channels-last --net vit_small --device cuda
 
 The baseline is the loop of the authors' script: fp32, contiguous (NCHW) tensors, `zero_grad()`, and
-`loss.item()` / `correct.item()` after every step (a host sync per step). Ours is `train.train_step`
+`loss.item()` / `correct.item()` after every step (a host sync per step). Ours is `engine.loop.train_step`
 with train.py's speed options (channels_last for convnets, torch.compile when --compile) and metrics
 accumulated on the device, measured twice: in fp32 (train.py's CPU default) and with bf16 autocast
 (`--amp`, train.py's CUDA default); --amp / --no-amp measures only one. All use AdamW and the root
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
-import train  # noqa: E402
+from engine.loop import autocast_dtype, train_step  # noqa: E402
 from losses import get_loss  # noqa: E402
 
 
@@ -43,10 +43,10 @@ def main():
     device = torch.device(args.device)
     net = models.canonical_name(args.net)
     amps = [False, True] if args.amp is None else [args.amp]
-    channels_last = net in models.CONVNETS if args.channels_last is None else args.channels_last
+    channels_last = models.MODELS[net].convnet if args.channels_last is None else args.channels_last
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     criterion = get_loss("root", k=3, m=3)
-    dtype = train.autocast_dtype(device)
+    dtype = autocast_dtype(device)
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(args.bs, 3, args.size, args.size, generator=g),
@@ -90,7 +90,7 @@ def main():
             step_model.train()
             for i in range(n):
                 x, y = our_batches[i % len(our_batches)]
-                train.train_step(step_model, x, y, criterion, opt, scaler, autocast, sums)
+                train_step(step_model, x, y, criterion, opt, scaler, autocast, sums)
             sums.tolist()  # the once-per-log-interval sync
 
         return loop

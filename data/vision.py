@@ -8,8 +8,11 @@ no public test labels). The built dataset has `num_classes`. Layouts under `root
   `download=True` extracts); downloaded only when `download=True`.
 - tinyimagenet: `tiny-imagenet-200/` with `wnids.txt`, `train/<wnid>/images/*.JPEG`,
   `val/images/*.JPEG` and `val/val_annotations.txt` (file<TAB>wnid<TAB>...).
-- food101: torchvision's `food-101/` with `meta/{train,test}.json` and `images/<class>/<id>.jpg`.
-- imagenet: `imagenet/train/<wnid>/*.JPEG` and `imagenet/val/<wnid>/*.JPEG` (ImageFolder layout).
+- food101: torchvision's `food-101/` with `meta/{train,test}.json` and `images/<class>/<id>.jpg`, or
+  the original archive's `meta/{train,test,classes}.txt` lists (one `<class>/<id>` per line).
+- imagenet: `imagenet/train/<wnid>/*.JPEG` and `imagenet/val/<wnid>/*.JPEG` (ImageFolder layout). Both
+  splits use the train split's class index, so a val/ missing a class keeps every other label; a val/
+  class that train/ lacks is an error.
 - fake: generated on the fly (no files), any size and class count, learnable (each class is a
   fixed low-frequency pattern plus noise); for offline smoke runs and benchmarks.
 
@@ -23,11 +26,13 @@ are reproducible whatever the number of workers or processes.
 """
 import os
 import pickle
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
-from torchvision.datasets.folder import default_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 from torchvision.transforms import v2
 
 from engine.errors import UserError
@@ -38,7 +43,8 @@ AUGS = ("none", "basic", "randaug")
 
 
 def _missing(name, path, layout):
-    return UserError(f"{name}: no data at {path}; expected {layout}")
+    return UserError(f"{name}: no data at {path}; expected {layout} under --data-dir "
+                     "(default: $RLO_DATA_DIR, else ./datasets)")
 
 
 def _transform(split, size, aug, native, mean, std):
@@ -149,25 +155,55 @@ def _tinyimagenet(root, split, transform, **_):
 
 def _food101(root, split, transform, download=False, **_):
     base = os.path.join(root, "food-101")
-    if not download and not os.path.isfile(os.path.join(base, "meta", f"{split}.json")):
+    meta = os.path.join(base, "meta")
+    if download or os.path.isfile(os.path.join(meta, f"{split}.json")):
+        ds = tvd.Food101(root, split=split, transform=transform, download=download)
+        ds.num_classes = len(ds.classes)
+        return ds
+    lists = [os.path.join(meta, f) for f in (f"{split}.txt", "classes.txt")]
+    if not all(os.path.isfile(f) for f in lists):
         raise _missing("food101", base, "torchvision's food-101/{meta/train.json, meta/test.json, "
-                                        "images/<class>/<id>.jpg}; pass --download to fetch it")
-    ds = tvd.Food101(root, split=split, transform=transform, download=download)
-    ds.num_classes = len(ds.classes)
-    return ds
+                                        "images/<class>/<id>.jpg} or meta/{train,test,classes}.txt; "
+                                        "pass --download to fetch it")
+    with open(lists[1]) as f:
+        classes = sorted(line.strip() for line in f if line.strip())  # as torchvision: sorted names
+    index = {c: i for i, c in enumerate(classes)}
+    samples = []
+    with open(lists[0]) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                cls = line.strip().split("/")[0]
+                if cls not in index:
+                    raise UserError(f"{lists[0]}:{lineno}: class {cls!r} is not in classes.txt")
+                samples.append((os.path.join(base, "images", line.strip() + ".jpg"), index[cls]))
+    return ImageList(samples, classes, transform)
+
+
+def _image_files(folder):
+    return [os.path.join(d, f) for d, _, files in sorted(os.walk(folder)) for f in sorted(files)
+            if f.lower().endswith(IMG_EXTENSIONS)]
 
 
 def _imagenet(root, split, transform, **_):
-    folder = os.path.join(root, "imagenet", "train" if split == "train" else "val")
+    base = os.path.join(root, "imagenet")
     layout = "ImageFolder layout imagenet/{train,val}/<wnid>/*.JPEG (val sorted into class folders)"
-    if not os.path.isdir(folder):
-        raise _missing("imagenet", folder, layout)
-    try:
-        ds = tvd.ImageFolder(folder, transform=transform)
-    except FileNotFoundError as err:
-        raise _missing("imagenet", folder, f"{layout} ({err})") from None
-    ds.num_classes = len(ds.classes)
-    return ds
+    train = os.path.join(base, "train")
+    folder = train if split == "train" else os.path.join(base, "val")
+    for path in (train, folder):
+        if not os.path.isdir(path):
+            raise _missing("imagenet", path, layout)
+    # The train split's classes index both splits: ImageFolder indexing val/ on its own would shift
+    # every label after a class that val/ lacks.
+    classes = sorted(e.name for e in os.scandir(train) if e.is_dir())
+    index = {c: i for i, c in enumerate(classes)}
+    samples = []
+    for c in sorted(e.name for e in os.scandir(folder) if e.is_dir()):
+        if c not in index:
+            raise UserError(f"imagenet: {os.path.join(folder, c)} is a class that {train} does not have")
+        samples += [(path, index[c]) for path in _image_files(os.path.join(folder, c))]
+    if not samples:
+        raise _missing("imagenet", folder, layout + " (found no images)")
+    return ImageList(samples, classes, transform)
 
 
 class FakeImages(Dataset):
@@ -197,14 +233,24 @@ def _fake(root, split, transform, size=32, num_classes=10, n=None, **_):
                       seed=1 if split == "train" else 2)
 
 
-# name: (builder, native stored size for the crop-pad recipe or None, mean, std, default size)
+@dataclass(frozen=True)
+class VisionSet:
+    """A --dataset: its builder (root, split, transform, ...) -> Dataset and how its images are prepared."""
+    build: Callable
+    mean: tuple
+    std: tuple
+    default_size: int
+    native: int = None  # stored size of a small-image set (crop-pad recipe); None: large images
+    native_is_size: bool = False  # generated at the requested size (crop-pad recipe at that size)
+
+
 DATASETS = {
-    "cifar10": (_cifar(CIFAR10, "cifar10"), 32, CIFAR_MEAN, CIFAR_STD, 32),
-    "cifar100": (_cifar(CIFAR100, "cifar100"), 32, CIFAR_MEAN, CIFAR_STD, 32),
-    "tinyimagenet": (_tinyimagenet, 64, IMAGENET_MEAN, IMAGENET_STD, 224),
-    "food101": (_food101, None, IMAGENET_MEAN, IMAGENET_STD, 224),
-    "imagenet": (_imagenet, None, IMAGENET_MEAN, IMAGENET_STD, 224),
-    "fake": (_fake, "size", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32),
+    "cifar10": VisionSet(_cifar(CIFAR10, "cifar10"), CIFAR_MEAN, CIFAR_STD, 32, native=32),
+    "cifar100": VisionSet(_cifar(CIFAR100, "cifar100"), CIFAR_MEAN, CIFAR_STD, 32, native=32),
+    "tinyimagenet": VisionSet(_tinyimagenet, IMAGENET_MEAN, IMAGENET_STD, 224, native=64),
+    "food101": VisionSet(_food101, IMAGENET_MEAN, IMAGENET_STD, 224),
+    "imagenet": VisionSet(_imagenet, IMAGENET_MEAN, IMAGENET_STD, 224),
+    "fake": VisionSet(_fake, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, native_is_size=True),
 }
 ALIASES = {"tiny-imagenet": "tinyimagenet", "food-101": "food101", "imagenet1k": "imagenet"}
 
@@ -217,7 +263,7 @@ def canonical_name(name):
 
 
 def default_size(name):
-    return DATASETS[canonical_name(name)][4]
+    return DATASETS[canonical_name(name)].default_size
 
 
 def build_dataset(name, root, split, size, aug="basic", download=False, mean=None, std=None,
@@ -231,9 +277,8 @@ def build_dataset(name, root, split, size, aug="basic", download=False, mean=Non
         raise UserError(f"unknown aug {aug!r}; choose from: {', '.join(AUGS)}")
     if size < 1:
         raise UserError(f"--size must be positive, got {size}")
-    builder, native, d_mean, d_std, _ = DATASETS[key]
-    if native == "size":
-        native = size
-    transform = _transform(split, size, aug, native, mean or d_mean, std or d_std)
-    return builder(os.path.expanduser(root), split, transform, download=download, size=size,
+    entry = DATASETS[key]
+    native = size if entry.native_is_size else entry.native
+    transform = _transform(split, size, aug, native, mean or entry.mean, std or entry.std)
+    return entry.build(os.path.expanduser(root), split, transform, download=download, size=size,
                    num_classes=num_classes, n=n)

@@ -30,8 +30,22 @@ def require_positive_ints(args, *names):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in --help: argparse's '(default: X)', unless the help text already says what the
+    default is (defaults that depend on other flags are None until the script resolves them)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors raised as UserError: one line and exit 2 through `cli`, not a usage dump."""
+    """argparse with its errors raised as UserError: one line and exit 2 through `cli`, not a usage dump;
+    --help shows every default (HelpFormatter)."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):
         raise UserError(message)

@@ -32,14 +32,20 @@ def _atomic(path, write, mode):
 
 @contextlib.contextmanager
 def atomic_dir(path):
-    """Yield a temporary sibling directory of `path` to fill; on success it is renamed to `path` (which
-    must be absent or an empty directory), on any error removed: `path` is never half-written."""
+    """Yield a temporary sibling directory of `path` to fill; on success it is renamed to `path` when that
+    is absent or empty, else each of its entries replaces its namesake in `path` by a rename (a run
+    folder keeps its args.json and metrics); on any error it is removed: no file is ever half-written."""
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
+        if os.path.isdir(path) and os.listdir(path):
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
+            os.rmdir(tmp)
+            return
         if os.path.isdir(path):
             os.rmdir(path)
         os.rename(tmp, path)

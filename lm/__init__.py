@@ -3,11 +3,11 @@
 corpora (`text`), and the GPTQ/QuIP perplexity protocol plus the next-token loss glue (`evaluate`)."""
 from .evaluate import NextTokenLoss, perplexity, shift_labels, token_loss
 from .load import default_seqlen, load_causal_lm, model_max_positions
-from .quantized import load_quantized, save_quantized
+from .quantized import load_quantized, save_pretrained, save_quantized
 from .text import DATASETS, calibration_batch, calibration_windows, encode, load_text, read_text_file
 
 __all__ = [
-    "load_causal_lm", "model_max_positions", "default_seqlen", "load_quantized", "save_quantized",
+    "load_causal_lm", "model_max_positions", "default_seqlen", "load_quantized", "save_quantized", "save_pretrained",
     "DATASETS", "load_text", "read_text_file", "encode", "calibration_batch", "calibration_windows",
     "perplexity", "shift_labels", "token_loss", "NextTokenLoss",
 ]

@@ -9,6 +9,7 @@ import os
 
 import torch
 import transformers
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -37,6 +38,10 @@ def quiet_hub():
             log.setLevel(level)
 
 
+def _offline():
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
+
+
 def _not_found(name, err):
     return UserError(f"cannot load {name!r} ({str(err).splitlines()[0]}); {_WHERE}")
 
@@ -58,6 +63,9 @@ def load_causal_lm(name_or_path, dtype=torch.float32, device="cpu"):
 
     if os.path.isdir(name) and is_quantized_dir(name):
         return load_quantized(name, dtype=dtype, device=device)
+    if not os.path.isdir(name) and _offline() and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise UserError(f"{name!r} is not a local path and HF_HUB_OFFLINE is set (offline), and the Hugging Face "
+                        f"cache does not hold it; {_WHERE}")
     try:
         with quiet_hub():
             config = AutoConfig.from_pretrained(name)

@@ -64,8 +64,7 @@ def quantization_specs(model):
 
 
 def save_quantized(model, tokenizer, path, quantization_config):
-    """Write the packed checkpoint into a temporary sibling directory, renamed to `path` at the end (an
-    existing `path` must be empty): a crash never leaves a half-written directory."""
+    """Write the packed checkpoint through `engine.atomic_dir`: a crash never leaves a half-written file."""
     qc = dict(quantization_config, quant_method="rlo", format=FORMAT, layers=quantization_specs(model))
     with atomic_dir(path) as tmp:
         model.config.save_pretrained(tmp)
@@ -77,6 +76,16 @@ def save_quantized(model, tokenizer, path, quantization_config):
         save_model(model, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "rlo": FORMAT})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+
+
+def save_pretrained(model, tokenizer, path):
+    """The one atomic save of a model that `load_causal_lm` reads: packed again when it came from a packed
+    directory (`rlo_quantization`), else transformers' save_pretrained (safetensors) and the tokenizer."""
+    if hasattr(model, "rlo_quantization"):
+        return save_quantized(model, tokenizer, path, model.rlo_quantization)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def _stored_shapes(weights):

@@ -15,23 +15,52 @@ can pass all of its loss flags to any loss; a keyword that no loss takes (a typo
 values (`k`, `m` not finite and > 0, ...) raise a one-line `engine.UserError` (a ValueError).
 """
 import inspect
+from dataclasses import dataclass
 
 from engine.errors import UserError
 
 from .rooted import (BinaryRoot, BinaryRootConvex, CrossEntropy, Focal, Logistic, LogisticGANLoss,
                      Root, RootConvex, RootedGANLoss, target_log_prob)
 
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A registry entry: the nn.Module class and what scripts need to know about it."""
+    cls: type
+    help: str
+    rooted: bool = False  # an RLO form: takes k (and m); runs are named and labelled by them
+    multiclass: bool = True  # (N, C) logits and class targets; False: one logit z, labels y in {-1, +1}
+
+
 LOSSES = {
-    "ce": CrossEntropy,
-    "focal": Focal,
-    "root": Root,
-    "root_convex": RootConvex,
-    "logistic": Logistic,
-    "binary_root_convex": BinaryRootConvex,
-    "binary_root": BinaryRoot,
+    "ce": Loss(CrossEntropy, "cross-entropy"),
+    "focal": Loss(Focal, "focal loss -alpha (1 - p_y)^gamma log p_y"),
+    "root": Loss(Root, "bounded RLO m (1 - p_y^(1/k)) (the authors' training loss)", rooted=True),
+    "root_convex": Loss(RootConvex, "convex RLO m (p_y^(-1/k) - 1) (paper eq. 4 for softmax)", rooted=True),
+    "logistic": Loss(Logistic, "log(1 + e^(-y z))", multiclass=False),
+    "binary_root_convex": Loss(BinaryRootConvex, "k (1 + e^(-y z))^(1/k) (paper eq. 4)", rooted=True,
+                               multiclass=False),
+    "binary_root": Loss(BinaryRoot, "k (1 - sigmoid(y z)^(1/k))", rooted=True, multiclass=False),
 }
 
-GAN_LOSSES = {"ce": LogisticGANLoss, "root": RootedGANLoss}
+GAN_LOSSES = {"ce": Loss(LogisticGANLoss, "non-saturating logistic GAN loss"),
+              "root": Loss(RootedGANLoss, "rooted GAN loss (paper eq. 9)", rooted=True)}
+
+
+def names(multiclass=True):
+    """Names of the multi-class (classification, token) losses, or of the binary ones."""
+    return tuple(name for name, entry in LOSSES.items() if entry.multiclass == multiclass)
+
+
+def is_rooted(name):
+    entry = LOSSES.get(str(name).lower())
+    return entry is not None and entry.rooted
+
+
+def describe(multiclass=True):
+    """'name: help' of each loss, for --help."""
+    return "; ".join(f"{name}: {LOSSES[name].help}" for name in names(multiclass))
 
 
 def _keywords(builder):
@@ -49,13 +78,13 @@ def _build(registry, kind, name, kwargs):
     key = str(name).lower()
     if key not in registry:
         raise UserError(f"unknown {kind} {name!r}; choose from: {', '.join(registry)}")
-    accepted = _keywords(registry[key])
-    known = {kw for builder in registry.values() for kw in _keywords(builder)}
+    accepted = _keywords(registry[key].cls)
+    known = {kw for entry in registry.values() for kw in _keywords(entry.cls)}
     unknown = [kw for kw in kwargs if kw not in known]
     if unknown:
         raise UserError(f"{kind} {key!r}: unknown keyword {', '.join(map(repr, unknown))}; it takes: "
                         f"{', '.join(accepted) or 'none'}")
-    return registry[key](**{k: v for k, v in kwargs.items() if k in accepted})
+    return registry[key].cls(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
 def get_loss(name, **kwargs):
@@ -70,4 +99,5 @@ def get_gan_loss(name, **kwargs):
 
 from .fused import linear_token_loss  # noqa: E402  (it builds its loss through get_loss)
 
-__all__ = ["LOSSES", "GAN_LOSSES", "get_loss", "get_gan_loss", "linear_token_loss", "target_log_prob"]
+__all__ = ["LOSSES", "GAN_LOSSES", "Loss", "names", "is_rooted", "describe", "get_loss", "get_gan_loss",
+           "linear_token_loss", "target_log_prob"]

@@ -7,10 +7,13 @@ from torchvision (`torchvision_nets`), transformers and mixers from timm (`timm_
 images (<= 64 px) get the CIFAR forms, larger ones the ImageNet/finetuning forms.
 
 `pretrained` is a local file (timm/HF `.safetensors`, a torch state dict, or one of our `last.pt` /
-`best.pt` checkpoints). Weights are never downloaded: `vit_timm` without a path looks in the local
-Hugging Face cache for timm's ViT-B/16 weights and otherwise starts from random init with a warning.
+`best.pt` checkpoints), or "none" for random init. Weights are never downloaded: a finetuning net
+(`vit_timm`) without a path looks in the local Hugging Face cache for timm's ViT-B/16 weights and
+otherwise is an error (a silent random init would train a different experiment).
 """
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -19,30 +22,35 @@ from engine.errors import UserError
 from . import timm_nets as T
 from . import torchvision_nets as TV
 
-MODELS = {
-    "vgg": TV.vgg16_bn,
-    "res18": TV.resnet(18),
-    "res34": TV.resnet(34),
-    "res50": TV.resnet(50),
-    "res101": TV.resnet(101),
-    "vit_tiny": T.vit("vit_tiny"),
-    "vit_small": T.vit("vit_small"),
-    "vit": T.vit("vit"),
-    "vit_base": T.vit("vit"),
-    "vit_large": T.vit("vit_large"),
-    "vit-l": T.vit("vit_large"),
-    "simplevit": T.simplevit,
-    "vit_timm": T.vit_timm,
-    "cait": T.cait(mlp=512),
-    "cait_small": T.cait(mlp=256),
-    "swin": T.swin(128, (2, 2, 18, 2), (4, 8, 16, 32)),  # Swin-B widths (the paper's Swin)
-    "swin_t": T.swin(96, (2, 2, 6, 2), (3, 6, 12, 24)),  # Swin-T (the authors' script)
-    "convmixer": T.convmixer,
-    "mlpmixer": T.mlpmixer,
-}
+@dataclass(frozen=True)
+class Net:
+    """A --net: its builder (num_classes, img_size, patch, dim) -> nn.Module and its properties."""
+    build: Callable
+    convnet: bool = False  # channels_last helps it, and the authors trained it at lr 1e-3 (ViTs 1e-4)
+    finetune: bool = False  # made to start from pretrained weights: without them it is an error
 
-# Convolutional nets: channels_last helps them, and the authors trained them at lr 1e-3 (ViTs 1e-4).
-CONVNETS = {"vgg", "res18", "res34", "res50", "res101", "convmixer"}
+
+MODELS = {
+    "vgg": Net(TV.vgg16_bn, convnet=True),
+    "res18": Net(TV.resnet(18), convnet=True),
+    "res34": Net(TV.resnet(34), convnet=True),
+    "res50": Net(TV.resnet(50), convnet=True),
+    "res101": Net(TV.resnet(101), convnet=True),
+    "vit_tiny": Net(T.vit("vit_tiny")),
+    "vit_small": Net(T.vit("vit_small")),
+    "vit": Net(T.vit("vit")),
+    "vit_base": Net(T.vit("vit")),
+    "vit_large": Net(T.vit("vit_large")),
+    "vit-l": Net(T.vit("vit_large")),
+    "simplevit": Net(T.simplevit),
+    "vit_timm": Net(T.vit_timm, finetune=True),
+    "cait": Net(T.cait(mlp=512)),
+    "cait_small": Net(T.cait(mlp=256)),
+    "swin": Net(T.swin(128, (2, 2, 18, 2), (4, 8, 16, 32))),  # Swin-B widths (the paper's Swin)
+    "swin_t": Net(T.swin(96, (2, 2, 6, 2), (3, 6, 12, 24))),  # Swin-T (the authors' script)
+    "convmixer": Net(T.convmixer, convnet=True),
+    "mlpmixer": Net(T.mlpmixer),
+}
 
 
 def canonical_name(name):
@@ -58,16 +66,18 @@ def build_model(name, num_classes, img_size, pretrained=None, patch=None, dim=No
         raise UserError(f"num_classes and img_size must be positive, got {num_classes}, {img_size}")
     if (patch is not None and patch < 1) or (dim is not None and dim < 1):
         raise UserError(f"--patch and --dimhead must be positive, got {patch}, {dim}")
-    model = MODELS[key](num_classes=num_classes, img_size=img_size, patch=patch, dim=dim)
+    model = MODELS[key].build(num_classes=num_classes, img_size=img_size, patch=patch, dim=dim)
+    if pretrained == "none":
+        return model
     if pretrained:
         load_pretrained(model, pretrained, key)
-    elif key == "vit_timm":
+    elif MODELS[key].finetune:
         cached = _hf_cached_timm_weights(T.vit_timm_arch(img_size))
-        if cached:
-            load_pretrained(model, cached, key)
-        else:
-            print("warning: vit_timm: no --pretrained file and no timm weights in the local Hugging Face "
-                  "cache; training from random init", file=sys.stderr)
+        if not cached:
+            raise UserError(f"--net {key} finetunes pretrained weights: pass --pretrained FILE (e.g. timm's "
+                            "vit_base_patch16_224 .safetensors), fill the local Hugging Face cache, or pass "
+                            "--pretrained none to train from random init")
+        load_pretrained(model, cached, key)
     return model
 
 

@@ -30,7 +30,7 @@ from .hessian import HessianAccumulator, check_hessian, damp, proxy_loss, with_d
 from .incoherence import ROTATIONS, Incoherence, rescale_vector
 from .ldlq import allbal, block_ldlq, gptq, greedy_passes, ldlq, ldlqRG, nearest
 from .linear import QuantLinear
-from .methods import METHODS, ROUNDING, TABLE, VECTOR_CODEBOOKS, vector_quantize
+from .methods import METHODS, TABLE, VECTOR_CODEBOOKS, vector_quantize
 
 UNSUPPORTED = {"ldlbal_admm": "QuIP's experimental ADMM variant is not implemented here; use ldlqRG"}
 
@@ -89,8 +89,8 @@ def check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation):
     if npasses > 0 and not m.greedy:
         greedy = ", ".join(n for n, t in TABLE.items() if t.greedy)
         raise UserError(f"greedy passes (npasses={npasses}) apply to {greedy}, not {method}")
-    if method == "allbal" and npasses == 0:
-        raise UserError("allbal rounds only through its greedy passes; give npasses >= 1")
+    if npasses < m.min_npasses:
+        raise UserError(f"{method} rounds only through its greedy passes; give npasses >= {m.min_npasses}")
     if unbiased and not m.stochastic:
         raise UserError(f"unbiased (stochastic) rounding is not available for {method}")
     if unbiased and npasses > 0:
@@ -170,12 +170,12 @@ def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, r
         def run_grid(Hd):
             if generator is not None:
                 generator.manual_seed(seed)  # the same noise on every damping attempt
-            Wr, n = ROUNDING[method](Wp, Hd, grid, npasses, blocksize, lazy_batch, generator)
+            Wr, n = TABLE[method].rounding(Wp, Hd, grid, npasses, blocksize, lazy_batch, generator)
             ran.append(n)
             return Wr
 
-        if method == "nearest":  # no H needed, hence no damping
-            Wq, passes = ROUNDING[method](Wp, Hp, grid, npasses, blocksize, lazy_batch, generator)
+        if not TABLE[method].uses_hessian:  # hence no damping
+            Wq, passes = TABLE[method].rounding(Wp, Hp, grid, npasses, blocksize, lazy_batch, generator)
         else:
             Wq, damping = with_damping(Hp, percdamp if damp_h else 0.0, run_grid, what=what)
             passes = ran[-1]

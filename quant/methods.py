@@ -7,6 +7,7 @@ vector method `e8p` rounds 8 weights at a time to QuIP#'s lattice codebooks (`e8
 LDLQ, after the randomized Hadamard transform (`incoherence.py`, rotation 'hadamard').
 """
 from dataclasses import dataclass
+from typing import Callable
 
 from .ldlq import allbal, block_ldlq, gptq, greedy_passes, ldlq, ldlqRG, nearest
 
@@ -21,6 +22,10 @@ class Method:
     default_npasses: int = 0
     rotation: str = None  # the rotation the method needs (None: any, set by the incoherence options)
     stochastic: bool = True  # supports unbiased (stochastic) rounding
+    # scalar methods: (W, H, grid, npasses, blocksize, lazy_batch, generator) -> (W_hat, greedy passes run)
+    rounding: Callable = None
+    uses_hessian: bool = True  # False: rounds without H, so H is not damped
+    min_npasses: int = 0  # rounds only through its greedy passes when > 0
 
 
 def _run_nearest(W, H, grid, npasses, blocksize, lazy_batch, generator):
@@ -42,18 +47,15 @@ def _run_allbal(W, H, grid, npasses, blocksize, lazy_batch, generator):
     return allbal(W, H, grid, npasses, blocksize)
 
 
-# name -> rounding function of the scalar methods: (W, H, grid, npasses, blocksize, lazy_batch, generator)
-# -> (W_hat, greedy passes run)
-ROUNDING = {"nearest": _run_nearest, "gptq": _run_ldlq_like(gptq), "ldlq": _run_ldlq_like(ldlq),
-            "ldlqRG": _run_ldlqRG, "allbal": _run_allbal}
-
 TABLE = {m.name: m for m in [
-    Method("nearest", "round to nearest grid value", "grid"),
-    Method("gptq", "GPTQ/OPTQ (Cholesky of H^-1), same result as ldlq", "grid"),
-    Method("ldlq", "QuIP's LDLQ: linear feedback of the rounding errors", "grid", greedy=True),
+    Method("nearest", "round to nearest grid value", "grid", rounding=_run_nearest, uses_hessian=False),
+    Method("gptq", "GPTQ/OPTQ (Cholesky of H^-1), same result as ldlq", "grid", rounding=_run_ldlq_like(gptq)),
+    Method("ldlq", "QuIP's LDLQ: linear feedback of the rounding errors", "grid", greedy=True,
+           rounding=_run_ldlq_like(ldlq)),
     Method("ldlqRG", "LDLQ on columns by decreasing diag(H), then greedy passes (QuIP)", "grid", greedy=True,
-           default_npasses=1),
-    Method("allbal", "greedy coordinate passes only (QuIP)", "grid", greedy=True, default_npasses=1),
+           default_npasses=1, rounding=_run_ldlqRG),
+    Method("allbal", "greedy coordinate passes only (QuIP)", "grid", greedy=True, default_npasses=1,
+           rounding=_run_allbal, min_npasses=1),
     Method("e8p", "QuIP#: E8P lattice codebook, 8 weights per code (2 bits; 3/4 bits as residual VQ), "
                   "block LDLQ, randomized Hadamard incoherence", "vector", rotation="hadamard", stochastic=False),
 ]}

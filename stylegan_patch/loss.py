@@ -17,8 +17,13 @@ With ``ls = 'rlo'`` (k = kparam) each ``softplus(x)`` becomes ``k * (1 + exp(x))
     D fake: k * (1 + exp(gen_logits))^(1/k)
     D real: k * (1 + exp(-real_logits))^(1/k)
 computed as ``k * exp(softplus(x) / k)``: the literal ``pow(1 + exp(x), 1/k)`` overflows to inf once
-x > 88 in fp32, although the loss itself is finite up to x ~ 88 k. The exponent softplus(x)/k is also
-clamped at 80 (straight-through: the gradient keeps its direction), so no logit gives an inf or NaN.
+x > 88 in fp32, although the loss itself is finite up to x ~ 88 k. Two bounds on the exponent
+E = softplus(x)/k, both straight-through (the gradient keeps its direction):
+- the gradient is that of k * exp(min(E, 20)): at most e^20 ~ 4.9e8 per sample. The exact gradient
+  e^E reaches 1e33 at a fake logit of -154 with k = 2, and one Adam step then sets every generator
+  parameter's exp_avg_sq to inf (fp32), so every later update is 0 and training stops for good;
+- the value is exact up to E = 80 (k * e^80 is finite in fp32 for any k < 1e3) and clamped there.
+E > 20 needs a logit beyond 20 k in the wrong direction (-40 at k = 2), far outside normal training.
 As k -> inf, k * (1 + e^x)^(1/k) - k -> softplus(x): RLO tends to the original loss.
 """
 import numpy as np
@@ -32,6 +37,7 @@ kparam = 2  # k of the rooted loss; the paper uses k = 2 on FFHQ and k = 11 on S
 ls = 'rlo'  # 'rlo': rooted logistic objective; 'ce': the original StyleGAN2 softplus losses.
 
 _MAX_EXPONENT = 80.0  # k * exp(80) stays finite in fp32 (max ~ exp(88.7)) for any k < 1e3
+_GRAD_EXPONENT = 20.0  # gradients at most e^20 per sample: squared (Adam's exp_avg_sq) still finite in fp32
 
 
 def logistic_loss(x):
@@ -44,8 +50,9 @@ def logistic_loss(x):
     if not k > 0:
         raise ValueError(f'loss.py: kparam must be > 0, got {kparam!r}')
     exponent = torch.nn.functional.softplus(-x.float()) / k
-    exponent = exponent + (exponent.clamp(max=_MAX_EXPONENT) - exponent).detach()
-    return k * torch.exp(exponent)
+    # value k e^min(E, 20), gradient k e^min(E, 20) dE/dx (straight-through), then the exact value added
+    bounded = k * torch.exp(exponent - (exponent - exponent.clamp(max=_GRAD_EXPONENT)).detach())
+    return bounded + (k * torch.exp(exponent.detach().clamp(max=_MAX_EXPONENT)) - bounded).detach()
 
 #----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from losses import get_loss
 from tests.lm_fixtures import save_tiny_lm, write_wikitext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--seqlen", "32", "--lr", "3e-3", "--warmup", "2", "--bs", "4", "--grad-accum", "2", "--epochs", "2"]
+FAST = ["--seqlen", "32", "--lr", "3e-3", "--warmup-steps", "2", "--micro-bs", "4", "--grad-accum", "2", "--epochs", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +89,10 @@ def test_resume_reproduces_uninterrupted_run(assets, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ft_opt.main([*args, "--out", out])
     monkeypatch.setattr(ft_opt, "atomic_save", real_save)
-    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == 1
-    with pytest.raises(UserError, match="different --k"):
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 1
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        ft_opt.main([*args, "--out", out])
+    with pytest.raises(UserError, match="started with other arguments: --k 3.0 -> 4.0"):
         ft_opt.main([*args, "--out", out, "--resume", "--k", "4"])
     resumed = ft_opt.main([*args, "--out", out, "--resume"])
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6)
@@ -132,9 +134,9 @@ def test_bad_input_exits_2_with_one_line(assets):
 
 def test_bad_input_user_errors(assets, tmp_path):
     base = ["--model", assets["opt"], "--data-dir", assets["data"], "--out", str(tmp_path / "o"), "--seqlen", "32"]
-    with pytest.raises(UserError, match="--k must be a finite number > 0"):
+    with pytest.raises(UserError, match="k must be a finite number > 0"):
         ft_opt.main([*base, "--k", "0"])
-    with pytest.raises(UserError, match="--m must be"):
+    with pytest.raises(UserError, match="m must be"):
         ft_opt.main([*base, "--m", "-1"])
     with pytest.raises(UserError, match="larger than the model's 128 positions"):
         ft_opt.main([*base, "--seqlen", "256"])
@@ -144,9 +146,17 @@ def test_bad_input_user_errors(assets, tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(UserError, match="empty.txt' is empty"):
         ft_opt.main([*base, "--train-file", str(tmp_path / "empty.txt")])
+    with pytest.raises(UserError, match="empty.txt' is empty"):  # the data is checked before the model loads
+        ft_opt.main([*base[2:], "--model", str(tmp_path / "no-model"), "--train-file", str(tmp_path / "empty.txt")])
     with pytest.raises(UserError, match=r"put wiki\.train\.raw"):
         ft_opt.main([*base, "--data-dir", str(tmp_path)])  # the last --data-dir wins
-    assert not os.path.exists(tmp_path / "o" / "metrics.json")
+    assert not os.path.exists(tmp_path / "o")  # no error left a run folder behind
+
+
+def test_default_run_folder_names_loss_k_and_m():
+    outs = {ft_opt.parse_args(["--k", k]).out for k in ("3", "5")} | {ft_opt.parse_args(["--loss", "ce"]).out}
+    assert outs == {os.path.join("runs", name) for name in
+                    ("ft_opt_wikitext2_root_k3_m5", "ft_opt_wikitext2_root_k5_m5", "ft_opt_wikitext2_ce")}
 
 
 @pytest.mark.parametrize("loss", ["ce", "root"])
@@ -183,15 +193,15 @@ def test_freeze_embeddings_leaves_embeddings_and_head_unchanged(assets):
     assert not torch.equal(before.model.decoder.layers[0].fc1.weight, after.model.decoder.layers[0].fc1.weight)
 
 
-# 54 training blocks = 9 global micro-batches of 6: one process with --bs 6 and two with --bs 3 see the
+# 54 training blocks = 9 global micro-batches of 6: one process with --micro-bs 6 and two with --micro-bs 3 see the
 # same rows in every step (3 per epoch with accumulation 3)
-TORCHRUN = ["--seqlen", "32", "--lr", "3e-3", "--warmup", "2", "--grad-accum", "3", "--epochs", "2", "--device", "cpu"]
+TORCHRUN = ["--seqlen", "32", "--lr", "3e-3", "--warmup-steps", "2", "--grad-accum", "3", "--epochs", "2", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def single_process_run(assets):
     out = str(assets["root"] / "torchrun_single")
-    return out, ft_opt.main(["--model", assets["opt"], "--data-dir", assets["data"], *TORCHRUN, "--bs", "6", "--out", out])
+    return out, ft_opt.main(["--model", assets["opt"], "--data-dir", assets["data"], *TORCHRUN, "--micro-bs", "6", "--out", out])
 
 
 def torchrun(args):
@@ -220,7 +230,7 @@ def assert_same_run(out, metrics, reference_out, reference):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_gloo_processes_equal_one_process_with_the_same_global_batch(assets, single_process_run, mode):
     out = str(assets["root"] / f"torchrun_{mode}")
-    stdout = torchrun(["--model", assets["opt"], "--data-dir", assets["data"], *TORCHRUN, "--bs", "3", "--out", out,
+    stdout = torchrun(["--model", assets["opt"], "--data-dir", assets["data"], *TORCHRUN, "--micro-bs", "3", "--out", out,
                        *(["--fsdp"] if mode == "fsdp" else [])])
     assert ("FSDP: 2 transformer blocks + the rest sharded over 2 processes" in stdout) == (mode == "fsdp")
     assert_same_run(out, json.load(open(os.path.join(out, "metrics.json"))), *single_process_run)
@@ -240,8 +250,8 @@ def test_torchrun_resumes_a_checkpoint(assets, single_process_run, mode, monkeyp
 
     monkeypatch.setattr(ft_opt, "atomic_save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        ft_opt.main([*args, "--bs", "6"])
-    stdout = torchrun([*args, "--bs", "3", "--resume", *(["--fsdp"] if mode == "fsdp" else [])])
+        ft_opt.main([*args, "--micro-bs", "6"])
+    stdout = torchrun([*args, "--micro-bs", "3", "--resume", *(["--fsdp"] if mode == "fsdp" else [])])
     assert "resumed from" in stdout and "after epoch 1" in stdout
     assert_same_run(out, json.load(open(os.path.join(out, "metrics.json"))), *single_process_run)
 

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Run every test here on one thread (see conftest.one_thread)."""
-TINY = ["--steps", "12", "--eval-every", "6", "--n-eval", "300", "--hidden", "16", "--batch", "32", "--plots", "1"]
+TINY = ["--steps", "12", "--eval-every", "6", "--n-eval", "300", "--hidden", "16", "--bs", "32", "--plots", "1"]
 
 
 def test_mode_centers():
@@ -72,7 +72,7 @@ def test_large_k_root_trains_like_ce():
 
 def test_compare_run_writes_metrics_summary_and_pngs(tmp_path, capsys):
     out = str(tmp_path / "out")
-    gan.main(["--compare", "--data", "grid", "--seeds", "0", "1", "--out", out] + TINY)
+    gan.main(["--compare", "--dataset", "grid", "--seed", "0", "1", "--out", out] + TINY)
     rows = read_csv(os.path.join(out, "metrics.csv"))
     assert [(r["loss"], r["seed"], r["step"]) for r in rows] == [
         (loss, seed, step) for seed in (0.0, 1.0) for loss in ("ce", "root") for step in (6.0, 12.0)]
@@ -100,7 +100,7 @@ def test_compare_run_writes_metrics_summary_and_pngs(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--k", "0"], "k must be a finite number > 0"),
-    (["--seeds", "1", "1"], "--seeds must be distinct"),
+    (["--seed", "1", "1"], "--seed values must be distinct"),
     (["--plots", "-1"], "--plots must be >= 0"),
     (["--lr", "-1"], "--lr must be >= 0"),
     (["--threads", "0"], "--threads must be >= 1"),

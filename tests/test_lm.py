@@ -125,7 +125,7 @@ def test_load_causal_lm_user_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         lm.load_causal_lm(str(tmp_path / "missing"))
     # conftest sets HF_HUB_OFFLINE=1: an uncached hub name fails at once with what to do instead.
-    with pytest.raises(UserError, match="local directory holding config.json"):
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set .offline.*local directory holding config.json"):
         lm.load_causal_lm("facebook/opt-125m-not-cached-anywhere")
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
     with pytest.raises(UserError, match="'vit' model, not a causal language model"):

@@ -32,7 +32,7 @@ def test_every_net_trains_at_32(name):
 @pytest.mark.parametrize("name", ["vit_timm", "res18", "swin_t"])
 def test_finetune_forms_at_224(name):
     torch.manual_seed(0)
-    model = models.build_model(name, 7, 224)
+    model = models.build_model(name, 7, 224, pretrained="none")
     _fwd_bwd(model, 224, classes=7)
 
 
@@ -100,12 +100,11 @@ def test_pretrained_errors_are_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_vit_timm_weights_come_from_the_local_cache_or_nowhere(tmp_path, monkeypatch, capsys):
+def test_vit_timm_weights_come_from_the_local_cache_or_an_explicit_none(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
-    model = models.build_model("vit_timm", 5, 64)
-    err = capsys.readouterr().err
-    assert err.startswith("warning: vit_timm:") and err.endswith("training from random init\n")
-    assert err.count("\n") == 1
+    with pytest.raises(UserError, match="finetunes pretrained weights: pass --pretrained FILE.*--pretrained none"):
+        models.build_model("vit_timm", 5, 64)  # no silent random init
+    model = models.build_model("vit_timm", 5, 64, pretrained="none")
     assert model.head.out_features == 5 and model.patch_embed.patch_size == (16, 16)
     # A cached snapshot of timm's default weights is found and read (here a file that does not fit).
     repo = tmp_path / "models--timm--vit_base_patch16_224.augreg2_in21k_ft_in1k"

@@ -37,7 +37,7 @@ def run(assets, kind, *flags, save=None):
     if save:
         argv += ["--save", save]
     else:
-        argv += ["--report", str(assets["root"] / "report.json")]
+        argv += ["--out", str(assets["root"] / "report"), "--overwrite"]
     return opt.main(argv)
 
 
@@ -104,7 +104,7 @@ def test_save_writes_only_packed_codes_and_the_reloaded_model_has_the_same_perpl
     model, _ = lm.load_causal_lm(out)
     assert sum(isinstance(m, quant.QuantLinear) for m in model.modules()) == len(config["layers"])
     again = opt.main([out, "wikitext2", "--load", out, "--data-dir", assets["data"], *FAST,
-                      "--report", str(assets["root"] / "load.json"), "--generate", "The cat", "--max-new-tokens", "5"])
+                      "--out", str(assets["root"] / f"load_{kind}"), "--generate", "The cat", "--max-new-tokens", "5"])
     assert again["ppl"]["wikitext2"] == pytest.approx(report["ppl"]["wikitext2"], rel=1e-6)
     assert again["generated"].startswith("The cat") and len(again["generated"]) > len("The cat")
 
@@ -196,6 +196,20 @@ def test_unsupported_family_and_missing_data(assets, tmp_path):
         opt.main([gpt2, "wikitext2", "--data-dir", assets["data"], *FAST, "--wbits", "2"])
     with pytest.raises(UserError, match="ptb"):
         run(assets, "opt", "--wbits", "2", "--eval", "ptb")
+    (tmp_path / "empty.txt").write_text(" \n")
+    with pytest.raises(UserError, match="empty.txt' is empty"):  # the data is read before the model loads
+        opt.main([str(tmp_path / "no-model"), "wikitext2", "--eval-file", str(tmp_path / "empty.txt"), *FAST])
+
+
+def test_a_run_without_save_refuses_to_overwrite_its_report(assets, tmp_path):
+    out = str(tmp_path / "r")
+    argv = [assets["opt"], "wikitext2", "--data-dir", assets["data"], *FAST, "--wbits", "2", "--proxy_only"]
+    opt.main(argv + ["--out", out])
+    assert sorted(os.listdir(out)) == ["args.json", opt.REPORT_FILE]
+    with pytest.raises(UserError, match="already holds a run"):
+        opt.main(argv + ["--out", out, "--wbits", "3"])
+    assert json.load(open(os.path.join(out, opt.REPORT_FILE)))["args"]["wbits"] == 2
+    assert opt.parse_args(["runs/ft_k3", "wikitext2", "--wbits", "3"]).out == os.path.join("runs", "opt_ft_k3_nearest_w3")
 
 
 def test_save_into_a_non_empty_dir_exits_2_and_writes_nothing(assets, tmp_path):
@@ -267,10 +281,10 @@ def test_real_stories260K_packed_4_bit_e8p_generates_like_the_fp_model(tmp_path)
     prompt = "Once upon a time"
     report = opt.main([STORIES, "wikitext2", "--train-file", WIKI_VALID, "--nsamples", "16", "--seqlen", "256",
                        "--wbits", "4", "--quant", "e8p", "--incoh_processing", "--proxy_only", "--save", out,
-                       "--report", str(tmp_path / "r.json")])
+                       "--out", str(tmp_path / "r")])
     assert len(report["layers"]) == 5 * 7
     again = opt.main([out, "wikitext2", "--load", out, "--proxy_only", "--generate", prompt, "--max-new-tokens", "12",
-                      "--report", str(tmp_path / "g.json")])
+                      "--out", str(tmp_path / "g")])
     fp, tokenizer = lm.load_causal_lm(STORIES)
     expected = opt.generate(fp, tokenizer, prompt, 12, "cpu")
     # the first words of the 4-bit model's greedy continuation are the fp model's

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import regression
+from data.tabular import load_tabular
 from engine import UserError
 from losses import get_loss
 from losses.rooted import binary_root_convex_grad_coef, binary_root_convex_hessian_coef
@@ -141,9 +142,35 @@ def test_gradient_descent_matches_numpy():
         w, b = w - 0.3 * (g @ X / 25 + 0.5 * w), b - 0.3 * g.mean()
     np.testing.assert_allclose(run.model.weight.detach().numpy()[0], w, rtol=1e-10)
     np.testing.assert_allclose(run.model.bias.item(), b, rtol=1e-10)
-    # curves: objective minus the infimum k, at the final iterate
-    final = f_np(sign * (X @ w + b), 2.5).mean() - 2.5 + 0.25 * w @ w
-    assert run.curve[-1, 0] == pytest.approx(final, rel=1e-10)
+    # curves: objective minus the infimum of the regularised objective, at the final iterate
+    final = f_np(sign * (X @ w + b), 2.5).mean() + 0.25 * w @ w
+    assert 2.5 < run.infimum < final and run.curve[-1, 0] == pytest.approx(final - run.infimum, rel=1e-10)
+
+
+@pytest.mark.parametrize("method", ["lr_l2", "rlo_l2"])
+def test_l2_curves_subtract_the_regularised_infimum_and_reach_zero(method):
+    ds = load_tabular("wine")
+    X = torch.from_numpy((ds.X - ds.X.mean(0)) / ds.X.std(0))
+    args = regression.parse_args(["--dataset", "wine", "--iters", "300", "--lr", "0.5", "--weight-decay", "0.1"])
+    run = regression.Run(args, method, 3.0, 3, X, torch.from_numpy(ds.y), X, torch.from_numpy(ds.y), seed=0)
+    assert run.curve[:, 0].min() >= 0 and run.curve[-1, 0] < 1e-6 < run.curve[0, 0]
+
+
+def test_a_collapsed_run_is_reported(capsys):
+    ds = load_tabular("wine")  # raw features (proline ~ 1000): a few GD steps predict one class everywhere
+    X, y = torch.from_numpy(ds.X), torch.from_numpy(ds.y)
+    run = regression.Run(regression.parse_args(["--dataset", "wine", "--iters", "5"]), "lr", None, 3, X, y, X, y, 0)
+    assert run.constant
+    regression.warn_constant({("lr", None): [run]})
+    assert "warning: lr predicts a single class for every test sample in 1/1 splits" in capsys.readouterr().err
+
+
+def test_printed_k_range_follows_the_k_list():
+    ds = load_tabular("wine")
+    for spec, shown in [("3:6", "k in 3..6"), ("3,4,6,10", "k in 3, 4, 6, 10")]:
+        args = regression.parse_args(["--dataset", "wine", "--sweep-k", spec])
+        rows = [{"method": "rlo", "k": f"{k:g}", "test_acc_mean": 90.0, "test_acc_std": 1.0} for k in args.ks]
+        assert shown in regression.format_table(ds, args, rows)
 
 
 def read(path):
@@ -198,7 +225,7 @@ def test_multiclass_and_spiral_runs(tmp_path):
     (["--dataset", "iris"], "unknown dataset 'iris'"),
     (["--dataset", "wine", "--model", "mlp"], "unknown model 'mlp'"),
     (["--dataset", "wine", "--sweep-k", "3-20"], "--sweep-k must be"),
-    (["--dataset", "wine", "--sweep-k", "0:2"], "k must be > 0"),
+    (["--dataset", "wine", "--sweep-k", "0:2"], "k must be a finite number > 0"),
     (["--dataset", "spiral", "--model", "fcn2", "--diagnose"], "--diagnose needs --model linear"),
     (["--dataset", "wine", "--folds", "1"], "--folds must be >= 2"),
     (["--dataset", "wine", "--folds", "60"], "fewer than --folds 60"),

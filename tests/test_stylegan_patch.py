@@ -293,16 +293,38 @@ def test_large_k_approaches_ce(sg):
 
 
 def test_rlo_finite_where_the_literal_pow_overflows(sg):
-    x = torch.tensor([150.0, -150.0, 158.0, -158.0, 0.0], requires_grad=True)  # exponent up to 79 < 80
+    x = torch.tensor([150.0, -150.0, 158.0, -158.0, 0.0, -39.0, -41.0], requires_grad=True)  # exponent up to 79
     literal = 2 * torch.pow(1 + torch.exp(-x.detach()), 0.5)
     assert torch.isinf(literal[1]), "the authors' form overflows at -150 in fp32"
     got = sg.logistic_loss(x)
     want = 2 * torch.exp(F.softplus(-x.detach().double()) / 2)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)  # exact values
     got.sum().backward()
     ref_x = x.detach().double().requires_grad_(True)
-    (2 * torch.exp(F.softplus(-ref_x) / 2)).sum().backward()
-    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-5, atol=1e-12)
+    exponent = F.softplus(-ref_x) / 2
+    (2 * torch.exp(exponent)).sum().backward()
+    # exact gradients up to exponent 20 (x = -40 at k = 2), beyond it scaled down to e^20 per sample
+    bound = torch.exp(20 - exponent.detach()).clamp(max=1)
+    torch.testing.assert_close(x.grad.double(), ref_x.grad * bound, rtol=1e-5, atol=1e-12)
+    assert bound[5] == 1 and bound[6] < 1
+
+
+def test_adam_keeps_training_the_generator_at_extreme_fake_logits(sg):
+    """Fake logits near -154 with k = 2: exact gradients ~1e33 would make Adam's exp_avg_sq inf (fp32) for
+    every generator parameter after one step, and every later update 0."""
+    sg.ls, sg.kparam = "rlo", 2
+    nets = make_nets()
+    with torch.no_grad():
+        nets[2].fc2.bias.fill_(-154 / 3)  # Disc scales its output by 3
+    params = [p for module in nets[:2] for p in module.parameters()]
+    adam = torch.optim.Adam(params, lr=1e-3)
+    for step in range(4):
+        before = [p.detach().clone() for p in params]
+        run_phase(sg, "Gmain", nets, seed=2 + step, style_mixing_prob=0)
+        assert reported(sg, "Loss/scores/fake")[-1].max() < -150
+        adam.step()
+        assert all(torch.isfinite(adam.state[p]["exp_avg_sq"]).all() for p in params)
+        assert all((p != b).any() for p, b in zip(params, before))  # every generator tensor moves
 
 
 def test_rlo_clamps_extreme_logits_with_gradient_of_the_right_sign(sg):

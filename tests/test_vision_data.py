@@ -102,6 +102,33 @@ def test_imagenet_layout(tmp_path):
     assert [y for _, y in test] == [0, 1, 2] and test[0][0].shape == (3, 16, 16)
 
 
+def test_imagenet_val_uses_the_train_class_index(tmp_path):
+    for c in ("n001", "n002", "n003"):
+        _jpeg(str(tmp_path / "imagenet" / "train" / c / "a.JPEG"), (10, 20, 30), size=20)
+    for c in ("n001", "n003"):  # val/ lacks n002: n003 must stay class 2, not become 1
+        _jpeg(str(tmp_path / "imagenet" / "val" / c / "a.JPEG"), (10, 20, 30), size=20)
+    test = vision.build_dataset("imagenet", tmp_path, "test", 16, aug="none")
+    assert [y for _, y in test.samples] == [0, 2] and test.num_classes == 3
+    _jpeg(str(tmp_path / "imagenet" / "val" / "n009" / "a.JPEG"), (10, 20, 30), size=20)
+    with pytest.raises(UserError, match="n009 is a class that .*train does not have"):
+        vision.build_dataset("imagenet", tmp_path, "test", 16, aug="none")
+
+
+def test_food101_txt_lists_without_json(tmp_path):
+    base = tmp_path / "food-101"
+    for c in ("ramen", "apple_pie"):
+        for i in range(2):
+            _jpeg(str(base / "images" / c / f"{i}.jpg"), (0, 255, 0), size=40)
+    os.makedirs(base / "meta")
+    (base / "meta" / "classes.txt").write_text("apple_pie\nramen\n")
+    (base / "meta" / "train.txt").write_text("ramen/0\napple_pie/0\n")
+    (base / "meta" / "test.txt").write_text("ramen/1\napple_pie/1\n")
+    train = vision.build_dataset("food101", tmp_path, "train", 32, aug="basic")
+    test = vision.build_dataset("food101", tmp_path, "test", 32, aug="none")
+    assert (len(train), len(test), test.num_classes) == (2, 2, 2)
+    assert [y for _, y in test.samples] == [1, 0] and test[0][0].shape == (3, 32, 32)
+
+
 @pytest.mark.parametrize("name, looked_in", [
     ("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
     ("tinyimagenet", "wnids.txt"), ("food101", "food-101"), ("imagenet", os.path.join("imagenet", "train")),
