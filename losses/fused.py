@@ -25,7 +25,6 @@ Under autocast with fp32 master weights the accumulator is the fp32 gradient its
 is at most 1 MB of fp32 for a 256k vocabulary, so chunks of whole rows suffice (no vocab chunking).
 """
 import torch
-import torch.nn.functional as F
 
 from engine.errors import UserError
 
@@ -40,15 +39,17 @@ def _chunk(hidden_c, weight, bias, labels_c, valid_c, f, scale, work):
     """Per-token losses of one chunk (0 where ignored) and, when `scale` is given (a per-token upstream
     gradient; None for no gradient), the gradient w.r.t. the chunk's logits in the matmul dtype.
 
-    The logits, their softmax and their gradient all live in `work` (chunk x V, compute dtype), one
-    after the other, so a chunk costs one buffer (plus a matmul-dtype copy for bf16/fp16)."""
-    z = work[:len(hidden_c)]
-    if weight.dtype != z.dtype:  # logits rounded to the matmul dtype first, as F.linear returns them
-        z.copy_(F.linear(hidden_c, weight, bias))
-    elif bias is None:
-        torch.mm(hidden_c, weight.t(), out=z)
+    The logits, their softmax and their gradient all live in `work` = (compute buffer, matmul-dtype
+    buffer or None), chunk x V each, reused by every chunk: for bf16 / fp16 matmuls the logits come out
+    in the second (rounded as F.linear returns them) and the gradient goes back into it."""
+    z = work[0][:len(hidden_c)]
+    low = work[1][:len(hidden_c)] if work[1] is not None else z
+    if bias is None:
+        torch.mm(hidden_c, weight.t(), out=low)
     else:
-        torch.addmm(bias, hidden_c, weight.t(), out=z)
+        torch.addmm(bias, hidden_c, weight.t(), out=low)
+    if low is not z:
+        z.copy_(low)
     labels_c = labels_c.unsqueeze(1)
     target = z.gather(1, labels_c).squeeze(1)
     top = z.amax(1, keepdim=True)
@@ -64,7 +65,12 @@ def _chunk(hidden_c, weight, bias, labels_c, valid_c, f, scale, work):
     g = torch.where(valid_c, df * scale, 0.0).unsqueeze(1)
     # (onehot - softmax) * g
     grad = z.div_(total.unsqueeze(1)).mul_(-g).scatter_add_(1, labels_c, g)
-    return values, grad.to(hidden_c.dtype)
+    return values, grad if low is z else low.copy_(grad)
+
+
+def _workspace(rows, vocab, compute, matmul_dtype, device):
+    low = torch.empty(rows, vocab, dtype=matmul_dtype, device=device) if matmul_dtype != compute else None
+    return torch.empty(rows, vocab, dtype=compute, device=device), low
 
 
 class _LinearTokenLoss(torch.autograd.Function):
@@ -83,7 +89,7 @@ class _LinearTokenLoss(torch.autograd.Function):
         scale = (1.0 / count.to(compute)) if reduction == "mean" else torch.ones((), dtype=compute, device=hidden.device)
         grads = _Grads(hidden, weight, bias, needs, accum_dtype) if eager else None
         values = torch.empty(n, dtype=compute, device=hidden.device)
-        work = torch.empty(min(chunk, n), weight.shape[0], dtype=compute, device=hidden.device)
+        work = _workspace(min(chunk, n), weight.shape[0], compute, matmul_dtype, hidden.device)
         for s in range(0, n, chunk):
             h = hidden[s:s + chunk].to(matmul_dtype)
             values[s:s + chunk], grad = _chunk(h, w, b, safe_labels[s:s + chunk], valid[s:s + chunk], f,
@@ -111,7 +117,7 @@ class _LinearTokenLoss(torch.autograd.Function):
         b = bias.to(matmul_dtype) if bias is not None else None
         compute = torch.float64 if matmul_dtype == torch.float64 else torch.float32
         g = grad_out.to(compute)
-        work = torch.empty(min(chunk, len(hidden)), weight.shape[0], dtype=compute, device=hidden.device)
+        work = _workspace(min(chunk, len(hidden)), weight.shape[0], compute, matmul_dtype, hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk].to(matmul_dtype)
             _, grad = _chunk(h, w, b, labels[s:s + chunk], valid[s:s + chunk], f, g[s:s + chunk], work)
