@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_loss.py
 	$(PY) benchmarks/bench_lm_loss.py
+	$(PY) benchmarks/bench_linear_loss.py --tokens 2048
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_e8p.py
 

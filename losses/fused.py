@@ -31,8 +31,11 @@ from engine.errors import UserError
 from . import get_loss
 from .rooted import _ClassLoss, _reduce
 
-# Logits per chunk (32 MB of fp32): small next to the weight gradient, large enough for efficient matmuls.
+# Logits per chunk (32 MB of fp32): small next to the weight gradient, large enough for efficient matmuls;
+# but at least 128 tokens: every chunk re-reads the (vocab x hidden) weight-gradient accumulator, which
+# made 65-token chunks memory-bound (2x the unfused time with bf16 at vocab 128256; 1.0x at 128 tokens).
 _CHUNK_ELEMENTS = 1 << 23
+_MIN_CHUNK_TOKENS = 128
 
 
 def _chunk(hidden_c, weight, bias, labels_c, valid_c, f, scale, work):
@@ -155,7 +158,7 @@ def linear_token_loss(hidden, weight, labels, loss="root", *, bias=None, ignore_
 
     hidden (..., d), weight (V, d), bias (V,) or None, labels (...) with `ignore_index` for no target.
     `reduction` 'mean' (over targets; 0 when there are none), 'sum' or 'none' (shape of labels).
-    `chunk_tokens`: tokens per chunk (default: about 8M logits per chunk).
+    `chunk_tokens`: tokens per chunk (default: about 8M logits, at least 128 tokens).
     """
     criterion = get_loss(loss, ignore_index=ignore_index, reduction=reduction, **params)
     if not isinstance(criterion, _ClassLoss):
@@ -168,7 +171,7 @@ def linear_token_loss(hidden, weight, labels, loss="root", *, bias=None, ignore_
     device = hidden.device.type
     matmul_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                     else torch.promote_types(hidden.dtype, weight.dtype))
-    chunk = chunk_tokens or max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    chunk = chunk_tokens or max(_MIN_CHUNK_TOKENS, _CHUNK_ELEMENTS // weight.shape[0])
     with torch.autocast(device, enabled=False):
         out = _LinearTokenLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1),
                                      criterion.per_sample, reduction, ignore_index, chunk,
