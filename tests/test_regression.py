@@ -212,6 +212,7 @@ def test_missing_uci_file_exits_2_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "regression.py", "--dataset", "ionosphere", "--data-dir", str(tmp_path),
                            "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"error: ionosphere needs ionosphere.data in {tmp_path}/ (missing: ionosphere.data); "
+    assert proc.stderr.strip() == (f"error: ionosphere needs ionosphere.data in {tmp_path}/ or {tmp_path}/ionosphere/ "
+                                   "(missing: ionosphere.data); "
                                    "download them from https://archive.ics.uci.edu/dataset/52/ionosphere and pass --data-dir")
     assert not (tmp_path / "out").exists()
