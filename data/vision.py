@@ -12,6 +12,9 @@ no public test labels). The built dataset has `num_classes`. Layouts under `root
 - imagenet: `imagenet/train/<wnid>/*.JPEG` and `imagenet/val/<wnid>/*.JPEG` (ImageFolder layout).
 - fake: generated on the fly (no files), any size and class count, learnable (each class is a
   fixed low-frequency pattern plus noise); for offline smoke runs and benchmarks.
+- digits: scikit-learn's embedded 8x8 handwritten digits (1797 real images, 10 classes; no files, no
+  download), upscaled (bilinear) to `size` (32), grey repeated on 3 channels; a fixed split: the first
+  1437 images train, the last 360 test. Its augmentation never flips (a flipped 2 is not a 2).
 
 Missing files raise `engine.UserError` naming the data set, the path looked in and the layout.
 
@@ -41,7 +44,7 @@ def _missing(name, path, layout):
     return UserError(f"{name}: no data at {path}; expected {layout}")
 
 
-def _transform(split, size, aug, native, mean, std):
+def _transform(split, size, aug, native, mean, std, flip=True):
     """native: the stored image size for small-image sets (crop-pad recipe), None for large ones."""
     ops = [v2.ToImage()]
     train = split == "train" and aug != "none"
@@ -49,7 +52,9 @@ def _transform(split, size, aug, native, mean, std):
         ops.append(v2.RandAugment(num_ops=2, magnitude=14))
     if native is not None:
         if train:
-            ops += [v2.RandomCrop(native, padding=native // 8), v2.RandomHorizontalFlip()]
+            ops.append(v2.RandomCrop(native, padding=max(1, native // 8)))
+            if flip:
+                ops.append(v2.RandomHorizontalFlip())
         if size != native:
             ops.append(v2.Resize(size, antialias=True))
     elif train:
@@ -197,6 +202,33 @@ def _fake(root, split, transform, size=32, num_classes=10, n=None, **_):
                       seed=1 if split == "train" else 2)
 
 
+DIGITS_TEST = 360  # the last 360 of scikit-learn's 1797 digits (about 36 per class) are the test split
+
+
+class Digits(Dataset):
+    """scikit-learn's 8x8 digits as uint8 (3, 8, 8) images (0..16 scaled to 0..255)."""
+
+    def __init__(self, split, transform):
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images = torch.from_numpy(bunch.images * (255 / 16)).round().to(torch.uint8)
+        labels = torch.from_numpy(bunch.target)
+        part = slice(None, -DIGITS_TEST) if split == "train" else slice(-DIGITS_TEST, None)
+        self.images, self.labels = images[part], labels[part]
+        self.transform, self.num_classes = transform, 10
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i].expand(3, 8, 8)), int(self.labels[i])
+
+
+def _digits(root, split, transform, **_):
+    return Digits(split, transform)
+
+
 # name: (builder, native stored size for the crop-pad recipe or None, mean, std, default size)
 DATASETS = {
     "cifar10": (_cifar(CIFAR10, "cifar10"), 32, CIFAR_MEAN, CIFAR_STD, 32),
@@ -205,7 +237,9 @@ DATASETS = {
     "food101": (_food101, None, IMAGENET_MEAN, IMAGENET_STD, 224),
     "imagenet": (_imagenet, None, IMAGENET_MEAN, IMAGENET_STD, 224),
     "fake": (_fake, "size", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32),
+    "digits": (_digits, 8, (0.305,) * 3, (0.376,) * 3, 32),  # pixel mean / std of the 1797 images
 }
+NO_FLIP = {"digits"}
 ALIASES = {"tiny-imagenet": "tinyimagenet", "food-101": "food101", "imagenet1k": "imagenet"}
 
 
@@ -234,6 +268,6 @@ def build_dataset(name, root, split, size, aug="basic", download=False, mean=Non
     builder, native, d_mean, d_std, _ = DATASETS[key]
     if native == "size":
         native = size
-    transform = _transform(split, size, aug, native, mean or d_mean, std or d_std)
+    transform = _transform(split, size, aug, native, mean or d_mean, std or d_std, flip=key not in NO_FLIP)
     return builder(os.path.expanduser(root), split, transform, download=download, size=size,
                    num_classes=num_classes, n=n)
