@@ -124,6 +124,14 @@ def load_spectf(data_dir):
     return Tabular(np.array(X), np.array(y, dtype=np.int64), ["0", "1"], "spectf")
 
 
+def spectf_official_split(data_dir):
+    """(train, test) row indices into `load_spectf`'s rows for UCI's own split: the rows of SPECTF.train
+    (80) come first, then those of SPECTF.test (187)."""
+    train_path, test_path = _uci_paths("spectf", data_dir)
+    n_train, n_test = (len(_read_rows(p, ",")) for p in (train_path, test_path))
+    return np.arange(n_train), np.arange(n_train, n_train + n_test)
+
+
 def _sklearn_set(loader, name):
     from sklearn import datasets
 
