@@ -48,7 +48,8 @@ def parse_args(argv=None):
     a("--net", default="ViT", help=f"one of: {', '.join(models.MODELS)}")
     a("--pretrained", default=None, help="local weights file (.safetensors, torch state dict, or our .pt)")
     a("--patch", type=int, default=None, help="ViT/CaiT/Mixer patch or Swin window (default 4 at 32px)")
-    a("--dimhead", type=int, default=None, help="width of the ViT/CaiT/Mixer family (default 512)")
+    a("--dimhead", type=int, default=None, help="width of the ViT/CaiT/Mixer family (default 512); of the first "
+                                                "ResNet stage (default 64)")
     a("--loss", default="root", help=f"one of: {', '.join(CLASSIFICATION_LOSSES)}")
     a("--k", type=float, default=3.0, help="RLO root order k")
     a("--m", type=float, default=3.0, help="RLO scale m")
