@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import multiprocessing
 import numpy as np
 
-from engine import ArgumentParser, UserError, atomic_savefig, atomic_write_text, cli, mean_ci, read_csv
+from engine import ArgumentParser, UserError, atomic_save, atomic_savefig, atomic_write_text, cli, mean_ci, read_csv
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED_UCI = os.path.join(ROOT, "..", "shared", "data", "uci")
@@ -37,11 +37,12 @@ DIGITS_LOSSES = (("ce", 3, 3), ("focal", 3, 3), ("root", 3, 3), ("root", 8, 10),
 # Sizes. Quick: every section, table and figure, in about 2 minutes on 2 cores (what the tests run).
 FULL = dict(seeds=5, iters=200, lr=0.01, ks=(2, 3, 4, 5, 6, 8, 10, 12, 15, 20), inner_folds=5, conv_iters=3000,
             cond_l2=1e-3, spiral=(("fcn2", 1000), ("fcn3", 100), ("fcn4", 50)), spiral_scale=1,
-            digits_epochs={"res18": 8, "vit_tiny": 15}, digits_bs=64, digits_size=32, digits_max_steps=None,
+            digits_epochs={"res18": 8, "vit_tiny": 10}, digits_bs={"res18": 64, "vit_tiny": 32}, digits_size=32,
+            digits_max_steps=None,
             digits_nets=(("res18", ("--dimhead", "16")), ("vit_tiny", ("--dimhead", "192", "--patch", "8"))),
             gan_flags=(), gan_w1=1000)
 QUICK = dict(FULL, seeds=2, iters=20, ks=(3, 6), inner_folds=2, conv_iters=60, spiral_scale=10,
-             digits_epochs={"res18": 1, "vit_tiny": 1}, digits_bs=32, digits_size=16, digits_max_steps=2, gan_flags=("--steps", "40", "--n-eval", "400"), gan_w1=200)
+             digits_epochs={"res18": 1, "vit_tiny": 1}, digits_bs={"res18": 32, "vit_tiny": 32}, digits_size=16, digits_max_steps=2, gan_flags=("--steps", "40", "--n-eval", "400"), gan_w1=200)
 SCALED = "LR, step x C^(1/k)"  # the convergence control
 # Convergence: iterations to cover these fractions of the way from w = 0 to the optimum (loss, accuracy).
 LEVELS = {"loss": (0.5, 0.8), "acc": (0.9, 0.95)}
@@ -499,7 +500,7 @@ def report_spiral(cfg, res, out, command):
 
 def digits_argv(cfg, net, net_flags, loss, k, m, seed, out):
     argv = ["--dataset", "digits", "--net", net, *net_flags, "--loss", loss, "--k", f"{k:g}", "--m", f"{m:g}",
-            "--epochs", str(cfg["digits_epochs"][net]), "--bs", str(cfg["digits_bs"]), "--lr", "1e-3", "--opt", "adamw",
+            "--epochs", str(cfg["digits_epochs"][net]), "--bs", str(cfg["digits_bs"][net]), "--lr", "1e-3", "--opt", "adamw",
             "--aug", "none", "--size", str(cfg["digits_size"]), "--amp", "--workers", "0", "--device", "cpu",
             "--seed", str(seed), "--out", out]
     return argv + (["--max-steps", str(cfg["digits_max_steps"])] if cfg["digits_max_steps"] else [])
@@ -525,13 +526,13 @@ def digits_label(loss, k, m):
 
 def report_digits(cfg, res, out, command, cifar_note):
     epochs = cfg["digits_epochs"]
-    sizes = ", ".join(f"{net} {e}" for net, e in epochs.items())
+    sizes = ", ".join(f"{net} {e} epochs at batch {cfg['digits_bs'][net]}" for net, e in epochs.items())
     sec = Section("digits", "Deep nets: CE vs focal vs RLO on real handwritten digits",
                   "Training with RLO converges faster (fewer epochs to a given test accuracy) and reaches a "
                   "higher final accuracy than CE (paper: CIFAR-10/100, Tiny-ImageNet, Food-101 with ResNets and ViTs).",
                   f"`train.py --dataset digits`: scikit-learn's 1797 real 8x8 digits, upscaled to "
                   f"{cfg['digits_size']}x{cfg['digits_size']}, first 1437 train / last 360 test, no augmentation. "
-                  f"AdamW lr 1e-3 (wd 0.01), cosine schedule, batch {cfg['digits_bs']}, epochs: {sizes}; bf16 "
+                  f"AdamW lr 1e-3 (wd 0.01), cosine schedule, {sizes}; bf16 "
                   f"autocast on CPU, {cfg['seeds']} seeds (initialisation and shuffling)"
                   + (f", at most {cfg['digits_max_steps']} steps per epoch" if cfg["digits_max_steps"] else "")
                   + ". Networks, narrowed to fit a CPU budget: res18 at width 16 (`--dimhead 16`: ResNet-18 in CIFAR form "
@@ -742,7 +743,7 @@ def plan(args, cfg):
         for net, flags in cfg["digits_nets"]:
             for loss, k, m in DIGITS_LOSSES:
                 for seed in range(cfg["seeds"]):
-                    out = os.path.join(args.out, "runs", "digits", f"{net}_{loss}_k{k:g}_m{m:g}_seed{seed}")
+                    out = os.path.join(args.cache, "runs", "digits", f"{net}_{loss}_k{k:g}_m{m:g}_seed{seed}")
                     tasks[("digits", (net, loss, k, m), seed)] = (task_digits, dict(
                         argv=digits_argv(cfg, net, flags, loss, k, m, seed, out)))
     if "gan" in args.sections:
@@ -751,7 +752,7 @@ def plan(args, cfg):
                 for seed in range(cfg["seeds"]):
                     tasks[("gan", (data, loss), seed)] = (task_gan, dict(
                         data=data, loss=loss, seed=seed, flags=cfg["gan_flags"], n_w1=cfg["gan_w1"],
-                        out=os.path.join(args.out, "runs", "gan")))
+                        out=os.path.join(args.cache, "runs", "gan")))
     uci = [d for d in UCI if d == "wine" or _has_uci(d, args.data_dir)]
     for section, fn in (("table1", task_table1), ("conditioning", task_conditioning), ("convergence", task_convergence)):
         if section in args.sections:
@@ -810,16 +811,17 @@ def group(results, section):
     return out
 
 
-def markdown(sections, args, wall, seconds, report_path):
-    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(report_path)))
-    mode = "QUICK (tiny sizes: a smoke test, not evidence)" if args.quick else "full"
+def markdown(sections, provenance, args, wall):
+    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.report)))
+    mode = "QUICK (tiny sizes: a smoke test, not evidence)" if args.quick else "full-size"
     lines = ["# Reproduction report: Rooted Logistic Objectives (arXiv 2310.03890) and the AISTATS-2025 follow-up", "",
-             f"Generated by `{args.command}` on {datetime.date.today().isoformat()}: {mode} run, {args.jobs} "
-             f"parallel processes, {wall / 60:.1f} min wall ({sum(seconds.values()) / 60:.1f} min of runs in all; "
-             + ", ".join(f"{s} {t / 60:.1f}" for s, t in seconds.items()) + " min). Every number below is computed "
-             "by `reproduce.py` from the runs it made; nothing is typed in by hand except the papers' numbers.", "",
-             "## Verdict rule", "", VERDICT_RULE, "", "## Headline", "", HEADLINE_START, *headline_table(sections),
-             HEADLINE_END, ""]
+             f"Written by `{args.command}` ({wall / 60:.1f} min wall, {args.jobs} parallel processes) from the "
+             f"{mode} runs of each section below; every number is computed by `reproduce.py` from those runs, "
+             f"nothing is typed in by hand except the papers' numbers.", "",
+             "| section | run on | minutes of runs (summed over processes) | by |", "|---|---|---|---|"]
+    lines += [f"| {s} | {date} | {sec / 60:.1f} | `{cmd}` |" for s, date, sec, cmd in provenance]
+    lines += ["", "## Verdict rule", "", VERDICT_RULE, "", "## Headline", "", HEADLINE_START, *headline_table(sections),
+              HEADLINE_END, ""]
     for i, sec in enumerate(sections, 1):
         lines += [f"## {i}. {sec.title}", "", f"**Claim.** {sec.claim}", "", f"**Setup.** {sec.setup}", "",
                   f"**Command:** `{sec.command}`", ""]
@@ -865,6 +867,9 @@ def parse_args(argv):
     p.add_argument("--report", default=None, help="the markdown report (default REPRODUCTION.md, or OUT/REPRODUCTION.md "
                                                   "with --quick)")
     p.add_argument("--readme", default=None, help="also update the headline table quoted in this README")
+    p.add_argument("--cache", default=None, help="each section's raw results and train.py run folders; the report "
+                                                 "holds every section found here (default runs/reproduce, or "
+                                                 "OUT/cache with --quick)")
     p.add_argument("--data-dir", default=SHARED_UCI, help="UCI files (default ../shared/data/uci)")
     p.add_argument("--cifar-dir", default="data", help="where train.py would find CIFAR (only reported)")
     p.add_argument("--llm", action="store_true", help="run llm_pipeline.py into --llm-dir first (12 min)")
@@ -879,6 +884,8 @@ def parse_args(argv):
         raise UserError(f"--seeds must be >= 2 (a confidence interval needs two runs), got {args.seeds}")
     if args.report is None:
         args.report = os.path.join(args.out, "REPRODUCTION.md") if args.quick else "REPRODUCTION.md"
+    if args.cache is None:
+        args.cache = os.path.join(args.out, "cache") if args.quick else os.path.join("runs", "reproduce")
     args.command = "python reproduce.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     return args
 
@@ -897,30 +904,43 @@ def main(argv=None):
     tasks = plan(args, cfg)
     print(f"reproduce: {len(tasks)} runs in {args.jobs} processes ({', '.join(args.sections)})", flush=True)
     results, seconds = run_tasks(tasks, args.jobs) if tasks else ({}, {})
-    command = lambda section: (f"python reproduce.py{' --quick' if args.quick else ''} --sections {section}"
-                               + (f" --seeds {args.seeds}" if args.seeds else ""))
+    for section in args.sections:  # each section's raw results, so a later --sections run keeps the others
+        if section != "llm":
+            atomic_save(dict(
+                quick=args.quick, cfg=cfg, results=group(results, section), seconds=seconds.get(section, 0.0),
+                date=datetime.date.today().isoformat(), command=args.command), os.path.join(args.cache, f"{section}.pt"))
     cifar = [d for d in ("cifar-10-batches-py", "cifar-100-python") if os.path.isdir(os.path.join(args.cifar_dir, d))]
     cifar_note = (f"data found in {args.cifar_dir}/ ({', '.join(cifar)}): run `python train.py --dataset cifar10 --net "
                   f"res18 --loss LOSS --data-dir {args.cifar_dir}` per row (200 epochs each: GPU-sized, not part "
                   f"of this CPU report)" if cifar else
                   f"not run: no CIFAR data in {args.cifar_dir}/ (cifar-10-batches-py/, cifar-100-python/; pass "
                   f"--cifar-dir); with the data, `python train.py --dataset cifar10 --net res18 --loss LOSS` per row")
-    builders = {"table1": lambda: report_table1(cfg, group(results, "table1"), args.out, command("table1")),
-                "convergence": lambda: report_convergence(cfg, group(results, "convergence"), args.out,
-                                                          command("convergence")),
-                "conditioning": lambda: report_conditioning(cfg, group(results, "conditioning"), args.out,
-                                                            command("conditioning")),
-                "spiral": lambda: report_spiral(cfg, group(results, "spiral"), args.out, command("spiral")),
-                "digits": lambda: report_digits(cfg, group(results, "digits"), args.out, command("digits"), cifar_note),
-                "gan": lambda: report_gan(cfg, group(results, "gan"), args.out, command("gan")),
-                "llm": lambda: report_llm(cfg, args.llm_dir, "python reproduce.py --llm --sections llm")}
-    sections = [builders[s]() for s in SECTIONS if s in args.sections]
-    atomic_write_text(args.report, markdown(sections, args, time.time() - start, seconds, args.report) + "\n")
+    reports = {"table1": report_table1, "convergence": report_convergence, "conditioning": report_conditioning,
+               "spiral": report_spiral, "digits": lambda *a: report_digits(*a, cifar_note), "gan": report_gan}
+    sections, provenance = [], []
+    for section in SECTIONS:
+        command = f"python reproduce.py{' --quick' if args.quick else ''} --sections {section}"
+        if section == "llm":
+            sections.append(report_llm(cfg, args.llm_dir, "python reproduce.py --llm --sections llm"))
+            continue
+        path = os.path.join(args.cache, f"{section}.pt")
+        saved = load_cache(path) if os.path.exists(path) else None
+        if saved is None or saved["quick"] != args.quick:
+            continue  # never run at this size: left out of the report
+        sections.append(reports[section](saved["cfg"], saved["results"], args.out, command))
+        provenance.append((section, saved["date"], saved["seconds"], saved["command"]))
+    atomic_write_text(args.report, markdown(sections, provenance, args, time.time() - start) + "\n")
     if args.readme:
         update_readme(args.readme, sections)
     print(f"wrote {args.report} ({time.time() - start:.0f}s); figures in {args.out}/")
     print("\n".join(headline_table(sections)))
     return sections
+
+
+def load_cache(path):
+    import torch
+
+    return torch.load(path, weights_only=False)  # our own file, written by atomic_save above
 
 
 if __name__ == "__main__":
