@@ -191,7 +191,7 @@ def build_parser():
     p.add_argument("--compare", action="store_true", help="train both losses and plot them side by side")
     p.add_argument("--data", default="ring", choices=["ring", "grid"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (and per loss)")
-    p.add_argument("--steps", type=int, default=5000, help="training steps (one D and one G update each)")
+    p.add_argument("--steps", type=int, default=4000, help="training steps (one D and one G update each)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (betas 0.5, 0.999) of G and D")
     p.add_argument("--z-dim", type=int, default=2, help="latent dimension (2, as PacGAN's 2-D benchmarks)")

@@ -36,12 +36,12 @@ UCI = ("wine", "ionosphere", "madelon", "spectf")
 DIGITS_LOSSES = (("ce", 3, 3), ("focal", 3, 3), ("root", 3, 3), ("root", 8, 10), ("root_convex", 3, 3))
 # Sizes. Quick: every section, table and figure, in about 2 minutes on 2 cores (what the tests run).
 FULL = dict(seeds=5, iters=200, lr=0.01, ks=(2, 3, 4, 5, 6, 8, 10, 12, 15, 20), inner_folds=5, conv_iters=3000,
-            cond_l2=1e-3, spiral=(("fcn2", 1000), ("fcn3", 100), ("fcn4", 50)), spiral_scale=1,
+            cond_l2=1e-3, lbfgs_iters=3000, spiral=(("fcn2", 1000), ("fcn3", 100), ("fcn4", 50)), spiral_scale=1,
             digits_epochs={"res18": 8, "vit_tiny": 10}, digits_bs={"res18": 64, "vit_tiny": 32}, digits_size=32,
             digits_max_steps=None,
             digits_nets=(("res18", ("--dimhead", "16")), ("vit_tiny", ("--dimhead", "192", "--patch", "8"))),
             gan_flags=(), gan_w1=1000)
-QUICK = dict(FULL, seeds=2, iters=20, ks=(3, 6), inner_folds=2, conv_iters=60, spiral_scale=10,
+QUICK = dict(FULL, seeds=2, iters=20, ks=(3, 6), inner_folds=2, conv_iters=60, lbfgs_iters=50, spiral_scale=10,
              digits_epochs={"res18": 1, "vit_tiny": 1}, digits_bs={"res18": 32, "vit_tiny": 32}, digits_size=16, digits_max_steps=2, gan_flags=("--steps", "40", "--n-eval", "400"), gan_w1=200)
 SCALED = "LR, step x C^(1/k)"  # the convergence control
 # Convergence: iterations to cover these fractions of the way from w = 0 to the optimum (loss, accuracy).
@@ -295,7 +295,8 @@ def task_convergence(dataset, data_dir, fold, cfg):
     optimum = {}
     for method in ("lr", "rlo"):
         loss, infimum = regression.make_loss(method, k, binary)
-        theta, value, _ = regression.minimize(regression.risk(X1, ytr, loss, n_out), X1.shape[1] * n_out)
+        theta, value, _ = regression.minimize(regression.risk(X1, ytr, loss, n_out), X1.shape[1] * n_out,
+                                              cfg["lbfgs_iters"])
         optimum[method] = (theta, value - infimum)  # on the curves' scale (objective minus its infimum)
     out = X1 @ optimum["lr"][0].view(X1.shape[1], n_out)
     target_acc = regression.accuracy(regression.predict(out.squeeze(1) if binary else out), ytr)
@@ -402,7 +403,8 @@ def task_conditioning(dataset, data_dir, fold, cfg):
     l2 = cfg["cond_l2"]
     optimum, grads = {}, {}
     for m, loss in losses.items():
-        optimum[m], _, grads[m] = regression.minimize(regression.risk(X1, ytr, loss, n_out, l2), X1.shape[1] * n_out)
+        optimum[m], _, grads[m] = regression.minimize(regression.risk(X1, ytr, loss, n_out, l2), X1.shape[1] * n_out,
+                                                      cfg["lbfgs_iters"])
 
     def cond(m, theta):
         return regression.condition_number(regression.risk_hessian(X1, ytr, losses[m], n_out, l2)(theta), Q)
