@@ -420,8 +420,8 @@ def report_conditioning(cfg, res, out, command):
                   "The RLO risk's Hessian is better conditioned than the LR risk's (a smaller condition number).",
                   f"Risks on each standardised training fold of Table 1 (RLO at the paper's k) plus "
                   f"{cfg['cond_l2']:g}/2 ||w||^2 on the weights, so that both have a finite minimiser also on "
-                  f"separable data (Wine); minimisers by L-BFGS to a gradient norm below 1e-6 (largest seen: "
-                  f"reported below). Hessians by autograd, eigenvalues on the identifiable subspace (directions "
+                  f"separable data (Wine); minimisers by L-BFGS (the largest gradient norm left at an optimum "
+                  f"is reported below). Hessians by autograd, eigenvalues on the identifiable subspace (directions "
                   f"that change some logit difference; constant features and the softmax shift are excluded). "
                   f"Three matched points: w = 0, the LR optimum (both Hessians at the same w), and each risk at "
                   f"its own optimum. Intervals over the training folds.", command)
