@@ -330,9 +330,9 @@ def risk(X1, y, loss, n_out, l2=0.0):
     return f
 
 
-def risk_hessian(X1, y, loss, n_out, l2=0.0):
-    """Hessian of `risk` by autograd."""
-    return lambda theta: torch.autograd.functional.hessian(risk(X1, y, loss, n_out, l2), theta, vectorize=True)
+def risk_hessian(X1, y, loss, n_out):
+    """Hessian of the (unpenalized) `risk` by autograd."""
+    return lambda theta: torch.autograd.functional.hessian(risk(X1, y, loss, n_out), theta, vectorize=True)
 
 
 def minimize(f, dim, max_iter=3000):
