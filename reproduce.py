@@ -412,9 +412,9 @@ def task_conditioning(dataset, data_dir, fold, cfg):
         return regression.condition_number(regression.risk_hessian(X1, ytr, losses[m], n_out)(theta), Q)
 
     zero = torch.zeros_like(optimum["lr"])
-    return dict(k=k, zero=(cond("lr", zero), cond("rlo", zero)),
-                at_lr=(cond("lr", optimum["lr"]), cond("rlo", optimum["lr"])),
-                own=(cond("lr", optimum["lr"]), cond("rlo", optimum["rlo"])), grad=max(grads.values()))
+    lr_at_lr = cond("lr", optimum["lr"])
+    return dict(k=k, zero=(cond("lr", zero), cond("rlo", zero)), at_lr=(lr_at_lr, cond("rlo", optimum["lr"])),
+                own=(lr_at_lr, cond("rlo", optimum["rlo"])), grad=max(grads.values()))
 
 
 def report_conditioning(cfg, res, out, command):
