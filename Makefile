@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench llm-demo clean
+.PHONY: demo test bench llm-demo reproduce reproduce-quick clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,16 @@ demo: $(STAMP)
 # The AISTATS pipeline on stories260K + WikiText-2 from ../shared/data (12 min on 2 cores).
 llm-demo: $(STAMP)
 	$(PY) llm_pipeline.py --overwrite --out runs/llm_demo
+
+# Every claim of both papers re-run with seeds and 95% CIs: REPRODUCTION.md + reproduction/ (and the
+# headline quoted in README.md); about 45 min on 2 cores. The LLM pipeline is read from runs/llm_demo,
+# run by `make llm-demo` or `reproduce.py --llm`.
+reproduce: $(STAMP)
+	$(PY) reproduce.py --readme README.md
+
+# Every section, table and figure at a tiny size (about 1 min on 2 cores; tests/test_reproduce.py runs it).
+reproduce-quick: $(STAMP)
+	$(PY) reproduce.py --quick --out runs/reproduce_quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -15,7 +15,8 @@ by k (1 + e^x)^(1/k). Both losses train the same networks from the same seeds an
 
 Outputs in --out: args.json, metrics.csv (one row per run and evaluation: loss, k, seed, step, modes, hq_share,
 d_loss, g_loss), samples_<loss>_seed<S>_step<N>.png (scatter plots over training), summary.csv (final
-metrics per run), and with both losses (--compare) compare.png: final samples side by side and the
+metrics per run, with w1: the exact Wasserstein-1 distance between 1000 final samples and 1000 fresh
+real ones), and with both losses (--compare) compare.png: final samples side by side and the
 metric curves over training, mean and range over seeds.
 """
 import os
@@ -55,6 +56,21 @@ def mode_metrics(samples, centers, std, min_count):
     high_quality = nearest_dist <= 3 * std  # NaN samples compare False: never high quality
     counts = torch.bincount(nearest[high_quality], minlength=len(centers))
     return int((counts >= min_count).sum()), float(high_quality.double().mean()), counts
+
+
+def wasserstein(a, b):
+    """Exact 2-D Wasserstein-1 distance between two equal-size sample sets (optimal assignment)."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(a.double(), b.double()).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    return float(cost[rows, cols].mean())
+
+
+def w1_to_real(samples, centers, std, seed, n=1000):
+    """W1 between the first `n` samples and `n` fresh real samples (drawn apart from training's draws)."""
+    real = sample_real(centers, std, n, torch.Generator().manual_seed(20_000 + seed))
+    return wasserstein(samples[:n], real)
 
 
 def mlp(n_in, hidden, layers, n_out, act):
@@ -104,8 +120,8 @@ def train_run(args, loss_name, seed, logger):
     lim = centers.abs().max().item() + 1.5
     criterion = get_gan_loss(loss_name, k=args.k)
     torch.manual_seed(seed)
-    G = mlp(args.z_dim, args.hidden, 3, 2, nn.ReLU).to(args.device)
-    D = mlp(2, args.hidden, 2, 1, lambda: nn.LeakyReLU(0.2)).to(args.device)
+    G = mlp(args.z_dim, args.hidden, args.g_layers, 2, nn.ReLU).to(args.device)
+    D = mlp(2, args.hidden, args.d_layers, 1, lambda: nn.LeakyReLU(0.2)).to(args.device)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
     draws = torch.Generator().manual_seed(seed)  # real samples and latents: identical for both losses
@@ -173,11 +189,13 @@ def build_parser():
     p.add_argument("--k", type=float, default=2.0, help="root k of the 'root' loss")
     p.add_argument("--compare", action="store_true", help="train both losses and plot them side by side")
     p.add_argument("--dataset", "--data", dest="data", default="ring", choices=["ring", "grid"])
-    p.add_argument("--steps", type=int, default=5000, help="training steps (one D and one G update each)")
+    p.add_argument("--steps", type=int, default=4000, help="training steps (one D and one G update each)")
     p.add_argument("--bs", "--batch", dest="batch", type=int, default=256, help="real and generated samples per step")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (betas 0.5, 0.999) of G and D")
-    p.add_argument("--z-dim", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=128, help="width of the MLPs (G: 3 hidden layers, D: 2)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (betas 0.5, 0.999) of G and D")
+    p.add_argument("--z-dim", type=int, default=2, help="latent dimension (2, as PacGAN's 2-D benchmarks)")
+    p.add_argument("--hidden", type=int, default=128, help="width of the MLPs")
+    p.add_argument("--g-layers", type=int, default=3, help="hidden layers of G (ReLU)")
+    p.add_argument("--d-layers", type=int, default=3, help="hidden layers of D (LeakyReLU 0.2)")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--n-eval", type=int, default=2500, help="generated samples scored per evaluation")
     p.add_argument("--min-count", type=int, default=20, help="high-quality samples for a mode to count")
@@ -191,7 +209,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.out = args.out or os.path.join("runs", "gan")
-    require_positive_ints(args, "steps", "batch", "z_dim", "hidden", "eval_every", "n_eval", "min_count", "threads")
+    require_positive_ints(args, "steps", "batch", "z_dim", "hidden", "g_layers", "d_layers", "eval_every", "n_eval",
+                          "min_count", "threads")
     if args.plots < 0:
         raise UserError(f"--plots must be >= 0, got {args.plots}")
     if not args.lr >= 0:
@@ -214,12 +233,14 @@ def main(argv=None):
             print(f"{args.data} {label(loss, args.k):10s} seed {seed}: {modes} modes, {hq:.1%} high quality "
                   f"({time.time() - start:.0f}s)", flush=True)
 
-    n_modes = len(mode_centers(args.data)[0])
+    centers, std = mode_centers(args.data)
+    n_modes = len(centers)
     atomic_write_csv(os.path.join(args.out, "summary.csv"),
-                     ["data", "loss", "k", "seed", "steps", "modes", "n_modes", "hq_share"],
+                     ["data", "loss", "k", "seed", "steps", "modes", "n_modes", "hq_share", "w1"],
                      [dict(data=args.data, loss=loss, k="" if loss == "ce" else args.k, seed=seed, steps=args.steps,
-                           modes=modes, n_modes=n_modes, hq_share=round(hq, 5))
-                      for (loss, seed), (_, modes, hq) in finals.items()])
+                           modes=modes, n_modes=n_modes, hq_share=round(hq, 5),
+                           w1=round(w1_to_real(samples, centers, std, seed, min(1000, args.n_eval)), 5))
+                      for (loss, seed), (samples, modes, hq) in finals.items()])
     for loss in args.losses:
         modes = np.array([finals[(loss, s)][1] for s in args.seeds], dtype=float)
         hq = np.array([finals[(loss, s)][2] for s in args.seeds])

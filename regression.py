@@ -323,17 +323,21 @@ def plot_convergence(results, ds, args, k, path):
     plt.close(fig)
 
 
-def plot_boundary(results, ds, k, path):
-    """Figure 2 style: decision regions of the first split's LR (CE) and RLO models, test points on top."""
+def plot_boundary(results, ds, k, path, model="linear"):
+    """Figure 2 style: decision regions of the first split's LR (CE) and RLO models, test points on top,
+    labelled with the model's depth, the axes and the classes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     lo, hi = ds.X.min(0) - 0.1, ds.X.max(0) + 0.1
     gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 300), np.linspace(lo[1], hi[1], 300))
     grid = np.stack([gx.ravel(), gy.ravel()], 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))
+    depth = "linear" if model == "linear" else f"{model} ({MODELS[model]} hidden layer{'s' * (MODELS[model] > 1)})"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
     for ax, method, title in zip(axes, ["lr", "rlo"], ["CE (logistic)", f"RLO k={k:g}"]):
         run = results[(method, k if method == "rlo" else None)][0]
         with torch.no_grad():
@@ -341,28 +345,67 @@ def plot_boundary(results, ds, k, path):
         ax.contourf(gx, gy, pred.reshape(gx.shape), levels=[-0.5, 0.5, 1.5], colors=["#c6dbef", "#fcbba1"])
         test = run.test_idx
         ax.scatter(ds.X[test, 0], ds.X[test, 1], c=np.where(ds.y[test] == 1, "tab:red", "tab:blue"), s=6)
-        ax.set(title=f"{title}: test acc {run.test_acc:.1f}%", xticks=[], yticks=[])
+        ax.set(title=f"{ds.name}, {depth}\n{title}: test acc {run.test_acc:.1f}%", xlabel="x1", ylabel="x2")
         ax.set_aspect("equal")
-    fig.tight_layout()
+    dot = dict(marker="o", ls="", markersize=4)
+    fig.legend(handles=[Patch(color="#c6dbef", label="predicted class 0"), Patch(color="#fcbba1", label="predicted class 1"),
+                        Line2D([], [], color="tab:blue", label="test point, class 0", **dot),
+                        Line2D([], [], color="tab:red", label="test point, class 1", **dot)],
+               loc="lower center", ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     atomic_savefig(fig, path)
     plt.close(fig)
 
 
 # ---- --diagnose: Hessian of the empirical risk at the trained linear model ----------------------------
 
-def risk_hessian(X1, y, loss, n_out):
-    """Hessian of theta -> loss(X1 @ theta) by autograd, theta the flattened (d+1, n_out) weights+bias."""
+def risk(X1, y, loss, n_out, l2=0.0):
+    """theta -> loss(X1 @ theta) + l2/2 ||weights||^2 (bias not penalized), theta the flattened (d+1, n_out)
+    weights+bias (X1 ends in a column of ones)."""
     binary = n_out == 1
 
     # Multi-class: one-hot soft targets give the same loss through plain log_softmax, which the
     # vectorized (vmap) Hessian can batch; the hard-target path is a custom autograd.Function.
     target = y if binary else torch.nn.functional.one_hot(y, n_out).double()
+    weights = torch.ones(X1.shape[1], n_out, dtype=X1.dtype)
+    weights[-1] = 0
 
-    def risk(theta):
-        out = X1 @ theta.view(X1.shape[1], n_out)
-        return loss(out.squeeze(1) if binary else out, target)
+    def f(theta):
+        W = theta.view(X1.shape[1], n_out)
+        out = X1 @ W
+        return loss(out.squeeze(1) if binary else out, target) + 0.5 * l2 * (weights * W * W).sum()
 
-    return lambda theta: torch.autograd.functional.hessian(risk, theta, vectorize=True)
+    return f
+
+
+def risk_hessian(X1, y, loss, n_out):
+    """Hessian of the (unpenalized) `risk` by autograd."""
+    return lambda theta: torch.autograd.functional.hessian(risk(X1, y, loss, n_out), theta, vectorize=True)
+
+
+def minimize(f, dim, max_iter=3000):
+    """(theta, f(theta), |grad|) at the minimum of the smooth convex `f` by L-BFGS from 0, float64. Without a
+    finite minimizer (separable data, no L2) it stops at the iteration limit with f near its infimum."""
+    theta = torch.zeros(dim, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-15,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = f(theta)
+        value.backward()
+        return value
+
+    opt.step(closure)
+    value = f(theta)
+    (grad,) = torch.autograd.grad(value, theta)
+    return theta.detach(), value.item(), grad.norm().item()
+
+
+def condition_number(H, Q):
+    """lambda_max / lambda_min of H on the identifiable subspace spanned by the orthonormal columns of Q."""
+    evals = torch.linalg.eigvalsh(Q.T @ H @ Q)
+    return (evals[-1] / evals[0]).item() if evals[0] > 0 else float("inf")
 
 
 def closed_form_hessian(X1, margin, method, k):
@@ -446,7 +489,7 @@ def main(argv=None):
     plot_convergence(results, ds, args, k, pngs[0])
     if ds.X.shape[1] == 2 and ds.num_classes == 2:
         pngs.append(os.path.join(args.out, "boundary.png"))
-        plot_boundary(results, ds, k, pngs[1])
+        plot_boundary(results, ds, k, pngs[1], args.model)
     say = (lambda *a: None) if args.quiet else print
     say(format_table(ds, args, rows))
     if args.diagnose:

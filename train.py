@@ -50,7 +50,8 @@ def parse_args(argv=None):
     a("--pretrained", default=None, help="local weights file (.safetensors, torch state dict, or our .pt), or "
       "'none' for random init; default: none, except finetuning nets (vit_timm), which need weights")
     a("--patch", type=int, default=None, help="ViT/CaiT/Mixer patch or Swin window (default 4 at 32px)")
-    a("--dimhead", type=int, default=None, help="width of the ViT/CaiT/Mixer family (default 512)")
+    a("--dimhead", type=int, default=None, help="width of the ViT/CaiT/Mixer family (default 512); of the first "
+                                                "ResNet stage (default 64)")
     a("--loss", default="root", help=losses.describe())
     a("--k", type=float, default=3.0, help="RLO root order k")
     a("--m", type=float, default=3.0, help="RLO scale m")

@@ -8,7 +8,8 @@ class (+1 for the binary losses) as the UCI file encodes it.
 - `madelon_like`: scikit-learn's `make_classification` with Madelon's design (500 features, 5
   informative, 15 redundant linear combinations, 480 noise probes, 32 clusters on a 5-D hypercube,
   2600 rows), seeded; a stand-in when the real Madelon files are absent.
-- `ionosphere`, `madelon`, `spectf`: the original UCI files, read from `data_dir`. The sets that ship
+- `ionosphere`, `madelon`, `spectf`: the original UCI files, read from `data_dir` or its subfolder
+  named after the set (`data_dir/madelon/`, `data_dir/spectf/`). The sets that ship
   as a train/validation split (madelon, spectf) are concatenated: the paper reports 5-fold CV on the
   whole set. A missing file raises one `UserError` naming the files and where to get them.
 """
@@ -41,13 +42,16 @@ UCI_FILES = {
 
 
 def _uci_paths(name, data_dir):
+    """The files of `name` in `data_dir` itself or in its subfolder `name/` (the layout of
+    ../shared/data/uci, where madelon/ and spectf/ hold their several files)."""
     files, url = UCI_FILES[name]
     data_dir = data_dir or "."
+    for folder in (data_dir, os.path.join(data_dir, name)):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in files):
+            return [os.path.join(folder, f) for f in files]
     missing = [f for f in files if not os.path.isfile(os.path.join(data_dir, f))]
-    if missing:
-        raise UserError(f"{name} needs {', '.join(files)} in {data_dir}/ (missing: {', '.join(missing)}); "
-                        f"download them from {url} and pass --data-dir")
-    return [os.path.join(data_dir, f) for f in files]
+    raise UserError(f"{name} needs {', '.join(files)} in {data_dir}/ or {os.path.join(data_dir, name)}/ "
+                    f"(missing: {', '.join(missing)}); download them from {url} and pass --data-dir")
 
 
 def _read_rows(path, sep):
@@ -118,6 +122,14 @@ def load_spectf(data_dir):
             X.append(_floats(path, lineno, cells[1:]))
             y.append(int(cells[0]))
     return Tabular(np.array(X), np.array(y, dtype=np.int64), ["0", "1"], "spectf")
+
+
+def spectf_official_split(data_dir):
+    """(train, test) row indices into `load_spectf`'s rows for UCI's own split: the rows of SPECTF.train
+    (80) come first, then those of SPECTF.test (187)."""
+    train_path, test_path = _uci_paths("spectf", data_dir)
+    n_train, n_test = (len(_read_rows(p, ",")) for p in (train_path, test_path))
+    return np.arange(n_train), np.arange(n_train, n_train + n_test)
 
 
 def _sklearn_set(loader, name):

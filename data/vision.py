@@ -15,6 +15,9 @@ no public test labels). The built dataset has `num_classes`. Layouts under `root
   class that train/ lacks is an error.
 - fake: generated on the fly (no files), any size and class count, learnable (each class is a
   fixed low-frequency pattern plus noise); for offline smoke runs and benchmarks.
+- digits: scikit-learn's embedded 8x8 handwritten digits (1797 real images, 10 classes; no files, no
+  download), upscaled (bilinear) to `size` (32), grey repeated on 3 channels; a fixed split: the first
+  1437 images train, the last 360 test. Its augmentation never flips (a flipped 2 is not a 2).
 
 Missing files raise `engine.UserError` naming the data set, the path looked in and the layout.
 
@@ -47,7 +50,7 @@ def _missing(name, path, layout):
                      "(default: $RLO_DATA_DIR, else ./datasets)")
 
 
-def _transform(split, size, aug, native, mean, std):
+def _transform(split, size, aug, native, mean, std, flip=True):
     """native: the stored image size for small-image sets (crop-pad recipe), None for large ones."""
     ops = [v2.ToImage()]
     train = split == "train" and aug != "none"
@@ -55,7 +58,9 @@ def _transform(split, size, aug, native, mean, std):
         ops.append(v2.RandAugment(num_ops=2, magnitude=14))
     if native is not None:
         if train:
-            ops += [v2.RandomCrop(native, padding=native // 8), v2.RandomHorizontalFlip()]
+            ops.append(v2.RandomCrop(native, padding=max(1, native // 8)))
+            if flip:
+                ops.append(v2.RandomHorizontalFlip())
         if size != native:
             ops.append(v2.Resize(size, antialias=True))
     elif train:
@@ -233,6 +238,33 @@ def _fake(root, split, transform, size=32, num_classes=10, n=None, **_):
                       seed=1 if split == "train" else 2)
 
 
+DIGITS_TEST = 360  # the last 360 of scikit-learn's 1797 digits (about 36 per class) are the test split
+
+
+class Digits(Dataset):
+    """scikit-learn's 8x8 digits as uint8 (3, 8, 8) images (0..16 scaled to 0..255)."""
+
+    def __init__(self, split, transform):
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images = torch.from_numpy(bunch.images * (255 / 16)).round().to(torch.uint8)
+        labels = torch.from_numpy(bunch.target)
+        part = slice(None, -DIGITS_TEST) if split == "train" else slice(-DIGITS_TEST, None)
+        self.images, self.labels = images[part], labels[part]
+        self.transform, self.num_classes = transform, 10
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i].expand(3, 8, 8)), int(self.labels[i])
+
+
+def _digits(root, split, transform, **_):
+    return Digits(split, transform)
+
+
 @dataclass(frozen=True)
 class VisionSet:
     """A --dataset: its builder (root, split, transform, ...) -> Dataset and how its images are prepared."""
@@ -242,6 +274,7 @@ class VisionSet:
     default_size: int
     native: int = None  # stored size of a small-image set (crop-pad recipe); None: large images
     native_is_size: bool = False  # generated at the requested size (crop-pad recipe at that size)
+    flip: bool = True  # random horizontal flips in the train augmentation (not for digits: a flipped 2 is no 2)
 
 
 DATASETS = {
@@ -251,6 +284,8 @@ DATASETS = {
     "food101": VisionSet(_food101, IMAGENET_MEAN, IMAGENET_STD, 224),
     "imagenet": VisionSet(_imagenet, IMAGENET_MEAN, IMAGENET_STD, 224),
     "fake": VisionSet(_fake, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, native_is_size=True),
+    # pixel mean / std of the 1797 images
+    "digits": VisionSet(_digits, (0.305,) * 3, (0.376,) * 3, 32, native=8, flip=False),
 }
 ALIASES = {"tiny-imagenet": "tinyimagenet", "food-101": "food101", "imagenet1k": "imagenet"}
 
@@ -279,6 +314,6 @@ def build_dataset(name, root, split, size, aug="basic", download=False, mean=Non
         raise UserError(f"--size must be positive, got {size}")
     entry = DATASETS[key]
     native = size if entry.native_is_size else entry.native
-    transform = _transform(split, size, aug, native, mean or entry.mean, std or entry.std)
+    transform = _transform(split, size, aug, native, mean or entry.mean, std or entry.std, flip=entry.flip)
     return entry.build(os.path.expanduser(root), split, transform, download=download, size=size,
                    num_classes=num_classes, n=n)

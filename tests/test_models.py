@@ -54,6 +54,23 @@ def test_forms_follow_the_image_size():
     assert swin.layers[0].blocks[0].window_size == (4, 4)
 
 
+def test_resnet_width():
+    """--dimhead narrows a ResNet to stage widths dim x (1, 2, 4, 8); without it, torchvision's own network."""
+    from torchvision import models as tvm
+
+    narrow = models.build_model("res18", 10, 32, dim=16)
+    assert [narrow.conv1.out_channels] + [layer[-1].conv2.out_channels for layer in
+                                          (narrow.layer1, narrow.layer2, narrow.layer3, narrow.layer4)] == [16, 16, 32, 64, 128]
+    assert narrow.fc.in_features == 128 and narrow(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    wide = models.build_model("res50", 10, 224, dim=32)
+    assert wide.fc.in_features == 32 * 8 * 4 and wide(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    torch.manual_seed(0)
+    ref = tvm.resnet18(num_classes=10)
+    torch.manual_seed(0)
+    ours = models.build_model("res18", 10, 224)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), ours.state_dict().values()))
+
+
 def test_aliases_are_case_insensitive():
     for alias, name in {**ALIASES, "ViT": "vit", "Swin": "swin", "RES18": "res18"}.items():
         assert models.canonical_name(alias) == alias.lower()

@@ -239,6 +239,25 @@ def test_missing_uci_file_exits_2_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "regression.py", "--dataset", "ionosphere", "--data-dir", str(tmp_path),
                            "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"error: ionosphere needs ionosphere.data in {tmp_path}/ (missing: ionosphere.data); "
+    assert proc.stderr.strip() == (f"error: ionosphere needs ionosphere.data in {tmp_path}/ or {tmp_path}/ionosphere/ "
+                                   "(missing: ionosphere.data); "
                                    "download them from https://archive.ics.uci.edu/dataset/52/ionosphere and pass --data-dir")
     assert not (tmp_path / "out").exists()
+
+
+def test_minimize_and_condition_number():
+    """L-BFGS finds the penalized logistic optimum (zero gradient, the bias unpenalized); the condition
+    number is taken on the given subspace."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(80, 3))
+    y = torch.tensor((X[:, 0] + rng.normal(size=80) > 0).astype(np.float64))
+    X1 = torch.tensor(np.hstack([X, np.ones((80, 1))]))
+    f = regression.risk(X1, y, get_loss("logistic"), 1, l2=0.5)
+    theta, value, grad = regression.minimize(f, 4)
+    assert grad < 1e-6 and value == pytest.approx(f(theta).item())
+    plain = regression.risk(X1, y, get_loss("logistic"), 1)
+    W = theta.clone()
+    assert f(W).item() == pytest.approx(plain(W).item() + 0.25 * (W[:3] ** 2).sum().item())
+    H = torch.diag(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64))
+    assert regression.condition_number(H, torch.eye(3, dtype=torch.float64)) == float("inf")
+    assert regression.condition_number(H, torch.eye(3, dtype=torch.float64)[:, :2]) == pytest.approx(4.0)

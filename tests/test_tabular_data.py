@@ -1,4 +1,6 @@
 """Loaders of data/tabular.py (UCI formats, written here as tiny files) and data/synthetic.py."""
+import os
+
 import numpy as np
 import pytest
 
@@ -60,6 +62,25 @@ def test_spectf_reads_both_files(tmp_path):
     ds = tabular.load_tabular("spectf", str(tmp_path))
     np.testing.assert_array_equal(ds.X, np.vstack([train, test])[:, 1:])
     assert ds.y.tolist() == [1, 0, 1, 0, 0] and ds.X.shape == (5, 44)
+
+
+def test_files_in_a_subfolder_named_after_the_set(tmp_path):
+    """../shared/data/uci holds madelon/ and spectf/ as subfolders: --data-dir uci finds them there."""
+    (tmp_path / "spectf").mkdir()
+    rows = [",".join(["1"] + ["7"] * 44), ",".join(["0"] + ["9"] * 44)]
+    write(tmp_path / "spectf" / "SPECTF.train", rows)
+    write(tmp_path / "spectf" / "SPECTF.test", rows[:1])
+    ds = tabular.load_tabular("spectf", str(tmp_path))
+    assert ds.y.tolist() == [1, 0, 1] and ds.X.shape == (3, 44)
+
+
+SHARED_UCI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "uci")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_UCI), reason="../shared/data/uci is absent (a clone without shared data)")
+def test_shared_uci_layout_loads():
+    shapes = {name: tabular.load_tabular(name, SHARED_UCI).X.shape for name in ("ionosphere", "madelon", "spectf")}
+    assert shapes == {"ionosphere": (351, 34), "madelon": (2600, 500), "spectf": (267, 44)}
 
 
 def test_missing_files_one_clear_message(tmp_path):

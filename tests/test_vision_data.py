@@ -158,6 +158,29 @@ def test_fake_is_deterministic_and_learnable():
     assert (pred == torch.tensor(ty)).float().mean() > 0.8
 
 
+def test_digits_is_sklearns_real_digits_upscaled_with_a_fixed_split():
+    from sklearn.datasets import load_digits
+
+    train = vision.build_dataset("digits", "unused", "train", 32, aug="none")
+    test = vision.build_dataset("digits", "unused", "test", 32, aug="none")
+    assert (len(train), len(test), train.num_classes, vision.default_size("digits")) == (1437, 360, 10, 32)
+    x, y = test[0]
+    bunch = load_digits()
+    assert x.shape == (3, 32, 32) and y == bunch.target[1437]
+    # Undo the 4x (bilinear) upscale: the 8x8 image is sklearn's, up to the blur.
+    pixels = torch.nn.functional.avg_pool2d(x[:1][None], 4).flatten()
+    assert torch.corrcoef(torch.stack([pixels, torch.tensor(bunch.images[1437]).flatten().float()]))[0, 1] > 0.95
+    # Training augmentation shifts but never mirrors: every draw equals a shifted, unflipped crop.
+    aug = vision.build_dataset("digits", "unused", "train", 8, aug="basic")
+    plain = vision.build_dataset("digits", "unused", "train", 8, aug="none")[3][0]
+    padded = torch.nn.functional.pad(plain, (1, 1, 1, 1), value=float(-0.305 / 0.376))
+    shifts = {(i, j): padded[:, i:i + 8, j:j + 8] for i in range(3) for j in range(3)}
+    for seed in range(8):
+        torch.manual_seed(seed)
+        got = aug[3][0]
+        assert any(torch.allclose(got, s, atol=1e-5) for s in shifts.values())
+
+
 def test_augmentation_follows_the_global_seed():
     ds = vision.build_dataset("fake", "unused", "train", 32, aug="randaug", n=10)
     torch.manual_seed(5)
