@@ -16,7 +16,6 @@ minus the constant k for two classes). All losses come from `losses/`.
 
 Outputs in --out: table.csv, curves.csv, convergence.png, boundary.png (2-D data), diagnose.json.
 """
-import copy
 import os
 import sys
 
@@ -181,35 +180,29 @@ class Run:
         # The penalty moves the infimum: that of the regularised objective is its minimum, found here by
         # L-BFGS from the last iterate (the global one for the linear model, which is strictly convex).
         if l2:
-            infimum = min(self.curve[:, 0].min(), minimize(self.model, lambda: loss(self.forward(Xtr), ytr) + penalty()))
+            infimum = min(self.curve[:, 0].min(), self.regularised_minimum(loss, l2, Xtr, ytr))
         self.infimum = infimum
         self.curve[:, 0] -= infimum
         self.test_acc = self.curve[-1, 2]
         with torch.no_grad():
             self.constant = predict(self.forward(Xte)).unique().numel() == 1
 
-    def forward(self, X):
-        out = self.model(X)
+    def forward(self, X, params=None):
+        out = self.model(X) if params is None else torch.func.functional_call(self.model, params, (X,))
         return out.squeeze(1) if self.binary else out
 
+    def regularised_minimum(self, loss, l2, X, y):
+        """min of loss + l2/2 ||weights||^2 over the model's parameters, by `minimize` from the last iterate."""
+        named = [(n, p.shape) for n, p in self.model.named_parameters()]
+        start = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
 
-def minimize(model, objective):
-    """min of `objective` (a function of `model`'s parameters) by L-BFGS from a copy of `model`."""
-    saved = copy.deepcopy(model.state_dict())
-    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-16,
-                            history_size=20, line_search_fn="strong_wolfe")
+        def objective(theta):
+            params = {n: t.view(shape) for (n, shape), t in zip(named, theta.split([s.numel() for _, s in named]))}
+            penalty = sum(t.pow(2).sum() for n, t in params.items() if n.endswith("weight"))
+            return loss(self.forward(X, params), y) + 0.5 * l2 * penalty
 
-    def closure():
-        opt.zero_grad()
-        value = objective()
-        value.backward()
-        return value
-
-    opt.step(closure)
-    with torch.no_grad():
-        value = objective().item()
-    model.load_state_dict(saved)
-    return value if np.isfinite(value) else np.inf
+        value = minimize(objective, start.numel(), max_iter=100, start=start)[1]
+        return value if np.isfinite(value) else np.inf
 
 
 def accuracy(pred, y):
@@ -383,10 +376,11 @@ def risk_hessian(X1, y, loss, n_out):
     return lambda theta: torch.autograd.functional.hessian(risk(X1, y, loss, n_out), theta, vectorize=True)
 
 
-def minimize(f, dim, max_iter=3000):
-    """(theta, f(theta), |grad|) at the minimum of the smooth convex `f` by L-BFGS from 0, float64. Without a
-    finite minimizer (separable data, no L2) it stops at the iteration limit with f near its infimum."""
-    theta = torch.zeros(dim, dtype=torch.float64, requires_grad=True)
+def minimize(f, dim, max_iter=3000, start=None):
+    """(theta, f(theta), |grad|) at the minimum of the smooth convex `f` by L-BFGS from `start` (default 0),
+    float64. Without a finite minimizer (separable data, no L2) it stops at the iteration limit with f near
+    its infimum."""
+    theta = (torch.zeros(dim, dtype=torch.float64) if start is None else start.double().clone()).requires_grad_()
     opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-15,
                             history_size=50, line_search_fn="strong_wolfe")
 
