@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import multiprocessing
 import numpy as np
 
-from engine import ArgumentParser, UserError, atomic_save, atomic_savefig, atomic_write_text, cli, mean_ci, read_csv
+from engine import ArgumentParser, UserError, atomic_copy, atomic_save, atomic_savefig, atomic_write_text, cli, mean_ci, read_csv
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED_UCI = os.path.join(ROOT, "..", "shared", "data", "uci")
@@ -693,7 +693,7 @@ def report_gan(cfg, res, out, command):
 
 # ---- 7. LLM (AISTATS) ----------------------------------------------------------------------------------
 
-def report_llm(cfg, llm_dir, command):
+def report_llm(cfg, llm_dir, out, command):
     path = os.path.join(llm_dir, "results.csv")
     sec = Section("llm", "LLM (AISTATS 2025): RLO finetuning and low-bit quantization",
                   "A model finetuned with RLO loses less perplexity when quantized to 2-4 bits, before and after "
@@ -731,8 +731,10 @@ def report_llm(cfg, llm_dir, command):
                                  "lower PPL ratio", f"{cells[3]} vs {cells[4]} ({len(sel['ce'])} seed(s))", verdicts[1]])
     sec.tables.append(table)
     png = os.path.join(llm_dir, "pipeline.png")
-    if os.path.exists(png):
-        sec.figures.append((png, "llm_pipeline.py's own figure", "make llm-demo"))
+    if os.path.exists(png):  # copied beside the other figures: the run folder is not part of the repository
+        copy_path = os.path.join(out, "llm_pipeline.png")
+        atomic_copy(png, copy_path)
+        sec.figures.append((copy_path, "llm_pipeline.py's own figure", "make llm-demo"))
     return sec
 
 
@@ -931,7 +933,7 @@ def main(argv=None):
     for section in SECTIONS:
         command = f"python reproduce.py{' --quick' if args.quick else ''} --sections {section}"
         if section == "llm":
-            sections.append(report_llm(cfg, args.llm_dir, "python reproduce.py --llm --sections llm"))
+            sections.append(report_llm(cfg, args.llm_dir, args.out, "python reproduce.py --llm --sections llm"))
             continue
         path = os.path.join(args.cache, f"{section}.pt")
         saved = load_cache(path) if os.path.exists(path) else None

@@ -65,6 +65,12 @@ def atomic_write_text(path, text):
     _atomic(path, lambda f: f.write(text), "w")
 
 
+def atomic_copy(src, path):
+    """Copy the file `src` to `path` through a temporary file and a rename."""
+    with open(src, "rb") as source:
+        _atomic(path, lambda f: shutil.copyfileobj(source, f), "wb")
+
+
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
