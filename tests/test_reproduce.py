@@ -78,6 +78,8 @@ def quick_command():
 
 
 def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
+    if not os.path.isdir(reproduce.SHARED_UCI):
+        pytest.skip(f"{reproduce.SHARED_UCI} absent: Table 1 and its figures need the shared UCI files")
     out = tmp_path / "quick"
     # --llm-dir: a folder without a pipeline run, so the LLM row is "pending" whatever runs/ holds here
     quick = [sys.executable, *quick_command(), "--out", str(out), "--llm-dir", str(tmp_path / "no_llm")]
@@ -140,13 +142,17 @@ def test_update_readme_replaces_only_the_quoted_block(tmp_path):
 
 
 def test_llm_row_is_pending_without_a_run_and_computed_with_one(tmp_path):
-    pending = reproduce.report_llm({}, str(tmp_path / "absent"), "cmd")
+    pending = reproduce.report_llm({}, str(tmp_path / "absent"), str(tmp_path / "out"), "cmd")
     assert pending.headline[0][-1] == "pending" and "pending: not run" in pending.tables[0].rows[0][0]
     fields = ["seed", "loss", "quant", "wbits", "incoh", "ptq_vs_ft", "qft_vs_ft"]
     rows = [[seed, loss, "ldlqRG", 2, "off", ptq, qft] for seed in range(3)
             for loss, ptq, qft in (("ce", 10 + seed, 2.4 + 0.01 * seed), ("root", 20 + seed, 2.2 + 0.01 * seed))]
     (tmp_path / "results.csv").write_text("\n".join(",".join(map(str, r)) for r in [fields] + rows) + "\n")
-    sec = reproduce.report_llm({}, str(tmp_path), "cmd")
+    (tmp_path / "pipeline.png").write_bytes(b"\x89PNG\r\n\x1a\nfigure")
+    sec = reproduce.report_llm({}, str(tmp_path), str(tmp_path / "out"), "cmd")
+    # the figure is copied beside the report's others: the run folder is not part of the repository
+    assert [f[0] for f in sec.figures] == [str(tmp_path / "out" / "llm_pipeline.png")]
+    assert (tmp_path / "out" / "llm_pipeline.png").read_bytes() == (tmp_path / "pipeline.png").read_bytes()
     (row,) = sec.tables[0].rows
     assert row[:4] == ["ldlqRG", 2, "off", 3]
     assert row[6] == "not reproduced" and row[9] == "reproduced"  # RLO: worse after PTQ, better after QFT
