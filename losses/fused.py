@@ -71,35 +71,40 @@ def _chunk(hidden_c, weight, bias, labels_c, valid_c, f, scale, work):
     return values, grad if low is z else low.copy_(grad)
 
 
-def _workspace(rows, vocab, compute, matmul_dtype, device):
-    low = torch.empty(rows, vocab, dtype=matmul_dtype, device=device) if matmul_dtype != compute else None
-    return torch.empty(rows, vocab, dtype=compute, device=device), low
+def _sweep(hidden, weight, bias, labels, valid, f, chunk, matmul_dtype, scale=None, grads=None):
+    """Per-token losses of all chunks (compute dtype); with `scale` (per-token upstream gradients) each
+    chunk's gradients are added to `grads`."""
+    compute = torch.float64 if matmul_dtype == torch.float64 else torch.float32
+    rows, vocab = min(chunk, len(hidden)), weight.shape[0]
+    work = (torch.empty(rows, vocab, dtype=compute, device=hidden.device),
+            torch.empty(rows, vocab, dtype=matmul_dtype, device=hidden.device) if matmul_dtype != compute else None)
+    w = weight.to(matmul_dtype)
+    b = bias.to(matmul_dtype) if bias is not None else None
+    values = torch.empty(len(hidden), dtype=compute, device=hidden.device)
+    for s in range(0, len(hidden), chunk):
+        h = hidden[s:s + chunk].to(matmul_dtype)
+        values[s:s + chunk], grad = _chunk(h, w, b, labels[s:s + chunk], valid[s:s + chunk], f,
+                                           None if scale is None else scale[s:s + chunk].to(compute), work)
+        if grad is not None:
+            grads.add(s, grad, h, w)
+    return values
 
 
 class _LinearTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, f, reduction, ignore_index, chunk, accum_dtype, matmul_dtype,
                 grad_enabled):
-        n = hidden.shape[0]
         valid = labels != ignore_index
         safe_labels = torch.where(valid, labels, 0)
         count = valid.sum().clamp(min=1)
-        w = weight.to(matmul_dtype)
-        b = bias.to(matmul_dtype) if bias is not None else None
         needs = [need and grad_enabled for need in ctx.needs_input_grad[:3]]  # (True under no_grad too)
-        eager = reduction != "none" and any(needs)  # gradients now, scaled in backward
-        compute = torch.float64 if matmul_dtype == torch.float64 else torch.float32
-        scale = (1.0 / count.to(compute)) if reduction == "mean" else torch.ones((), dtype=compute, device=hidden.device)
-        grads = _Grads(hidden, weight, bias, needs, accum_dtype) if eager else None
-        values = torch.empty(n, dtype=compute, device=hidden.device)
-        work = _workspace(min(chunk, n), weight.shape[0], compute, matmul_dtype, hidden.device)
-        for s in range(0, n, chunk):
-            h = hidden[s:s + chunk].to(matmul_dtype)
-            values[s:s + chunk], grad = _chunk(h, w, b, safe_labels[s:s + chunk], valid[s:s + chunk], f,
-                                               scale if eager else None, work)
-            if eager:
-                grads.add(s, grad, h, w)
-        ctx.eager, ctx.grads = eager, grads.finish() if eager else None
+        ctx.eager = reduction != "none" and any(needs)  # gradients now, scaled in backward
+        grads, scale = None, None
+        if ctx.eager:
+            grads = _Grads(hidden, weight, bias, needs, accum_dtype)
+            scale = (count.double().reciprocal() if reduction == "mean" else torch.ones((), device=hidden.device)).expand(len(hidden))
+        values = _sweep(hidden, weight, bias, safe_labels, valid, f, chunk, matmul_dtype, scale, grads)
+        ctx.grads = grads.finish() if ctx.eager else None
         if reduction == "none" and any(needs):
             ctx.save_for_backward(hidden, weight, bias, safe_labels, valid)
         ctx.setup = (f, chunk, accum_dtype, matmul_dtype)
@@ -116,15 +121,7 @@ class _LinearTokenLoss(torch.autograd.Function):
         hidden, weight, bias, labels, valid = ctx.saved_tensors
         f, chunk, accum_dtype, matmul_dtype = ctx.setup
         grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3], accum_dtype)
-        w = weight.to(matmul_dtype)
-        b = bias.to(matmul_dtype) if bias is not None else None
-        compute = torch.float64 if matmul_dtype == torch.float64 else torch.float32
-        g = grad_out.to(compute)
-        work = _workspace(min(chunk, len(hidden)), weight.shape[0], compute, matmul_dtype, hidden.device)
-        for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk].to(matmul_dtype)
-            _, grad = _chunk(h, w, b, labels[s:s + chunk], valid[s:s + chunk], f, g[s:s + chunk], work)
-            grads.add(s, grad, h, w)
+        _sweep(hidden, weight, bias, labels, valid, f, chunk, matmul_dtype, grad_out, grads)
         return (*grads.finish(), None, *nones)
 
 
