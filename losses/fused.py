@@ -102,7 +102,8 @@ class _LinearTokenLoss(torch.autograd.Function):
         grads, scale = None, None
         if ctx.eager:
             grads = _Grads(hidden, weight, bias, needs, accum_dtype)
-            scale = (count.double().reciprocal() if reduction == "mean" else torch.ones((), device=hidden.device)).expand(len(hidden))
+            per_token = count.double().reciprocal() if reduction == "mean" else torch.ones((), device=hidden.device)
+            scale = per_token.expand(len(hidden))
         values = _sweep(hidden, weight, bias, safe_labels, valid, f, chunk, matmul_dtype, scale, grads)
         ctx.grads = grads.finish() if ctx.eager else None
         if reduction == "none" and any(needs):
