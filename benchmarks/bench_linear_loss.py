@@ -59,7 +59,8 @@ def relative_errors(args, hidden, weight, target):
     out = loss_fn(hidden, weight, target, args)
     grads = torch.autograd.grad(out, (hidden, weight))
     err = lambda x, r: ((x.double() - r).abs().max() / r.abs().max()).item()
-    return {"loss": err(out, ref), "grad_hidden": err(grads[0], ref_grads[0]), "grad_weight": err(grads[1], ref_grads[1])}
+    return {"loss": err(out, ref), "grad_hidden": err(grads[0], ref_grads[0]),
+            "grad_weight": err(grads[1], ref_grads[1])}
 
 
 def worker(args):
@@ -100,8 +101,9 @@ def main(argv=None):
           f"fwd+bwd, median of {args.repeats}")
     results = {}
     for name in names:
+        forwarded = ("tokens", "hidden", "vocab", "dtype", "loss", "repeats", "device")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name] + [
-            f"--{key}={getattr(args, key)}" for key in ("tokens", "hidden", "vocab", "dtype", "loss", "repeats", "device")]
+            f"--{key}={getattr(args, key)}" for key in forwarded]
         proc = subprocess.run(cmd + (["--check"] if args.check else []), capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"worker {name} failed:\n{proc.stderr}")

@@ -66,7 +66,8 @@ def check_fused(model):
         hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
     finally:
         model.train(was_training)
-    if not torch.allclose(F.linear(hidden, head.weight, head.bias), logits, rtol=1e-4, atol=1e-4 * logits.abs().max().item()):
+    recomputed = F.linear(hidden, head.weight, head.bias)
+    if not torch.allclose(recomputed, logits, rtol=1e-4, atol=1e-4 * logits.abs().max().item()):
         raise UserError(f"{type(model).__name__}'s logits are not its output head of the last hidden states "
                         "(scaled or soft-capped?): use --no-fused-loss")
 
