@@ -27,6 +27,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import ft_opt
@@ -68,7 +69,7 @@ def parse_args(argv):
     p.add_argument("--eval-windows", type=int, default=48, help="perplexity on the first N windows (valid and test)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences of --eval-seqlen tokens")
     p.add_argument("--ft-steps", type=int, default=250, help="optimizer steps of the fp finetuning")
-    p.add_argument("--qft-steps", type=int, default=100, help="optimizer steps in quantized space")
+    p.add_argument("--qft-steps", type=int, default=60, help="optimizer steps in quantized space")
     p.add_argument("--lr", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
                    help="fp finetuning learning rate; several: the grid each loss chooses from on validation")
     p.add_argument("--qft-lr", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
@@ -288,9 +289,11 @@ def main(argv=None):
         shutil.rmtree(args.out)  # --overwrite (checked in check_inputs), with the sub-runs' folders
     prepare_run_dir(args)
     train_file, valid_file = split_texts(args, os.path.join(args.out, "data"))
-    rows = []
+    rows, start = [], time.time()
     with runner(args.jobs, args.threads) as run:
         lrs, qft_lrs, selection = select_lrs(args, train_file, valid_file, run)
+        print(f"selection: {len(selection)} runs on --tune-seed {args.tune_seed}, {(time.time() - start) / 60:.1f} min",
+              flush=True)
         atomic_write_csv(os.path.join(args.out, "selection.csv"), SELECTION_FIELDS, selection)
         print("chosen on validation: lr " + ", ".join(f"{l} {v:g}" for l, v in lrs.items()) + "; QFT lr "
               + ", ".join(f"{l} {q} incoh {i} {v:g}" for (l, q, i), v in qft_lrs.items()), flush=True)
@@ -312,12 +315,15 @@ def main(argv=None):
                              qft_codes_unchanged=qft["codes_unchanged"], lr=lrs[loss],
                              qft_lr=qft_lrs[(loss, method, incoh)]))
             atomic_write_csv(os.path.join(args.out, "results.csv"), FIELDS, rows)  # progress of a long run
+            print(f"[{len(rows)}/{len(chains)}] {loss} seed {seed} {method} {wbits} bits incoh {incoh}: PTQ {ppl:.4g}, "
+                  f"QFT {qft['ppl_after']:.4g} ({(time.time() - start) / 60:.1f} min)", flush=True)
     atomic_write_csv(os.path.join(args.out, "results.csv"), FIELDS, rows)
     table = summarize(rows)
     atomic_write_text(os.path.join(args.out, "table.md"), table)
     plot(rows, os.path.join(args.out, "pipeline.png"))
     print("\n" + table)
-    print(f"results: {os.path.join(args.out, 'results.csv')}, selection.csv, table.md, pipeline.png in {args.out}")
+    print(f"results: {os.path.join(args.out, 'results.csv')}, selection.csv, table.md, pipeline.png in {args.out} "
+          f"({(time.time() - start) / 60:.1f} min in {args.jobs} process(es))")
     return rows
 
 
