@@ -101,14 +101,16 @@ def check_inputs(args):
         if path is not None and not os.path.exists(path) and (path == default or flag != "--model"):
             where = " (the default comes from ../shared/data beside the repo)" if path == default else ""
             raise UserError(f"{flag} {path!r} does not exist{where}; pass {flag} with your own file")
-    if args.valid_file and same_text(args.valid_file, args.eval_file):
-        raise UserError(f"--valid-file {args.valid_file!r} is the --eval-file text: learning rates must be chosen "
-                        "on text held out from the test text")
+    for flag, path in (("--eval-file", args.eval_file), ("--train-file", args.train_file)):
+        if args.valid_file and same_text(args.valid_file, path):
+            raise UserError(f"--valid-file {args.valid_file!r} is the {flag} text: learning rates must be chosen "
+                            "on text held out from the training and the test text")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise UserError(f"--out {args.out!r} already holds a run; pass --overwrite to replace it or choose another")
 
 
 def same_text(a, b):
+    """The same file, or two files with the same text (a copy of the test text is the test text)."""
     if os.path.realpath(a) == os.path.realpath(b):
         return True
     return os.path.getsize(a) == os.path.getsize(b) and lm.read_text_file(a) == lm.read_text_file(b)
@@ -187,8 +189,9 @@ def runner(jobs, threads):
 
 
 def choose(candidates):
-    """The grid value with the lowest validation perplexity (the first of equals)."""
-    return min(candidates, key=lambda c: c[1])[0]
+    """The grid value with the lowest validation perplexity (the first of equals); a diverged run's
+    NaN or inf never wins (a NaN would compare as smallest once it is the running minimum)."""
+    return min(candidates, key=lambda c: c[1] if math.isfinite(c[1]) else math.inf)[0]
 
 
 def select_lrs(args, train_file, valid_file, run):

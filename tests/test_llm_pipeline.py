@@ -161,6 +161,13 @@ def test_selection_ignores_the_test_text(tmp_path):
     assert len(chosen[0][0]) == 4 and len({ppl for _, _, ppl in chosen[0][0]}) == 4
 
 
+def test_a_diverged_grid_value_is_never_chosen():
+    nan, inf = float("nan"), float("inf")
+    assert llm_pipeline.choose([(1e-3, nan), (3e-3, 5.0), (1e-2, 4.0)]) == 1e-2
+    assert llm_pipeline.choose([(1e-3, 7.0), (3e-3, inf), (1e-2, nan)]) == 1e-3
+    assert llm_pipeline.choose([(1e-3, 4.0), (3e-3, 4.0)]) == 1e-3
+
+
 def test_parallel_jobs_give_the_same_rows(tmp_path):
     rows = []
     for jobs in ("1", "2"):
@@ -187,6 +194,9 @@ def test_user_errors_are_one_line(tmp_path):
                            (["--jobs", "0"], "--jobs"), (["--quant", "e9p"], "invalid choice")):
         with pytest.raises(UserError, match=message):
             llm_pipeline.main(argv + flags)
+    train = argv[argv.index("--train-file") + 1]
+    with pytest.raises(UserError, match="is the --train-file text"):
+        llm_pipeline.main(argv + ["--valid-file", train])
     one_line = tmp_path / "one.txt"
     one_line.write_text("a single line of text\n")
     with pytest.raises(UserError, match="too few to hold out"):
