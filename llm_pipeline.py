@@ -72,7 +72,7 @@ def parse_args(argv):
     p.add_argument("--qft-steps", type=int, default=60, help="optimizer steps in quantized space")
     p.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2],
                    help="fp finetuning learning rate; several: the grid each loss chooses from on validation")
-    p.add_argument("--qft-lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2],
+    p.add_argument("--qft-lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2],
                    help="learning rate in quantized space; several: the grid each (loss, method) chooses from")
     p.add_argument("--tune-seed", type=int, default=1000,
                    help="seed of the selection runs (apart from --seed, so that the reported runs are not the "
