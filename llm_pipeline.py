@@ -295,8 +295,8 @@ def main(argv=None):
     rows, start = [], time.time()
     with runner(args.jobs, args.threads) as run:
         lrs, qft_lrs, selection = select_lrs(args, train_file, valid_file, run)
-        print(f"selection: {len(selection)} runs on --tune-seed {args.tune_seed}, {(time.time() - start) / 60:.1f} min",
-              flush=True)
+        print(f"selection: {len(selection)} grid values on --tune-seed {args.tune_seed}, "
+              f"{(time.time() - start) / 60:.1f} min", flush=True)
         atomic_write_csv(os.path.join(args.out, "selection.csv"), SELECTION_FIELDS, selection)
         print("chosen on validation: lr " + ", ".join(f"{l} {v:g}" for l, v in lrs.items()) + "; QFT lr "
               + ", ".join(f"{l} {q} incoh {i} {v:g}" for (l, q, i), v in qft_lrs.items()), flush=True)
