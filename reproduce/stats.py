@@ -82,7 +82,7 @@ def power(effect, sd, n, alpha=ALPHA):
     if n < 2:
         return 0.0
     crit = t.ppf(1 - alpha / 2, n - 1)
-    if sd == 0:
+    if sd <= 1e-12 * abs(effect):  # no spread (also float noise around 0): any non-zero effect shows
         return 1.0 if effect != 0 else alpha
     nc = effect * math.sqrt(n) / sd
     # the far tail is ~0 for a large nc, where scipy can return NaN for it
