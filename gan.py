@@ -14,9 +14,9 @@ The losses come from `losses.get_gan_loss`: 'ce' is the non-saturating logistic 
 by k (1 + e^x)^(1/k). Both losses train the same networks from the same seeds and draws.
 
 Outputs in --out: args.json, metrics.csv (one row per run and evaluation: loss, k, seed, step, modes, hq_share,
-d_loss, g_loss, d_real, d_fake, g_grad), samples_<loss>_seed<S>_step<N>.png (scatter plots over training), summary.csv (final
-metrics per run, with w1: the exact Wasserstein-1 distance between 1000 final samples and 1000 fresh
-real ones), and with both losses (--compare) compare.png: final samples side by side and the
+d_loss, g_loss, d_real, d_fake, g_grad), samples_<loss>_seed<S>_step<N>.png (scatter plots over training),
+summary.csv (final metrics per run, with w1: the exact Wasserstein-1 distance between 1000 final samples and
+1000 fresh real ones), and with both losses (--compare) compare.png: final samples side by side and the
 metric curves over training, mean and range over seeds.
 """
 import os

@@ -61,7 +61,8 @@ def cifar_note(cifar_dir):
     found = [d for d in ("cifar-10-batches-py", "cifar-100-python") if os.path.isdir(os.path.join(cifar_dir, d))]
     if found:
         return (f"data found in {cifar_dir}/ ({', '.join(found)}): run `python train.py --dataset cifar10 --net res18 "
-                f"--loss LOSS --data-dir {cifar_dir}` per row (200 epochs each: GPU-sized, not part of this CPU report)")
+                f"--loss LOSS --data-dir {cifar_dir}` per row (200 epochs each: GPU-sized, not part of this CPU "
+                f"report)")
     return (f"not run: no CIFAR data in {cifar_dir}/ (cifar-10-batches-py/, cifar-100-python/; pass --cifar-dir); "
             f"with the data, `python train.py --dataset cifar10 --net res18 --loss LOSS` per row")
 
@@ -74,8 +75,8 @@ def parse_args(argv):
     p.add_argument("--n-seeds", dest="seeds", type=int, default=None,
                    help="number of seeds, and of CV folds, per row (default 5; quick 2)")
     p.add_argument("--out", default="reproduction", help="figures (default %(default)s)")
-    p.add_argument("--report", default=None, help="the markdown report (default REPRODUCTION.md, or OUT/REPRODUCTION.md "
-                                                  "with --quick)")
+    p.add_argument("--report", default=None,
+                   help="the markdown report (default REPRODUCTION.md, or OUT/REPRODUCTION.md with --quick)")
     p.add_argument("--readme", default=None, help="also update the headline table quoted in this README")
     p.add_argument("--cache", default=None, help="each section's raw results, train.py and llm_pipeline.py run "
                                                  "folders; the report holds every section found here (default "
@@ -94,7 +95,8 @@ def parse_args(argv):
         args.report = os.path.join(args.out, "REPRODUCTION.md") if args.quick else "REPRODUCTION.md"
     if args.cache is None:
         args.cache = os.path.join(args.out, "cache") if args.quick else os.path.join("runs", "reproduce")
-    args.command = "python reproduce.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    words = argv if argv is not None else sys.argv[1:]
+    args.command = "python reproduce.py " + " ".join(shlex.quote(a) for a in words)
     return args
 
 

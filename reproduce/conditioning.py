@@ -57,8 +57,8 @@ def report(cfg, res, ctx, command):
                   f"constant features and the softmax shift are excluded). Three matched points: w = 0, the LR "
                   f"optimum (both Hessians at the same w), and each risk at its own optimum. Paired over the "
                   f"training folds (positive: RLO's κ is smaller).", command)
-    table = Table("Condition number λmax/λmin (mean ± 95% CI over folds); paired κ(LR) − κ(RLO) per fold [95% CI], "
-                  "MDE and verdict on \"RLO's is smaller\"", [
+    table = Table("Condition number λmax/λmin (mean ± 95% CI over folds); paired κ(LR) − κ(RLO) per fold "
+                  "[95% CI], MDE and verdict on \"RLO's is smaller\"", [
         "data set (k)", "point", "LR", "RLO", "κ(LR) − κ(RLO) [95% CI]", "MDE", "verdict", "unpaired"])
     worst = 0.0
     for dataset in UCI:

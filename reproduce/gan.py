@@ -85,9 +85,10 @@ def report(cfg, res, ctx, command):
                   f"{cfg['w1']} further real samples (the floor: between two real sample sets). {cfg['seeds']} "
                   f"seeds; both losses see the same initial weights and draws per seed, so differences are "
                   f"paired by seed.", command)
-    table = Table("Final metrics at each loss's chosen learning rate (mean ± 95% CI over seeds); paired RLO − CE per "
-                  "seed [95% CI] (W1: CE − RLO; > 0 favours RLO), MDE, verdicts on \"RLO is better than CE\"", [
-        "data", "metric", "reference", "CE", "RLO k=2", "paired, > 0 favours RLO [95% CI]", "MDE", "verdict", "unpaired"])
+    table = Table("Final metrics at each loss's chosen learning rate (mean ± 95% CI over seeds); paired RLO − CE "
+                  "per seed [95% CI] (W1: CE − RLO; > 0 favours RLO), MDE, verdicts on \"RLO is better than CE\"", [
+        "data", "metric", "reference", "CE", "RLO k=2", "paired, > 0 favours RLO [95% CI]", "MDE", "verdict",
+        "unpaired"])
     sel = Table("Mean validation W1 over seeds per learning rate (the selection); the chosen rate in bold",
                 ["data", "loss", *(f"lr {lr:g}" for lr in grid), "chosen"])
     chosen = {}

@@ -43,7 +43,7 @@ def by_seed(rows, key):
 
 def pair(rows, key):
     """Per-seed CE and RLO values of `key` on the seeds both have (in seed order)."""
-    ce, rlo = by_seed([r for r in rows if r["loss"] == "ce"], key), by_seed([r for r in rows if r["loss"] == "root"], key)
+    ce, rlo = (by_seed([r for r in rows if r["loss"] == loss], key) for loss in ("ce", "root"))
     seeds = sorted(set(ce) & set(rlo))
     return [ce[s] for s in seeds], [rlo[s] for s in seeds]
 

@@ -7,8 +7,8 @@ from engine import UserError, atomic_write_text
 from .stats import RULE
 
 HEADLINE_START, HEADLINE_END = "<!-- reproduce:headline:start -->", "<!-- reproduce:headline:end -->"
-HEADLINE_COLUMNS = ["claim", "setting", "paper", "ours (baseline vs RLO)", "n", "paired difference, > 0 favours RLO [95% CI]",
-                    "MDE (80% power)", "verdict"]
+HEADLINE_COLUMNS = ["claim", "setting", "paper", "ours (baseline vs RLO)", "n",
+                    "paired difference, > 0 favours RLO [95% CI]", "MDE (80% power)", "verdict"]
 
 
 @dataclass

@@ -73,7 +73,8 @@ def test_power_mde_and_seeds_needed_by_hand():
     for n, sd in ((5, 1.3), (10, 0.4), (2, 1.0)):
         e = mde(sd, n)
         crit, nc = sps.t.ppf(0.975, n - 1), e * math.sqrt(n) / sd
-        assert sps.nct.sf(crit, n - 1, nc) + np.nan_to_num(sps.nct.cdf(-crit, n - 1, nc)) == pytest.approx(0.8, abs=1e-6)
+        exact = sps.nct.sf(crit, n - 1, nc) + np.nan_to_num(sps.nct.cdf(-crit, n - 1, nc))
+        assert exact == pytest.approx(0.8, abs=1e-6)
         assert e > (1.959964 + 0.841621) * sd / math.sqrt(n)  # above the normal approximation (t has fatter tails)
     assert mde(1.0, 10) == pytest.approx(0.9958, abs=1e-3)  # G*Power: dz = 0.9958 at n = 10
     assert paired([2.0, 3.0, 4.0], [1.0, 1.0, 1.0])["mde"] == pytest.approx(mde(1.0, 3))
@@ -202,7 +203,8 @@ def test_update_readme_replaces_only_the_quoted_block(tmp_path):
     sec = report.Section("x", "t", "c", "s", "cmd", headline=[["a", "b", "c", "d", 5, "+1", "2", "reproduced"]])
     report.update_readme(str(readme), [sec])
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "| a | b | c | d | 5 | +1 | 2 | reproduced |" in text
+    assert text.startswith("intro\n") and text.endswith("\noutro\n")
+    assert "| a | b | c | d | 5 | +1 | 2 | reproduced |" in text
     assert "old" not in text
     readme.write_text("no markers")
     with pytest.raises(UserError, match="no <!-- reproduce:headline:start -->"):
