@@ -19,7 +19,7 @@ llm-demo: $(STAMP)
 	$(PY) llm_pipeline.py --overwrite --out runs/llm_demo
 
 # Every claim of both papers re-run with seeds, paired verdicts and their power: REPRODUCTION.md +
-# reproduction/ (and the headline quoted in README.md); about 66 core-minutes for the non-LLM sections,
+# reproduction/ (and the headline quoted in README.md); about 68 core-minutes for the non-LLM sections,
 # plus the 5-seed LLM pipeline (run into runs/reproduce/llm unless its results.csv holds the seeds).
 reproduce: $(STAMP)
 	$(PY) reproduce.py --readme README.md

@@ -15,6 +15,8 @@ from . import SECTIONS
 from .common import SHARED_UCI
 from .report import headline_table, markdown, update_readme
 
+FORMAT = 2  # of the cached results: a cache of another format (an older reproduce.py) is never read
+
 
 def _init_worker():
     import torch
@@ -121,15 +123,15 @@ def main(argv=None):
     print(f"reproduce: {len(tasks)} runs in {args.jobs} processes ({', '.join(args.sections)})", flush=True)
     results, seconds = run_tasks(tasks, args.jobs) if tasks else ({}, {})
     for name in args.sections:  # each section's raw results, so a later --sections run keeps the others
-        atomic_save(dict(quick=args.quick, cfg=cfgs[name], results=group(results, name),
+        atomic_save(dict(format=FORMAT, quick=args.quick, cfg=cfgs[name], results=group(results, name),
                          seconds=seconds.get(name, 0.0), date=datetime.date.today().isoformat(),
                          command=args.command), os.path.join(args.cache, f"{name}.pt"))
     sections, provenance = [], []
     for name, module in SECTIONS.items():
         path = os.path.join(args.cache, f"{name}.pt")
         saved = load_cache(path) if os.path.exists(path) else None
-        if saved is None or saved["quick"] != args.quick:
-            continue  # never run at this size: left out of the report
+        if saved is None or saved.get("format") != FORMAT or saved["quick"] != args.quick:
+            continue  # never run at this size (or by this code): left out of the report
         command = f"python reproduce.py{' --quick' if args.quick else ''} --sections {name}"
         sections.append(module.report(saved["cfg"], saved["results"], ctx, command))
         provenance.append((name, saved["date"], saved["seconds"], saved["command"]))

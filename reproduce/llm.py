@@ -4,6 +4,7 @@ import os
 
 from engine import atomic_copy, read_csv
 
+from .common import quiet
 from .report import Section, Table, headline_row
 from .stats import fmt_g, interval, paired, paired_cells, verdict
 
@@ -26,7 +27,8 @@ def task(out, seeds):
     if not set(seeds) <= seeds_in(results):
         import llm_pipeline
 
-        llm_pipeline.main(["--seed", *map(str, seeds), "--out", out, "--overwrite"])
+        with quiet(out.rstrip("/") + "_log.txt"):  # beside the run folder, which --overwrite replaces
+            llm_pipeline.main(["--seed", *map(str, seeds), "--out", out, "--overwrite"])
     selection = os.path.join(out, "selection.csv")
     return dict(dir=out, rows=read_csv(results), selection=read_csv(selection) if os.path.isfile(selection) else [])
 

@@ -267,3 +267,25 @@ def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
     again = (out / "REPRODUCTION.md").read_text()
     assert re.findall(r"^## \d+\. (.+)$", again, flags=re.M) == titles
     assert again.split("## 2.")[0].split("## Verdict rule")[1] == text.split("## 2.")[0].split("## Verdict rule")[1]
+
+
+def test_llm_task_runs_the_pipeline_when_seeds_are_missing(tmp_path, monkeypatch):
+    """The call make reproduce makes (llm_pipeline's full defaults, the seeds, --overwrite) when the cached
+    results.csv lacks a requested seed; reused as is when it holds them all."""
+    import llm_pipeline
+
+    calls = []
+
+    def pipeline(argv):  # records the call, writes what the real pipeline would (one row per seed here)
+        calls.append(argv)
+        seeds = argv[1:argv.index("--out")]
+        (tmp_path / "llm" / "results.csv").write_text("seed,loss\n" + "".join(f"{s},ce\n" for s in seeds))
+
+    monkeypatch.setattr(llm_pipeline, "main", pipeline)
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm" / "results.csv").write_text("seed,loss\n0,ce\n1,ce\n")
+    out = str(tmp_path / "llm")
+    got = llm.task(out, [0, 1, 2])
+    assert calls == [["--seed", "0", "1", "2", "--out", out, "--overwrite"]] and len(got["rows"]) == 3
+    llm.task(out, [0, 1])
+    assert len(calls) == 1 and os.path.isfile(str(tmp_path / "llm_log.txt"))
