@@ -20,9 +20,9 @@ demo: $(STAMP)
 llm-demo: $(STAMP)
 	$(PY) llm_pipeline.py --qft-lr 3e-3 1e-2 --jobs 2 --overwrite --out runs/llm_demo
 
-# Every claim of both papers re-run with seeds and 95% CIs: REPRODUCTION.md + reproduction/ (and the
-# headline quoted in README.md); about 45 min on 2 cores. The LLM pipeline is read from runs/llm_demo,
-# run by `make llm-demo` or `reproduce.py --llm`.
+# Every claim of both papers re-run with seeds, paired verdicts and their power: REPRODUCTION.md +
+# reproduction/ (and the headline quoted in README.md); about 68 core-minutes for the non-LLM sections,
+# plus the 5-seed LLM pipeline (run into runs/reproduce/llm unless its results.csv holds the seeds).
 reproduce: $(STAMP)
 	$(PY) reproduce.py --readme README.md
 

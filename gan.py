@@ -14,9 +14,9 @@ The losses come from `losses.get_gan_loss`: 'ce' is the non-saturating logistic 
 by k (1 + e^x)^(1/k). Both losses train the same networks from the same seeds and draws.
 
 Outputs in --out: args.json, metrics.csv (one row per run and evaluation: loss, k, seed, step, modes, hq_share,
-d_loss, g_loss), samples_<loss>_seed<S>_step<N>.png (scatter plots over training), summary.csv (final
-metrics per run, with w1: the exact Wasserstein-1 distance between 1000 final samples and 1000 fresh
-real ones), and with both losses (--compare) compare.png: final samples side by side and the
+d_loss, g_loss, d_real, d_fake, g_grad), samples_<loss>_seed<S>_step<N>.png (scatter plots over training),
+summary.csv (final metrics per run, with w1: the exact Wasserstein-1 distance between 1000 final samples and
+1000 fresh real ones), and with both losses (--compare) compare.png: final samples side by side and the
 metric curves over training, mean and range over seeds.
 """
 import os
@@ -30,7 +30,9 @@ from engine import (ArgumentParser, CSVLogger, UserError, add_common_args, atomi
                     prepare_run_dir, read_csv, require_positive_ints, set_threads)
 from losses import GAN_LOSSES, get_gan_loss
 
-FIELDS = ["loss", "k", "seed", "step", "modes", "hq_share", "d_loss", "g_loss"]
+# d_real / d_fake: D's mean logit on the step's real / generated batch; g_grad: the norm of G's gradient
+# (what a collapse looks like: D saturates and G's gradient vanishes or explodes).
+FIELDS = ["loss", "k", "seed", "step", "modes", "hq_share", "d_loss", "g_loss", "d_real", "d_fake", "g_grad"]
 
 
 def mode_centers(name):
@@ -131,21 +133,27 @@ def train_run(args, loss_name, seed, logger):
     for step in range(1, args.steps + 1):
         real = sample_real(centers, std, args.batch, draws).to(args.device)
         z = torch.randn(2, args.batch, args.z_dim, generator=draws).to(args.device)
-        d_loss = criterion.discriminator(D(G(z[0]).detach()).squeeze(1), D(real).squeeze(1))
+        d_fake, d_real = D(G(z[0]).detach()).squeeze(1), D(real).squeeze(1)
+        d_loss = criterion.discriminator(d_fake, d_real)
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
         g_loss = criterion.generator(D(G(z[1])).squeeze(1))
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
+        logged = step % args.eval_every == 0 or step == args.steps
+        if logged:
+            g_grad = torch.sqrt(sum(p.grad.pow(2).sum() for p in G.parameters())).item()
         opt_g.step()
-        if step % args.eval_every == 0 or step == args.steps or step in plot_steps:
+        if logged or step in plot_steps:
             with torch.no_grad():
                 samples = G(eval_z.to(args.device)).cpu()
             modes, hq, _ = mode_metrics(samples, centers, std, args.min_count)
-            if step % args.eval_every == 0 or step == args.steps:
+            if logged:
                 logger.log(loss=loss_name, k=k, seed=seed, step=step, modes=modes, hq_share=round(hq, 5),
-                           d_loss=round(d_loss.item(), 6), g_loss=round(g_loss.item(), 6))
+                           d_loss=round(d_loss.item(), 6), g_loss=round(g_loss.item(), 6),
+                           d_real=round(d_real.mean().item(), 5), d_fake=round(d_fake.mean().item(), 5),
+                           g_grad=round(g_grad, 6))
             if step in plot_steps:
                 title = f"{label(loss_name, args.k)} seed {seed} step {step}\n{modes}/{len(centers)} modes, {hq:.0%} HQ"
                 plot_samples(os.path.join(args.out, f"samples_{loss_name}_seed{seed}_step{step}.png"),

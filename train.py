@@ -31,11 +31,11 @@ from engine.distributed import distributed
 from engine.loop import autocast_dtype, train_step
 
 FIELDS = ["epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
-          "wall_seconds"]
+          "wall_seconds", "val_loss", "val_acc"]  # val_*: empty without --val-split
 # Arguments that define a run: --resume refuses to continue a run started with other values.
 RUN_KEYS = ("dataset", "net", "loss", "k", "m", "gamma", "optimizer", "lr", "weight_decay", "momentum", "bs",
             "sched", "warmup_epochs", "epochs", "aug", "size", "seed", "patch", "dimhead", "steps_per_epoch",
-            "num_classes", "fake_n", "pretrained")
+            "num_classes", "fake_n", "pretrained", "val_split")
 RUN_FILES = ("metrics.csv", "last.pt", "best.pt")
 # What last.pt holds besides "args"; --resume checks them all before anything is built.
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_acc", "wall_seconds", "rng")
@@ -80,6 +80,9 @@ def parse_args(argv=None):
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
       help="NHWC memory format; default: on for convnets")
     a("--steps-per-epoch", type=int, default=None, help="cut every epoch to at most this many steps (default: all)")
+    a("--val-split", type=int, default=0, help="hold out the last N training images (no augmentation) as a "
+      "validation set, evaluated beside the test set; best.pt then follows the validation accuracy (for tuning "
+      "on data the test split never sees)")
     a("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     a("--log-every", type=int, default=50, help="steps between progress-bar metric updates (host syncs)")
     args = p.parse_args(argv)
@@ -102,8 +105,8 @@ def resolve(args):
         raise UserError(f"unknown aug {args.aug!r}; choose from: {', '.join(vision.AUGS)}")
     require_positive_ints(args, "epochs", "bs", "eval_every", "log_every", "num_classes", "fake_n",
                           "steps_per_epoch", "threads")
-    if args.workers < 0 or args.warmup_epochs < 0:
-        raise UserError("--workers and --warmup-epochs must be >= 0")
+    if args.workers < 0 or args.warmup_epochs < 0 or args.val_split < 0:
+        raise UserError("--workers, --warmup-epochs and --val-split must be >= 0")
     convnet = models.MODELS[args.net].convnet
     if args.lr is None:
         args.lr = 1e-3 if convnet else 1e-4
@@ -239,7 +242,7 @@ class Run:
         if args.bs % world:
             raise UserError(f"--bs {args.bs} is not divisible by the {world} processes")
         self.args, self.rank, self.world, self.device = args, rank, world, device
-        self.train_ds, self.test_ds = build_data(args, rank, world)
+        self.train_ds, self.test_ds, self.val_ds = build_data(args, rank, world)
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         self.model = models.build_model(args.net, self.train_ds.num_classes, args.size, pretrained=args.pretrained,
                                         patch=args.patch, dim=args.dimhead)
@@ -248,6 +251,9 @@ class Run:
         self.optimizer = make_optimizer(args, self.model)
         self.sampler, self.train_loader, self.test_loader = make_loaders(args, self.train_ds, self.test_ds, rank,
                                                                          world, device)
+        self.val_loader = None
+        if self.val_ds is not None:  # evaluated like the test set (each rank every world-th image)
+            self.val_loader = make_loaders(args, self.train_ds, self.val_ds, rank, world, device)[2]
         self.steps_per_epoch = min(len(self.train_loader), args.steps_per_epoch or len(self.train_loader))
         if self.steps_per_epoch == 0:
             raise UserError(f"--bs {args.bs} is larger than the {len(self.train_ds)} training images")
@@ -301,23 +307,27 @@ class Run:
                 t_log, seen = now, 0
         bar.close()
         train_loss, train_acc = reduce_mean(sums)
-        test_loss = test_acc = ""
+        test_loss = test_acc = val_loss = val_acc = ""
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             test_loss, test_acc = evaluate(self.eval_model, self.test_loader, args.criterion, self.autocast, device,
                                            self.memory_format)
+            if self.val_loader is not None:
+                val_loss, val_acc = evaluate(self.eval_model, self.val_loader, args.criterion, self.autocast, device,
+                                             self.memory_format)
         self.epoch = epoch + 1
         return dict(epoch=epoch + 1, step=self.step, train_loss=train_loss, train_acc=train_acc,
                     test_loss=test_loss, test_acc=test_acc, lr=self.optimizer.param_groups[0]["lr"],
-                    epoch_seconds=round(time.time() - t_epoch, 3))
+                    epoch_seconds=round(time.time() - t_epoch, 3), val_loss=val_loss, val_acc=val_acc)
 
     def save(self, row, rng):
-        """best.pt when the test accuracy improved, then last.pt (rank 0)."""
+        """best.pt when the test (with --val-split: validation) accuracy improved, then last.pt (rank 0)."""
         out, saved_args = self.args.out, run_args(self.args)
         state = self.model.state_dict()
-        if row["test_acc"] != "" and row["test_acc"] > self.best_acc:
-            self.best_acc = row["test_acc"]
-            atomic_save({"model": state, "epoch": row["epoch"], "test_acc": row["test_acc"], "args": saved_args},
-                        os.path.join(out, "best.pt"))
+        acc = row["val_acc" if self.val_ds is not None else "test_acc"]
+        if acc != "" and acc > self.best_acc:
+            self.best_acc = acc
+            atomic_save({"model": state, "epoch": row["epoch"], "test_acc": row["test_acc"], "val_acc": row["val_acc"],
+                         "args": saved_args}, os.path.join(out, "best.pt"))
         atomic_save({"model": state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict(), "epoch": row["epoch"], "step": row["step"],
                      "best_acc": self.best_acc, "wall_seconds": row["wall_seconds"], "rng": rng, "args": saved_args},
@@ -334,8 +344,23 @@ def build_data(args, rank, world):
             vision.build_dataset(args.dataset, split="train", aug="none", **data)
         dist.barrier()
         data["download"] = False
-    return (vision.build_dataset(args.dataset, split="train", aug=args.aug, **data),
-            vision.build_dataset(args.dataset, split="test", aug="none", **data))
+    train = vision.build_dataset(args.dataset, split="train", aug=args.aug, **data)
+    test = vision.build_dataset(args.dataset, split="test", aug="none", **data)
+    if not args.val_split:
+        return train, test, None
+    n = len(train) - args.val_split
+    if n < 1:
+        raise UserError(f"--val-split {args.val_split} leaves no training images (the set has {len(train)})")
+    plain = vision.build_dataset(args.dataset, split="train", aug="none", **data)
+    return Part(train, range(n)), test, Part(plain, range(n, len(plain)))
+
+
+class Part(Subset):
+    """Some images of a data set, keeping its class count."""
+
+    def __init__(self, dataset, indices):
+        super().__init__(dataset, indices)
+        self.num_classes = dataset.num_classes
 
 
 def run(args, rank, world, device):

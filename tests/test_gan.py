@@ -77,6 +77,7 @@ def test_compare_run_writes_metrics_summary_and_pngs(tmp_path, capsys):
     assert [(r["loss"], r["seed"], r["step"]) for r in rows] == [
         (loss, seed, step) for seed in (0.0, 1.0) for loss in ("ce", "root") for step in (6.0, 12.0)]
     assert all(0 <= r["modes"] <= 25 and 0 <= r["hq_share"] <= 1 and math.isfinite(r["d_loss"]) for r in rows)
+    assert all(r["g_grad"] > 0 and math.isfinite(r["d_real"] - r["d_fake"]) for r in rows)
     assert {r["k"] for r in rows if r["loss"] == "root"} == {2.0} and {r["k"] for r in rows if r["loss"] == "ce"} == {""}
     summary = read_csv(os.path.join(out, "summary.csv"))
     assert len(summary) == 4 and {s["n_modes"] for s in summary} == {25.0}

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import models
+from data import vision
 import plot
 import train
 from engine import UserError, read_csv
@@ -32,7 +33,8 @@ def test_one_epoch_run_writes_all_outputs_and_best_loads(tmp_path):
                        "--out", out])
     assert sorted(os.listdir(out)) == ["args.json", "best.pt", "last.pt", "metrics.csv"]
     (row,) = read_csv(os.path.join(out, "metrics.csv"))
-    assert list(row) == train.FIELDS and all(v != "" for v in row.values())
+    assert list(row) == train.FIELDS and all(v != "" for k, v in row.items() if not k.startswith("val_"))
+    assert row["val_loss"] == row["val_acc"] == ""  # no --val-split
     assert (row["epoch"], row["step"]) == (1, 4) and 0 <= row["test_acc"] <= 100
     assert row["lr"] == 0.0  # cosine schedule ends at zero after the last step
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
@@ -172,3 +174,20 @@ def test_plot_marks_a_run_with_one_evaluated_epoch(tmp_path, monkeypatch):
                         lambda self, *a, **kw: markers.append(kw.get("marker")) or real_plot(self, *a, **kw))
     plot.main([str(run), "--out", str(tmp_path / "one.png")])
     assert markers == ["o"] * 4  # one point per panel, visible
+
+
+def test_val_split_holds_out_the_last_training_images(tmp_path):
+    """--val-split N: training sees the first len - N images, the last N are scored beside the test set."""
+    args = train.parse_args(TINY + ["--net", "res18", "--size", "8", "--fake-n", "64", "--val-split", "16",
+                                    "--out", str(tmp_path / "r")])
+    tr, test, val = train.build_data(args, 0, 1)
+    full = vision.build_dataset("fake", "unused", "train", 8, aug="none", num_classes=args.num_classes, n=64)
+    assert (len(tr), len(val), len(test)) == (48, 16, 12) and val.num_classes == tr.num_classes == args.num_classes
+    assert torch.equal(val[0][0], full[48][0]) and list(tr.indices) == list(range(48))
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--net", "res18", "--size", "8", "--fake-n", "64", "--bs", "16", "--epochs", "1",
+                       "--val-split", "16", "--out", out])
+    (row,) = read_csv(os.path.join(out, "metrics.csv"))
+    assert row["step"] == 3 and 0 <= row["val_acc"] <= 100 and row["val_loss"] > 0
+    with pytest.raises(UserError, match="--val-split 64 leaves no training images"):
+        train.main(TINY + ["--net", "res18", "--size", "8", "--fake-n", "64", "--val-split", "64", "--out", out + "2"])

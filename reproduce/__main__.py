@@ -1,0 +1,4 @@
+from engine import cli
+from reproduce.cli import main
+
+cli(main)

@@ -1,0 +1,143 @@
+"""The command line: plan every requested section's runs, run them in --jobs processes, cache each section's
+raw results, and write the report from every section in the cache."""
+import datetime
+import multiprocessing
+import os
+import shlex
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from types import SimpleNamespace
+
+from engine import ArgumentParser, UserError, atomic_save, atomic_write_text
+
+from . import SECTIONS
+from .common import SHARED_UCI
+from .report import headline_table, markdown, update_readme
+
+FORMAT = 2  # of the cached results: a cache of another format (an older reproduce.py) is never read
+
+
+def _init_worker():
+    import torch
+
+    torch.set_num_threads(1)  # one process per core: independent runs in parallel, not threads
+
+
+def _timed_call(fn, kwargs):
+    start = time.time()
+    return fn(**kwargs), time.time() - start
+
+
+def run_tasks(tasks, jobs):
+    """Run every task {(section, key, index): (fn, kwargs)} in `jobs` processes; {key: result}, and the
+    summed task seconds per section."""
+    results, seconds = {}, {}
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that already holds torch's threads
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker) as pool:
+        futures = {pool.submit(_timed_call, fn, kwargs): key for key, (fn, kwargs) in tasks.items()}
+        for future, key in futures.items():
+            value, took = future.result()
+            results[key] = value
+            seconds[key[0]] = seconds.get(key[0], 0.0) + took
+            print(f"  done {key[0]} {key[1]} {key[2]} ({took:.0f}s)", flush=True)
+    return results, seconds
+
+
+def group(results, section):
+    """{key: [result per fold / seed, in index order]} of one section."""
+    out = {}
+    for (_, key, _), value in sorted(((k, v) for k, v in results.items() if k[0] == section),
+                                     key=lambda kv: str(kv[0][2])):
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def config(module, args):
+    cfg = dict(seeds=args.seeds or (2 if args.quick else 5))
+    cfg.update(module.QUICK if args.quick else module.FULL)
+    return cfg
+
+
+def cifar_note(cifar_dir):
+    found = [d for d in ("cifar-10-batches-py", "cifar-100-python") if os.path.isdir(os.path.join(cifar_dir, d))]
+    if found:
+        return (f"data found in {cifar_dir}/ ({', '.join(found)}): run `python train.py --dataset cifar10 --net res18 "
+                f"--loss LOSS --data-dir {cifar_dir}` per row (200 epochs each: GPU-sized, not part of this CPU "
+                f"report)")
+    return (f"not run: no CIFAR data in {cifar_dir}/ (cifar-10-batches-py/, cifar-100-python/; pass --cifar-dir); "
+            f"with the data, `python train.py --dataset cifar10 --net res18 --loss LOSS` per row")
+
+
+def parse_args(argv):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="every section at a tiny size (what the tests run)")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), help=f"any of: {', '.join(SECTIONS)}")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (default: the cores)")
+    p.add_argument("--n-seeds", dest="seeds", type=int, default=None,
+                   help="number of seeds, and of CV folds, per row (default 5; quick 2)")
+    p.add_argument("--out", default="reproduction", help="figures (default %(default)s)")
+    p.add_argument("--report", default=None,
+                   help="the markdown report (default REPRODUCTION.md, or OUT/REPRODUCTION.md with --quick)")
+    p.add_argument("--readme", default=None, help="also update the headline table quoted in this README")
+    p.add_argument("--cache", default=None, help="each section's raw results, train.py and llm_pipeline.py run "
+                                                 "folders; the report holds every section found here (default "
+                                                 "runs/reproduce, or OUT/cache with --quick)")
+    p.add_argument("--data-dir", default=SHARED_UCI, help="UCI files (default ../shared/data/uci)")
+    p.add_argument("--cifar-dir", default="data", help="where train.py would find CIFAR (only reported)")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        raise UserError(f"unknown section {unknown[0]!r}; choose from: {', '.join(SECTIONS)}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.seeds is not None and args.seeds < 2:
+        raise UserError(f"--n-seeds must be >= 2 (a confidence interval needs two runs), got {args.seeds}")
+    if args.report is None:
+        args.report = os.path.join(args.out, "REPRODUCTION.md") if args.quick else "REPRODUCTION.md"
+    if args.cache is None:
+        args.cache = os.path.join(args.out, "cache") if args.quick else os.path.join("runs", "reproduce")
+    words = argv if argv is not None else sys.argv[1:]
+    args.command = "python reproduce.py " + " ".join(shlex.quote(a) for a in words)
+    return args
+
+
+def load_cache(path):
+    import torch
+
+    return torch.load(path, weights_only=False)  # our own file, written by atomic_save in main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    ctx = SimpleNamespace(data_dir=args.data_dir, cache=args.cache, out=args.out, cifar_note=cifar_note(args.cifar_dir))
+    start = time.time()
+    tasks, cfgs = {}, {}
+    for name in args.sections:
+        cfgs[name] = config(SECTIONS[name], args)
+        tasks.update({(name, key, index): job for (key, index), job in SECTIONS[name].tasks(cfgs[name], ctx).items()})
+    # The pool takes tasks in submission order: the longest sections first, so no process idles at the end.
+    longest = ("llm", "digits", "gan")
+    tasks = {key: tasks[key] for key in sorted(tasks, key=lambda t: longest.index(t[0]) if t[0] in longest else 3)}
+    print(f"reproduce: {len(tasks)} runs in {args.jobs} processes ({', '.join(args.sections)})", flush=True)
+    results, seconds = run_tasks(tasks, args.jobs) if tasks else ({}, {})
+    for name in args.sections:  # each section's raw results, so a later --sections run keeps the others
+        atomic_save(dict(format=FORMAT, quick=args.quick, cfg=cfgs[name], results=group(results, name),
+                         seconds=seconds.get(name, 0.0), date=datetime.date.today().isoformat(),
+                         command=args.command), os.path.join(args.cache, f"{name}.pt"))
+    sections, provenance = [], []
+    for name, module in SECTIONS.items():
+        path = os.path.join(args.cache, f"{name}.pt")
+        saved = load_cache(path) if os.path.exists(path) else None
+        if saved is None or saved.get("format") != FORMAT or saved["quick"] != args.quick:
+            continue  # never run at this size (or by this code): left out of the report
+        command = f"python reproduce.py{' --quick' if args.quick else ''} --sections {name}"
+        sections.append(module.report(saved["cfg"], saved["results"], ctx, command))
+        provenance.append((name, saved["date"], saved["seconds"], saved["command"]))
+    atomic_write_text(args.report, markdown(sections, provenance, args, time.time() - start) + "\n")
+    if args.readme:
+        update_readme(args.readme, sections)
+    print(f"wrote {args.report} ({time.time() - start:.0f}s); figures in {args.out}/")
+    print("\n".join(headline_table(sections)))
+    return sections

@@ -1,0 +1,68 @@
+"""Helpers the section modules share: UCI folds, quiet runs, curves, matplotlib."""
+import contextlib
+import math
+import os
+
+import numpy as np
+
+from engine import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_UCI = os.path.join(ROOT, "..", "shared", "data", "uci")
+UCI = ("wine", "ionosphere", "madelon", "spectf")
+
+
+def first_at(curve, ok):
+    """First iteration / epoch index whose value satisfies `ok`, or inf."""
+    hits = np.flatnonzero(ok(np.asarray(curve, dtype=float)))
+    return float(hits[0]) if hits.size else math.inf
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@contextlib.contextmanager
+def quiet(path):
+    """Send a task's prints (train.py's progress) to a log file instead of the terminal."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
+
+
+def uci_args(dataset, data_dir, folds, iters, lr=0.01):
+    import regression
+
+    return regression.parse_args(["--dataset", dataset, "--data-dir", data_dir, "--folds", str(folds),
+                                  "--iters", str(iters), "--lr", f"{lr!r}", "--quiet"])
+
+
+def fold(ds, args, index):
+    """(train, test) indices: CV fold `index`, or UCI's own SPECTF split for index 'official'."""
+    import regression
+    from data.tabular import spectf_official_split
+
+    return spectf_official_split(args.data_dir) if index == "official" else regression.splits(ds, args)[index]
+
+
+def has_uci(dataset, data_dir):
+    from data.tabular import load_tabular
+
+    try:
+        load_tabular(dataset, data_dir)
+        return True
+    except UserError:
+        return False
+
+
+def uci_present(data_dir):
+    return [d for d in UCI if d == "wine" or has_uci(d, data_dir)]
+
+
+def lr_text(grid):
+    return "{" + ", ".join(f"{g:g}" for g in grid) + "}"

@@ -1,0 +1,121 @@
+"""LLM (AISTATS 2025): llm_pipeline.py over several seeds (CE vs RLO finetuning, PTQ at 2/3/4 bits, then
+finetuning in quantized space); the section reads the pipeline's results.csv and selection.csv."""
+import os
+
+from engine import atomic_copy, read_csv
+
+from .common import quiet
+from .report import Section, Table, headline_row
+from .stats import fmt_g, interval, paired, paired_cells, verdict
+
+TITLE = "LLM (AISTATS 2025): RLO finetuning and low-bit quantization"
+FULL = dict(run=True)
+# The pipeline's smallest meaningful run (finetune, PTQ and QFT of stories260K per loss and seed) takes
+# minutes: beyond the quick report's one-minute budget.
+QUICK = dict(run=False)
+QUICK_SKIP = ("not run in quick mode: one llm_pipeline.py seed (finetuning, PTQ and QFT per loss) takes minutes, "
+              "beyond the quick report's one-minute budget; `make llm-demo` is the single-seed run")
+
+
+def seeds_in(path):
+    return {int(r["seed"]) for r in read_csv(path)} if os.path.isfile(path) else set()
+
+
+def task(out, seeds):
+    """Run llm_pipeline.py for `seeds` into `out` unless its results.csv already holds them all; its rows."""
+    results = os.path.join(out, "results.csv")
+    if not set(seeds) <= seeds_in(results):
+        import llm_pipeline
+
+        with quiet(out.rstrip("/") + "_log.txt"):  # beside the run folder, which --overwrite replaces
+            llm_pipeline.main(["--seed", *map(str, seeds), "--out", out, "--overwrite"])
+    selection = os.path.join(out, "selection.csv")
+    return dict(dir=out, rows=read_csv(results), selection=read_csv(selection) if os.path.isfile(selection) else [])
+
+
+def tasks(cfg, ctx):
+    if not cfg["run"]:
+        return {}
+    return {("pipeline", 0): (task, dict(out=os.path.join(ctx.cache, "llm"), seeds=list(range(cfg["seeds"]))))}
+
+
+def by_seed(rows, key):
+    return {int(r["seed"]): float(r[key]) for r in rows}
+
+
+def pair(rows, key):
+    """Per-seed CE and RLO values of `key` on the seeds both have (in seed order)."""
+    ce, rlo = (by_seed([r for r in rows if r["loss"] == loss], key) for loss in ("ce", "root"))
+    seeds = sorted(set(ce) & set(rlo))
+    return [ce[s] for s in seeds], [rlo[s] for s in seeds]
+
+
+def report(cfg, res, ctx, command):
+    sec = Section("llm", TITLE,
+                  "A model finetuned with RLO loses less perplexity when quantized to 2-4 bits, before and after "
+                  "finetuning in quantized space.",
+                  "llm_pipeline.py at its full defaults over the seeds below (`make llm-demo` is one seed): "
+                  "stories260K, finetuned with CE and with root k = m = 5 (learning rates chosen per loss on the "
+                  "validation text, the pipeline's selection.csv), PTQ with each method at 2/3/4 bits, then "
+                  "finetuning in quantized space (QFT); perplexity on WikiText-2 test relative to each loss's own "
+                  "finetuned model. Per seed the finetuning data order, calibration rows and rotation seeds "
+                  "change and CE and RLO share them, so differences are paired by seed. Read from "
+                  "<cache>/llm/results.csv (the pipeline runs there when it is missing or holds fewer seeds).",
+                  command)
+    table = Table("Perplexity after quantization relative to the finetuned fp model (lower is better; mean ± 95% CI "
+                  "over seeds); paired CE − RLO per seed [95% CI] (positive favours RLO), MDE and verdicts on "
+                  "\"RLO's ratio is lower\"", [
+        "method", "bits", "incoh", "seeds", "CE PTQ/ft", "RLO PTQ/ft", "CE − RLO [95% CI]", "MDE", "verdict (PTQ)",
+        "unpaired", "CE QFT/ft", "RLO QFT/ft", "CE − RLO [95% CI]", "MDE", "verdict (QFT)", "unpaired"])
+    (run,) = res.get("pipeline", [None])
+    if run is None:
+        table.rows.append(["**pending: not run**", *[""] * 14, QUICK_SKIP if not cfg["run"] else "no pipeline run"])
+        sec.headline.append(["AISTATS: RLO lowers low-bit damage", "stories260K, 2 bits", "lower PPL ratio",
+                             "pending: not run", "", "", "", "pending"])
+        sec.tables.append(table)
+        return sec
+    rows = run["rows"]
+    fp = Table("Perplexity of the finetuned fp model (before quantization; lower is better), and the learning "
+               "rates chosen on the validation text", ["loss", "seeds", "finetuned ppl", "CE − RLO [95% CI]", "MDE",
+                                                       "verdict", "lr chosen (per seed)", "QFT lr chosen (per seed)"])
+    ft = {loss: {int(r["seed"]): r for r in rows if r["loss"] == loss} for loss in ("ce", "root")}
+    ce_ft, rlo_ft = pair([r for loss in ft for r in ft[loss].values()], "finetuned")
+    p_ft = paired(rlo_ft, ce_ft, higher_is_better=False)
+    for loss in ("ce", "root"):
+        vals = [float(r["finetuned"]) for r in ft[loss].values()]
+        lrs = lambda key: ", ".join(sorted({f"{float(r[key]):g}" for r in rows if r["loss"] == loss and r.get(key, "")
+                                            != ""})) or "n/a"
+        fp.rows.append(["CE" if loss == "ce" else "RLO (root k=m=5)", len(vals), fmt_g(interval(vals)),
+                        *(paired_cells(p_ft, 3) if loss == "root" else ["", "", "(baseline)"]), lrs("lr"),
+                        lrs("qft_lr")])
+    groups = sorted({(r["quant"], int(r["wbits"]), str(r["incoh"])) for r in rows}, key=lambda g: (g[1], g[0], g[2]))
+    for quant, bits, incoh in groups:
+        sel = [r for r in rows if (r["quant"], int(r["wbits"]), str(r["incoh"])) == (quant, bits, incoh)]
+        cells, results = [], []
+        for key in ("ptq_vs_ft", "qft_vs_ft"):
+            ce, rlo = pair(sel, key)
+            if not ce:
+                break
+            p = paired(rlo, ce, higher_is_better=False)
+            results.append((p, ce, rlo))
+            cells += [fmt_g(interval(ce)), fmt_g(interval(rlo)), *paired_cells(p, 3),
+                      verdict(interval(rlo), interval(ce), higher_is_better=False)]
+        if len(results) < 2:
+            continue
+        table.rows.append([quant, bits, incoh, len(results[0][1]), *cells])
+        if bits == 2:
+            p, ce, rlo = results[1]
+            sec.headline.append(headline_row("AISTATS: RLO lowers low-bit damage", f"stories260K, {quant} 2 bits, "
+                                             f"incoh {incoh}, QFT/ft", "lower PPL ratio",
+                                             f"{fmt_g(interval(ce))} vs {fmt_g(interval(rlo))}", p, 3))
+    sec.tables += [fp, table]
+    if run["selection"]:
+        columns = list(run["selection"][0])
+        sec.tables.append(Table("The learning-rate selection on the validation text (the pipeline's selection.csv)",
+                                columns, [[r[c] for c in columns] for r in run["selection"]]))
+    png = os.path.join(run["dir"], "pipeline.png")
+    if os.path.exists(png):  # copied beside the other figures: the run folder is not part of the repository
+        copy_path = os.path.join(ctx.out, "llm_pipeline.png")
+        atomic_copy(png, copy_path)
+        sec.figures.append((copy_path, "llm_pipeline.py's own figure", command))
+    return sec

@@ -1,0 +1,84 @@
+"""The report's structure (Section, Table) and its markdown: REPRODUCTION.md and the README's headline block."""
+import os
+from dataclasses import dataclass, field
+
+from engine import UserError, atomic_write_text
+
+from .stats import RULE
+
+HEADLINE_START, HEADLINE_END = "<!-- reproduce:headline:start -->", "<!-- reproduce:headline:end -->"
+HEADLINE_COLUMNS = ["claim", "setting", "paper", "ours (baseline vs RLO)", "n",
+                    "paired difference, > 0 favours RLO [95% CI]", "MDE (80% power)", "verdict"]
+
+
+@dataclass
+class Table:
+    caption: str
+    columns: list
+    rows: list = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    claim: str
+    setup: str
+    command: str
+    tables: list = field(default_factory=list)
+    figures: list = field(default_factory=list)  # (path, caption, command)
+    notes: list = field(default_factory=list)
+    headline: list = field(default_factory=list)  # rows of HEADLINE_COLUMNS, the verdict last
+
+
+def headline_row(claim, setting, paper, ours, p, digits=2):
+    """A headline row from a paired result `p` (reproduce.stats.paired or mcnemar)."""
+    from .stats import fmt_mde, fmt_paired
+
+    mde = fmt_mde(p, digits)
+    if p["verdict"] == "inconclusive" and mde != "n/a":
+        mde = f"no effect larger than {mde}"
+    return [claim, setting, paper, ours, p["n"], fmt_paired(p, digits), mde, p["verdict"]]
+
+
+def headline_table(sections):
+    rows = [r for sec in sections for r in sec.headline]
+    return ["| " + " | ".join(HEADLINE_COLUMNS) + " |", "|" + "---|" * len(HEADLINE_COLUMNS)] + [
+        "| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def markdown(sections, provenance, args, wall):
+    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.report)))
+    mode = "QUICK (tiny sizes: a smoke test, not evidence)" if args.quick else "full-size"
+    lines = ["# Reproduction report: Rooted Logistic Objectives (arXiv 2310.03890) and the AISTATS-2025 follow-up", "",
+             f"Written by `{args.command}` ({wall / 60:.1f} min wall, {args.jobs} parallel processes) from the "
+             f"{mode} runs of each section below; every number is computed by the `reproduce` package from those "
+             f"runs, nothing is typed in by hand except the papers' numbers.", "",
+             "| section | run on | core-minutes of runs (summed over processes) | by |", "|---|---|---|---|"]
+    lines += [f"| {s} | {date} | {sec / 60:.1f} | `{cmd}` |" for s, date, sec, cmd in provenance]
+    lines += ["", "## Verdict rule", "", RULE, "", "## Headline", "", HEADLINE_START, *headline_table(sections),
+              HEADLINE_END, ""]
+    for i, sec in enumerate(sections, 1):
+        lines += [f"## {i}. {sec.title}", "", f"**Claim.** {sec.claim}", "", f"**Setup.** {sec.setup}", "",
+                  f"**Command:** `{sec.command}`", ""]
+        for table in sec.tables:
+            lines += [f"*{table.caption}*", "", "| " + " | ".join(table.columns) + " |",
+                      "|" + "---|" * len(table.columns)]
+            lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table.rows]
+            lines.append("")
+        for note in sec.notes:
+            lines += [note, ""]
+        for path, caption, command in sec.figures:
+            lines += [f"![{caption}]({rel(path)})", "", f"*{caption}.* Made by `{command}`.", ""]
+    return "\n".join(lines)
+
+
+def update_readme(readme, sections):
+    """Replace the README's quoted headline table (between the markers) by this run's."""
+    with open(readme) as f:
+        text = f.read()
+    if HEADLINE_START not in text or HEADLINE_END not in text:
+        raise UserError(f"{readme} has no {HEADLINE_START} ... {HEADLINE_END} block to update")
+    head, rest = text.split(HEADLINE_START, 1)
+    _, tail = rest.split(HEADLINE_END, 1)
+    atomic_write_text(readme, head + "\n".join([HEADLINE_START, *headline_table(sections), HEADLINE_END]) + tail)
