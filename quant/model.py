@@ -1,5 +1,5 @@
-"""Sequential layer-by-layer quantization of a decoder-only LM (OPT and Llama families), as GPTQ and
-QuIP do: the calibration inputs of decoder layer i are computed by the already quantized layers
+"""Sequential layer-by-layer quantization of a decoder-only LM (the families of `FAMILIES`), as GPTQ
+and QuIP do: the calibration inputs of decoder layer i are computed by the already quantized layers
 0..i-1, only one decoder layer sits on the accelerator at a time (a 7B model fits on one GPU), and
 all linear layers of a decoder layer are quantized from Hessians collected in one forward pass.
 
@@ -19,7 +19,23 @@ from . import quantize_layer
 from .hessian import HessianAccumulator
 from .linear import QuantLinear
 
-FAMILIES = {"opt": "model.decoder.layers", "llama": "model.layers"}
+# The decoder-only families (Hugging Face `model_type`) whose decoder layers hold their projections as
+# nn.Linear: {model_type: (path of the layer list, what it covers)}. Each is tested on a tiny random
+# config (tests/test_families.py); mixture-of-experts families (mixtral, qwen3_moe) are left out, their
+# experts are fused 3-D parameters, not nn.Linear.
+FAMILIES = {
+    "opt": ("model.decoder.layers", "OPT"),
+    "llama": ("model.layers", "Llama-2, Llama-3 / 3.1 / 3.2 (rope_type llama3), TinyLlama, llama2.c"),
+    "mistral": ("model.layers", "Mistral 7B"),
+    "qwen2": ("model.layers", "Qwen2, Qwen2.5"),
+    "qwen3": ("model.layers", "Qwen3 (dense)"),
+    "gemma": ("model.layers", "Gemma"),
+    "gemma2": ("model.layers", "Gemma 2 (soft-capped logits: ft_opt.py needs --no-fused-loss)"),
+    "phi3": ("model.layers", "Phi-3, Phi-4 (fused qkv_proj / gate_up_proj)"),
+    "olmo2": ("model.layers", "OLMo 2"),
+    "granite": ("model.layers", "Granite 3 (scaled logits: ft_opt.py needs --no-fused-loss)"),
+    "starcoder2": ("model.layers", "StarCoder2"),
+}
 
 
 def decoder_layers(model):
@@ -27,10 +43,11 @@ def decoder_layers(model):
     family = getattr(model.config, "model_type", None)
     if family not in FAMILIES:
         raise UserError(f"model family {family!r} is not supported; supported: {', '.join(FAMILIES)}")
+    path = FAMILIES[family][0]
     layers = model
-    for attr in FAMILIES[family].split("."):
+    for attr in path.split("."):
         layers = getattr(layers, attr)
-    return layers, FAMILIES[family]
+    return layers, path
 
 
 def layer_seed(seed, name):
