@@ -8,7 +8,8 @@ quant_method "rlo" (`register_quantization_config` / `register_quantizer`) and m
 builds the family's model with a `quant.QuantLinear` for every layer the quantization_config names,
 filled from the packed tensors by transformers' own loader (device_map and dtype honoured for the
 unquantized tensors; a QuantLinear's scales stay float32, its codes their integer type, as
-`lm.load_quantized` keeps them). `model.save_pretrained(DIR)` writes the packed format back.
+`lm.load_quantized` keeps them). `model.save_pretrained(DIR)` writes the packed format back;
+`model.dequantize()` turns the model into the plain dense one.
 """
 import contextlib
 
@@ -72,6 +73,26 @@ class RloHfQuantizer(HfQuantizer):
 
         qc = self.quantization_config
         mark_packed(model, dict(method=qc.method, wbits=qc.wbits, options=qc.options))
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        """`model.dequantize()`: every QuantLinear back to an nn.Linear holding the weight it applies (the
+        dense model transformers and any tool load as usual; save_pretrained writes it plainly)."""
+        from quant.linear import QuantLinear
+
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantLinear):
+                device = module.codes_device()
+                linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                         device=device, dtype=dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(module.dequantize())
+                    if module.bias is not None:
+                        linear.bias.copy_(module.bias)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, linear)
+        del model.rlo_quantization, model.save_pretrained  # back to transformers' own
         return model
 
     def is_serializable(self):

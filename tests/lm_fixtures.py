@@ -93,11 +93,11 @@ def tiny_family(family, tokenizer, seed=0, **overrides):
     torch.manual_seed(seed)
     ids = {f"{k[:-6]}_token_id": tokenizer.convert_tokens_to_ids(v) for k, v in SPECIAL.items() if k != "unk_token"}
     if family == "opt":
-        config = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, num_hidden_layers=1,
-                           num_attention_heads=4, max_position_embeddings=128, dropout=0.0, **ids)
+        config = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, word_embed_proj_dim=32,
+                           num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=128, dropout=0.0, **ids)
         return OPTForCausalLM(config).eval()
-    kwargs = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, max_position_embeddings=128, **ids)
+    kwargs = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128, **ids)
     if family == "llama3.2":
         family, kwargs = "llama", dict(kwargs, **LLAMA32)
     config = AutoConfig.for_model(family, **dict(kwargs, **overrides))

@@ -105,8 +105,9 @@ def test_llama32_every_method_saves_and_reloads_at_the_same_perplexity(assets, m
 
 def test_llama32_finetunes_with_the_fused_loss_at_vocab_128256(assets):
     src = assets["model"]("llama3.2")
-    runs = {name: ft_opt.main(["--model", src, "--data-dir", assets["data"], "--out", str(assets["root"] / f"ft32_{name}"),
-                               *FT, *flags]) for name, flags in (("fused", []), ("plain", ["--no-fused-loss"]))}
+    runs = {name: ft_opt.main(["--model", src, "--data-dir", assets["data"], "--out",
+                               str(assets["root"] / f"ft32_{name}"), *FT, *flags])
+            for name, flags in (("fused", []), ("plain", ["--no-fused-loss"]))}
     assert runs["fused"]["train_loss"] == pytest.approx(runs["plain"]["train_loss"], rel=1e-5)
     assert runs["fused"]["ppl_after"] == pytest.approx(runs["plain"]["ppl_after"], rel=1e-5)
     assert runs["fused"]["ppl_after"] < runs["fused"]["ppl_before"]

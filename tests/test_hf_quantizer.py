@@ -109,6 +109,22 @@ def test_save_pretrained_writes_the_packed_format_back(packed, kind, tmp_path):
     assert json.load(open(tmp_path / "ref" / "config.json"))["model_type"] == "rlo"
 
 
+def test_dequantize_gives_the_dense_model_that_saves_plainly(packed, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(packed["opt"])
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        expected = model(ids).logits
+        dense = model.dequantize()
+        assert not any(isinstance(m, quant.QuantLinear) for m in dense.modules())
+        torch.testing.assert_close(dense(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    dense.save_pretrained(str(tmp_path / "dense"))
+    config = json.load(open(tmp_path / "dense" / "config.json"))
+    assert config["model_type"] == "opt" and "quantization_config" not in config
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense"))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, dense(ids).logits)
+
+
 def test_directories_of_the_earlier_layout_still_load(packed, tmp_path):
     # written before the model_type change: the family's model_type, no auto_map, no loader file
     old = str(tmp_path / "old")
