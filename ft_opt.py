@@ -1,5 +1,6 @@
-"""Finetune a causal LM (OPT, Llama, any transformers causal LM) with a token-level CE / focal / RLO loss,
-report the true perplexity before and after, and save the model for `opt.py` (quantization).
+"""Finetune a causal LM (the families of quant.model.FAMILIES: OPT, Llama-2/3, Mistral, Qwen2/3, ...; any
+transformers causal LM) with a token-level CE / focal / RLO loss, report the true perplexity before and
+after, and save the model for `opt.py` (quantization).
 
     python ft_opt.py                                   # facebook/opt-125m on wikitext2, root loss k=m=5
     python ft_opt.py --model DIR --loss ce --data-dir datasets/wikitext-2-raw --out runs/opt125m_ce
@@ -25,6 +26,7 @@ from transformers import get_linear_schedule_with_warmup
 
 import lm
 import quant
+from quant.model import FAMILIES
 from engine.distributed import barrier, distributed, full_state, fully_shard_blocks, load_full_state
 from engine import (ArgumentParser, UserError, add_common_args, atomic_save, atomic_write_json, cli, load_checkpoint,
                     prepare_run_dir, require_positive_ints, rng_state, run_args, set_rng_state, set_threads)
@@ -40,7 +42,8 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "step", "m
 def parse_args(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="facebook/opt-125m",
-                   help="hub name, local directory, or a packed quantized directory (opt.py --save)")
+                   help="hub name, local directory, or a packed quantized directory (opt.py --save); tested "
+                        f"families (config model_type): {', '.join(FAMILIES)}; other causal LMs load too")
     p.add_argument("--freeze-embeddings", action="store_true",
                    help="keep the input embeddings and the output head fixed")
     p.add_argument("--dataset", default="wikitext2", help=f"one of {', '.join(lm.DATASETS)}")

@@ -1,5 +1,6 @@
-"""Post-training quantization of OPT and Llama models with QuIP (LDLQ / ldlqRG + incoherence processing),
-GPTQ or nearest rounding, layer by layer on calibration data; perplexity before saving.
+"""Post-training quantization of decoder-only LMs (OPT, Llama-2/3, Mistral, Qwen2/3, ...: the families of
+quant.model.FAMILIES) with QuIP (LDLQ / ldlqRG + incoherence processing), GPTQ or nearest rounding,
+layer by layer on calibration data; perplexity before saving.
 
     python opt.py facebook/opt-125m wikitext2 --wbits 2 --quant ldlqRG --incoh_processing --save runs/q2
     python opt.py runs/ft_opt_wikitext2_root_k5_m5 c4 --wbits 2 --quant ldlq --incoh_processing --data-dir datasets/
@@ -22,7 +23,7 @@ import quant
 from engine import (ArgumentParser, UserError, add_common_args, atomic_write_json, cli, prepare_run_dir,
                     require_positive_ints, set_threads)
 from lm.quantized import is_quantized_dir, save_quantized
-from quant.model import decoder_layers, quantize_model
+from quant.model import FAMILIES, decoder_layers, quantize_model
 
 REPORT_FILE = "quant_report.json"
 PROJ_EXTRA = {0: "butterfly", 1: "kron", 2: "butterfly_nopermute"}  # QuIP's --pre_proj_extra
@@ -31,7 +32,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="hub name or local directory (e.g. ft_opt.py's output)")
+    p.add_argument("model", help="hub name or local directory (e.g. ft_opt.py's output) of a model of one of the "
+                                 "families (config model_type: what it covers): "
+                                 + "; ".join(f"{name}: {what}" for name, (_, what) in FAMILIES.items()))
     p.add_argument("dataset", choices=lm.DATASETS, help="calibration data source")
     # QuIP's flags, same names, defaults and meanings (--seed: in add_common_args below)
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")

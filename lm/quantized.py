@@ -1,7 +1,9 @@
 """Packed low-bit checkpoints: save a model whose linear layers are `quant.QuantLinear`s, and load it back.
 
 A directory written by `save_quantized` holds
-- `config.json`: the model's HF config plus `quantization_config` (below);
+- `config.json`: the model's HF config plus `quantization_config` (below), with model_type "rlo" and
+  the family's own type under "rlo_base_model_type", and `auto_map` naming `rlo_loader.py`;
+- `rlo_loader.py` (a copy of `lm/rlo_loader.py`): what lets transformers load the directory (see there);
 - `model.safetensors`: the state dict as it is: per quantized linear only its packed codes, scales
   (and zero points, in_scale/out_scale, bias), never a dense copy of the weight; every other tensor
   (embeddings, norms, head) in full precision. Tied tensors are stored once;
@@ -10,11 +12,18 @@ A directory written by `save_quantized` holds
 `quantization_config` = {"quant_method": "rlo", "format": FORMAT, "method", "wbits", "options",
 "layers": {module name: QuantLinear spec}}, where a spec names the codebook, bit width, original and
 padded shapes, rotation kind and seed (the rotations are regenerated, not stored), and the grid's
-qfn/groupsize. `transformers.from_pretrained` does not know the "rlo" method and refuses it; load
-with `lm.load_quantized(DIR)` (or `lm.load_causal_lm`, which dispatches to it).
+qfn/groupsize.
+
+Two loaders read it: `load_quantized(DIR)` (what `lm.load_causal_lm` dispatches to; it checks every
+stored tensor against the config), and, once `lm` is imported, transformers' own
+`AutoModelForCausalLM.from_pretrained(DIR)` through the quantizer of `lm.hf_quantizer`. Without the
+toolkit imported, transformers refuses the directory (model_type "rlo") instead of loading random
+linears. Directories written before the model_type change (the family's model_type) load the same.
 """
 import json
 import os
+import shutil
+import types
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from engine import UserError, atomic_dir
 
 from .load import _DTYPE_KW, quiet_hub
+from .rlo_loader import BASE_KEY, MODEL_TYPE
 
 FORMAT = "rlo-packed-v1"
 WEIGHTS = "model.safetensors"
@@ -71,11 +81,33 @@ def save_quantized(model, tokenizer, path, quantization_config):
         with open(os.path.join(tmp, "config.json")) as f:
             config = json.load(f)
         config["quantization_config"] = qc
+        # plain transformers must not know the type: it would build the family's model with random linears
+        config[BASE_KEY], config["model_type"] = config["model_type"], MODEL_TYPE
+        config["auto_map"] = {"AutoConfig": "rlo_loader.RloConfig"}
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
+        shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "rlo_loader.py"),
+                        os.path.join(tmp, "rlo_loader.py"))
         save_model(model, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "rlo": FORMAT})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+
+
+def _save_packed(model, save_directory, is_main_process=True, push_to_hub=False, **kwargs):
+    """A packed model's `save_pretrained`: the packed checkpoint (always one model.safetensors; state_dict,
+    sharding and serialization options do not apply). The tokenizer is saved apart, as with transformers."""
+    if push_to_hub:
+        raise ValueError("save the packed model to a local directory, then upload that directory")
+    if is_main_process:
+        save_quantized(model, None, save_directory, model.rlo_quantization)
+
+
+def mark_packed(model, quantization):
+    """Tag a loaded packed model: `rlo_quantization` (method, wbits, options) and a `save_pretrained` that
+    writes the packed format (transformers' own would write a config that loads random linears)."""
+    model.rlo_quantization = quantization
+    model.save_pretrained = types.MethodType(_save_packed, model)
+    return model
 
 
 def save_pretrained(model, tokenizer, path):
@@ -131,7 +163,7 @@ def load_quantized(path, dtype=torch.float32, device="cpu"):
     _check_tensors(model, weights, stored)
     load_model(model, weights, strict=False)
     model.tie_weights()
-    model.rlo_quantization = {k: v for k, v in qc.items() if k != "layers"}  # method, wbits, options
+    mark_packed(model, {k: v for k, v in qc.items() if k not in ("layers", "quant_method", "format")})
     with quiet_hub():
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer

@@ -1,5 +1,5 @@
-"""Sequential layer-by-layer quantization of a decoder-only LM (OPT and Llama families), as GPTQ and
-QuIP do: the calibration inputs of decoder layer i are computed by the already quantized layers
+"""Sequential layer-by-layer quantization of a decoder-only LM (the families of `FAMILIES`), as GPTQ
+and QuIP do: the calibration inputs of decoder layer i are computed by the already quantized layers
 0..i-1, only one decoder layer sits on the accelerator at a time (a 7B model fits on one GPU), and
 all linear layers of a decoder layer are quantized from Hessians collected in one forward pass.
 
@@ -9,6 +9,7 @@ the next layer is calibrated on the outputs of exactly the layers that will be s
 import time
 import warnings
 import zlib
+from collections import namedtuple
 
 import torch
 from tqdm import tqdm
@@ -19,7 +20,24 @@ from . import quantize_layer
 from .hessian import HessianAccumulator
 from .linear import QuantLinear
 
-FAMILIES = {"opt": "model.decoder.layers", "llama": "model.layers"}
+Family = namedtuple("Family", "layers covers")  # path of the decoder layer list; the models it covers
+
+# The decoder-only families (Hugging Face `model_type`) whose decoder layers hold their projections as
+# nn.Linear, each tested on a tiny random config (tests/test_families.py). Mixture-of-experts families
+# (mixtral, qwen3_moe) are left out: their experts are fused 3-D parameters, not nn.Linear.
+FAMILIES = {
+    "opt": Family("model.decoder.layers", "OPT"),
+    "llama": Family("model.layers", "Llama-2, Llama-3 / 3.1 / 3.2 (rope_type llama3), TinyLlama, llama2.c"),
+    "mistral": Family("model.layers", "Mistral 7B"),
+    "qwen2": Family("model.layers", "Qwen2, Qwen2.5"),
+    "qwen3": Family("model.layers", "Qwen3 (dense)"),
+    "gemma": Family("model.layers", "Gemma"),
+    "gemma2": Family("model.layers", "Gemma 2 (soft-capped logits: ft_opt.py needs --no-fused-loss)"),
+    "phi3": Family("model.layers", "Phi-3, Phi-4 (fused qkv_proj / gate_up_proj)"),
+    "olmo2": Family("model.layers", "OLMo 2"),
+    "granite": Family("model.layers", "Granite 3 (scaled logits: ft_opt.py needs --no-fused-loss)"),
+    "starcoder2": Family("model.layers", "StarCoder2"),
+}
 
 
 def decoder_layers(model):
@@ -27,10 +45,11 @@ def decoder_layers(model):
     family = getattr(model.config, "model_type", None)
     if family not in FAMILIES:
         raise UserError(f"model family {family!r} is not supported; supported: {', '.join(FAMILIES)}")
+    path = FAMILIES[family].layers
     layers = model
-    for attr in FAMILIES[family].split("."):
+    for attr in path.split("."):
         layers = getattr(layers, attr)
-    return layers, FAMILIES[family]
+    return layers, path
 
 
 def layer_seed(seed, name):

@@ -1,6 +1,8 @@
 """Tiny offline causal LMs for tests: a generated corpus in wikitext-2 raw format, a byte-level BPE
 tokenizer trained on it (`tokenizers`, saved as a PreTrainedTokenizerFast), and random-weight OPT
-and Llama models (2 layers, hidden 64) saved with `save_pretrained` like a hub checkpoint.
+and Llama models (2 layers, hidden 64) saved with `save_pretrained` like a hub checkpoint; and one
+smaller random model per family of `quant.model.FAMILIES` (`tiny_family`), a Llama-3.2-shaped one
+among them.
 
 Plain helpers, not pytest fixtures, so any test module can build them at the scope it needs.
 """
@@ -9,7 +11,8 @@ import random
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
+                          PreTrainedTokenizerFast)
 
 SPECIAL = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 _SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the river", "a small bird", "the king"]
@@ -75,3 +78,27 @@ def save_tiny_lm(directory, kind="opt", text=None, seed=0):
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# Llama-3.2-1B's config.json where it defines the family (RoPE scaling "llama3", rope_theta 5e5, grouped-
+# query attention, tied embeddings, the 128256-token vocabulary, 131072 positions), at a tiny width.
+LLAMA32 = dict(vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192})
+
+
+def tiny_family(family, tokenizer, seed=0, **overrides):
+    """A random-weight model of a `quant.model.FAMILIES` family ('llama3.2': Llama-3.2-shaped): 1 decoder
+    layer, hidden 32, 4 query heads of 8 over 2 key/value heads."""
+    torch.manual_seed(seed)
+    ids = {f"{k[:-6]}_token_id": tokenizer.convert_tokens_to_ids(v) for k, v in SPECIAL.items() if k != "unk_token"}
+    if family == "opt":
+        config = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, word_embed_proj_dim=32,
+                           num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=128, dropout=0.0, **ids)
+        return OPTForCausalLM(config).eval()
+    kwargs = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128, **ids)
+    if family == "llama3.2":
+        family, kwargs = "llama", dict(kwargs, **LLAMA32)
+    config = AutoConfig.for_model(family, **dict(kwargs, **overrides))
+    return AutoModelForCausalLM.from_config(config).eval()

@@ -1,0 +1,115 @@
+"""The packed format (`lm.quantized`) as a transformers quantization method: importing `lm` registers
+quant_method "rlo" (`register_quantization_config` / `register_quantizer`) and model_type "rlo"
+(`lm.rlo_loader.RloConfig`), so that
+
+    import lm
+    model = AutoModelForCausalLM.from_pretrained(PACKED_DIR, dtype=..., device_map=...)
+
+builds the family's model with a `quant.QuantLinear` for every layer the quantization_config names,
+filled from the packed tensors by transformers' own loader (device_map and dtype honoured for the
+unquantized tensors; a QuantLinear's scales stay float32, its codes their integer type, as
+`lm.load_quantized` keeps them). `model.save_pretrained(DIR)` writes the packed format back;
+`model.dequantize()` turns the model into the plain dense one.
+"""
+import contextlib
+
+import torch
+from transformers import AutoConfig
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .rlo_loader import MODEL_TYPE, RloConfig
+
+QUANT_METHOD = "rlo"
+
+
+class RloQuantizationConfig(QuantizationConfigMixin):
+    """config.json's quantization_config of a packed checkpoint: format, method, wbits, options and the
+    per-layer QuantLinear specs (`lm.quantized`)."""
+
+    def __init__(self, format=None, method=None, wbits=None, options=None, layers=None, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.format, self.method, self.wbits = format, method, wbits
+        self.options, self.layers = options or {}, layers or {}
+
+
+@contextlib.contextmanager
+def _float32_on_cpu():
+    """transformers builds the model on the meta device in the requested dtype; a QuantLinear regenerates
+    its rotations from seeds (real tensors) and keeps float32 scales."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+class RloHfQuantizer(HfQuantizer):
+    """Loads packed checkpoints (quantizing on the fly is opt.py's job: it needs calibration data)."""
+
+    requires_calibration = True
+
+    def validate_environment(self, device_map=None, **kwargs):
+        from .quantized import FORMAT
+
+        if self.quantization_config.format != FORMAT:
+            raise ValueError(f"quantization format {self.quantization_config.format!r}, this toolkit reads {FORMAT!r}")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("packed RLO layers cannot be offloaded to disk; use a device_map without 'disk'")
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        from .quantized import replace_linears
+
+        with _float32_on_cpu():
+            replace_linears(model, self.quantization_config.layers, {})
+        for name in self.quantization_config.layers:  # empty like the rest; the loader fills them
+            model.get_submodule(name).to_empty(device="meta")
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        from .quantized import mark_packed
+
+        qc = self.quantization_config
+        mark_packed(model, dict(method=qc.method, wbits=qc.wbits, options=qc.options))
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        """`model.dequantize()`: every QuantLinear back to an nn.Linear holding the weight it applies (the
+        dense model transformers and any tool load as usual; save_pretrained writes it plainly)."""
+        from quant.linear import QuantLinear
+
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantLinear):
+                device = module.codes_device()
+                linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                         device=device, dtype=dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(module.dequantize())
+                    if module.bias is not None:
+                        linear.bias.copy_(module.bias)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, linear)
+        del model.rlo_quantization, model.save_pretrained  # back to transformers' own
+        return model
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self):
+        return True  # the scales, norms and the unquantized tensors train; the codes are buffers
+
+
+def register():
+    """Idempotent: the config classes and the quantizer, for transformers' Auto classes."""
+    if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
+        return
+    register_quantization_config(QUANT_METHOD)(RloQuantizationConfig)
+    register_quantizer(QUANT_METHOD)(RloHfQuantizer)
+    AutoConfig.register(MODEL_TYPE, RloConfig, exist_ok=True)
+
+
+register()
