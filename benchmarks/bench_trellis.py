@@ -70,7 +70,7 @@ def main():
         for code in args.codes:
             for k in args.bits:
                 tr = Trellis(k=k, code=code)
-                errs = {r / 100: trellis_mse(tr, Z, r / 100) for r in range(90, 113, 2)}
+                errs = {r / 100: trellis_mse(tr, Z, r / 100) for r in range(80, 111, 2)}
                 best = min(errs, key=errs.get)
                 print(f"{code:6s} k={k}  input_rms {best:.2f}  MSE {errs[best]:.5f}   "
                       + " ".join(f"{r:.2f}:{e:.5f}" for r, e in errs.items()), flush=True)

@@ -14,8 +14,9 @@ Tail-biting: the stream is circular, state_0 is the window that ends k V bits in
 starts with the stream's last L - kV bits; a sequence costs exactly T k bits, no start state.
 The exact tail-biting optimum needs one Viterbi run per value of those L - kV overlap bits;
 like QTIP we run Viterbi once on the sequence rotated by half its length (the state at the seam,
-well inside that path, is a good guess of the overlap), then once more on the sequence with state_0
-and the last state constrained to that overlap (`quantize`). A test checks the constrained runs
+well inside that path, is a good guess of the overlap; we search only 8 L stream bits either side of
+the seam, QTIP the whole rotated sequence), then once more on the sequence with state_0 and the last
+state constrained to that overlap (`quantize`). A test checks the constrained runs
 against brute force over all streams.
 
 Codes (`table`, (2^L, V), normalized to RMS 1 over the 2^L states):
@@ -45,9 +46,11 @@ from engine import UserError
 CODES = {"1mad": 1, "3inst": 1, "hyb": 2}  # code -> V
 KBITS = (2, 3, 4)
 HYB_Q = 9
-# input_rms of Gaussian weights for each k (the scale rule of `scale_for`): fitted at L = 16 on unit
-# Gaussian sequences by `benchmarks/bench_trellis.py --fit`.
-INPUT_RMS = {"1mad": {2: 1.02, 3: 1.01, 4: 1.0}, "3inst": {2: 1.02, 3: 1.01, 4: 1.0}, "hyb": {2: 1.02, 3: 1.01, 4: 1.0}}
+# input_rms of Gaussian weights for each k (the scale rule of `scale_for`): a quantizer with MSE D per
+# unit of variance reproduces variance 1 - D, so the RMS-1 code sees inputs of RMS 1 / sqrt(1 - D)
+# (D = 0.07, 0.018, 0.005 at 2, 3, 4 bits); `benchmarks/bench_trellis.py --fit` searches them on Gaussians.
+INPUT_RMS = {code: {2: 1.04, 3: 1.01, 4: 1.0} for code in CODES}
+SEAM_BITS = 8  # x L: stream bits on either side of the seam that the first (overlap) pass searches
 _BEST_BYTES = 1 << 28  # bounds the memory of the per-step path costs: sequences per Viterbi pass
 
 
@@ -147,9 +150,9 @@ class Trellis:
         path starts in a state whose high L - kV bits are `overlap` and ends in one whose low
         L - kV bits are `overlap`: the best tail-biting stream with that overlap."""
         n = X.shape[0]
-        step = max(1, _BEST_BYTES // (4 * self.steps << (self.L - self.kv)))
+        step = max(1, _BEST_BYTES // (4 * (X.shape[1] // self.V) << (self.L - self.kv)))
         if not n:
-            return torch.zeros(0, self.steps, dtype=torch.int64, device=X.device)
+            return torch.zeros(0, X.shape[1] // self.V, dtype=torch.int64, device=X.device)
         return torch.cat([self._viterbi(X[i:i + step], None if overlap is None else overlap[i:i + step])
                           for i in range(0, n, step)])
 
@@ -163,33 +166,33 @@ class Trellis:
         are a 2^(L-kV) + b, a in [0, 2^kV); with L >= 2 kV such a state sits at M[b mod 2^kV,
         a 2^(L-2kV) + b div 2^kV], so the minimum over a is one reduction over an axis of M."""
         L, kv, V = self.L, self.kv, self.V
-        n, nb, nc = X.shape[0], 1 << (L - kv), 1 << kv
-        X = X.float().reshape(n, self.steps, V)
+        n, nb, nc, steps = X.shape[0], 1 << (L - kv), 1 << kv, X.shape[1] // V
+        X = X.float().reshape(n, steps, V)
         table, norms = self._table(X.device)
         fT = [table[:, v].view(nb, nc).T.contiguous() for v in range(V)]  # [c, b]
         normsT = norms.view(nb, nc).T.contiguous()
-        best = torch.empty(self.steps, n, nb, device=X.device)
+        best = torch.empty(steps, n, nb, device=X.device)
         best[0] = 0.0
         if overlap is not None:  # state_0 = overlap 2^kV + c
             best[0].masked_fill_(torch.arange(nb, device=X.device)[None, :] != overlap[:, None], math.inf)
         cost = torch.empty(n, nc, nb, device=X.device)
-        for t in range(self.steps):
+        for t in range(steps):
             torch.add(normsT, best[t][:, None, :], out=cost)
             for v in range(V):
                 cost.addcmul_(X[:, t, v].view(n, 1, 1), fT[v], value=-2.0)
-            if t + 1 < self.steps:
+            if t + 1 < steps:
                 low = cost.view(n, nc, nc, nb // nc).amin(2)  # [b' mod 2^kV, b' div 2^kV]
                 best[t + 1].view(n, nb // nc, nc).copy_(low.transpose(1, 2))
         final = cost.transpose(1, 2).reshape(n, -1)  # natural state order b 2^kV + c
         if overlap is not None:
             low_bits = torch.arange(1 << L, device=X.device) & (nb - 1)
             final = final.masked_fill(low_bits[None, :] != overlap[:, None], math.inf)
-        states = torch.empty(n, self.steps, dtype=torch.int64, device=X.device)
+        states = torch.empty(n, steps, dtype=torch.int64, device=X.device)
         s = final.argmin(1)
         states[:, -1] = s
         rows = torch.arange(n, device=X.device)[:, None]
         high = torch.arange(nc, device=X.device) << (L - kv)
-        for t in range(self.steps - 1, 0, -1):
+        for t in range(steps - 1, 0, -1):
             p = high[None, :] | (s >> kv)[:, None]  # (n, 2^kV) predecessors
             c = best[t - 1][rows, p >> kv] + norms[p]
             for v in range(V):
@@ -203,10 +206,11 @@ class Trellis:
         packed uint8 (n, T k / 8)). QTIP's two passes (module docstring)."""
         if X.dim() != 2 or X.shape[1] != self.T:
             raise UserError(f"{self!r} quantizes (n, {self.T}) tensors, got shape {tuple(X.shape)}")
-        half = self.steps // 2
-        rolled = self.viterbi(torch.roll(X, -half * self.V, 1))
-        # rolled step steps - 1 - half is the original last step: its low L - kv bits are the overlap
-        overlap = rolled[:, self.steps - 1 - half] & ((1 << (self.L - self.kv)) - 1)
+        # the seam (last step, then step 0) in the middle of a free path over SEAM_BITS L stream bits
+        # either side; the last step's low L - kV bits are the overlap
+        w = min(self.steps // 2, -(-SEAM_BITS * self.L // self.kv))
+        seam = self.viterbi(torch.cat([X[:, (self.steps - w) * self.V:], X[:, :w * self.V]], 1))
+        overlap = seam[:, w - 1] & ((1 << (self.L - self.kv)) - 1)
         states = self.viterbi(X, overlap)
         return self.values(states).to(X.dtype), self.pack(states)
 
