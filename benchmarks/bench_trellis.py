@@ -1,16 +1,17 @@
 """QTIP's bitshift trellis (`quant.trellis`) against QuIP#'s lattice codebooks (`quant.e8p`), same run:
 mean squared error per weight on unit Gaussian sequences at 2, 3 and 4 bits beside the rate-distortion
 bound 2^(-2 bits), and seconds to quantize one layer (`quant.quantize_layer`, method qtip vs e8p:
-randomized Hadamard transform, block LDLQ, one scale per row) of 768x768 and 4096x4096.
+randomized Hadamard transform, block LDLQ, one scale per row) of 768x768 and 4096x4096 (qtip: HYB code;
+qtip1mad: 1MAD).
 
     python benchmarks/bench_trellis.py                   # MSE of every code, then the layer timings
     python benchmarks/bench_trellis.py --fit             # re-derive quant.trellis.INPUT_RMS
 
 MSE: the trellis sees Z / s with s = RMS(Z) / input_rms (`Trellis.scale_for`), the codebooks their own
 `scale_for`. Layer timing: W Gaussian, H = X^T X / tokens of Gaussian activations with a decaying
-spectrum (as bench_quant.py). A 4096x4096 qtip layer takes minutes on a CPU core, so --rows-4096 of its
-rows are quantized and the time scaled by 4096 / rows (the Viterbi search is linear in the rows; this is
-stated in the output); e8p runs the full layer.
+spectrum. A 4096x4096 trellis layer takes minutes on a CPU core, so --rows-4096 of its rows are
+quantized and the time scaled by 4096 / rows (the Viterbi search is linear in the rows; the output says
+so), and the proxy compared with e8p's on the same rows; e8p's time is for the full layer.
 """
 import argparse
 import os
@@ -58,7 +59,9 @@ def main():
     p.add_argument("--codes", nargs="+", default=list(CODES), choices=list(CODES))
     p.add_argument("--bits", nargs="+", type=int, default=list(KBITS), choices=list(KBITS))
     p.add_argument("--time-bits", type=int, default=2, choices=list(KBITS), help="bit width of the layer timings")
-    p.add_argument("--rows-4096", type=int, default=256, help="rows of the 4096x4096 qtip layer actually run")
+    p.add_argument("--time-methods", nargs="+", default=["qtip", "qtip1mad"],
+                   choices=[n for n, m in quant.TABLE.items() if m.codebook == "trellis"])
+    p.add_argument("--rows-4096", type=int, default=128, help="rows of the 4096x4096 trellis layers actually run")
     p.add_argument("--no-time", action="store_true", help="MSE only")
     p.add_argument("--fit", action="store_true", help="search input_rms in steps of 0.02 instead")
     p.add_argument("--threads", type=int, default=1)
@@ -95,12 +98,14 @@ def main():
         W, H = layer(n, n, seed=n)
         e8p_s, e8p_proxy = timed(W, H, bits, "e8p")
         rows = n if n == 768 else args.rows_4096
-        qtip_s, qtip_proxy = timed(W[:rows], H, bits, "qtip")
-        scaled = qtip_s * n / rows
         note = "" if rows == n else f" (measured on {rows} rows, x {n // rows})"
         e8p_rows = e8p_proxy if rows == n else timed(W[:rows], H, bits, "e8p")[1]
-        print(f"  {n}x{n}: e8p {e8p_s:.2f} s, qtip {scaled:.1f} s{note}: {scaled / e8p_s:.0f}x e8p; "
-              f"proxy loss qtip / e8p {qtip_proxy / e8p_rows:.3f}", flush=True)
+        line = f"  {n}x{n}: e8p {e8p_s:.2f} s"
+        for method in args.time_methods:
+            seconds, proxy = timed(W[:rows], H, bits, method)
+            scaled = seconds * n / rows
+            line += f"; {method} {scaled:.1f} s{note} = {scaled / e8p_s:.0f}x e8p, proxy / e8p's {proxy / e8p_rows:.3f}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

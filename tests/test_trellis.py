@@ -136,7 +136,8 @@ def test_qtip_checkpoint_reloads_with_the_same_perplexity_and_finetunes_with_fro
     with safe_open(os.path.join(packed, "model.safetensors"), "pt") as f:
         names = [k for k in f.keys() if k.startswith("model.layers.0.mlp.up_proj.")]
         codes = f.get_tensor("model.layers.0.mlp.up_proj.codes")
-    assert sorted(names) == ["model.layers.0.mlp.up_proj.codes", "model.layers.0.mlp.up_proj.scale"]
+    # the streams, the row scales and the rescaling vector (in_scale), nothing dense
+    assert sorted(names) == [f"model.layers.0.mlp.up_proj.{t}" for t in ("codes", "in_scale", "scale")]
     assert codes.dtype == torch.uint8 and codes.numel() == 128 * 64 * 2 // 8  # 2 bits per weight, nothing else
     out = str(assets["root"] / "qft")
     metrics = ft_opt.main(["--model", packed, "--data-dir", assets["data"], "--out", out, "--loss", "ce", "--seqlen",
