@@ -163,6 +163,39 @@ class TrellisCodec:
         W = tr.decode(codes.reshape(n * blocks, -1)).reshape(n, blocks, tx, ty).transpose(1, 2).reshape(n * tx, -1)
         return W[r0 - t0 * tx:r1 - t0 * tx] * layer.scale[r0:r1]
 
+    # Code updates (PV-tuning's V step, issue 22 part 3): a code group is a whole tile's stream, re-encoded
+    # by a new Viterbi search; rows r0:r1 must cover whole tiles.
+    @classmethod
+    def _tiles(cls, layer, r0, r1):
+        tx = layer.spec["tile"][0]
+        if r0 % tx or r1 % tx:
+            raise UserError(f"trellis code groups are tiles of {tx} rows; rows {r0}:{r1} cut them")
+        return r0 // tx, r1 // tx
+
+    @classmethod
+    def codes(cls, layer, r0, r1):
+        """The streams of the tiles of rows r0:r1: uint8 (tiles down, tiles across, T k / 8)."""
+        t0, t1 = cls._tiles(layer, r0, r1)
+        return layer.codes[t0:t1]
+
+    @classmethod
+    def encode(cls, layer, target, r0, r1):
+        """(streams, values): every tile of `target` (rows r0:r1 of W_p, decode's units) coded anew under
+        the layer's row scales (tail-biting Viterbi, as at quantization), and the values they decode to."""
+        t0, t1 = cls._tiles(layer, r0, r1)
+        tr, (tx, ty) = cls.trellis(layer.spec), layer.spec["tile"]
+        scale = layer.scale.detach()[r0:r1]
+        n, blocks = t1 - t0, target.shape[1] // ty
+        tiles = (target.float() / scale).reshape(n, tx, blocks, ty).transpose(1, 2).reshape(n * blocks, tx * ty)
+        values, packed = tr.quantize(tiles)
+        values = values.reshape(n, blocks, tx, ty).transpose(1, 2).reshape(r1 - r0, -1) * scale
+        return packed.reshape(n, blocks, -1), values
+
+    @classmethod
+    def set_codes(cls, layer, codes, r0, r1):
+        t0, t1 = cls._tiles(layer, r0, r1)
+        layer.codes[t0:t1] = codes
+
 
 _TRELLISES = {}  # one Trellis (its code table) per option set
 CODECS = dict({GridCodec.name: GridCodec, TrellisCodec.name: TrellisCodec},

@@ -107,6 +107,14 @@ def test_qtip_layer_runs_from_its_streams_and_beats_e8p_on_the_proxy(wbits):
     for r0, r1 in [(3, 21), (17, 32), (0, 5)]:  # row blocks that cut tiles decode the same rows
         torch.testing.assert_close(layer.processed_weight(r0, r1), layer.processed_weight()[r0:r1], atol=0, rtol=0)
     assert r.proxy < quant.quantize_layer(W, H, wbits, "e8p", seed=1).proxy
+    if wbits == 2:  # code updates: re-encoding the decoded weights finds streams of the same values
+        W_p = layer.processed_weight().detach()
+        streams, values = TrellisCodec.encode(layer, W_p, 0, 32)
+        torch.testing.assert_close(values, W_p, atol=1e-6, rtol=0)
+        TrellisCodec.set_codes(layer, streams[1:], 16, 32)
+        torch.testing.assert_close(layer.processed_weight(), W_p, atol=1e-6, rtol=0)
+        with pytest.raises(UserError, match="tiles of 16 rows"):
+            TrellisCodec.codes(layer, 3, 16)
 
 
 def test_packed_size_at_opt_125m_shapes_is_below_0_14_of_fp16():
