@@ -146,10 +146,10 @@ class Trellis:
     # --- Viterbi ----------------------------------------------------------------------------------------
 
     def viterbi(self, X, overlap=None):
-        """The best state path of every row of X (n, T) (float32): int64 states (n, T / V). Without
-        `overlap` any start is allowed and the end is free (no tail-biting); with `overlap` (n,) the
-        path starts in a state whose high L - kV bits are `overlap` and ends in one whose low
-        L - kV bits are `overlap`: the best tail-biting stream with that overlap."""
+        """The best state path of every row of X (n, m V), m steps (T / V for a whole sequence): int64
+        states (n, m). Without `overlap` any start is allowed and the end is free (no tail-biting); with
+        `overlap` (n,) the path starts in a state whose high L - kV bits are `overlap` and ends in one
+        whose low L - kV bits are `overlap`: the best tail-biting stream with that overlap."""
         n = X.shape[0]
         step = max(1, _BEST_BYTES // (4 * (X.shape[1] // self.V) << (self.L - self.kv)))
         if not n:
