@@ -79,7 +79,7 @@ def parse_args(argv):
     add_common_args(p, out="SAVE, else runs/opt_<model>_<quant>_w<wbits> (_eval with --load)", seed_help="calibration sampling and "
                     "rotation seed", data_dir_help="folder with the dataset files (wiki.train.raw, ...)")
     args = p.parse_args(argv)
-    if quant.TABLE.get(args.quant) is not None and quant.TABLE[args.quant].codebook == "vector":
+    if quant.TABLE.get(args.quant) is not None and quant.TABLE[args.quant].codebook in ("vector", "trellis"):
         check_vector_flags(args)
     if args.incoh_processing:
         args.pre_gptqH = args.pre_rescale = args.pre_proj = True
@@ -113,13 +113,16 @@ def parse_args(argv):
 
 
 def check_vector_flags(args):
-    """The lattice codebooks (e8p) fix what the scalar methods' flags choose: one line per conflict."""
+    """The lattice codebooks (e8p) and the trellis (qtip) fix what the scalar methods' flags choose: one
+    line per conflict."""
     fixed = {"--qfn": args.qfn, "--groupsize": None if args.groupsize == -1 else args.groupsize,
              "--pre_proj_extra": args.pre_proj_extra, "--unbiased": args.unbiased or None,
              "--npasses": args.npasses or None, "--incoh_mode kron": args.incoh_mode == "kron" or None}
     given = [flag for flag, value in fixed.items() if value is not None]
     if given:
-        raise UserError(f"--quant {args.quant} quantizes 8 weights per code, one scale per row, after the "
+        vector = quant.TABLE[args.quant].codebook == "vector"
+        what = "8 weights per code" if vector else "tiles of 256 weights per trellis stream"
+        raise UserError(f"--quant {args.quant} quantizes {what}, one scale per row, after the "
                         f"randomized Hadamard transform, with block LDLQ; it does not take {', '.join(given)} "
                         f"(supported with it: --wbits {'/'.join(map(str, quant.TABLE[args.quant].wbits))}, "
                         "--incoh_processing or --pre_rescale, --percdamp, --pre_gptqH)")
@@ -195,8 +198,8 @@ def main(argv=None):
     if quantized:
         options = quant_options(args)
         method = quant.TABLE[args.quant]
-        grid = (f"codebook {quant.VECTOR_CODEBOOKS[args.wbits]}" if method.codebook == "vector"
-                else f"qfn {options['qfn']}")
+        grid = {"vector": f"codebook {quant.VECTOR_CODEBOOKS[args.wbits]}", "trellis": f"trellis {method.trellis}"}.get(
+            method.codebook, f"qfn {options['qfn']}")
         print(f"method {args.quant}, {args.wbits} bits, {grid}, rescale {options['rescale']}, "
               f"rotation {options['rotation']}, damping H {options['damp_h']} (percdamp {args.percdamp}), "
               f"lazy_batch {args.lazy_batch}, seed {args.seed}")

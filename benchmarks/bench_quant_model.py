@@ -50,7 +50,7 @@ def main():
     p.add_argument("--methods", nargs="+", default=list(quant.METHODS), choices=quant.METHODS)
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], choices=[2, 3, 4])
     p.add_argument("--incoh", nargs="+", default=["off", "on"], choices=["off", "on"],
-                   help="incoherence processing for the scalar methods (e8p always uses the RHT)")
+                   help="incoherence processing for the scalar methods (e8p and qtip always use the RHT)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=72 * 1024)
@@ -74,7 +74,7 @@ def main():
     print(f"{'method':>8} {'bits':>4} {'incoh':>5} {'ppl':>9} {'ppl / fp':>9} {'proxy':>10} {'seconds':>8}")
     for bits in args.bits:
         for method in args.methods:
-            vector = quant.TABLE[method].codebook == "vector"
+            vector = quant.TABLE[method].rotation is not None  # e8p, qtip: always the RHT
             for incoh in (["on"] if vector else args.incoh):
                 model, _ = lm.load_causal_lm(args.model)
                 options = dict(incoherence=incoh == "on", lazy_batch=True)

@@ -11,7 +11,8 @@ W (rows, cols) is a weight matrix, H (cols, cols) the second moment E[x x^T] of 
 3. a method from the table in `methods.py`: a grid (`grid.make_grid`, QuIP's qfn 'a' or 'b') and a
    rounding algorithm (`ldlq`): nearest, gptq, ldlq, ldlqRG (LDLQ on columns sorted by diag(H), then
    greedy coordinate passes), allbal (greedy passes only); or QuIP#'s lattice codebooks (`e8p`: E8P
-   at 2 bits, residual E8P at 3 and 4) with block LDLQ after the randomized Hadamard transform;
+   at 2 bits, residual E8P at 3 and 4) with block LDLQ after the randomized Hadamard transform; or
+   QTIP's tail-biting bitshift trellis (`qtip`, `trellis.py`) with block LDLQ after the same transform;
 4. post-processing back to the original basis. The proxy loss tr((W_hat - W) H (W_hat - W)^T) is
    computed in the original basis with the undamped H.
 
@@ -30,7 +31,7 @@ from .hessian import HessianAccumulator, check_hessian, damp, proxy_loss, with_d
 from .incoherence import ROTATIONS, Incoherence, rescale_vector
 from .ldlq import allbal, block_ldlq, gptq, greedy_passes, ldlq, ldlqRG, nearest
 from .linear import QuantLinear
-from .methods import METHODS, TABLE, VECTOR_CODEBOOKS, vector_quantize
+from .methods import METHODS, TABLE, VECTOR_CODEBOOKS, trellis_quantize, trellis_tile, vector_quantize
 
 UNSUPPORTED = {"ldlbal_admm": "QuIP's experimental ADMM variant is not implemented here; use ldlqRG"}
 
@@ -43,9 +44,9 @@ __all__ = ["quantize", "quantize_layer", "QuantLinear", "QuantResult", "default_
 class QuantResult:
     w_hat: torch.Tensor  # dequantized weights, original basis, W's dtype
     # codes of the processed weights: grid methods uint8 (rows, cols); e8p int64 (rows, cols // 8, stages);
-    # None at 16 bits
+    # qtip uint8 trellis streams (rows // tile rows, cols // 16, T k / 8); None at 16 bits
     codes: torch.Tensor
-    scale: torch.Tensor  # grid: value = scale * (code - zero), (1, 1), (rows, 1) or (rows, groups); e8p: (rows, 1)
+    scale: torch.Tensor  # grid: value = scale * (code - zero), (1, 1), (rows, 1) or (rows, groups); e8p, qtip: (rows, 1)
     zero: torch.Tensor  # grid only
     groupsize: int
     wbits: int
@@ -95,7 +96,7 @@ def check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation):
         raise UserError(f"unbiased (stochastic) rounding is not available for {method}")
     if unbiased and npasses > 0:
         raise UserError("unbiased (stochastic) rounding cannot be combined with greedy passes; set npasses 0")
-    if m.codebook == "vector" and groupsize != -1:
+    if m.codebook in ("vector", "trellis") and groupsize != -1:
         raise UserError(f"{method} has one scale per row; groupsize applies to the grid methods")
     if groupsize != -1 and (groupsize <= 0 or qfn != "a"):
         raise UserError(f"groupsize {groupsize}: use -1 or a positive size, with qfn a")
@@ -162,6 +163,22 @@ def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, r
         codes, scale = found
         scale, zero = scale.float(), None
         spec.update(codebook=codebook.name, groupsize=-1, stage_scales=list(codebook.stage_scales))
+    elif m.codebook == "trellis":
+        from .trellis import Trellis
+
+        trellis = Trellis(k=wbits, **m.trellis)
+        found = []
+
+        def run_trellis(Hd):
+            Wr, codes, scale = trellis_quantize(Wp, Hd, trellis, blocksize)
+            found[:] = [codes, scale]
+            return Wr
+
+        Wq, damping = with_damping(Hp, percdamp if damp_h else 0.0, run_trellis, what=what)
+        codes, scale = found
+        scale, zero = scale.float(), None
+        spec.update(codebook="trellis", groupsize=-1, trellis=dict(m.trellis, k=wbits),
+                    tile=list(trellis_tile(trellis, Wp.shape)))
     else:
         grid = make_grid(Wp, wbits, qfn, groupsize)
         generator = torch.Generator().manual_seed(seed) if unbiased else None

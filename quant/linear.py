@@ -16,7 +16,9 @@ Codecs (the `codebook` field of a layer's spec) say how codes are packed and dec
 - `grid`: scalar affine grids (QuIP's qfn a/b): value = scale * (code - zero), codes of `wbits` bits
   packed little-endian into each row's own bytes (so a block of rows decodes on its own);
 - the lattice codebooks of `quant.e8p` (E8P and its residual variants): one 16-bit (or 8-bit) word per
-  8 weights and stage, one scale per row.
+  8 weights and stage, one scale per row;
+- `trellis` (`quant.trellis`, method qtip): one tail-biting stream of T k bits per tile of T weights,
+  one scale per row.
 """
 import math
 
@@ -121,7 +123,83 @@ class VectorCodec:
         return self.codebook.decode(codes).reshape(r1 - r0, -1) * layer.scale[r0:r1]
 
 
-CODECS = dict({GridCodec.name: GridCodec}, **{name: VectorCodec(name) for name in CODEBOOKS})
+class TrellisCodec:
+    """Bitshift-trellis streams (`quant.trellis`): buffer `codes` uint8 (rows / tile rows, cols / 16, T k / 8),
+    one stream per tile of (tile rows x 16) weights (row-major in the tile); parameter `scale` (rows, 1)."""
+
+    name = "trellis"
+    trainable = ("scale",)
+
+    @staticmethod
+    def trellis(spec):
+        from .trellis import Trellis
+
+        key = tuple(sorted(spec["trellis"].items()))
+        if key not in _TRELLISES:
+            _TRELLISES[key] = Trellis(**spec["trellis"])
+        return _TRELLISES[key]
+
+    @staticmethod
+    def tensors(spec, result):
+        return {"codes": result.codes, "scale": result.scale.float()}
+
+    @classmethod
+    def shapes(cls, spec):
+        rows, cols = spec["padded"]
+        tr = cls.trellis(spec)
+        tx, ty = spec["tile"]
+        if tx * ty != tr.T or rows % tx or cols % ty:
+            raise UserError(f"trellis layer spec: tiles {spec['tile']} do not hold T = {tr.T} weights of a "
+                            f"{rows}x{cols} matrix")
+        return {"codes": ((rows // tx, cols // ty, tr.T * tr.k // 8), torch.uint8), "scale": ((rows, 1), torch.float32)}
+
+    @classmethod
+    def decode(cls, layer, r0, r1):
+        """Rows r0:r1: the tile rows that cover them are decoded, then cropped."""
+        tr, (tx, ty) = cls.trellis(layer.spec), layer.spec["tile"]
+        t0, t1 = r0 // tx, -(-r1 // tx)
+        codes = layer.codes[t0:t1]
+        n, blocks = codes.shape[:2]
+        W = tr.decode(codes.reshape(n * blocks, -1)).reshape(n, blocks, tx, ty).transpose(1, 2).reshape(n * tx, -1)
+        return W[r0 - t0 * tx:r1 - t0 * tx] * layer.scale[r0:r1]
+
+    # Code updates (PV-tuning's V step, issue 22 part 3): a code group is a whole tile's stream, re-encoded
+    # by a new Viterbi search; rows r0:r1 must cover whole tiles.
+    @classmethod
+    def _tiles(cls, layer, r0, r1):
+        tx = layer.spec["tile"][0]
+        if r0 % tx or r1 % tx:
+            raise UserError(f"trellis code groups are tiles of {tx} rows; rows {r0}:{r1} cut them")
+        return r0 // tx, r1 // tx
+
+    @classmethod
+    def codes(cls, layer, r0, r1):
+        """The streams of the tiles of rows r0:r1: uint8 (tiles down, tiles across, T k / 8)."""
+        t0, t1 = cls._tiles(layer, r0, r1)
+        return layer.codes[t0:t1]
+
+    @classmethod
+    def encode(cls, layer, target, r0, r1):
+        """(streams, values): every tile of `target` (rows r0:r1 of W_p, decode's units) coded anew under
+        the layer's row scales (tail-biting Viterbi, as at quantization), and the values they decode to."""
+        t0, t1 = cls._tiles(layer, r0, r1)
+        tr, (tx, ty) = cls.trellis(layer.spec), layer.spec["tile"]
+        scale = layer.scale.detach()[r0:r1]
+        n, blocks = t1 - t0, target.shape[1] // ty
+        tiles = (target.float() / scale).reshape(n, tx, blocks, ty).transpose(1, 2).reshape(n * blocks, tx * ty)
+        values, packed = tr.quantize(tiles)
+        values = values.reshape(n, blocks, tx, ty).transpose(1, 2).reshape(r1 - r0, -1) * scale
+        return packed.reshape(n, blocks, -1), values
+
+    @classmethod
+    def set_codes(cls, layer, codes, r0, r1):
+        t0, t1 = cls._tiles(layer, r0, r1)
+        layer.codes[t0:t1] = codes
+
+
+_TRELLISES = {}  # one Trellis (its code table) per option set
+CODECS = dict({GridCodec.name: GridCodec, TrellisCodec.name: TrellisCodec},
+              **{name: VectorCodec(name) for name in CODEBOOKS})
 
 
 def codec(spec):

@@ -1,0 +1,112 @@
+"""QTIP's bitshift trellis (`quant.trellis`) against QuIP#'s lattice codebooks (`quant.e8p`), same run:
+mean squared error per weight on unit Gaussian sequences at 2, 3 and 4 bits beside the rate-distortion
+bound 2^(-2 bits), and seconds to quantize one layer (`quant.quantize_layer`, method qtip vs e8p:
+randomized Hadamard transform, block LDLQ, one scale per row) of 768x768 and 4096x4096 (qtip: HYB code;
+qtip1mad: 1MAD).
+
+    python benchmarks/bench_trellis.py                   # MSE of every code, then the layer timings
+    python benchmarks/bench_trellis.py --fit             # re-derive quant.trellis.INPUT_RMS
+
+MSE: the trellis sees Z / s with s = RMS(Z) / input_rms (`Trellis.scale_for`), the codebooks their own
+`scale_for`. Layer timing: W Gaussian, H = X^T X / tokens of Gaussian activations with a decaying
+spectrum. A 4096x4096 trellis layer takes minutes on a CPU core, so --rows-4096 of its rows are
+quantized and the time scaled by 4096 / rows (the Viterbi search is linear in the rows; the output says
+so), and the proxy compared with e8p's on the same rows; e8p's time is for the full layer.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import quant  # noqa: E402
+from quant.e8p import get_codebook  # noqa: E402
+from quant.trellis import CODES, KBITS, Trellis  # noqa: E402
+
+E8P = {2: "e8p", 3: "e8p_rvq3", 4: "e8p_rvq4"}
+
+
+def trellis_mse(tr, Z, input_rms=None):
+    s = Z.square().mean().sqrt() / (input_rms or tr.input_rms)
+    X_hat, _ = tr.quantize(Z / s)
+    return float((X_hat * s - Z).square().mean())
+
+
+def e8p_mse(name, Z):
+    cb = get_codebook(name)
+    s = cb.scale_for(Z)
+    return float((cb.quantize(Z.reshape(-1, 8) / s)[0] * s - Z.reshape(-1, 8)).square().mean())
+
+
+def layer(rows, cols, seed, tokens=4096):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, cols, generator=g) * torch.logspace(0, -1, cols)
+    return torch.randn(rows, cols, generator=g) * 0.02, X.T @ X / tokens
+
+
+def timed(W, H, bits, method):
+    tick = time.perf_counter()
+    r = quant.quantize_layer(W, H, bits, method, seed=0)
+    return time.perf_counter() - tick, r.proxy
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sequences", type=int, default=64, help="Gaussian sequences of T = 256 weights for the MSE")
+    p.add_argument("--codes", nargs="+", default=list(CODES), choices=list(CODES))
+    p.add_argument("--bits", nargs="+", type=int, default=list(KBITS), choices=list(KBITS))
+    p.add_argument("--time-bits", type=int, default=2, choices=list(KBITS), help="bit width of the layer timings")
+    p.add_argument("--time-methods", nargs="+", default=["qtip", "qtip1mad"],
+                   choices=[n for n, m in quant.TABLE.items() if m.codebook == "trellis"])
+    p.add_argument("--rows-4096", type=int, default=128, help="rows of the 4096x4096 trellis layers actually run")
+    p.add_argument("--no-time", action="store_true", help="MSE only")
+    p.add_argument("--fit", action="store_true", help="search input_rms in steps of 0.02 instead")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    Z = torch.randn(args.sequences, 256, generator=torch.Generator().manual_seed(args.seed))
+    if args.fit:
+        for code in args.codes:
+            for k in args.bits:
+                tr = Trellis(k=k, code=code)
+                errs = {r / 100: trellis_mse(tr, Z, r / 100) for r in range(80, 111, 2)}
+                best = min(errs, key=errs.get)
+                print(f"{code:6s} k={k}  input_rms {best:.2f}  MSE {errs[best]:.5f}   "
+                      + " ".join(f"{r:.2f}:{e:.5f}" for r, e in errs.items()), flush=True)
+        return
+    print(f"MSE per weight on {args.sequences} x 256 unit Gaussian weights ({torch.get_num_threads()} thread(s)); "
+          "trellis L=16, T=256, tail-biting")
+    for k in args.bits:
+        bound = 2.0 ** (-2 * k)
+        e = e8p_mse(E8P[k], Z)
+        line = f"  {k} bits  bound {bound:.5f}  {E8P[k]} {e:.5f} ({e / bound:.3f}x)"
+        for code in args.codes:
+            tr = Trellis(k=k, code=code)
+            tick = time.perf_counter()
+            m = trellis_mse(tr, Z)
+            line += f"  {code} (V={tr.V}) {m:.5f} ({m / bound:.3f}x, {time.perf_counter() - tick:.1f} s)"
+        print(line, flush=True)
+    if args.no_time:
+        return
+    bits = args.time_bits
+    print(f"seconds per layer, {bits} bits, quant.quantize_layer (RHT + block LDLQ + codebook), same run:")
+    for n in (768, 4096):
+        W, H = layer(n, n, seed=n)
+        e8p_s, e8p_proxy = timed(W, H, bits, "e8p")
+        rows = n if n == 768 else args.rows_4096
+        note = "" if rows == n else f" (measured on {rows} rows, x {n // rows})"
+        e8p_rows = e8p_proxy if rows == n else timed(W[:rows], H, bits, "e8p")[1]
+        line = f"  {n}x{n}: e8p {e8p_s:.2f} s"
+        for method in args.time_methods:
+            seconds, proxy = timed(W[:rows], H, bits, method)
+            scaled = seconds * n / rows
+            line += f"; {method} {scaled:.1f} s{note} = {scaled / e8p_s:.0f}x e8p, proxy / e8p's {proxy / e8p_rows:.3f}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
