@@ -206,10 +206,18 @@ struct VectorRows {
   }
 };
 
-// ---- randomized Hadamard transform R = (H_2^a kron H_m) diag(signs) / sqrt(n), index i = i2 * m + im.
-static void fwht(float* v, int64_t k2, int64_t m) {
+// ---- rotations (quant/incoherence.py), in place on each of T vectors of length n.
+static void fwht(float* v, int64_t k2, int64_t m) {  // Sylvester order along the power-of-two axis, / sqrt(k2)
   for (int64_t h = 1; h < k2; h <<= 1)
-    for (int64_t i = 0; i < k2; i += 2 * h)
+    for (int64_t i = 0; i < k2; i += 2 * h) {
+      if (m == 1) {  // the butterflies of one pass as contiguous vectors
+        for (int64_t j = i; j < i + h; ++j) {
+          float p = v[j], q = v[j + h];
+          v[j] = p + q;
+          v[j + h] = p - q;
+        }
+        continue;
+      }
       for (int64_t j = i; j < i + h; ++j) {
         float* a = v + j * m;
         float* b = a + h * m;
@@ -219,124 +227,209 @@ static void fwht(float* v, int64_t k2, int64_t m) {
           b[k] = p - q;
         }
       }
+    }
   const float s = 1.0f / std::sqrt((float)k2);
   for (int64_t i = 0; i < k2 * m; ++i) v[i] *= s;
 }
 
-static void small_factor(float* v, int64_t k2, int64_t m, const float* H, bool transpose, float* tmp) {
-  for (int64_t i = 0; i < k2; ++i) {
-    float* x = v + i * m;
-    for (int64_t p = 0; p < m; ++p) {
-      float s = 0;
-      for (int64_t q = 0; q < m; ++q) s += (transpose ? H[q * m + p] : H[p * m + q]) * x[q];
-      tmp[p] = s;
-    }
-    std::memcpy(x, tmp, m * sizeof(float));
+// x[i * stride] (i < k) <- M x, given Mt = M^T (k x k row-major): a sum of rows of Mt (vectorizes, unlike
+// dot products, whose float sums the compiler may not reorder).
+static void small_matvec(float* x, int64_t k, int64_t stride, const float* Mt, float* tmp) {
+  for (int64_t p = 0; p < k; ++p) tmp[p] = 0;
+  for (int64_t q = 0; q < k; ++q) {
+    const float xq = x[q * stride];
+    const float* row = Mt + q * k;
+    for (int64_t p = 0; p < k; ++p) tmp[p] += xq * row[p];
   }
+  for (int64_t p = 0; p < k; ++p) x[p * stride] = tmp[p];
 }
 
-// In place on each of the T rows of v (length n): R v (transpose false) or R^T v.
-static void rht(float* v, int64_t T, int64_t n, const torch::Tensor& signs, const c10::optional<torch::Tensor>& Hm,
-                bool transpose) {
-  const float* s = signs.data_ptr<float>();
-  int64_t m = Hm.has_value() ? Hm->size(0) : 1, k2 = n / m;
-  std::vector<float> tmp(m);
-  for (int64_t t = 0; t < T; ++t) {
-    float* x = v + t * n;
-    if (!transpose) {
-      for (int64_t i = 0; i < n; ++i) x[i] *= s[i];
-      fwht(x, k2, m);
-      if (m > 1) small_factor(x, k2, m, Hm->data_ptr<float>(), false, tmp.data());
-    } else {
-      if (m > 1) small_factor(x, k2, m, Hm->data_ptr<float>(), true, tmp.data());
-      fwht(x, k2, m);
-      for (int64_t i = 0; i < n; ++i) x[i] *= s[i];
+static void permute(float* x, int64_t n, const torch::Tensor& perm, float* tmp) {  // x <- x[perm]
+  const int64_t* p = perm.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) tmp[i] = x[p[i]];
+  std::memcpy(x, tmp, n * sizeof(float));
+}
+
+struct Rotation {
+  int64_t kind = 0, n = 0;  // 0: none, 1: hadamard, 2: butterfly (kron is its one-factor case)
+  // hadamard: R = (H_2^a kron H_m) diag(signs) / sqrt(n), index i = i2 * m + im; H = H_m / sqrt(m) or none
+  torch::Tensor signs, H, Ht;
+  // butterfly: R = P_out B A P_in on the (p1, p2) view; A (1 or p2, p1, p1) on the p1 axis, B (1 or p1, p2, p2)
+  // on the p2 axis; kept with their transposes (small_matvec takes M^T to apply M)
+  torch::Tensor A, At, B, Bt, p_in, p_out, inv_in, inv_out;
+
+  Rotation() = default;
+  Rotation(int64_t kind_, int64_t n_, std::vector<torch::Tensor> t) : kind(kind_), n(n_) {
+    auto f = [](const torch::Tensor& x) { return x.numel() ? x.to(torch::kFloat32).contiguous() : torch::Tensor(); };
+    auto i = [](const torch::Tensor& x) { return x.numel() ? x.to(torch::kInt64).contiguous() : torch::Tensor(); };
+    auto tr = [](const torch::Tensor& x) { return x.defined() ? x.transpose(-1, -2).contiguous() : x; };
+    if (kind == 1) {
+      TORCH_CHECK(t.size() == 2 && t[0].numel() == n, "hadamard: signs, H_m");
+      signs = f(t[0]), H = f(t[1]), Ht = tr(H);
+      TORCH_CHECK(!H.defined() || (H.dim() == 2 && n % H.size(0) == 0), "hadamard factor shape");
+    } else if (kind == 2) {
+      TORCH_CHECK(t.size() == 4, "butterfly: A, B, p_in, p_out");
+      A = f(t[0]), B = f(t[1]), p_in = i(t[2]), p_out = i(t[3]), At = tr(A), Bt = tr(B);
+      TORCH_CHECK(A.dim() == 3 && B.dim() == 3 && A.size(1) * B.size(1) == n, "butterfly factor shapes");
+      if (p_in.defined()) inv_in = torch::argsort(p_in);
+      if (p_out.defined()) inv_out = torch::argsort(p_out);
     }
   }
-}
 
-static c10::optional<torch::Tensor> f32(const c10::optional<torch::Tensor>& t) {
-  if (!t.has_value()) return t;
-  return t->to(torch::kFloat32).contiguous();
-}
+  void apply(float* v, int64_t T, bool transpose) const {
+    if (kind == 0) return;
+    std::vector<float> tmp(n);
+    for (int64_t t = 0; t < T; ++t) {
+      if (kind == 1)
+        hadamard(v + t * n, transpose, tmp.data());
+      else
+        butterfly(v + t * n, transpose, tmp.data());
+    }
+  }
 
-// x (T, in_features) float32 -> (T, out_features). Rotations: hadamard factors (signs, optional H_m) of V
-// (columns) and U (rows), or none (the caller rotates). codec 0: grid (codes[0] uint8 rows, scale/zero of
-// shape (R, groups), R = 1 or rows); codec 1: lattice stages (codes[i] int16 or uint8, scale (rows, 1)).
-torch::Tensor forward(torch::Tensor x, c10::optional<torch::Tensor> in_scale, c10::optional<torch::Tensor> out_scale,
-                      c10::optional<torch::Tensor> bias, int64_t rows, int64_t cols, int64_t out_features,
-                      c10::optional<torch::Tensor> v_signs, c10::optional<torch::Tensor> v_h,
-                      c10::optional<torch::Tensor> u_signs, c10::optional<torch::Tensor> u_h, int64_t codec,
-                      std::vector<torch::Tensor> codes, torch::Tensor scale, c10::optional<torch::Tensor> zero,
-                      int64_t wbits, int64_t groupsize, std::vector<int64_t> stage_bits,
-                      std::vector<double> stage_scales) {
-  TORCH_CHECK(tables_set, "set_tables first");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(), "x: (T, in) float32 CPU");
-  x = x.contiguous();
-  const int64_t T = x.size(0), in = x.size(1);
-  TORCH_CHECK(in <= cols && out_features <= rows, "shapes");
-  in_scale = f32(in_scale); out_scale = f32(out_scale); bias = f32(bias);
-  v_signs = f32(v_signs); v_h = f32(v_h); u_signs = f32(u_signs); u_h = f32(u_h);
-  scale = scale.to(torch::kFloat32).contiguous();
-  for (auto& c : codes) c = c.contiguous();
+  void hadamard(float* x, bool transpose, float* tmp) const {
+    const float* s = signs.data_ptr<float>();
+    const int64_t m = H.defined() ? H.size(0) : 1, k2 = n / m;
+    if (!transpose) for (int64_t i = 0; i < n; ++i) x[i] *= s[i];
+    if (transpose && m > 1) for (int64_t i = 0; i < k2; ++i) small_matvec(x + i * m, m, 1, H.data_ptr<float>(), tmp);
+    fwht(x, k2, m);
+    if (!transpose && m > 1) for (int64_t i = 0; i < k2; ++i) small_matvec(x + i * m, m, 1, Ht.data_ptr<float>(), tmp);
+    if (transpose) for (int64_t i = 0; i < n; ++i) x[i] *= s[i];
+  }
 
-  auto z = torch::zeros({T, cols}, x.options());
-  float* zp = z.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  const float* isp = in_scale.has_value() ? in_scale->data_ptr<float>() : nullptr;
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < in; ++i) zp[t * cols + i] = isp ? xp[t * in + i] * isp[i] : xp[t * in + i];
-  if (v_signs.has_value()) rht(zp, T, cols, *v_signs, v_h, false);
-
-  auto out = torch::empty({T, rows}, x.options());
-  float* yp = out.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, cols * T));
-  if (codec == 0) {
-    TORCH_CHECK(zero.has_value() && codes.size() == 1 && wbits >= 2 && wbits <= 4, "grid arguments");
-    auto zr = zero->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(codes[0].size(0) == rows && codes[0].size(1) == (cols * wbits + 7) / 8, "grid codes shape");
-    const uint8_t* cp = codes[0].data_ptr<uint8_t>();
-    const float *sp = scale.data_ptr<float>(), *zp0 = zr.data_ptr<float>();
-    const int64_t nbytes = codes[0].size(1), ss = scale.size(0) > 1 ? scale.size(1) : 0, groups = scale.size(1);
-    auto run = [&](auto w) {
-      using G = decltype(w);
-      grid_matmul(G{zp, cols, T, yp, rows, cp, nbytes, cols, sp, zp0, ss, groups, groupsize, 0}, rows, grain);
+  void butterfly(float* x, bool transpose, float* tmp) const {
+    const int64_t p1 = A.size(1), p2 = B.size(1);
+    // R applies A then B (each given to small_matvec transposed); R^T applies B^T then A^T.
+    const float *a = (transpose ? A : At).data_ptr<float>(), *b = (transpose ? B : Bt).data_ptr<float>();
+    auto step_a = [&] {  // each p2 fibre j: x[:, j] <- A_j x[:, j]
+      for (int64_t j = 0; j < p2; ++j) small_matvec(x + j, p1, p2, a + (A.size(0) > 1 ? j : 0) * p1 * p1, tmp);
     };
-    if (wbits == 2) run(GridRows<2>{});
-    if (wbits == 3) run(GridRows<3>{});
-    if (wbits == 4) run(GridRows<4>{});
-  } else {
-    TORCH_CHECK(cols % 8 == 0 && codes.size() == stage_bits.size() && codes.size() == stage_scales.size(),
-                "vector arguments");
-    VectorRows v{zp, cols, T, yp, rows, {}, stage_bits, stage_scales, cols / 8, scale.data_ptr<float>(), 0};
-    for (size_t i = 0; i < codes.size(); ++i) {
-      const auto& c = codes[i];
-      TORCH_CHECK(c.dim() == 2 && c.size(0) == rows && c.size(1) == cols / 8 && c.element_size() * 8 == stage_bits[i],
-                  "vector codes shape");
-      v.codes.push_back(c.data_ptr());
+    auto step_b = [&] {  // each p1 fibre i: x[i, :] <- B_i x[i, :]
+      for (int64_t i = 0; i < p1; ++i) small_matvec(x + i * p2, p2, 1, b + (B.size(0) > 1 ? i : 0) * p2 * p2, tmp);
+    };
+    std::vector<float> buf(n);
+    if (!transpose) {
+      if (p_in.defined()) permute(x, n, p_in, buf.data());
+      step_a();
+      step_b();
+      if (p_out.defined()) permute(x, n, p_out, buf.data());
+    } else {
+      if (inv_out.defined()) permute(x, n, inv_out, buf.data());
+      step_b();
+      step_a();
+      if (inv_in.defined()) permute(x, n, inv_in, buf.data());
     }
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      VectorRows w = v;
-      for (w.r = r0; w.r < r1; ++w.r) token_tiles(T, w);
-    });
   }
-  if (u_signs.has_value()) rht(yp, T, rows, *u_signs, u_h, true);
-  if (out_features == rows && !out_scale.has_value() && !bias.has_value()) return out;
-  auto y = torch::empty({T, out_features}, x.options());
-  float* op = y.data_ptr<float>();
-  const float* osp = out_scale.has_value() ? out_scale->data_ptr<float>() : nullptr;
-  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < out_features; ++i) {
-      float v = yp[t * rows + i];
-      if (osp) v *= osp[i];
-      if (bp) v += bp[i];
-      op[t * out_features + i] = v;
-    }
-  return y;
+};
+
+static torch::Tensor lookup(const py::dict& d, const char* key) {
+  if (!d.contains(key)) return {};
+  py::object o = d[key];
+  return o.is_none() ? torch::Tensor() : o.cast<torch::Tensor>();
 }
+
+static torch::Tensor f32(const torch::Tensor& t) {  // no copy for the usual contiguous float32 CPU tensors
+  return t.defined() ? t.to(torch::kFloat32).contiguous() : t;
+}
+
+static const float* ptr(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// One QuantLinear's static layout. Called with x (T, in_features) float32 and the layer's _parameters and
+// _buffers (looked up on every call, so that finetuned scales or moved buffers are always the current ones):
+// y = out_scale * (U^T W_p V (in_scale * x)) + bias. codec 0: grid (buffer "codes", uint8 rows; "scale" and
+// "zero" (R, groups), R = 1 or rows); codec 1: lattice stages (buffers "codes0", ... int16 or uint8; "scale"
+// (rows, 1)).
+struct Plan {
+  int64_t rows, cols, in_features, out_features, codec, wbits, groupsize;
+  std::vector<int64_t> stage_bits;
+  std::vector<double> stage_scales;
+  Rotation V, U;
+
+  Plan(int64_t rows_, int64_t cols_, int64_t in_, int64_t out_, int64_t codec_, int64_t wbits_, int64_t groupsize_,
+       std::vector<int64_t> stage_bits_, std::vector<double> stage_scales_, int64_t v_kind,
+       std::vector<torch::Tensor> v_factors, int64_t u_kind, std::vector<torch::Tensor> u_factors)
+      : rows(rows_), cols(cols_), in_features(in_), out_features(out_), codec(codec_), wbits(wbits_),
+        groupsize(groupsize_), stage_bits(stage_bits_), stage_scales(stage_scales_), V(v_kind, cols_, v_factors),
+        U(u_kind, rows_, u_factors) {
+    TORCH_CHECK(tables_set, "set_tables first");
+    TORCH_CHECK(codec != 0 || (wbits >= 2 && wbits <= 4), "grid codes of 2-4 bits");
+    TORCH_CHECK(codec != 1 || (cols % 8 == 0 && stage_bits.size() == stage_scales.size()), "vector codebook layout");
+    TORCH_CHECK(in_features <= cols && out_features <= rows, "shapes");
+  }
+
+  torch::Tensor operator()(torch::Tensor x, py::dict params, py::dict buffers) const {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+                "x: (T, in_features) float32 on the CPU");
+    x = x.contiguous();
+    const int64_t T = x.size(0);
+    torch::Tensor in_scale = f32(lookup(params, "in_scale")), out_scale = f32(lookup(params, "out_scale")),
+                  bias = f32(lookup(params, "bias")), scale = f32(lookup(params, "scale"));
+    TORCH_CHECK(scale.defined(), "scale");
+    const float *isp = ptr(in_scale), *osp = ptr(out_scale), *bp = ptr(bias), *sp = ptr(scale);
+
+    std::vector<float> zbuf(T * cols, 0.0f), tbuf(T * rows);
+    float *zp = zbuf.data(), *tp = tbuf.data();
+    const float* xp = x.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < in_features; ++i) {
+        const float v = xp[t * in_features + i];
+        zp[t * cols + i] = isp ? v * isp[i] : v;
+      }
+    V.apply(zp, T, false);
+
+    const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, cols * T));
+    if (codec == 0) {
+      torch::Tensor codes = lookup(buffers, "codes"), zero = f32(lookup(buffers, "zero"));
+      if (codes.defined()) codes = codes.contiguous();
+      TORCH_CHECK(codes.defined() && codes.scalar_type() == torch::kUInt8 && codes.dim() == 2 &&
+                  codes.size(0) == rows && codes.size(1) == (cols * wbits + 7) / 8, "grid codes");
+      TORCH_CHECK(zero.defined() && zero.sizes() == scale.sizes() && scale.dim() == 2, "grid scale / zero");
+      const uint8_t* cp = codes.data_ptr<uint8_t>();
+      const float* zr = ptr(zero);
+      const int64_t nbytes = codes.size(1), ss = scale.size(0) > 1 ? scale.size(1) : 0, groups = scale.size(1);
+      auto run = [&](auto w) {
+        using G = decltype(w);
+        grid_matmul(G{zp, cols, T, tp, rows, cp, nbytes, cols, sp, zr, ss, groups, groupsize, 0}, rows, grain);
+      };
+      if (wbits == 2) run(GridRows<2>{});
+      if (wbits == 3) run(GridRows<3>{});
+      if (wbits == 4) run(GridRows<4>{});
+    } else {
+      VectorRows v{zp, cols, T, tp, rows, {}, stage_bits, stage_scales, cols / 8, sp, 0};
+      TORCH_CHECK(scale.numel() == rows, "vector codebook scale");
+      std::vector<torch::Tensor> held;  // keeps contiguous copies (if any) alive
+      for (size_t i = 0; i < stage_bits.size(); ++i) {
+        torch::Tensor c = lookup(buffers, ("codes" + std::to_string(i)).c_str());
+        if (c.defined()) c = c.contiguous();
+        TORCH_CHECK(c.defined() && c.dim() == 2 && c.size(0) == rows && c.size(1) == cols / 8 &&
+                    c.element_size() * 8 == stage_bits[i], "vector codes");
+        held.push_back(c);
+        v.codes.push_back(c.data_ptr());
+      }
+      at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+        VectorRows w = v;
+        for (w.r = r0; w.r < r1; ++w.r) token_tiles(T, w);
+      });
+    }
+    U.apply(tp, T, true);
+
+    auto y = torch::empty({T, out_features}, x.options());
+    float* op = y.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < out_features; ++i) {
+        float v = tp[t * rows + i];
+        if (osp) v *= osp[i];
+        if (bp) v += bp[i];
+        op[t * out_features + i] = v;
+      }
+    return y;
+  }
+};
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_tables", &set_tables, "E8P and E8 1-bit tables from quant.e8p");
-  m.def("forward", &forward, "QuantLinear forward from packed codes (decode token counts)");
+  py::class_<Plan>(m, "Plan")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, std::vector<int64_t>,
+                    std::vector<double>, int64_t, std::vector<torch::Tensor>, int64_t, std::vector<torch::Tensor>>())
+      .def("__call__", &Plan::operator());
 }
