@@ -216,14 +216,13 @@ class QuantLinear(nn.Module):
         return y
 
     def forward(self, x):
+        y = kernels.forward(self, x)  # CPU decode token counts (C++); None: the torch path below
+        if y is not None:
+            return y
         shape = x.shape
-        x = x.reshape(-1, self.in_features)
-        y = kernels.forward(self, x)  # CPU decode token counts; None: the torch path below
-        if y is None:
-            z = self.rotate_in(x)
-            t = torch.cat([z @ self.processed_weight(r0, r1).to(z.dtype).T for r0, r1 in self._chunks()], 1)
-            y = self.rotate_out(t)
-        return y.reshape(*shape[:-1], self.out_features)
+        z = self.rotate_in(x.reshape(-1, self.in_features))
+        t = torch.cat([z @ self.processed_weight(r0, r1).to(z.dtype).T for r0, r1 in self._chunks()], 1)
+        return self.rotate_out(t).reshape(*shape[:-1], self.out_features)
 
     @torch.no_grad()
     def dequantize(self):

@@ -97,6 +97,7 @@ def test_layer_dispatch(ext):
     x = torch.randn(2, 5, 40)  # 10 tokens in a batch shape
     with torch.no_grad():
         assert torch.equal(layer(x), kernels.forward(layer, x.reshape(10, 40)).reshape(2, 5, 16))
+        assert layer(x).shape == (2, 5, 16) and layer(x[0, 0]).shape == (16,)
         assert kernels.forward(layer, torch.randn(17, 40)) is None
         assert kernels.forward(layer, torch.randn(1, 40, dtype=torch.float64)) is None
     assert kernels.forward(layer, torch.randn(1, 40)) is None  # scales require grad: finetuning's torch path

@@ -88,8 +88,9 @@ def _plan(layer):
 
 
 def forward(layer, x):
-    """layer(x) for x (T, in_features) from the kernel, or None where it does not apply."""
-    if (not ENABLED or x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < x.shape[0] <= MAX_TOKENS
+    """layer(x) for x (..., in_features) from the kernel, or None where it does not apply."""
+    if (not ENABLED or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0
+            or x.shape[-1] != layer.in_features or not 0 < x.numel() <= MAX_TOKENS * layer.in_features
             or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())))):
         return None
     plan = _plans.get(layer, False)

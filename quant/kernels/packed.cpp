@@ -278,12 +278,13 @@ struct Rotation {
 
   void apply(float* v, int64_t T, bool transpose) const {
     if (kind == 0) return;
-    std::vector<float> tmp(n);
+    thread_local std::vector<float> tmp_buf;
+    float* tmp = scratch(tmp_buf, 2 * n);  // a work row and a permutation buffer
     for (int64_t t = 0; t < T; ++t) {
       if (kind == 1)
-        hadamard(v + t * n, transpose, tmp.data());
+        hadamard(v + t * n, transpose, tmp);
       else
-        butterfly(v + t * n, transpose, tmp.data());
+        butterfly(v + t * n, transpose, tmp, tmp + n);
     }
   }
 
@@ -297,7 +298,7 @@ struct Rotation {
     if (transpose) for (int64_t i = 0; i < n; ++i) x[i] *= s[i];
   }
 
-  void butterfly(float* x, bool transpose, float* tmp) const {
+  void butterfly(float* x, bool transpose, float* tmp, float* buf) const {
     const int64_t p1 = A.size(1), p2 = B.size(1);
     // R applies A then B (each given to small_matvec transposed); R^T applies B^T then A^T.
     const float *a = (transpose ? A : At).data_ptr<float>(), *b = (transpose ? B : Bt).data_ptr<float>();
@@ -307,29 +308,37 @@ struct Rotation {
     auto step_b = [&] {  // each p1 fibre i: x[i, :] <- B_i x[i, :]
       for (int64_t i = 0; i < p1; ++i) small_matvec(x + i * p2, p2, 1, b + (B.size(0) > 1 ? i : 0) * p2 * p2, tmp);
     };
-    std::vector<float> buf(n);
     if (!transpose) {
-      if (p_in.defined()) permute(x, n, p_in, buf.data());
+      if (p_in.defined()) permute(x, n, p_in, buf);
       step_a();
       step_b();
-      if (p_out.defined()) permute(x, n, p_out, buf.data());
+      if (p_out.defined()) permute(x, n, p_out, buf);
     } else {
-      if (inv_out.defined()) permute(x, n, inv_out, buf.data());
+      if (inv_out.defined()) permute(x, n, inv_out, buf);
       step_b();
       step_a();
-      if (inv_in.defined()) permute(x, n, inv_in, buf.data());
+      if (inv_in.defined()) permute(x, n, inv_in, buf);
     }
   }
 };
 
-static torch::Tensor lookup(const py::dict& d, const char* key) {
-  if (!d.contains(key)) return {};
-  py::object o = d[key];
-  return o.is_none() ? torch::Tensor() : o.cast<torch::Tensor>();
+// Per-call glue stays off torch's dispatcher where it can: on tiny layers it costs more than the matmul.
+static torch::Tensor lookup(const py::dict& d, const py::str& key) {
+  PyObject* o = PyDict_GetItem(d.ptr(), key.ptr());  // borrowed; null if absent
+  return (o == nullptr || o == Py_None) ? torch::Tensor() : py::handle(o).cast<torch::Tensor>();
+}
+
+static torch::Tensor dense(const torch::Tensor& t) {
+  return (!t.defined() || t.is_contiguous()) ? t : t.contiguous();
 }
 
 static torch::Tensor f32(const torch::Tensor& t) {  // no copy for the usual contiguous float32 CPU tensors
-  return t.defined() ? t.to(torch::kFloat32).contiguous() : t;
+  return (!t.defined() || t.scalar_type() == torch::kFloat32) ? dense(t) : t.to(torch::kFloat32).contiguous();
+}
+
+static float* scratch(std::vector<float>& v, size_t n) {  // thread-local buffers reused across calls
+  if (v.size() < n) v.resize(n);
+  return v.data();
 }
 
 static const float* ptr(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
@@ -343,6 +352,7 @@ struct Plan {
   int64_t rows, cols, in_features, out_features, codec, wbits, groupsize;
   std::vector<int64_t> stage_bits;
   std::vector<double> stage_scales;
+  std::vector<py::str> stage_keys;  // "codes0", "codes1", ...
   Rotation V, U;
 
   Plan(int64_t rows_, int64_t cols_, int64_t in_, int64_t out_, int64_t codec_, int64_t wbits_, int64_t groupsize_,
@@ -355,20 +365,26 @@ struct Plan {
     TORCH_CHECK(codec != 0 || (wbits >= 2 && wbits <= 4), "grid codes of 2-4 bits");
     TORCH_CHECK(codec != 1 || (cols % 8 == 0 && stage_bits.size() == stage_scales.size()), "vector codebook layout");
     TORCH_CHECK(in_features <= cols && out_features <= rows, "shapes");
+    for (size_t i = 0; i < stage_bits.size(); ++i) stage_keys.emplace_back("codes" + std::to_string(i));
   }
 
   torch::Tensor operator()(torch::Tensor x, py::dict params, py::dict buffers) const {
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
-                "x: (T, in_features) float32 on the CPU");
-    x = x.contiguous();
-    const int64_t T = x.size(0);
-    torch::Tensor in_scale = f32(lookup(params, "in_scale")), out_scale = f32(lookup(params, "out_scale")),
-                  bias = f32(lookup(params, "bias")), scale = f32(lookup(params, "scale"));
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+                "x: (..., in_features) float32 on the CPU");
+    x = dense(x);
+    // interned once and never freed (a static py::object would be released after the interpreter ends)
+    static const py::str &k_in = *new py::str("in_scale"), &k_out = *new py::str("out_scale"),
+                         &k_bias = *new py::str("bias"), &k_scale = *new py::str("scale"),
+                         &k_codes = *new py::str("codes"), &k_zero = *new py::str("zero");
+    const int64_t T = x.numel() / in_features;
+    torch::Tensor in_scale = f32(lookup(params, k_in)), out_scale = f32(lookup(params, k_out)),
+                  bias = f32(lookup(params, k_bias)), scale = f32(lookup(params, k_scale));
     TORCH_CHECK(scale.defined(), "scale");
     const float *isp = ptr(in_scale), *osp = ptr(out_scale), *bp = ptr(bias), *sp = ptr(scale);
 
-    std::vector<float> zbuf(T * cols, 0.0f), tbuf(T * rows);
-    float *zp = zbuf.data(), *tp = tbuf.data();
+    thread_local std::vector<float> zbuf, tbuf;
+    float *zp = scratch(zbuf, T * cols), *tp = scratch(tbuf, T * rows);
+    std::fill(zp, zp + T * cols, 0.0f);
     const float* xp = x.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t)
       for (int64_t i = 0; i < in_features; ++i) {
@@ -379,8 +395,7 @@ struct Plan {
 
     const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, cols * T));
     if (codec == 0) {
-      torch::Tensor codes = lookup(buffers, "codes"), zero = f32(lookup(buffers, "zero"));
-      if (codes.defined()) codes = codes.contiguous();
+      torch::Tensor codes = dense(lookup(buffers, k_codes)), zero = f32(lookup(buffers, k_zero));
       TORCH_CHECK(codes.defined() && codes.scalar_type() == torch::kUInt8 && codes.dim() == 2 &&
                   codes.size(0) == rows && codes.size(1) == (cols * wbits + 7) / 8, "grid codes");
       TORCH_CHECK(zero.defined() && zero.sizes() == scale.sizes() && scale.dim() == 2, "grid scale / zero");
@@ -399,8 +414,7 @@ struct Plan {
       TORCH_CHECK(scale.numel() == rows, "vector codebook scale");
       std::vector<torch::Tensor> held;  // keeps contiguous copies (if any) alive
       for (size_t i = 0; i < stage_bits.size(); ++i) {
-        torch::Tensor c = lookup(buffers, ("codes" + std::to_string(i)).c_str());
-        if (c.defined()) c = c.contiguous();
+        torch::Tensor c = dense(lookup(buffers, stage_keys[i]));
         TORCH_CHECK(c.defined() && c.dim() == 2 && c.size(0) == rows && c.size(1) == cols / 8 &&
                     c.element_size() * 8 == stage_bits[i], "vector codes");
         held.push_back(c);
@@ -413,7 +427,9 @@ struct Plan {
     }
     U.apply(tp, T, true);
 
-    auto y = torch::empty({T, out_features}, x.options());
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = out_features;
+    auto y = torch::empty(shape, x.options());
     float* op = y.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t)
       for (int64_t i = 0; i < out_features; ++i) {
