@@ -47,7 +47,8 @@ def _build():
         ext = load(name=f"rlo_packed_{capability.lower()}", sources=[SOURCE],
                    extra_cflags=["-O3", "-ffp-contract=fast", *simd])
     except Exception as e:  # no compiler or ninja, a read-only cache, ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        reason = next((line for line in lines if "error" in line.lower()), lines[-1]).strip()
         warnings.warn(f"quant.kernels: the C++ kernel for packed layers could not be built ({reason}); "
                       "packed layers run the slower torch path (RLO_NO_KERNEL=1 skips the build)", stacklevel=4)
         return None

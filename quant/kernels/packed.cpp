@@ -102,7 +102,7 @@ constexpr int unroll() { return NT == 1 ? 4 : NT == 2 ? 2 : 1; }
 
 // Calls f.template operator()<NT>(t0) for token tiles of at most 8.
 template <class F>
-static void token_tiles(int64_t T, F f) {
+static void token_tiles(int64_t T, const F& f) {
   for (int64_t t0 = 0; t0 < T; t0 += 8) {
     switch (std::min<int64_t>(8, T - t0)) {
       case 1: f.template go<1>(t0); break;
@@ -250,6 +250,11 @@ static void permute(float* x, int64_t n, const torch::Tensor& perm, float* tmp) 
   std::memcpy(x, tmp, n * sizeof(float));
 }
 
+static float* scratch(std::vector<float>& v, size_t n) {  // thread-local buffers reused across calls
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
 struct Rotation {
   int64_t kind = 0, n = 0;  // 0: none, 1: hadamard, 2: butterfly (kron is its one-factor case)
   // hadamard: R = (H_2^a kron H_m) diag(signs) / sqrt(n), index i = i2 * m + im; H = H_m / sqrt(m) or none
@@ -334,11 +339,6 @@ static torch::Tensor dense(const torch::Tensor& t) {
 
 static torch::Tensor f32(const torch::Tensor& t) {  // no copy for the usual contiguous float32 CPU tensors
   return (!t.defined() || t.scalar_type() == torch::kFloat32) ? dense(t) : t.to(torch::kFloat32).contiguous();
-}
-
-static float* scratch(std::vector<float>& v, size_t n) {  // thread-local buffers reused across calls
-  if (v.size() < n) v.resize(n);
-  return v.data();
 }
 
 static const float* ptr(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
