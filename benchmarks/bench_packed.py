@@ -1,16 +1,21 @@
-"""Packed low-bit layers (`quant.QuantLinear`): bytes on disk and forward speed, against fp16 storage and a
-dense nn.Linear measured in the same run; and the same for a whole real model.
+"""Packed low-bit layers (`quant.QuantLinear`): bytes on disk and forward speed, against fp16 storage and
+dense layers measured in the same run; and the same for a whole real model.
 
-    python benchmarks/bench_packed.py                      # layers + stories260K (if ../shared/data is present)
-    python benchmarks/bench_packed.py --shapes 3072x768 --bits 2 --model none
+    python benchmarks/bench_packed.py                      # all three parts (part 3 if ../shared/data is present)
+    python benchmarks/bench_packed.py --shapes 3072x768 --bits 2 --decode-shapes 4096x4096 --model none
 
 1. Layers (OPT-125m shapes, bench_quant.py's synthetic W and H): for each method and bit width, bytes
    of the layer's stored tensors (codes, scales, zero points, rescaling) / its fp16 size, and forward
-   tokens/s of the packed layer / a dense nn.Linear with the same (dequantized) weights.
-2. A real model (default stories260K, llama2.c): every decoder linear quantized (calibration from
+   tokens/s at --tokens tokens (prefill: the torch path) of the packed layer / a dense nn.Linear with
+   the same (dequantized) weights.
+2. Decode (`quant.kernels`, 1 token by default): tokens/s of a packed 2-bit layer / a dense fp32 and a
+   dense bf16 nn.Linear, at 1 and 2 threads and Llama-sized shapes. The packed layers have the layout
+   each method writes (codebook, rotation, scales) with random codes: quantizing a 11008x4096 weight
+   takes minutes, and the forward's time does not depend on the code values.
+3. A real model (default stories260K, llama2.c): every decoder linear quantized (calibration from
    WikiText-2 valid), saved with `lm.save_quantized`, reloaded: bytes of the quantized linears in
-   model.safetensors / their fp16 size, perplexity reloaded vs at quantization time, and forward
-   tokens/s packed / the fp model.
+   model.safetensors / their fp16 size, perplexity reloaded vs at quantization time, forward tokens/s
+   (prefill, 4 windows) and greedy `generate` tokens/s (batch 1, KV cache) packed / the fp model.
 """
 import argparse
 import os
@@ -28,6 +33,9 @@ from safetensors import safe_open  # noqa: E402
 import lm  # noqa: E402
 import quant  # noqa: E402
 from bench_quant import shape, synthetic  # noqa: E402
+from quant import kernels  # noqa: E402
+from quant.e8p import get_codebook  # noqa: E402
+from quant.methods import VECTOR_CODEBOOKS  # noqa: E402
 from quant.model import quantize_model  # noqa: E402
 
 SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
@@ -37,6 +45,13 @@ CONFIGS = {  # name -> (method, quantize_layer options)
     "ldlqRG": ("ldlqRG", dict(incoherence=False)),
     "ldlqRG+incoh": ("ldlqRG", dict(incoherence=True)),
     "e8p": ("e8p", dict(incoherence=True)),
+}
+
+
+DECODE_LAYOUTS = {  # config -> (codebook kind, rotation, qfn): the layouts quantize_layer writes for it
+    "ldlqRG": ("grid", None, "a"),
+    "ldlqRG+incoh": ("grid", "kron", "b"),
+    "e8p": ("vector", "hadamard", None),
 }
 
 
@@ -75,6 +90,56 @@ def bench_layers(args):
                       f"{t_dense / t_packed:>24.3f}", flush=True)
 
 
+def random_packed(rows, cols, name, bits, seed):
+    """A rows x cols QuantLinear with config `name`'s layout at `bits` and uniformly random codes."""
+    kind, rotation, qfn = DECODE_LAYOUTS[name]
+    padded = list(quant.Incoherence(rows, cols, None, rotation, seed).padded_shape)
+    spec = dict(shape=[rows, cols], padded=padded, wbits=bits, rotation=rotation, seed=seed, groupsize=-1,
+                in_scale=rotation is not None)
+    if kind == "vector":
+        cb = get_codebook(VECTOR_CODEBOOKS[bits])
+        spec.update(codebook=cb.name, stage_scales=list(cb.stage_scales))
+    else:
+        spec.update(codebook="grid", qfn=qfn)
+    layer = quant.QuantLinear(spec)
+    g = torch.Generator().manual_seed(seed)
+    for key, b in layer.named_buffers():
+        low, high = (0, 2 ** bits) if key == "zero" else (-2 ** 15, 2 ** 15) if b.dtype == torch.int16 else (0, 256)
+        b.copy_(torch.randint(low, high, b.shape, generator=g).to(b.dtype))
+    for p in layer.parameters():
+        p.data.uniform_(0.5, 1.5, generator=g)
+    return layer
+
+
+@torch.no_grad()
+def bench_decode(args):
+    print(f"\ndecode: {args.decode_tokens} token(s) per forward, packed {args.decode_bits}-bit layers (random codes), "
+          f"C++ kernel {'on' if kernels.ENABLED and kernels.extension() else 'off'}")
+    print(f"{'shape':>10} {'threads':>7} {'config':>13} {'packed tokens/s':>15} {'/ dense fp32':>12} "
+          f"{'/ dense bf16':>12}")
+    for rows, cols in args.decode_shapes:
+        dense = torch.nn.Linear(cols, rows, bias=False)
+        dense16 = torch.nn.Linear(cols, rows, bias=False).to(torch.bfloat16)
+        x = torch.randn(args.decode_tokens, cols)
+        x16 = x.to(torch.bfloat16)
+        for name in args.configs:
+            packed = random_packed(rows, cols, name, args.decode_bits, args.seed)
+            packed(x)  # builds the kernel's plan (and the extension on first use) outside the timing
+            for threads in args.decode_threads:
+                torch.set_num_threads(threads)
+                fns = [lambda: packed(x), lambda: dense(x), lambda: dense16(x16)]
+                t_packed, t_fp32, t_bf16 = rounds(fns, args.reps)
+                print(f"{rows}x{cols:<5} {threads:>7} {name:>13} {args.decode_tokens / t_packed:>15.1f} "
+                      f"{t_fp32 / t_packed:>12.2f} {t_bf16 / t_packed:>12.2f}", flush=True)
+    torch.set_num_threads(args.threads)
+
+
+def greedy(model, tokens):
+    bos = torch.full((1, 1), model.config.bos_token_id, dtype=torch.long)
+    return model.generate(bos, attention_mask=torch.ones_like(bos), do_sample=False, max_new_tokens=tokens,
+                          min_new_tokens=tokens, pad_token_id=0)
+
+
 @torch.no_grad()
 def bench_model(args):
     fp_model, tokenizer = lm.load_causal_lm(args.model)
@@ -83,9 +148,9 @@ def bench_model(args):
                                    args.nsamples, seqlen, args.seed)
     test = lm.encode(tokenizer, lm.read_text_file(os.path.join(WIKI, "wiki.test.raw")))
     print(f"\nmodel {args.model}: calibration {args.nsamples}x{seqlen}, perplexity on {args.eval_windows} windows "
-          f"of WikiText-2 test")
+          f"of WikiText-2 test; generate: {args.gen_tokens} greedy tokens from BOS")
     print(f"{'config':>13} {'bits':>4} {'linears bytes / fp16':>20} {'ppl':>9} {'reloaded ppl rel. diff':>22} "
-          f"{'tokens/s packed / fp':>20}")
+          f"{'forward tokens/s packed / fp':>28} {'generate tokens/s fp':>20} {'packed / fp':>11}")
     batch = test[: 4 * seqlen].view(4, seqlen)
     for name in args.configs:
         method, options = CONFIGS[name]
@@ -104,8 +169,10 @@ def bench_model(args):
             fp16 = sum(m.in_features * m.out_features * 2 for m in layers.values())
             again = lm.perplexity(reloaded, test, seqlen, max_windows=args.eval_windows)
             t_packed, t_fp = rounds([lambda: reloaded(batch), lambda: fp_model(batch)], args.reps)
+            greedy(reloaded, 2)  # the kernel's per-layer plans, outside the timing
+            g_packed, g_fp = rounds([lambda: greedy(m, args.gen_tokens) for m in (reloaded, fp_model)], args.gen_reps)
             print(f"{name:>13} {bits:>4} {on_disk / fp16:>20.4f} {ppl:>9.4g} {abs(again / ppl - 1):>22.2g} "
-                  f"{t_fp / t_packed:>20.3f}", flush=True)
+                  f"{t_fp / t_packed:>28.3f} {args.gen_tokens / g_fp:>20.1f} {g_fp / g_packed:>11.3f}", flush=True)
 
 
 def main():
@@ -115,19 +182,28 @@ def main():
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--tokens", type=int, default=512, help="tokens per layer forward")
     p.add_argument("--reps", type=int, default=20, help="timed rounds (median)")
-    p.add_argument("--model", default=STORIES, help="model for part 2 ('none' to skip)")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows for part 2")
+    p.add_argument("--decode-shapes", nargs="*", type=shape, default=[(768, 768), (4096, 4096), (11008, 4096)],
+                   help="ROWSxCOLS of part 2 (none: skip it)")
+    p.add_argument("--decode-bits", type=int, default=2, choices=[2, 3, 4])
+    p.add_argument("--decode-tokens", type=int, default=1, help="tokens per forward in part 2")
+    p.add_argument("--decode-threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--model", default=STORIES, help="model for part 3 ('none' to skip)")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows for part 3")
     p.add_argument("--seqlen", type=int, help="calibration/evaluation window (default: the model's)")
     p.add_argument("--eval-windows", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--gen-tokens", type=int, default=128, help="greedy tokens per generate() in part 3")
+    p.add_argument("--gen-reps", type=int, default=5, help="timed generate() rounds (median)")
+    p.add_argument("--threads", type=int, default=1, help="threads of parts 1 and 3")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{torch.get_num_threads()} threads, CPU")
     bench_layers(args)
+    if args.decode_shapes:
+        bench_decode(args)
     if args.model != "none":
         if not os.path.exists(args.model):
-            print(f"\nskipping part 2: {args.model} not found (pass --model)")
+            print(f"\nskipping part 3: {args.model} not found (pass --model)")
         else:
             bench_model(args)
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from engine import UserError
 
+from . import kernels
 from .e8p import CODEBOOKS, get_codebook
 from .grid import expand
 from .incoherence import Incoherence
@@ -273,23 +274,33 @@ class QuantLinear(nn.Module):
         step = max(1, CHUNK // cols)
         return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
 
-    def forward(self, x):
+    def rotate_in(self, x):
+        """(T, in_features) activations -> V (in_scale * x), zero-padded to the processed width."""
         rows, cols = self.spec["padded"]
-        shape = x.shape
-        x = x.reshape(-1, self.in_features)
         if self.in_scale is not None:
             x = x * self.in_scale.to(x.dtype)
         if cols > self.in_features:
             x = torch.nn.functional.pad(x, (0, cols - self.in_features))
-        z = x if self.proc.V is None else self.proc.V.apply(x.T).T
-        t = torch.cat([z @ self.processed_weight(r0, r1).to(z.dtype).T for r0, r1 in self._chunks()], 1)
+        return x if self.proc.V is None else self.proc.V.apply(x.T).T
+
+    def rotate_out(self, t):
+        """(T, rows) products with W_p -> out_scale * (U^T t) + bias, cropped to out_features."""
         y = t if self.proc.U is None else self.proc.U.apply_t(t.T).T
         y = y[:, :self.out_features]
         if self.out_scale is not None:
             y = y * self.out_scale.to(y.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y
+
+    def forward(self, x):
+        y = kernels.forward(self, x)  # CPU decode token counts (C++); None: the torch path below
+        if y is not None:
+            return y
+        shape = x.shape
+        z = self.rotate_in(x.reshape(-1, self.in_features))
+        t = torch.cat([z @ self.processed_weight(r0, r1).to(z.dtype).T for r0, r1 in self._chunks()], 1)
+        return self.rotate_out(t).reshape(*shape[:-1], self.out_features)
 
     @torch.no_grad()
     def dequantize(self):

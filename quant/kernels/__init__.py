@@ -1,0 +1,100 @@
+"""A C++ CPU kernel for `quant.QuantLinear` at decode token counts (1 to MAX_TOKENS tokens).
+
+`forward(layer, x)` computes layer(x) in one call of `packed.cpp`: the activations' rotations (the
+randomized Hadamard transform as an FWHT, O(n log n); kron/butterfly from their small factors), and a
+matmul that decodes the packed codes in registers inside the dot products (scalar grids of 2-4 bits with
+their scales and zero points; E8P from its 256-entry table, sign bits and shift, and the residual stages
+of e8p_rvq3/e8p_rvq4), threaded over output rows (`at::parallel_for`, torch's thread count). One call per
+layer matters as much as the matmul on small models, where per-op overhead dominates. It returns None
+where it does not apply (another device or dtype, more tokens, gradients needed, a codec it does not
+know) and QuantLinear's torch path runs: more tokens amortize decoding a block of weights into a matmul.
+
+The extension is built on first use with torch.utils.cpp_extension (ninja, a C++ compiler; about a
+minute) into torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),
+once per CPU capability (-mavx2 -mfma where torch reports AVX2 or AVX512), and reused afterwards.
+RLO_NO_KERNEL=1 (read at import) disables it; a failed build warns once and leaves the torch path.
+"""
+import os
+import warnings
+import weakref
+
+import torch
+
+from ..e8p import CODEBOOKS
+from ..incoherence import Butterfly, RandomHadamard
+
+MAX_TOKENS = 16
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "packed.cpp")
+ENABLED = os.environ.get("RLO_NO_KERNEL", "") in ("", "0")  # read once at import; tests toggle this flag
+_built = {}
+_plans = weakref.WeakKeyDictionary()  # layer -> its extension Plan, or None where the kernel cannot run it
+
+
+def extension():
+    """The built extension module; None if the build failed (warned once)."""
+    if "ext" not in _built:
+        _built["ext"] = _build()
+    return _built["ext"]
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    from ..e8p import _ABS_ODD, E8_1BIT, E8P_ABS
+    capability = torch.backends.cpu.get_cpu_capability()
+    simd = ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
+    try:
+        ext = load(name=f"rlo_packed_{capability.lower()}", sources=[SOURCE],
+                   extra_cflags=["-O3", "-ffp-contract=fast", *simd])
+    except Exception as e:  # no compiler or ninja, a read-only cache, ...
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        reason = next((line for line in lines if "error" in line.lower()), lines[-1]).strip()
+        warnings.warn(f"quant.kernels: the C++ kernel for packed layers could not be built ({reason}); "
+                      "packed layers run the slower torch path (RLO_NO_KERNEL=1 skips the build)", stacklevel=4)
+        return None
+    ext.set_tables(E8P_ABS.float(), _ABS_ODD, E8_1BIT.float())
+    return ext
+
+
+def _rotation(rot):
+    """(kind, factors) of an `incoherence` rotation for the extension: 0 none, 1 hadamard, 2 butterfly/kron."""
+    empty = torch.empty(0)
+    if rot is None:
+        return 0, []
+    if isinstance(rot, RandomHadamard):
+        signs, Hm = rot.factors
+        return 1, [signs, empty if Hm is None else Hm]
+    if isinstance(rot, Butterfly):
+        A, B = rot.factors
+        return 2, [A, B, empty if rot.p_in is None else rot.p_in, empty if rot.p_out is None else rot.p_out]
+    return None
+
+
+def _plan(layer):
+    """The extension's Plan of a layer, or None (a codec or rotation it does not know, or no extension)."""
+    spec = layer.spec
+    if spec["codebook"] == "grid":
+        codec = (0, spec["wbits"], spec["groupsize"], [], [])
+    elif spec["codebook"] in CODEBOOKS:
+        cb = layer.codec.codebook
+        codec = (1, spec["wbits"], -1, list(cb.code_bits), [float(m) for m in cb.stage_scales])
+    else:
+        return None
+    v, u = _rotation(layer.proc.V), _rotation(layer.proc.U)
+    ext = extension() if v is not None and u is not None else None
+    if ext is None:
+        return None
+    rows, cols = spec["padded"]
+    return ext.Plan(rows, cols, layer.in_features, layer.out_features, *codec, *v, *u)
+
+
+def forward(layer, x):
+    """layer(x) for x (..., in_features) from the kernel, or None where it does not apply."""
+    if (not ENABLED or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0
+            or x.shape[-1] != layer.in_features or not 0 < x.numel() <= MAX_TOKENS * layer.in_features
+            or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())))):
+        return None
+    plan = _plans.get(layer, False)
+    if plan is False:
+        plan = _plans[layer] = _plan(layer)
+    return None if plan is None else plan(x, layer._parameters, layer._buffers)

@@ -1,0 +1,451 @@
+// CPU forward of quant.QuantLinear at decode token counts: y = out_scale * (U^T W_p V (in_scale * x)) + bias,
+// with W_p decoded from its packed codes inside the dot products (never materialized) and the randomized
+// Hadamard transforms U, V applied as FWHTs. The layout of codes, tables and rotations is the one
+// quant/linear.py, quant/e8p.py and quant/incoherence.py define; quant/kernels/__init__.py is the glue.
+//
+// Vectors are GCC/Clang vector extensions of 8 floats: one E8P codeword per vector. Built with -mavx2
+// -mfma they compile to AVX2 ymm code (FMA, variable shifts); without, to SSE2 or scalar code.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+static inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline float hsum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// E8P: codeword = sign * a + shift (quant/e8p.py). SRC holds a with lane 7 negated where sum(a) is odd;
+// LOW[low byte] holds the sign bits of lanes 0-6 and, in lane 7, the parity of those 7 bits, so that
+// SRC ^ sign carries lane 7's sign (parity of the negative count = parity of sum(a)) with one XOR, and
+// the shift (+-1/4 by bit 7) as a vector: no branch on the random shift bit.
+struct alignas(64) LowByte {
+  int32_t sign[8];
+  float shift[8];
+};
+alignas(32) static float E8P_SRC[256][8];
+static LowByte E8P_LOW[256];
+alignas(32) static float E8_1BIT[256][8];
+static bool tables_set = false;
+
+void set_tables(torch::Tensor e8p_abs, torch::Tensor e8p_odd, torch::Tensor e8_1bit) {
+  auto a = e8p_abs.to(torch::kFloat32).contiguous();
+  auto odd = e8p_odd.to(torch::kInt32).contiguous();
+  auto g = e8_1bit.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(a.numel() == 256 * 8 && odd.numel() == 256 && g.numel() == 256 * 8, "table shapes");
+  for (int i = 0; i < 256; ++i) {
+    for (int k = 0; k < 8; ++k) {
+      E8P_SRC[i][k] = a.data_ptr<float>()[i * 8 + k];
+      E8_1BIT[i][k] = g.data_ptr<float>()[i * 8 + k];
+    }
+    if (odd.data_ptr<int32_t>()[i]) E8P_SRC[i][7] = -E8P_SRC[i][7];
+  }
+  for (int s = 0; s < 256; ++s) {
+    for (int k = 0; k < 7; ++k) E8P_LOW[s].sign[k] = (s >> k & 1) ? INT32_MIN : 0;
+    E8P_LOW[s].sign[7] = (__builtin_popcount(s & 127) & 1) ? INT32_MIN : 0;
+    for (int k = 0; k < 8; ++k) E8P_LOW[s].shift[k] = (s & 128) ? 0.25f : -0.25f;
+  }
+  tables_set = true;
+}
+
+static inline v8f e8p_word(uint32_t c) {
+  v8f a = load8(E8P_SRC[c >> 8]);
+  const LowByte& low = E8P_LOW[c & 255];
+  v8i s;
+  std::memcpy(&s, low.sign, sizeof s);
+  return (v8f)((v8i)a ^ s) + load8(low.shift);
+}
+
+// NT tokens' dot products with one row, U independent accumulators per token (hides the FMA latency at
+// small NT). `dec(b)` is block b (8 weights) of the row; z holds NT token rows of stride zs.
+template <int NT, int U>
+struct RowAcc {
+  v8f a[NT][U];
+  RowAcc() {
+    for (int t = 0; t < NT; ++t)
+      for (int u = 0; u < U; ++u) a[t][u] = (v8f){};
+  }
+  template <class Dec>
+  inline void run(const float* z, int64_t zs, int64_t b0, int64_t b1, Dec dec) {
+    int64_t b = b0;
+    for (; b + U <= b1; b += U)
+      for (int u = 0; u < U; ++u) {
+        v8f w = dec(b + u);
+        for (int t = 0; t < NT; ++t) a[t][u] += w * load8(z + t * zs + 8 * (b + u));
+      }
+    for (; b < b1; ++b) {
+      v8f w = dec(b);
+      for (int t = 0; t < NT; ++t) a[t][0] += w * load8(z + t * zs + 8 * b);
+    }
+  }
+  inline float sum(int t) const {
+    v8f s = a[t][0];
+    for (int u = 1; u < U; ++u) s += a[t][u];
+    return hsum(s);
+  }
+};
+
+template <int NT>
+constexpr int unroll() { return NT == 1 ? 4 : NT == 2 ? 2 : 1; }
+
+// Calls f.template operator()<NT>(t0) for token tiles of at most 8.
+template <class F>
+static void token_tiles(int64_t T, const F& f) {
+  for (int64_t t0 = 0; t0 < T; t0 += 8) {
+    switch (std::min<int64_t>(8, T - t0)) {
+      case 1: f.template go<1>(t0); break;
+      case 2: f.template go<2>(t0); break;
+      case 3: f.template go<3>(t0); break;
+      case 4: f.template go<4>(t0); break;
+      case 5: f.template go<5>(t0); break;
+      case 6: f.template go<6>(t0); break;
+      case 7: f.template go<7>(t0); break;
+      default: f.template go<8>(t0); break;
+    }
+  }
+}
+
+// ---- scalar grids: value = scale * (code - zero), codes of W bits little-endian in each row's bytes, so
+// 8 codes are W whole bytes. Per group a 2^W-entry table of the values (the torch path's floats exactly)
+// turns codes into weights with one vector permute.
+template <int W>
+struct GridRows {
+  const float* z; int64_t zs, T; float* y; int64_t ys;
+  const uint8_t* codes; int64_t nbytes; int64_t cols;
+  const float* scale; const float* zero; int64_t sstride, groups, groupsize;
+  int64_t r;
+
+  inline uint32_t code(const uint8_t* row, int64_t c) const {  // any column, by its bit offset
+    int64_t bit = c * W;
+    uint32_t v = 0;
+    std::memcpy(&v, row + (bit >> 3), std::min<int64_t>(4, nbytes - (bit >> 3)));
+    return (v >> (bit & 7)) & ((1u << W) - 1);
+  }
+
+  template <int NT>
+  void go(int64_t t0) const {
+    const uint8_t* row = codes + r * nbytes;
+    const float* sc = scale + r * sstride;
+    const float* ze = zero + r * sstride;
+    const float* zt = z + t0 * zs;
+    float out[NT] = {};
+    int64_t nb = cols / 8, done = 0;
+    if (groups == 1 || groupsize % 8 == 0) {
+      RowAcc<NT, unroll<NT>()> acc;
+      const v8u shifts = (v8u){0, 1, 2, 3, 4, 5, 6, 7} * (uint32_t)W;
+      int64_t bpg = groups == 1 ? nb : groupsize / 8;
+      for (int64_t g = 0, b0 = 0; b0 < nb; ++g, b0 += bpg) {
+        alignas(32) float table[16] = {};
+        for (int q = 0; q < (1 << W); ++q) table[q] = ((float)q - ze[g]) * sc[g];
+        const v8f lo = load8(table), hi = load8(table + 8);
+        acc.run(zt, zs, b0, std::min(nb, b0 + bpg), [&](int64_t b) {
+          uint32_t word = 0;
+          std::memcpy(&word, row + b * W, W);
+          v8i q = (v8i)((((v8u){} + word) >> shifts) & ((1u << W) - 1));
+          if constexpr (W == 4)
+            return __builtin_shuffle(lo, hi, q);
+          else
+            return __builtin_shuffle(lo, q);
+        });
+      }
+      for (int t = 0; t < NT; ++t) out[t] = acc.sum(t);
+      done = 8 * nb;
+    }
+    for (int64_t c = done; c < cols; ++c) {  // tail columns, or every column when groups do not tile by 8
+      int64_t g = groups == 1 ? 0 : c / groupsize;
+      float w = ((float)code(row, c) - ze[g]) * sc[g];
+      for (int t = 0; t < NT; ++t) out[t] += w * zt[t * zs + c];
+    }
+    for (int t = 0; t < NT; ++t) y[(t0 + t) * ys + r] = out[t];
+  }
+};
+
+template <int W>
+static void grid_matmul(GridRows<W> g, int64_t rows, int64_t grain) {
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    GridRows<W> w = g;
+    for (w.r = r0; w.r < r1; ++w.r) token_tiles(w.T, w);
+  });
+}
+
+// ---- lattice codebooks: stage i adds decode_i(codes_i) / stage_scale_i; one scale per row.
+struct VectorRows {
+  const float* z; int64_t zs, T; float* y; int64_t ys;
+  std::vector<const void*> codes; std::vector<int64_t> bits; std::vector<double> stage_scales;
+  int64_t nb; const float* scale;
+  int64_t r;
+
+  template <int NT>
+  void go(int64_t t0) const {
+    const float* zt = z + t0 * zs;
+    float out[NT] = {};
+    for (size_t i = 0; i < codes.size(); ++i) {
+      RowAcc<NT, unroll<NT>()> acc;
+      if (bits[i] == 16) {
+        const uint16_t* c = (const uint16_t*)codes[i] + r * nb;
+        acc.run(zt, zs, 0, nb, [&](int64_t b) { return e8p_word(c[b]); });
+      } else {
+        const uint8_t* c = (const uint8_t*)codes[i] + r * nb;
+        acc.run(zt, zs, 0, nb, [&](int64_t b) { return load8(E8_1BIT[c[b]]); });
+      }
+      for (int t = 0; t < NT; ++t) out[t] += acc.sum(t) / (float)stage_scales[i];
+    }
+    for (int t = 0; t < NT; ++t) y[(t0 + t) * ys + r] = out[t] * scale[r];
+  }
+};
+
+// ---- rotations (quant/incoherence.py), in place on each of T vectors of length n.
+static void fwht(float* v, int64_t k2, int64_t m) {  // Sylvester order along the power-of-two axis, / sqrt(k2)
+  for (int64_t h = 1; h < k2; h <<= 1)
+    for (int64_t i = 0; i < k2; i += 2 * h) {
+      if (m == 1) {  // the butterflies of one pass as contiguous vectors
+        for (int64_t j = i; j < i + h; ++j) {
+          float p = v[j], q = v[j + h];
+          v[j] = p + q;
+          v[j + h] = p - q;
+        }
+        continue;
+      }
+      for (int64_t j = i; j < i + h; ++j) {
+        float* a = v + j * m;
+        float* b = a + h * m;
+        for (int64_t k = 0; k < m; ++k) {
+          float p = a[k], q = b[k];
+          a[k] = p + q;
+          b[k] = p - q;
+        }
+      }
+    }
+  const float s = 1.0f / std::sqrt((float)k2);
+  for (int64_t i = 0; i < k2 * m; ++i) v[i] *= s;
+}
+
+// x[i * stride] (i < k) <- M x, given Mt = M^T (k x k row-major): a sum of rows of Mt (vectorizes, unlike
+// dot products, whose float sums the compiler may not reorder).
+static void small_matvec(float* x, int64_t k, int64_t stride, const float* Mt, float* tmp) {
+  for (int64_t p = 0; p < k; ++p) tmp[p] = 0;
+  for (int64_t q = 0; q < k; ++q) {
+    const float xq = x[q * stride];
+    const float* row = Mt + q * k;
+    for (int64_t p = 0; p < k; ++p) tmp[p] += xq * row[p];
+  }
+  for (int64_t p = 0; p < k; ++p) x[p * stride] = tmp[p];
+}
+
+static void permute(float* x, int64_t n, const torch::Tensor& perm, float* tmp) {  // x <- x[perm]
+  const int64_t* p = perm.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) tmp[i] = x[p[i]];
+  std::memcpy(x, tmp, n * sizeof(float));
+}
+
+static float* scratch(std::vector<float>& v, size_t n) {  // thread-local buffers reused across calls
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+struct Rotation {
+  int64_t kind = 0, n = 0;  // 0: none, 1: hadamard, 2: butterfly (kron is its one-factor case)
+  // hadamard: R = (H_2^a kron H_m) diag(signs) / sqrt(n), index i = i2 * m + im; H = H_m / sqrt(m) or none
+  torch::Tensor signs, H, Ht;
+  // butterfly: R = P_out B A P_in on the (p1, p2) view; A (1 or p2, p1, p1) on the p1 axis, B (1 or p1, p2, p2)
+  // on the p2 axis; kept with their transposes (small_matvec takes M^T to apply M)
+  torch::Tensor A, At, B, Bt, p_in, p_out, inv_in, inv_out;
+
+  Rotation() = default;
+  Rotation(int64_t kind_, int64_t n_, std::vector<torch::Tensor> t) : kind(kind_), n(n_) {
+    auto f = [](const torch::Tensor& x) { return x.numel() ? x.to(torch::kFloat32).contiguous() : torch::Tensor(); };
+    auto i = [](const torch::Tensor& x) { return x.numel() ? x.to(torch::kInt64).contiguous() : torch::Tensor(); };
+    auto tr = [](const torch::Tensor& x) { return x.defined() ? x.transpose(-1, -2).contiguous() : x; };
+    if (kind == 1) {
+      TORCH_CHECK(t.size() == 2 && t[0].numel() == n, "hadamard: signs, H_m");
+      signs = f(t[0]), H = f(t[1]), Ht = tr(H);
+      TORCH_CHECK(!H.defined() || (H.dim() == 2 && n % H.size(0) == 0), "hadamard factor shape");
+    } else if (kind == 2) {
+      TORCH_CHECK(t.size() == 4, "butterfly: A, B, p_in, p_out");
+      A = f(t[0]), B = f(t[1]), p_in = i(t[2]), p_out = i(t[3]), At = tr(A), Bt = tr(B);
+      TORCH_CHECK(A.dim() == 3 && B.dim() == 3 && A.size(1) * B.size(1) == n, "butterfly factor shapes");
+      if (p_in.defined()) inv_in = torch::argsort(p_in);
+      if (p_out.defined()) inv_out = torch::argsort(p_out);
+    }
+  }
+
+  void apply(float* v, int64_t T, bool transpose) const {
+    if (kind == 0) return;
+    thread_local std::vector<float> tmp_buf;
+    float* tmp = scratch(tmp_buf, 2 * n);  // a work row and a permutation buffer
+    for (int64_t t = 0; t < T; ++t) {
+      if (kind == 1)
+        hadamard(v + t * n, transpose, tmp);
+      else
+        butterfly(v + t * n, transpose, tmp, tmp + n);
+    }
+  }
+
+  void hadamard(float* x, bool transpose, float* tmp) const {
+    const float* s = signs.data_ptr<float>();
+    const int64_t m = H.defined() ? H.size(0) : 1, k2 = n / m;
+    if (!transpose) for (int64_t i = 0; i < n; ++i) x[i] *= s[i];
+    if (transpose && m > 1) for (int64_t i = 0; i < k2; ++i) small_matvec(x + i * m, m, 1, H.data_ptr<float>(), tmp);
+    fwht(x, k2, m);
+    if (!transpose && m > 1) for (int64_t i = 0; i < k2; ++i) small_matvec(x + i * m, m, 1, Ht.data_ptr<float>(), tmp);
+    if (transpose) for (int64_t i = 0; i < n; ++i) x[i] *= s[i];
+  }
+
+  void butterfly(float* x, bool transpose, float* tmp, float* buf) const {
+    const int64_t p1 = A.size(1), p2 = B.size(1);
+    // R applies A then B (each given to small_matvec transposed); R^T applies B^T then A^T.
+    const float *a = (transpose ? A : At).data_ptr<float>(), *b = (transpose ? B : Bt).data_ptr<float>();
+    auto step_a = [&] {  // each p2 fibre j: x[:, j] <- A_j x[:, j]
+      for (int64_t j = 0; j < p2; ++j) small_matvec(x + j, p1, p2, a + (A.size(0) > 1 ? j : 0) * p1 * p1, tmp);
+    };
+    auto step_b = [&] {  // each p1 fibre i: x[i, :] <- B_i x[i, :]
+      for (int64_t i = 0; i < p1; ++i) small_matvec(x + i * p2, p2, 1, b + (B.size(0) > 1 ? i : 0) * p2 * p2, tmp);
+    };
+    if (!transpose) {
+      if (p_in.defined()) permute(x, n, p_in, buf);
+      step_a();
+      step_b();
+      if (p_out.defined()) permute(x, n, p_out, buf);
+    } else {
+      if (inv_out.defined()) permute(x, n, inv_out, buf);
+      step_b();
+      step_a();
+      if (inv_in.defined()) permute(x, n, inv_in, buf);
+    }
+  }
+};
+
+// Per-call glue stays off torch's dispatcher where it can: on tiny layers it costs more than the matmul.
+static torch::Tensor lookup(const py::dict& d, const py::str& key) {
+  PyObject* o = PyDict_GetItem(d.ptr(), key.ptr());  // borrowed; null if absent
+  return (o == nullptr || o == Py_None) ? torch::Tensor() : py::handle(o).cast<torch::Tensor>();
+}
+
+static torch::Tensor dense(const torch::Tensor& t) {
+  return (!t.defined() || t.is_contiguous()) ? t : t.contiguous();
+}
+
+static torch::Tensor f32(const torch::Tensor& t) {  // no copy for the usual contiguous float32 CPU tensors
+  return (!t.defined() || t.scalar_type() == torch::kFloat32) ? dense(t) : t.to(torch::kFloat32).contiguous();
+}
+
+static const float* ptr(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// One QuantLinear's static layout. Called with x (T, in_features) float32 and the layer's _parameters and
+// _buffers (looked up on every call, so that finetuned scales or moved buffers are always the current ones):
+// y = out_scale * (U^T W_p V (in_scale * x)) + bias. codec 0: grid (buffer "codes", uint8 rows; "scale" and
+// "zero" (R, groups), R = 1 or rows); codec 1: lattice stages (buffers "codes0", ... int16 or uint8; "scale"
+// (rows, 1)).
+struct Plan {
+  int64_t rows, cols, in_features, out_features, codec, wbits, groupsize;
+  std::vector<int64_t> stage_bits;
+  std::vector<double> stage_scales;
+  std::vector<py::str> stage_keys;  // "codes0", "codes1", ...
+  Rotation V, U;
+
+  Plan(int64_t rows_, int64_t cols_, int64_t in_, int64_t out_, int64_t codec_, int64_t wbits_, int64_t groupsize_,
+       std::vector<int64_t> stage_bits_, std::vector<double> stage_scales_, int64_t v_kind,
+       std::vector<torch::Tensor> v_factors, int64_t u_kind, std::vector<torch::Tensor> u_factors)
+      : rows(rows_), cols(cols_), in_features(in_), out_features(out_), codec(codec_), wbits(wbits_),
+        groupsize(groupsize_), stage_bits(stage_bits_), stage_scales(stage_scales_), V(v_kind, cols_, v_factors),
+        U(u_kind, rows_, u_factors) {
+    TORCH_CHECK(tables_set, "set_tables first");
+    TORCH_CHECK(codec != 0 || (wbits >= 2 && wbits <= 4), "grid codes of 2-4 bits");
+    TORCH_CHECK(codec != 1 || (cols % 8 == 0 && stage_bits.size() == stage_scales.size()), "vector codebook layout");
+    TORCH_CHECK(in_features <= cols && out_features <= rows, "shapes");
+    for (size_t i = 0; i < stage_bits.size(); ++i) stage_keys.emplace_back("codes" + std::to_string(i));
+  }
+
+  torch::Tensor operator()(torch::Tensor x, py::dict params, py::dict buffers) const {
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+                "x: (..., in_features) float32 on the CPU");
+    x = dense(x);
+    // interned once and never freed (a static py::object would be released after the interpreter ends)
+    static const py::str &k_in = *new py::str("in_scale"), &k_out = *new py::str("out_scale"),
+                         &k_bias = *new py::str("bias"), &k_scale = *new py::str("scale"),
+                         &k_codes = *new py::str("codes"), &k_zero = *new py::str("zero");
+    const int64_t T = x.numel() / in_features;
+    torch::Tensor in_scale = f32(lookup(params, k_in)), out_scale = f32(lookup(params, k_out)),
+                  bias = f32(lookup(params, k_bias)), scale = f32(lookup(params, k_scale));
+    TORCH_CHECK(scale.defined(), "scale");
+    const float *isp = ptr(in_scale), *osp = ptr(out_scale), *bp = ptr(bias), *sp = ptr(scale);
+
+    thread_local std::vector<float> zbuf, tbuf;
+    float *zp = scratch(zbuf, T * cols), *tp = scratch(tbuf, T * rows);
+    std::fill(zp, zp + T * cols, 0.0f);
+    const float* xp = x.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < in_features; ++i) {
+        const float v = xp[t * in_features + i];
+        zp[t * cols + i] = isp ? v * isp[i] : v;
+      }
+    V.apply(zp, T, false);
+
+    const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, cols * T));
+    if (codec == 0) {
+      torch::Tensor codes = dense(lookup(buffers, k_codes)), zero = f32(lookup(buffers, k_zero));
+      TORCH_CHECK(codes.defined() && codes.scalar_type() == torch::kUInt8 && codes.dim() == 2 &&
+                  codes.size(0) == rows && codes.size(1) == (cols * wbits + 7) / 8, "grid codes");
+      TORCH_CHECK(zero.defined() && zero.sizes() == scale.sizes() && scale.dim() == 2, "grid scale / zero");
+      const uint8_t* cp = codes.data_ptr<uint8_t>();
+      const float* zr = ptr(zero);
+      const int64_t nbytes = codes.size(1), ss = scale.size(0) > 1 ? scale.size(1) : 0, groups = scale.size(1);
+      auto run = [&](auto w) {
+        using G = decltype(w);
+        grid_matmul(G{zp, cols, T, tp, rows, cp, nbytes, cols, sp, zr, ss, groups, groupsize, 0}, rows, grain);
+      };
+      if (wbits == 2) run(GridRows<2>{});
+      if (wbits == 3) run(GridRows<3>{});
+      if (wbits == 4) run(GridRows<4>{});
+    } else {
+      VectorRows v{zp, cols, T, tp, rows, {}, stage_bits, stage_scales, cols / 8, sp, 0};
+      TORCH_CHECK(scale.numel() == rows, "vector codebook scale");
+      std::vector<torch::Tensor> held;  // keeps contiguous copies (if any) alive
+      for (size_t i = 0; i < stage_bits.size(); ++i) {
+        torch::Tensor c = dense(lookup(buffers, stage_keys[i]));
+        TORCH_CHECK(c.defined() && c.dim() == 2 && c.size(0) == rows && c.size(1) == cols / 8 &&
+                    c.element_size() * 8 == stage_bits[i], "vector codes");
+        held.push_back(c);
+        v.codes.push_back(c.data_ptr());
+      }
+      at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+        VectorRows w = v;
+        for (w.r = r0; w.r < r1; ++w.r) token_tiles(T, w);
+      });
+    }
+    U.apply(tp, T, true);
+
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = out_features;
+    auto y = torch::empty(shape, x.options());
+    float* op = y.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < out_features; ++i) {
+        float v = tp[t * rows + i];
+        if (osp) v *= osp[i];
+        if (bp) v += bp[i];
+        op[t * out_features + i] = v;
+      }
+    return y;
+  }
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_tables", &set_tables, "E8P and E8 1-bit tables from quant.e8p");
+  py::class_<Plan>(m, "Plan")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, std::vector<int64_t>,
+                    std::vector<double>, int64_t, std::vector<torch::Tensor>, int64_t, std::vector<torch::Tensor>>())
+      .def("__call__", &Plan::operator());
+}
