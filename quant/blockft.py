@@ -13,7 +13,13 @@ before training and every `steps // 8` steps, and the parameters with the lowest
 kept (the layer as quantized if no step beats it). Loss: mean squared error of the layer's output
 relative to the mean square of the target. Adam, batches of `batch` rows, float32 whatever the
 model's dtype.
+
+`finetune_e2e` is QuIP#'s second, end-to-end stage: after every layer is quantized, the same
+continuous parameters of all decoder layers (and the final norm) train together to match the fp
+model's next-token distributions on the calibration rows (KL(fp || quantized) per token), with the
+same held-out rows and keep-the-best rule; embeddings and head stay as they are, and so do the codes.
 """
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -73,34 +79,97 @@ def finetune(layer, inps, targets, kwargs, ft, tag=0):
     n = inps.shape[0]
     hold = max(1, round(n * ft.holdout))
     train = n - hold
-    dtypes = {name: p.dtype for name, p in layer.named_parameters()}
-    layer.float()
-    kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else
-              tuple(t.float() for t in v) if isinstance(v, tuple) and all(torch.is_tensor(t) for t in v) else v
-              for k, v in kwargs.items()}
-    params = [p for p in layer.parameters() if p.requires_grad]
-    held_x, held_y = inps[train:], targets[train:]
-    best = before = relative_error(layer, held_x, held_y, kwargs, ft.batch)
+    with _float32(layer):
+        return _finetune(layer, inps, targets, kwargs, ft, tag, train, tick)
+
+
+@contextlib.contextmanager
+def _float32(module):
+    """Train in float32: the parameters of `module` are float32 inside, their own dtype again after."""
+    dtypes = {name: p.dtype for name, p in module.named_parameters()}
+    for p in module.parameters():
+        p.data = p.data.float()
+    try:
+        yield
+    finally:
+        for name, p in module.named_parameters():
+            p.data = p.data.to(dtypes.get(name, p.dtype))
+
+
+def _keep_best(params, steps, train_step, heldout):
+    """Run `train_step(step)` `steps` times, measure `heldout()` before and every steps // 8 steps,
+    leave `params` at their best held-out state: (error before, best error, best step)."""
+    best = before = heldout()
     best_state, best_step = [p.detach().clone() for p in params], 0
-    every = max(1, ft.steps // 8)
-    optimizer = torch.optim.Adam(params, lr=ft.lr)
-    g = torch.Generator().manual_seed(ft.seed * 1_000_003 + tag)
-    scale = targets[:train].float().square().mean().clamp(min=1e-30)
+    every = max(1, steps // 8)
     with torch.enable_grad():
-        for step in range(1, ft.steps + 1):
-            rows = torch.randint(train, (min(ft.batch, train),), generator=g).to(inps.device)
-            loss = (_out(layer, inps[rows].float(), kwargs) - targets[rows].float()).square().mean() / scale
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step % every == 0 or step == ft.steps:
-                err = relative_error(layer, held_x, held_y, kwargs, ft.batch)
+        for step in range(1, steps + 1):
+            train_step(step)
+            if step % every == 0 or step == steps:
+                err = heldout()
                 if err < best:
                     best, best_step = err, step
                     best_state = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, saved in zip(params, best_state):
             p.copy_(saved)
-        for name, p in layer.named_parameters():
-            p.data = p.data.to(dtypes.get(name, p.dtype))
+    return before, best, best_step
+
+
+def _finetune(layer, inps, targets, kwargs, ft, tag, train, tick):
+    kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else
+              tuple(t.float() for t in v) if isinstance(v, tuple) and all(torch.is_tensor(t) for t in v) else v
+              for k, v in kwargs.items()}
+    params = [p for p in layer.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=ft.lr)
+    g = torch.Generator().manual_seed(ft.seed * 1_000_003 + tag)
+    scale = targets[:train].float().square().mean().clamp(min=1e-30)
+
+    def train_step(step):
+        rows = torch.randint(train, (min(ft.batch, train),), generator=g).to(inps.device)
+        loss = (_out(layer, inps[rows].float(), kwargs) - targets[rows].float()).square().mean() / scale
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    before, best, best_step = _keep_best(params, ft.steps, train_step,
+                                         lambda: relative_error(layer, inps[train:], targets[train:], kwargs, ft.batch))
+    return dict(heldout_before=before, heldout_after=best, best_step=best_step, seconds=time.time() - tick)
+
+
+def _kl(model, fp_model, ids):
+    """Mean over tokens of KL(fp || model) of the next-token distributions of the rows `ids`."""
+    with torch.no_grad():
+        p = torch.log_softmax(fp_model(ids, use_cache=False).logits.float(), -1)
+    q = torch.log_softmax(model(ids, use_cache=False).logits.float(), -1)
+    return (p.exp() * (p - q)).sum(-1).mean()
+
+
+def finetune_e2e(model, fp_model, input_ids, device, ft):
+    """QuIP#'s end-to-end stage (module docstring) on the (nsamples, seqlen) calibration `input_ids`:
+    {heldout_before, heldout_after (mean KL per token), best_step, seconds}."""
+    tick = time.time()
+    n = input_ids.shape[0]
+    hold = max(1, round(n * ft.holdout))
+    train = n - hold
+    frozen = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+              for p in m.parameters()}
+    params = [p for p in model.parameters() if id(p) not in frozen]
+    ids = input_ids.to(device)
+    g = torch.Generator().manual_seed(ft.seed)
+    with _float32(model):
+        optimizer = torch.optim.Adam(params, lr=ft.lr)
+
+        def train_step(step):
+            rows = torch.randint(train, (min(ft.batch, train),), generator=g).to(device)
+            loss = _kl(model, fp_model, ids[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        def heldout():
+            with torch.no_grad():
+                return sum(float(_kl(model, fp_model, ids[j:j + 1])) for j in range(train, n)) / hold
+
+        before, best, best_step = _keep_best(params, ft.steps, train_step, heldout)
     return dict(heldout_before=before, heldout_after=best, best_step=best_step, seconds=time.time() - tick)

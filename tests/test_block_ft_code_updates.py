@@ -64,14 +64,17 @@ def test_block_ft_lowers_the_layer_output_error_on_held_out_rows(assets):
     assert errors[60] < 0.9 * errors[None]
 
 
-def test_opt_block_ft_records_what_it_did_and_reloads_with_the_same_perplexity(assets, tmp_path):
+def test_opt_block_ft_and_e2e_ft_record_what_they_did_and_reload_with_the_same_perplexity(assets, tmp_path):
     save = str(tmp_path / "bft")
     report = opt.main([assets["llama"], "wikitext2", "--data-dir", assets["data"], *CALIB, "--wbits", "2",
-                       "--quant", "ldlqRG", "--block-ft", "5", "--check", "--save", save])
+                       "--quant", "ldlqRG", "--block-ft", "5", "--e2e-ft", "8", "--e2e-ft-lr", "1e-3", "--check",
+                       "--save", save])
     assert report["block_ft"]["steps"] == 5 and report["block_ft"]["groups"] == 2 * 4
+    e2e = report["e2e_ft"]
+    assert e2e["steps"] == 8 and e2e["heldout_after"] < e2e["heldout_before"] and e2e["best_step"] > 0
     assert report["reloaded_ppl"] == report["ppl"]
     config = json.load(open(os.path.join(save, "config.json")))["quantization_config"]
-    assert config["block_ft"]["steps"] == 5 and config["layers"]["model.layers.0.mlp.up_proj"]["out_scale"]
+    assert config["block_ft"]["steps"] == 5 and config["e2e_ft"]["steps"] == 8 and config["layers"]["model.layers.0.mlp.up_proj"]["out_scale"]
 
 
 def test_block_ft_bad_options_are_one_line_errors(assets, tmp_path):
@@ -82,7 +85,8 @@ def test_block_ft_bad_options_are_one_line_errors(assets, tmp_path):
         opt.main([gpt2, "wikitext2", "--data-dir", assets["data"], *CALIB, "--wbits", "2", "--block-ft", "3"])
     for flags, match in [(["--block-ft", "0"], "--block-ft"), (["--block-ft", "3", "--nsamples", "1"], "nsamples >= 2"),
                          (["--block-ft", "3", "--wbits", "16"], "needs --wbits"),
-                         (["--block-ft", "3", "--block-ft-lr", "-1"], "--block-ft-lr")]:
+                         (["--block-ft", "3", "--block-ft-lr", "-1"], "--block-ft-lr"),
+                         (["--e2e-ft", "3", "--load", "x"], "--e2e-ft finetunes while quantizing")]:
         with pytest.raises(UserError, match=match):
             opt.parse_args(["m", "wikitext2", "--wbits", "2", *flags])
 
