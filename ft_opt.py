@@ -15,7 +15,7 @@ stay frozen and the continuous parameters train (norms, biases, the QuantLinears
 per-channel in/out scales, and the unquantized embeddings and head unless --freeze-embeddings), as in
 QuIP#'s and AQLM's finetuning; the result is saved back in the packed format. --update-codes FRACTION
 adds PV-tuning's discrete step (`quant.pv`): after every --update-codes-every optimizer steps, each
-layer re-encodes up to FRACTION of its code groups toward its gradient, kept only if the batch loss drops.
+layer re-encodes up to FRACTION of its code groups toward its gradient (summed since the last update), kept only if the loss of a fixed probe batch drops.
 """
 import math
 import os
@@ -212,6 +212,9 @@ def run(args, rank, world, device):
                         " (lower --eval-seqlen)")
     objective = lm.NextTokenLoss(model, args.loss, fused=args.fused_loss, k=args.k, m=args.m)
     updater = code_updater(args, model, codes_before, world)
+    # a code update is kept when it lowers the loss of these blocks, fixed for the run (the gradient it
+    # follows is the sum over the micro-batches since the last update)
+    probe = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))[:args.micro_bs]].to(device)
 
     global_bs = args.micro_bs * world
     # a last, incomplete global micro-batch would leave some ranks without rows: dropped under torchrun
@@ -283,10 +286,8 @@ def run(args, rank, world, device):
                 optimizer.zero_grad(set_to_none=True)
                 pending, step = 0, step + 1
                 if updater is not None and step % args.update_codes_every == 0:
-                    metrics["codes_changed"] += updater.step(lambda: batch_loss(model, objective, input_ids, autocast))
+                    metrics["codes_changed"] += updater.step(lambda: batch_loss(model, objective, probe, autocast))
                     metrics["code_updates"] += 1
-                elif updater is not None:
-                    updater.clear()
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
                 if step >= total_steps:
                     break

@@ -98,8 +98,7 @@ class CodeUpdater:
         self.grads = {}
 
     def step(self, evaluate, tries=3):
-        """The V step on every layer that received a gradient, kept only if the loss `evaluate()` (on
-        the batch the gradient came from) goes down; otherwise the codes are restored and a quarter of
+        """The V step on every layer that received a gradient, kept only if the loss `evaluate()` goes down; otherwise the codes are restored and a quarter of
         the fraction is tried, `tries` times in all. Returns the number of code groups changed."""
         proposals = {n: propose(self.layers[n], g) for n, g in self.grads.items()}
         self.clear()
