@@ -72,7 +72,7 @@ def parse_args(argv):
     p.add_argument("--update-codes", type=float, metavar="FRACTION",
                    help="packed models: PV-tuning's discrete step, re-encode up to this fraction (0, 1] of each "
                         "layer's code groups, those with the largest linearised improvement (default: codes frozen)")
-    p.add_argument("--update-codes-every", type=int, default=1, metavar="STEPS",
+    p.add_argument("--update-codes-every", type=int, default=8, metavar="STEPS",
                    help="optimizer steps between two code updates (with --update-codes)")
     p.add_argument("--amp", "--bf16", action="store_true", help="bf16 autocast (mixed precision; weights stay fp32)")
     add_common_args(p, out="runs/ft_opt_<dataset>_<loss>[_k<k>_m<m>]", resume=True,

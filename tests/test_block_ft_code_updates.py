@@ -142,7 +142,7 @@ def test_code_updates_change_the_requested_fraction_to_valid_codewords_and_lower
 def test_ft_opt_update_codes_trains_saves_packed_and_reloads_with_the_same_perplexity(assets):
     out = str(assets["root"] / "qft_pv")
     metrics = ft_opt.main(["--model", assets["packed"], "--data-dir", assets["data"], "--out", out, *QFT,
-                           "--epochs", "2", "--update-codes", "0.02"])
+                           "--epochs", "2", "--update-codes", "0.02", "--update-codes-every", "1"])
     assert metrics["code_updates"] == 14 and 0 < metrics["codes_differ"] <= metrics["codes_changed"]
     before, _ = lm.load_causal_lm(assets["packed"])
     layers = [q for q in before.modules() if isinstance(q, QuantLinear)]
