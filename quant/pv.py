@@ -16,7 +16,9 @@ and keeps the first candidate that is a different codeword and closer to that ta
 one (the residual codebooks encode greedily, so the second condition is not implied): the nearest
 other codeword in the descent direction. PV-tuning's own V step minimises the same linearised loss
 plus a trust-region term over a subspace of groups chosen by their gradient; the ladder is our
-stand-in for its step size.
+stand-in for its step size. `CodeUpdater.step` keeps an update only if a loss it is given (ft_opt.py:
+a fixed probe batch) goes down, trying a quarter of the fraction otherwise: on stories260K a plain
+first-order step at 1% of the groups per step made finetuning worse.
 """
 import math
 
