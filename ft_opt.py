@@ -14,7 +14,9 @@ checkpoint.pt (for --resume) until the run finishes.
 Finetuning in quantized space: with --model a packed directory written by `opt.py --save`, the codes
 stay frozen and the continuous parameters train (norms, biases, the QuantLinears' codebook scales and
 per-channel in/out scales, and the unquantized embeddings and head unless --freeze-embeddings), as in
-QuIP#'s and AQLM's finetuning; the result is saved back in the packed format.
+QuIP#'s and AQLM's finetuning; the result is saved back in the packed format. --update-codes FRACTION
+adds PV-tuning's discrete step (`quant.pv`): after every --update-codes-every optimizer steps, each
+layer re-encodes up to FRACTION of its code groups toward its gradient (summed since the last update), kept only if the loss of a fixed probe batch drops.
 """
 import math
 import os
@@ -31,11 +33,12 @@ from engine.distributed import barrier, distributed, full_state, fully_shard_blo
 from engine import (ArgumentParser, UserError, add_common_args, atomic_save, atomic_write_json, cli, load_checkpoint,
                     prepare_run_dir, require_positive_ints, rng_state, run_args, set_rng_state, set_threads)
 from losses import describe, get_loss, is_rooted, names
+from quant.pv import CodeUpdater
 
 TOKEN_LOSSES = names()  # the multi-class forms
 # --micro-bs is not among them: any split of the global batch over processes resumes (checked apart)
 RESUME_KEYS = ("model", "dataset", "train_file", "loss", "k", "m", "seqlen", "grad_accum", "epochs",
-               "max_steps", "lr", "warmup_steps", "seed", "freeze_embeddings")
+               "max_steps", "lr", "warmup_steps", "seed", "freeze_embeddings", "update_codes", "update_codes_every")
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "step", "metrics")
 
 
@@ -69,6 +72,11 @@ def parse_args(argv):
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state over the processes "
                         "(FSDP2 fully_shard per transformer block) instead of DDP's full copies")
+    p.add_argument("--update-codes", type=float, metavar="FRACTION",
+                   help="packed models: PV-tuning's discrete step, re-encode up to this fraction (0, 1] of each "
+                        "layer's code groups, those with the largest linearised improvement (default: codes frozen)")
+    p.add_argument("--update-codes-every", type=int, default=8, metavar="STEPS",
+                   help="optimizer steps between two code updates (with --update-codes)")
     p.add_argument("--amp", "--bf16", action="store_true", help="bf16 autocast (mixed precision; weights stay fp32)")
     add_common_args(p, out="runs/ft_opt_<dataset>_<loss>[_k<k>_m<m>]", resume=True,
                     seed_help="weight init of new heads, data order", data_dir_help="folder with the dataset's "
@@ -80,7 +88,10 @@ def parse_args(argv):
     get_loss(args.loss, k=args.k, m=args.m)  # the one check of k and m
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
-    require_positive_ints(args, "epochs", "micro_bs", "grad_accum", "eval_bs", "max_steps", "eval_windows", "threads")
+    require_positive_ints(args, "epochs", "micro_bs", "grad_accum", "eval_bs", "max_steps", "eval_windows", "threads",
+                          "update_codes_every")
+    if args.update_codes is not None and not 0 < args.update_codes <= 1:
+        raise UserError(f"--update-codes is the fraction of code groups re-encoded per update, in (0, 1]; got {args.update_codes}")
     if args.warmup_steps < 0 or args.weight_decay < 0:
         raise UserError("--warmup-steps and --weight-decay must be >= 0")
     if args.dataset not in lm.DATASETS and not (args.train_file and args.eval_file):
@@ -135,6 +146,27 @@ def prepare_quantized(model):
     return {name: t.clone() for name, t in code_buffers(model).items()}
 
 
+def code_updater(args, model, codes_before, world):
+    """The V step of PV-tuning (`quant.pv.CodeUpdater`) for --update-codes, or None."""
+    if args.update_codes is None:
+        return None
+    if codes_before is None:
+        raise UserError(f"--update-codes re-encodes the codes of a packed model (opt.py --save); {args.model!r} is not one")
+    if world > 1:
+        raise UserError("--update-codes runs in one process (the codes would differ between ranks); run it without torchrun")
+    return CodeUpdater(model, args.update_codes)
+
+
+@torch.no_grad()
+def batch_loss(model, objective, input_ids, autocast):
+    """The loss on one batch in eval mode (no dropout): what a code update must lower."""
+    model.eval()
+    with autocast:
+        loss = float(objective(input_ids, lm.shift_labels(input_ids)))
+    model.train()
+    return loss
+
+
 def build_optimizer(model, args):
     # Like the HF Trainer the authors used: no weight decay on biases and norm weights (1-D tensors);
     # none on a QuantLinear's scales either (decay would shrink the quantized weights themselves).
@@ -182,6 +214,10 @@ def run(args, rank, world, device):
         raise UserError(f"the evaluation text has {test_ids.numel()} tokens, fewer than one window of {eval_seqlen}"
                         " (lower --eval-seqlen)")
     objective = lm.NextTokenLoss(model, args.loss, fused=args.fused_loss, k=args.k, m=args.m)
+    updater = code_updater(args, model, codes_before, world)
+    # a code update is kept when it lowers the loss of these blocks, fixed for the run (the gradient it
+    # follows is the sum over the micro-batches since the last update)
+    probe = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))[:args.micro_bs]].to(device)
 
     global_bs = args.micro_bs * world
     # a last, incomplete global micro-batch would leave some ranks without rows: dropped under torchrun
@@ -201,6 +237,8 @@ def run(args, rank, world, device):
                "eval_tokens": test_ids.numel(), "global_bs": global_bs, "ppl_before": None, "ppl_after": None,
                "train_loss": [], "steps": 0, "quantized": codes_before is not None,
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "args": run_args(args)}
+    if updater is not None:
+        metrics.update(code_groups=updater.groups(), codes_changed=0, code_updates=0)
     ckpt = None
     if args.resume:  # args.json's run-defining flags equal ours (prepare_run_dir)
         ckpt = load_checkpoint(ckpt_path, CHECKPOINT_KEYS)
@@ -250,6 +288,9 @@ def run(args, rank, world, device):
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 pending, step = 0, step + 1
+                if updater is not None and step % args.update_codes_every == 0:
+                    metrics["codes_changed"] += updater.step(lambda: batch_loss(model, objective, probe, autocast))
+                    metrics["code_updates"] += 1
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
                 if step >= total_steps:
                     break
@@ -273,7 +314,12 @@ def run(args, rank, world, device):
         return None
     metrics["ppl_after"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
     print(f"perplexity after finetuning: {metrics['ppl_after']:.3f}")
-    if codes_before is not None:
+    if updater is not None:
+        updater.close()
+        metrics["codes_differ"] = updater.differ()
+        print(f"code updates: {metrics['codes_changed']} code groups re-encoded in {metrics['code_updates']} "
+              f"updates; {metrics['codes_differ']} of {metrics['code_groups']} groups differ from the start")
+    elif codes_before is not None:
         codes_after = code_buffers(model)
         metrics["codes_unchanged"] = all(torch.equal(codes_after[k].cpu(), v.cpu()) for k, v in codes_before.items())
         if not metrics["codes_unchanged"]:

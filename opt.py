@@ -12,6 +12,8 @@ runs/opt_<model>_<quant>_w<wbits>); with --save, a packed low-bit checkpoint (lm
 scales and rotation seeds of every quantized linear, no dense copy, plus the fp rest) that
 `--load`, `ft_opt.py --model` and `lm.load_causal_lm` run from.
 """
+import copy
+import math
 import os
 import shutil
 import time
@@ -23,6 +25,7 @@ import quant
 from engine import (ArgumentParser, UserError, add_common_args, atomic_write_json, cli, prepare_run_dir,
                     require_positive_ints, set_threads)
 from lm.quantized import is_quantized_dir, save_quantized
+from quant.blockft import BlockFT, finetune_e2e
 from quant.model import FAMILIES, decoder_layers, quantize_model
 
 REPORT_FILE = "quant_report.json"
@@ -74,6 +77,16 @@ def parse_args(argv):
     p.add_argument("--train-file", help="plain text file to calibrate on (default: DATASET's train split)")
     p.add_argument("--eval-windows", type=int, help="perplexity on the first N windows only (default: all)")
     p.add_argument("--eval-file", help="plain text file for perplexity, reported as 'eval_file' (default: the --eval datasets)")
+    p.add_argument("--block-ft", type=int, metavar="STEPS",
+                   help="QuIP#'s finetuning during quantization: after each group of linears sharing an input is "
+                        "quantized, STEPS Adam steps train the decoder layer's continuous parameters toward the fp "
+                        "model's hidden states; held-out calibration rows keep the best (default: none)")
+    p.add_argument("--block-ft-lr", type=float, default=1e-3, help="Adam learning rate of --block-ft")
+    p.add_argument("--e2e-ft", type=int, metavar="STEPS",
+                   help="QuIP#'s end-to-end stage after quantization: STEPS Adam steps on the scales and norms of "
+                        "the whole model toward the fp model's next-token distributions (KL) on the calibration "
+                        "rows, codes, embeddings and head fixed; held-out rows keep the best (default: none)")
+    p.add_argument("--e2e-ft-lr", type=float, default=1e-4, help="Adam learning rate of --e2e-ft")
     p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
                    help="model dtype (auto: float16 on CUDA, float32 on CPU)")
     add_common_args(p, out="SAVE, else runs/opt_<model>_<quant>_w<wbits> (_eval with --load)", seed_help="calibration sampling and "
@@ -90,7 +103,17 @@ def parse_args(argv):
         args.pre_proj_extra = 0
     args.qfn = args.qfn or "a"
     args.incoh_mode = args.incoh_mode or "kron"
-    require_positive_ints(args, "nsamples", "max_new_tokens", "eval_windows", "threads")
+    require_positive_ints(args, "nsamples", "max_new_tokens", "eval_windows", "threads", "block_ft", "e2e_ft")
+    for flag in ("block_ft", "e2e_ft"):
+        name, lr = "--" + flag.replace("_", "-"), getattr(args, flag + "_lr")
+        if getattr(args, flag) is None:
+            continue
+        if args.load or args.wbits == 16:
+            raise UserError(f"{name} finetunes while quantizing: it needs --wbits 2, 3 or 4 and no --load")
+        if args.nsamples < 2:
+            raise UserError(f"{name} holds out calibration rows to choose when to stop: give --nsamples >= 2")
+        if not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"{name}-lr must be a finite number > 0, got {lr}")
     if args.percdamp < 0:
         raise UserError(f"--percdamp must be >= 0, got {args.percdamp}")
     if args.quant in quant.UNSUPPORTED:
@@ -187,6 +210,9 @@ def main(argv=None):
     if args.load:
         print(f"loading the model from {args.load} (MODEL {args.model!r} only names the run)")
     model, tokenizer = lm.load_causal_lm(args.load or args.model, dtype=dtype)
+    if args.block_ft is not None and getattr(model.config, "model_type", None) not in FAMILIES:
+        raise UserError(f"--block-ft finetunes inside decoder layers; model family {model.config.model_type!r} has none "
+                        f"that quant.model knows (families with decoder layers: {', '.join(FAMILIES)})")
     decoder_layers(model)  # unsupported families fail before any data is read
     seqlen = report["seqlen"] = lm.default_seqlen(model, args.seqlen)
     eval_ids = {name: lm.encode(tokenizer, text) for name, text in eval_texts.items()}
@@ -216,11 +242,27 @@ def main(argv=None):
             for w in row["warnings"]:
                 print(f"warning: layer {row['layer']} {row['module']}: {w}")
             print(f"{row['layer']:>5} {row['module']:<22} {row['proxy']:>12.5g} {row['npasses']:>6} {row['seconds']:>8.2f}")
+            if "block_ft" in row:
+                b = row["block_ft"]
+                print(f"      block-ft {'/'.join(m.rpartition('.')[2] for m in b['group'])}: held-out relative error "
+                      f"{b['heldout_before']:.4g} -> {b['heldout_after']:.4g} (best step {b['best_step']}, {b['seconds']:.1f} s)")
 
+        block_ft = None if args.block_ft is None else BlockFT(args.block_ft, args.block_ft_lr, seed=args.seed)
+        fp_model = copy.deepcopy(model) if args.e2e_ft else None
         tick = time.time()
-        rows = quantize_model(model, calib, device, args.wbits, args.quant, args.seed, on_result=show, **options)
+        rows = quantize_model(model, calib, device, args.wbits, args.quant, args.seed, on_result=show,
+                              block_ft=block_ft, **options)
         report.update(layers=rows, total_proxy=sum(r["proxy"] for r in rows), quant_seconds=time.time() - tick,
                       options=options)
+        if block_ft is not None:
+            report["block_ft"] = dict(vars(block_ft), groups=sum("block_ft" in r for r in rows))
+        if fp_model is not None:
+            e2e = BlockFT(args.e2e_ft, args.e2e_ft_lr, seed=args.seed)
+            report["e2e_ft"] = dict(vars(e2e), **finetune_e2e(model.to(device), fp_model.to(device), calib, device, e2e))
+            del fp_model
+            print(f"end-to-end finetuning: held-out KL per token {report['e2e_ft']['heldout_before']:.4g} -> "
+                  f"{report['e2e_ft']['heldout_after']:.4g} (best step {report['e2e_ft']['best_step']}, "
+                  f"{report['e2e_ft']['seconds']:.1f} s)")
         print(f"total proxy loss {report['total_proxy']:.5g}, quantization {report['quant_seconds']:.1f} s")
     model.to(device)
     for name, ids in eval_ids.items():
@@ -235,7 +277,9 @@ def main(argv=None):
     model.to("cpu")
     if args.save:
         if quantized:
-            save_quantized(model, tokenizer, args.save, dict(method=args.quant, wbits=args.wbits, options=options))
+            save_quantized(model, tokenizer, args.save, dict(method=args.quant, wbits=args.wbits, options=options,
+                                                             block_ft=report.get("block_ft"),
+                                                             e2e_ft=report.get("e2e_ft")))
             print(f"saved the packed {args.wbits}-bit model to {args.save}")
         else:
             lm.save_pretrained(model, tokenizer, args.save)

@@ -4,6 +4,7 @@ run as baselines.
 
     python benchmarks/bench_quant_model.py                           # stories260K, 2/3/4 bits, all methods
     python benchmarks/bench_quant_model.py --methods ldlqRG e8p --bits 2 --text wikitext
+    python benchmarks/bench_quant_model.py --methods e8p --bits 2 --block-ft 0 200   # QuIP#'s finetuning during quantization
 
 Model: llama2.c's stories260K from ../shared/data (any `lm.load_causal_lm` model with --model).
 Text (--text): 'stories' (default) = in-domain text sampled from the fp model itself (seeded,
@@ -12,6 +13,7 @@ reference figures in the README; 'wikitext' = WikiText-2 raw valid (calibration)
 from ../shared/data, out of domain for a TinyStories model.
 """
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -23,6 +25,8 @@ import torch  # noqa: E402
 
 import lm  # noqa: E402
 import quant  # noqa: E402
+from lm.quantized import save_quantized  # noqa: E402
+from quant.blockft import BlockFT, finetune_e2e  # noqa: E402
 from quant.model import quantize_model  # noqa: E402
 
 SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
@@ -51,6 +55,15 @@ def main():
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], choices=[2, 3, 4])
     p.add_argument("--incoh", nargs="+", default=["off", "on"], choices=["off", "on"],
                    help="incoherence processing for the scalar methods (e8p and qtip always use the RHT)")
+    p.add_argument("--block-ft", nargs="+", type=int, default=[0], metavar="STEPS",
+                   help="opt.py --block-ft steps to compare (0: none)")
+    p.add_argument("--block-ft-lr", type=float, default=1e-3)
+    p.add_argument("--e2e-ft", nargs="+", type=int, default=[0], metavar="STEPS",
+                   help="opt.py --e2e-ft steps to compare (0: none)")
+    p.add_argument("--e2e-ft-lr", type=float, default=1e-4)
+    p.add_argument("--write-text", metavar="DIR", help="also write the sampled calibration and evaluation tokens, "
+                   "decoded, to DIR/stories_train.txt and DIR/stories_test.txt (ft_opt.py --train-file/--eval-file)")
+    p.add_argument("--save", help="directory: save each packed model there as <method>_w<bits>_bft<steps>")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=72 * 1024)
@@ -67,23 +80,37 @@ def main():
         train = lm.encode(tokenizer, lm.read_text_file(os.path.join(WIKI, "wiki.valid.raw")))
         calib = lm.calibration_windows(train, args.nsamples, args.seqlen, args.seed)
         test = lm.encode(tokenizer, lm.read_text_file(os.path.join(WIKI, "wiki.test.raw")))[:args.eval_tokens]
+    if args.write_text:
+        os.makedirs(args.write_text, exist_ok=True)
+        for name, ids in (("train", calib.reshape(-1)), ("test", test)):
+            rows = ids.reshape(-1, args.seqlen) if ids.numel() % args.seqlen == 0 else [ids]
+            text = "\n".join(tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows)
+            with open(os.path.join(args.write_text, f"stories_{name}.txt"), "w") as f:
+                f.write(text + "\n")
     base = lm.perplexity(fp, test, args.seqlen)
     print(f"model {os.path.basename(args.model)}, text {args.text}: calibration {args.nsamples}x{args.seqlen}, "
           f"evaluation {test.numel()} tokens, {torch.get_num_threads()} thread(s)")
     print(f"fp perplexity {base:.4g}")
-    print(f"{'method':>8} {'bits':>4} {'incoh':>5} {'ppl':>9} {'ppl / fp':>9} {'proxy':>10} {'seconds':>8}")
+    print(f"{'method':>8} {'bits':>4} {'incoh':>5} {'bft':>5} {'e2e':>5} {'ppl':>9} {'ppl / fp':>9} {'proxy':>10} {'seconds':>8}")
     for bits in args.bits:
         for method in args.methods:
             vector = quant.TABLE[method].rotation is not None  # e8p, qtip: always the RHT
-            for incoh in (["on"] if vector else args.incoh):
-                model, _ = lm.load_causal_lm(args.model)
+            for incoh, steps, e2e in itertools.product(["on"] if vector else args.incoh, args.block_ft, args.e2e_ft):
+                model, tok = lm.load_causal_lm(args.model)
                 options = dict(incoherence=incoh == "on", lazy_batch=True)
+                block_ft = BlockFT(steps, args.block_ft_lr, seed=args.seed) if steps else None
                 tick = time.perf_counter()
-                rows = quantize_model(model, calib, "cpu", bits, method, args.seed, **options)
+                rows = quantize_model(model, calib, "cpu", bits, method, args.seed, block_ft=block_ft, **options)
+                if e2e:
+                    finetune_e2e(model, fp, calib, "cpu", BlockFT(e2e, args.e2e_ft_lr, seed=args.seed))
                 seconds = time.perf_counter() - tick
                 ppl = lm.perplexity(model, test, args.seqlen)
-                print(f"{method:>8} {bits:>4} {incoh:>5} {ppl:>9.4g} {ppl / base:>9.3f} "
+                print(f"{method:>8} {bits:>4} {incoh:>5} {steps:>5} {e2e:>5} {ppl:>9.4g} {ppl / base:>9.3f} "
                       f"{sum(r['proxy'] for r in rows):>10.4g} {seconds:>8.1f}", flush=True)
+                if args.save:
+                    save_quantized(model, tok, os.path.join(args.save, f"{method}_w{bits}_bft{steps}_e2e{e2e}"),
+                                   dict(method=method, wbits=bits, options=options,
+                                        block_ft=vars(block_ft) if block_ft else None, e2e_ft=e2e or None))
 
 
 if __name__ == "__main__":

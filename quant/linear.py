@@ -12,13 +12,22 @@ rescaling vector) and `out_scale` as 1; with the codebook scales they are the co
 that finetuning in quantized space trains (QuIP# trains its sign vectors the same way), while the
 codes stay frozen buffers.
 
-Codecs (the `codebook` field of a layer's spec) say how codes are packed and decoded:
+Codecs (the `codebook` field of a layer's spec) say how codes are packed, decoded and re-encoded:
 - `grid`: scalar affine grids (QuIP's qfn a/b): value = scale * (code - zero), codes of `wbits` bits
   packed little-endian into each row's own bytes (so a block of rows decodes on its own);
 - the lattice codebooks of `quant.e8p` (E8P and its residual variants): one 16-bit (or 8-bit) word per
   8 weights and stage, one scale per row;
 - `trellis` (`quant.trellis`, method qtip): one tail-biting stream of T k bits per tile of T weights,
   one scale per row.
+Every codec has the same interface (`quant.pv`, PV-tuning's discrete step, uses it to update codes):
+    decode(layer, r0, r1)          rows r0:r1 of W_p, float32, differentiable in the scales
+    group                          weights per code group along a row (grid 1, lattice 8)
+    codes(layer, r0, r1)           int64 (r1 - r0, cols // group, stages): the codes of rows r0:r1
+    encode(layer, target, r0, r1)  (codes, values): the codeword nearest to each group of `target`
+                                   (rows r0:r1 of W_p, decode's units) under the layer's scales, and its
+                                   decoded values; exact for grids and E8P, stage by stage (greedy) for
+                                   the residual codebooks, as their quantizer
+    set_codes(layer, codes, r0, r1)  pack `codes` into rows r0:r1 of the layer's buffers
 """
 import math
 
@@ -92,6 +101,27 @@ class GridCodec:
         g = spec["groupsize"]
         return expand(scale, g, cols) * (q - expand(zero, g, cols))
 
+    group = 1
+
+    @staticmethod
+    def codes(layer, r0, r1):
+        return unpack_rows(layer.codes[r0:r1], layer.spec["wbits"], layer.spec["padded"][1]).long()[..., None]
+
+    @staticmethod
+    def encode(layer, target, r0, r1):
+        spec = layer.spec
+        cols, g = spec["padded"][1], spec["groupsize"]
+        scale, zero = layer.scale.detach(), layer.zero
+        if scale.shape[0] > 1:
+            scale, zero = scale[r0:r1], zero[r0:r1]
+        scale, zero = expand(scale, g, cols), expand(zero, g, cols)
+        q = torch.round(target / scale + zero).clamp(0, 2 ** spec["wbits"] - 1)
+        return q.long()[..., None], scale * (q - zero)
+
+    @staticmethod
+    def set_codes(layer, codes, r0, r1):
+        layer.codes[r0:r1] = pack_rows(codes[..., 0], layer.spec["wbits"])
+
 
 class VectorCodec:
     """Lattice codebook codes (`quant.e8p`): buffers `codes0`, `codes1`, ... (one per stage, rows x cols/8,
@@ -122,6 +152,22 @@ class VectorCodec:
         stages = len(self.codebook.code_bits)
         codes = self.codebook.unpack({f"codes{i}": getattr(layer, f"codes{i}")[r0:r1].reshape(-1) for i in range(stages)})
         return self.codebook.decode(codes).reshape(r1 - r0, -1) * layer.scale[r0:r1]
+
+    group = 8
+
+    def codes(self, layer, r0, r1):
+        stages = len(self.codebook.code_bits)
+        codes = self.codebook.unpack({f"codes{i}": getattr(layer, f"codes{i}")[r0:r1].reshape(-1) for i in range(stages)})
+        return codes.reshape(r1 - r0, -1, stages)
+
+    def encode(self, layer, target, r0, r1):
+        scale = layer.scale.detach()[r0:r1]
+        values, codes = self.codebook.quantize((target.float() / scale).reshape(-1, 8))
+        return codes.reshape(r1 - r0, -1, codes.shape[1]), values.reshape(r1 - r0, -1) * scale
+
+    def set_codes(self, layer, codes, r0, r1):
+        for name, t in self.codebook.pack(codes.reshape(-1, codes.shape[-1])).items():
+            getattr(layer, name)[r0:r1] = t.reshape(r1 - r0, -1)
 
 
 class TrellisCodec:
@@ -229,6 +275,7 @@ class QuantLinear(nn.Module):
         self.in_scale = nn.Parameter(torch.ones(self.in_features)) if spec.get("in_scale") else None
         self.out_scale = nn.Parameter(torch.ones(self.out_features)) if spec.get("out_scale") else None
         self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+        self.weight_grad_hook = None
         rows, cols = spec["shape"]
         self.proc = Incoherence(rows, cols, None, spec.get("rotation"), spec.get("seed", 0))
         if tuple(self.proc.padded_shape) != tuple(spec["padded"]):
@@ -266,8 +313,14 @@ class QuantLinear(nn.Module):
         return dict(self.named_buffers())
 
     def processed_weight(self, r0=0, r1=None):
-        """Rows r0:r1 of W_p decoded from the codes, float32 (differentiable in the scales)."""
-        return self.codec.decode(self, r0, self.spec["padded"][0] if r1 is None else r1)
+        """Rows r0:r1 of W_p decoded from the codes, float32 (differentiable in the scales). With
+        `weight_grad_hook` set, the backward pass hands it (dL/dW_p[r0:r1], r0, r1): the gradient wrt
+        the decoded weights that the code updates of `quant.pv` rank groups by."""
+        r1 = self.spec["padded"][0] if r1 is None else r1
+        w = self.codec.decode(self, r0, r1)
+        if self.weight_grad_hook is not None and w.requires_grad:
+            w.register_hook(lambda g: self.weight_grad_hook(g, r0, r1))
+        return w
 
     def _chunks(self):
         rows, cols = self.spec["padded"]

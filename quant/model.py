@@ -5,7 +5,10 @@ all linear layers of a decoder layer are quantized from Hessians collected in on
 
 Each quantized linear is replaced by a `quant.linear.QuantLinear` that runs from its packed codes, so
 the next layer is calibrated on the outputs of exactly the layers that will be saved and reloaded.
+With `block_ft` (`quant.blockft`, QuIP#'s finetuning during quantization) the linears of a layer are
+quantized group by group instead, each group from Hessians of the layer as finetuned so far.
 """
+import copy
 import time
 import warnings
 import zlib
@@ -17,6 +20,7 @@ from tqdm import tqdm
 from engine import UserError
 
 from . import quantize_layer
+from .blockft import finetune, linear_groups
 from .hessian import HessianAccumulator
 from .linear import QuantLinear
 
@@ -104,15 +108,30 @@ def _run(layer, inps, kwargs):
     return outs
 
 
+def _hessians(layer, names, inps, kwargs, device):
+    """{name: H} of the named linears of `layer` from one pass over the rows of `inps`."""
+    linears = {n: layer.get_submodule(n) for n in names}
+    acc = {n: HessianAccumulator(m.in_features, device) for n, m in linears.items()}
+    handles = [m.register_forward_hook(lambda mod, inp, out, a=acc[n]: a.add(inp[0])) for n, m in linears.items()]
+    try:
+        _run(layer, inps, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return acc
+
+
 @torch.no_grad()
-def quantize_model(model, input_ids, device, wbits, method, seed=0, on_result=None, **options):
+def quantize_model(model, input_ids, device, wbits, method, seed=0, on_result=None, block_ft=None, **options):
     """Quantize every linear layer inside the decoder layers of `model` in place, from the (nsamples,
     seqlen) calibration `input_ids`: each becomes a `QuantLinear` holding its packed codes. `options`
     go to `quant.quantize_layer` (incoherence, qfn, rescale, rotation, percdamp, damp_h, npasses,
     groupsize, unbiased, lazy_batch).
 
     Returns one dict per linear layer (layer index, module name, proxy loss, greedy passes, damping,
-    seconds). `on_result(row)` is called as each linear layer finishes."""
+    seconds; with `block_ft` (a `quant.blockft.BlockFT`) the last linear of each group also carries
+    the group's finetuning record under "block_ft"). `on_result(row)` is called as each linear layer
+    finishes."""
     layers, prefix = decoder_layers(model)
     use_cache = model.config.use_cache
     model.config.use_cache = False
@@ -123,34 +142,57 @@ def quantize_model(model, input_ids, device, wbits, method, seed=0, on_result=No
     finally:
         _move_outside(model, layers, home)
     rows = []
+    fp_inps = inps  # with block_ft: the fp model's hidden states, the targets of the finetuning
     for i in tqdm(range(len(layers)), desc="layers"):
         layer = layers[i].to(device)
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        acc = {n: HessianAccumulator(m.in_features, device) for n, m in linears.items()}
-        handles = [m.register_forward_hook(lambda mod, inp, out, a=acc[n]: a.add(inp[0])) for n, m in linears.items()]
-        try:
-            _run(layer, inps, kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        for name, linear in linears.items():
-            full = f"{prefix}.{i}.{name}"
-            tick = time.time()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                r = quantize_layer(linear.weight.data, acc[name].hessian(), wbits, method,
-                                   seed=layer_seed(seed, full), **options)
-            if torch.device(device).type == "cuda":  # honest per-layer seconds
-                torch.cuda.synchronize()
-            parent, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent), child, QuantLinear.from_result(r, linear.bias).to(device))
-            del acc[name]
-            row = dict(layer=i, module=name, proxy=r.proxy, npasses=r.npasses, damping=r.damping,
-                       seconds=time.time() - tick, warnings=[str(w.message) for w in caught])
-            rows.append(row)
-            if on_result is not None:
-                on_result(row)
+        if block_ft is None:
+            groups, acc = [list(linears)], _hessians(layer, linears, inps, kwargs, device)
+        else:
+            groups = linear_groups(layer, inps[:1], kwargs)
+            groups += [[n] for n in linears if not any(n in g for g in groups)]  # not called: quantized alone
+            fp_outs = _run(copy.deepcopy(layer), fp_inps, kwargs)
+        for gi, group in enumerate(groups):
+            if block_ft is not None:
+                acc = _hessians(layer, group, inps, kwargs, device)
+            group_rows = _quantize_group(layer, group, acc, i, prefix, wbits, method, seed, device, options,
+                                         channel_scales=block_ft is not None)
+            if block_ft is not None:
+                group_rows[-1]["block_ft"] = dict(finetune(layer, inps, fp_outs, kwargs, block_ft, tag=i * 100 + gi),
+                                                  group=group)
+            for row in group_rows:
+                rows.append(row)
+                if on_result is not None:
+                    on_result(row)
         inps = _run(layer, inps, kwargs)  # inputs of the next layer, from this quantized layer
+        if block_ft is not None:
+            fp_inps = fp_outs
         layers[i] = layer.to(home)
     model.config.use_cache = use_cache
+    return rows
+
+
+def _quantize_group(layer, names, acc, i, prefix, wbits, method, seed, device, options, channel_scales):
+    """Quantize the named linears of decoder layer `layer` (number i) from their Hessian accumulators
+    `acc` and put QuantLinears in their place (with trainable in/out scales when `channel_scales`);
+    one result row per linear."""
+    rows = []
+    for name in names:
+        linear = layer.get_submodule(name)
+        full = f"{prefix}.{i}.{name}"
+        tick = time.time()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = quantize_layer(linear.weight.data, acc[name].hessian(), wbits, method,
+                               seed=layer_seed(seed, full), **options)
+        if torch.device(device).type == "cuda":  # honest per-layer seconds
+            torch.cuda.synchronize()
+        parent, _, child = name.rpartition(".")
+        q = QuantLinear.from_result(r, linear.bias).to(device)
+        if channel_scales:
+            q.add_channel_scales()
+        setattr(layer.get_submodule(parent), child, q)
+        del acc[name]
+        rows.append(dict(layer=i, module=name, proxy=r.proxy, npasses=r.npasses, damping=r.damping,
+                         seconds=time.time() - tick, warnings=[str(w.message) for w in caught]))
     return rows
