@@ -277,9 +277,9 @@ def main(argv=None):
     model.to("cpu")
     if args.save:
         if quantized:
+            done = {k: report[k] for k in ("block_ft", "e2e_ft") if k in report}  # recorded only when run
             save_quantized(model, tokenizer, args.save, dict(method=args.quant, wbits=args.wbits, options=options,
-                                                             block_ft=report.get("block_ft"),
-                                                             e2e_ft=report.get("e2e_ft")))
+                                                             **done))
             print(f"saved the packed {args.wbits}-bit model to {args.save}")
         else:
             lm.save_pretrained(model, tokenizer, args.save)

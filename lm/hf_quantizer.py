@@ -32,6 +32,9 @@ class RloQuantizationConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.format, self.method, self.wbits = format, method, wbits
         self.options, self.layers = options or {}, layers or {}
+        # what else opt.py recorded (e.g. block_ft / e2e_ft): kept, so save_pretrained writes it back unchanged
+        for key, value in kwargs.items():
+            setattr(self, key, value)
 
 
 @contextlib.contextmanager

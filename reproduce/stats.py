@@ -23,7 +23,8 @@ d > 0 is the claimed direction:
 - **censored rows** (iterations / epochs to a level that some run never reaches within its budget B): the
   run counts as B, a lower bound of its true value. A censored A-run makes its d an over-estimate, a censored
   B-run an under-estimate; so "reproduced" also needs every A-run to reach the level, and "not reproduced"
-  every B-run; otherwise the row is inconclusive.
+  every B-run; otherwise the row is inconclusive. A row with a censored run has no MDE (n/a): its
+  differences are bounds, so their spread does not say what the test could detect.
 - **one deterministic split** (SPECTF's own train/test files): the pairs are the shared test rows. The
   verdict is the exact two-sided McNemar test (binomial test of the b rows only A gets right against the c
   rows only B gets right, p < {ALPHA:g}), its direction the sign of b - c; its interval is the exact (Clopper-
@@ -147,7 +148,9 @@ def paired(a, b, higher_is_better=True, budget=None):
     # a censored B-run under-states d: it cannot support "not reproduced".
     if (v == "reproduced" and a_cens) or (v == "not reproduced" and b_cens):
         v = "inconclusive"
-    return dict(diff=mean, lo=lo, hi=hi, n=n, sd=sd, mde=mde(sd, n), verdict=v)
+    # Censored differences are bounds, not values: their spread says nothing about what the test could
+    # detect (all runs censored even gives sd 0, "no effect larger than 0"), so such a row has no MDE.
+    return dict(diff=mean, lo=lo, hi=hi, n=n, sd=sd, mde=math.nan if a_cens or b_cens else mde(sd, n), verdict=v)
 
 
 def mcnemar(a_right, b_right, alpha=ALPHA):

@@ -17,7 +17,8 @@ import reproduce
 from engine import UserError, mean_ci
 from reproduce import cli, digits, gan, llm, report, spiral
 from reproduce.common import SHARED_UCI, UCI, first_at
-from reproduce.stats import (choose, interval, mcnemar, mde, paired, power, reach, seeds_needed, verdict)
+from reproduce.stats import (choose, interval, mcnemar, mde, paired, paired_cells, power, reach, seeds_needed,
+                             verdict)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INF = math.inf
@@ -90,6 +91,11 @@ def test_censored_rule():
     # ... and cannot support "not reproduced".
     p = paired([50, 52, 54, 51, 55], [10, 12, INF, 11, 9], higher_is_better=False, budget=60)
     assert p["hi"] < 0 and p["verdict"] == "inconclusive"
+    # Every run censored on both sides: d = 0 with no spread, which must not read "no effect larger than 0".
+    p = paired([INF] * 5, [INF] * 5, higher_is_better=False, budget=8)
+    assert p["verdict"] == "inconclusive" and math.isnan(p["mde"])
+    assert paired_cells(p)[1:] == ["n/a", "inconclusive"]
+    assert not math.isnan(paired([10, 12, 14, 11, 9], [80, 90, 70, 85, 95], higher_is_better=False)["mde"])
 
 
 def test_mcnemar_one_split_by_hand():
