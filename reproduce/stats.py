@@ -24,7 +24,8 @@ d > 0 is the claimed direction:
   run counts as B, a lower bound of its true value. A censored A-run makes its d an over-estimate, a censored
   B-run an under-estimate; so "reproduced" also needs every A-run to reach the level, and "not reproduced"
   every B-run; otherwise the row is inconclusive. A row with a censored run has no MDE (n/a): its
-  differences are bounds, so their spread does not say what the test could detect.
+  differences are bounds, so their spread does not say what the test could detect; nor does a row whose
+  differences have no spread at all (e.g. the same predictions on every fold).
 - **one deterministic split** (SPECTF's own train/test files): the pairs are the shared test rows. The
   verdict is the exact two-sided McNemar test (binomial test of the b rows only A gets right against the c
   rows only B gets right, p < {ALPHA:g}), its direction the sign of b - c; its interval is the exact (Clopper-
@@ -150,7 +151,10 @@ def paired(a, b, higher_is_better=True, budget=None):
         v = "inconclusive"
     # Censored differences are bounds, not values: their spread says nothing about what the test could
     # detect (all runs censored even gives sd 0, "no effect larger than 0"), so such a row has no MDE.
-    return dict(diff=mean, lo=lo, hi=hi, n=n, sd=sd, mde=math.nan if a_cens or b_cens else mde(sd, n), verdict=v)
+    # No spread (every pair differs by the same amount, e.g. identical predictions on every fold) gives a
+    # zero-width interval and an MDE of 0, which would claim too much: such a row has no MDE either.
+    no_mde = a_cens or b_cens or sd == 0
+    return dict(diff=mean, lo=lo, hi=hi, n=n, sd=sd, mde=math.nan if no_mde else mde(sd, n), verdict=v)
 
 
 def mcnemar(a_right, b_right, alpha=ALPHA):

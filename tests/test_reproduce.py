@@ -96,6 +96,9 @@ def test_censored_rule():
     assert p["verdict"] == "inconclusive" and math.isnan(p["mde"])
     assert paired_cells(p)[1:] == ["n/a", "inconclusive"]
     assert not math.isnan(paired([10, 12, 14, 11, 9], [80, 90, 70, 85, 95], higher_is_better=False)["mde"])
+    # Identical results on every fold: no spread, so no MDE ("no effect larger than 0" would claim too much).
+    p = paired([96.6] * 5, [96.6] * 5)
+    assert p["verdict"] == "inconclusive" and math.isnan(p["mde"])
 
 
 def test_mcnemar_one_split_by_hand():
