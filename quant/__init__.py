@@ -148,37 +148,31 @@ def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, r
                 in_scale=s is not None)
     what = f"H ({rows}x{cols} weight)"
     damping, passes = 0.0, 0
-    if m.codebook == "vector":
-        from .e8p import get_codebook
+    if m.codebook in ("vector", "trellis"):  # codebooks with one scale per row, rounded by block LDLQ
+        if m.codebook == "vector":
+            from .e8p import get_codebook
 
-        codebook = get_codebook(VECTOR_CODEBOOKS[wbits])
+            codebook = get_codebook(VECTOR_CODEBOOKS[wbits])
+            quantize_blocks = lambda Hd: vector_quantize(Wp, Hd, codebook, blocksize)  # noqa: E731
+            recorded = dict(codebook=codebook.name, stage_scales=list(codebook.stage_scales))
+        else:
+            from .trellis import Trellis
+
+            trellis = Trellis(k=wbits, **m.trellis)
+            quantize_blocks = lambda Hd: trellis_quantize(Wp, Hd, trellis, blocksize)  # noqa: E731
+            recorded = dict(codebook="trellis", trellis=dict(m.trellis, k=wbits),
+                            tile=list(trellis_tile(trellis, Wp.shape)))
         found = []
 
-        def run_vector(Hd):
-            Wr, codes, scale = vector_quantize(Wp, Hd, codebook, blocksize)
+        def run_codebook(Hd):
+            Wr, codes, scale = quantize_blocks(Hd)
             found[:] = [codes, scale]
             return Wr
 
-        Wq, damping = with_damping(Hp, percdamp if damp_h else 0.0, run_vector, what=what)
+        Wq, damping = with_damping(Hp, percdamp if damp_h else 0.0, run_codebook, what=what)
         codes, scale = found
         scale, zero = scale.float(), None
-        spec.update(codebook=codebook.name, groupsize=-1, stage_scales=list(codebook.stage_scales))
-    elif m.codebook == "trellis":
-        from .trellis import Trellis
-
-        trellis = Trellis(k=wbits, **m.trellis)
-        found = []
-
-        def run_trellis(Hd):
-            Wr, codes, scale = trellis_quantize(Wp, Hd, trellis, blocksize)
-            found[:] = [codes, scale]
-            return Wr
-
-        Wq, damping = with_damping(Hp, percdamp if damp_h else 0.0, run_trellis, what=what)
-        codes, scale = found
-        scale, zero = scale.float(), None
-        spec.update(codebook="trellis", groupsize=-1, trellis=dict(m.trellis, k=wbits),
-                    tile=list(trellis_tile(trellis, Wp.shape)))
+        spec.update(groupsize=-1, **recorded)
     else:
         grid = make_grid(Wp, wbits, qfn, groupsize)
         generator = torch.Generator().manual_seed(seed) if unbiased else None
