@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from engine import UserError
+from engine import UserError, atomic_savefig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_UCI = os.path.join(ROOT, "..", "shared", "data", "uci")
@@ -25,6 +25,17 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, out, name, **savefig_kwargs):
+    """Lay out, write atomically to out/name and close a pyplot figure; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    atomic_savefig(fig, path, **savefig_kwargs)
+    plt.close(fig)
+    return path
 
 
 @contextlib.contextmanager

@@ -4,9 +4,8 @@ import os
 
 import numpy as np
 
-from engine import atomic_savefig
 
-from .common import UCI, first_at, fold, pyplot, uci_args, uci_present
+from .common import UCI, first_at, fold, pyplot, save_figure, uci_args, uci_present
 from .report import Section, Table, headline_row
 from .stats import paired, paired_cells, reach, verdict
 
@@ -125,10 +124,7 @@ def report(cfg, res, ctx, command):
                 ax.set_xlim(0, budget)
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(ctx.out, "convergence.png")
-        atomic_savefig(fig, path)
-        plt.close(fig)
+        path = save_figure(fig, ctx.out, "convergence.png")
         sec.figures.append((path, "Training objective (normalised to its own minimum) and training accuracy per GD "
                                   "iteration, mean over folds", command))
     return sec

@@ -4,9 +4,9 @@ import os
 
 import numpy as np
 
-from engine import atomic_savefig, read_csv
+from engine import read_csv
 
-from .common import first_at, lr_text, pyplot, quiet
+from .common import first_at, lr_text, pyplot, quiet, save_figure
 from .report import Section, Table, headline_row
 from .stats import choose, fmt, interval, paired, paired_cells, reach, verdict
 
@@ -145,10 +145,7 @@ def report(cfg, res, ctx, command):
                    ylim=(max(0, min(c.min() for c in curves.values()) - 5), 100.5))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(ctx.out, "digits_test_accuracy.png")
-        atomic_savefig(fig, path)
-        plt.close(fig)
+        path = save_figure(fig, ctx.out, "digits_test_accuracy.png")
         sec.figures.append((path, "Test accuracy per epoch on digits at each loss's chosen learning rate, mean over "
                                   "seeds", command))
     return sec

@@ -4,9 +4,8 @@ import os
 
 import numpy as np
 
-from engine import atomic_savefig
 
-from .common import lr_text, pyplot
+from .common import lr_text, pyplot, save_figure
 from .report import Section, Table, headline_row
 from .stats import choose, fmt, interval, paired, paired_cells, verdict
 
@@ -141,10 +140,7 @@ def report(cfg, res, ctx, command):
                 gan.scatter(axes[i][j], r["samples"], centers, std, f"{data}, {gan.label(loss, 2.0)}, lr "
                             f"{chosen[(data, loss)]:g}, seed 0: {r['modes']}/{r['n_modes']} modes, {r['hq']:.0%} HQ",
                             lim)
-        fig.tight_layout()
-        path = os.path.join(ctx.out, "gan_samples.png")
-        atomic_savefig(fig, path, dpi=100)
-        plt.close(fig)
+        path = save_figure(fig, ctx.out, "gan_samples.png", dpi=100)
         sec.figures.append((path, "Final generated samples at each loss's chosen lr (seed 0, 1000 shown) with each "
                                   "mode's 3-std disc", command))
         sec.figures.append((dynamics_figure(cfg, res, present, grid, ctx.out), "Training dynamics at every lr of the "
@@ -187,8 +183,5 @@ def dynamics_figure(cfg, res, present, grid, out):
             ax.grid(alpha=0.3)
         axes[i][2].set_yscale("log")
         axes[i][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out, "gan_dynamics.png")
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
+    path = save_figure(fig, out, "gan_dynamics.png", dpi=100)
     return path

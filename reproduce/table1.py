@@ -4,9 +4,8 @@ import os
 
 import numpy as np
 
-from engine import atomic_savefig
 
-from .common import UCI, fold, pyplot, uci_args, uci_present
+from .common import UCI, fold, pyplot, save_figure, uci_args, uci_present
 from .report import Section, Table, headline_row
 from .stats import fmt, interval, mcnemar, paired, paired_cells, seeds_needed, verdict
 
@@ -142,10 +141,7 @@ def report(cfg, res, ctx, command):
             ax.set(xlabel="k", ylabel="test accuracy (%)", title=dataset, xscale="log")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(ctx.out, "table1_accuracy_vs_k.png")
-        atomic_savefig(fig, path)
-        plt.close(fig)
+        path = save_figure(fig, ctx.out, "table1_accuracy_vs_k.png")
         sec.figures.append((path, "Test accuracy against k (mean ± 95% CI over the folds), LR and the paper's numbers",
                             command))
     return sec
