@@ -10,6 +10,7 @@ import lm
 import opt
 import quant
 from engine import UserError
+from quant import kernels
 from quant.linear import TrellisCodec
 from quant.trellis import Trellis
 from tests.lm_fixtures import save_tiny_lm, write_wikitext
@@ -29,8 +30,20 @@ def all_streams(tr):
     return torch.stack([(ints >> (8 * (nbytes - 1 - i))) & 255 for i in range(nbytes)], 1).to(torch.uint8)
 
 
+@pytest.fixture(params=["torch", "kernel"])
+def viterbi_path(request, monkeypatch):
+    """Each Viterbi test on both paths: the torch code and the C++ search (quant/kernels/trellis.cpp)."""
+    if request.param == "kernel":
+        if not kernels.ENABLED:
+            pytest.skip("RLO_NO_KERNEL is set: the C++ kernel is disabled")
+        if kernels.extension("trellis") is None:
+            pytest.skip("the C++ Viterbi could not be built")
+    monkeypatch.setattr(kernels, "ENABLED", request.param == "kernel")
+    return request.param
+
+
 @pytest.mark.parametrize("L, k, code", [(6, 2, "1mad"), (6, 2, "3inst"), (10, 2, "hyb")])
-def test_viterbi_finds_the_exact_tail_biting_optimum_of_a_small_trellis(L, k, code):
+def test_viterbi_finds_the_exact_tail_biting_optimum_of_a_small_trellis(L, k, code, viterbi_path):
     tr = Trellis(L=L, k=k, T=8, code=code)
     streams = all_streams(tr)  # 2^16 tail-biting paths
     values = tr.decode(streams)
@@ -49,6 +62,29 @@ def test_viterbi_finds_the_exact_tail_biting_optimum_of_a_small_trellis(L, k, co
     assert bool(((X_hat - X).square().sum(1) >= err.min(1).values - 1e-4).all())
     free = (tr.values(tr.viterbi(X)) - X).square().sum(1)  # no tail-biting: a lower bound
     assert bool((free <= err.min(1).values + 1e-4).all())
+
+
+@pytest.mark.parametrize("L, k, code", [(16, 2, "hyb"), (12, 3, "hyb"), (16, 4, "hyb"), (14, 2, "1mad"),
+                                        (16, 3, "3inst"), (8, 4, "1mad"), (6, 2, "3inst")])
+def test_kernel_viterbi_finds_paths_as_cheap_as_the_torch_path(L, k, code, monkeypatch):
+    """Every vector layout of the C++ search (2^kV >= or < the vector width, groups of 8 or single
+    sequences, scalar code for tiny L): valid paths with the torch path's cost, free and constrained."""
+    if not kernels.ENABLED or kernels.extension("trellis") is None:
+        pytest.skip("the C++ Viterbi is disabled or could not be built")
+    tr = Trellis(L=L, k=k, code=code, T=64)
+    g = torch.Generator().manual_seed(L + k)
+    X = torch.randn(11, tr.T, generator=g)  # 11: a short last group of sequences
+    for overlap in (None, torch.randint(0, 1 << (L - tr.kv), (11,), generator=g)):
+        got = tr.viterbi(X, overlap)
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        want = tr.viterbi(X, overlap)
+        monkeypatch.setattr(kernels, "ENABLED", True)
+        mask = (1 << L) - 1
+        assert torch.equal((got[:, :-1] << tr.kv) & mask, got[:, 1:] & ~((1 << tr.kv) - 1) & mask)  # a path
+        if overlap is not None:  # the start's high and the end's low L - kV bits are the overlap
+            assert torch.equal(got[:, 0] >> tr.kv, overlap) and torch.equal(got[:, -1] & ((1 << (L - tr.kv)) - 1), overlap)
+        cost = lambda states: (tr.values(states) - X).square().sum(1)  # noqa: E731
+        torch.testing.assert_close(cost(got), cost(want), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("k, code", [(2, "1mad"), (3, "3inst"), (4, "hyb"), (3, "hyb")])

@@ -23,36 +23,44 @@ import torch
 from ..e8p import CODEBOOKS
 from ..incoherence import Butterfly, RandomHadamard
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_TOKENS = 16
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "packed.cpp")
+# extension name -> (source, what runs instead where it cannot be built)
+SOURCES = {"packed": ("packed.cpp", "packed layers run the slower torch path"),
+           "trellis": ("trellis.cpp", "the trellis Viterbi search runs the slower torch path")}
 ENABLED = os.environ.get("RLO_NO_KERNEL", "") in ("", "0")  # read once at import; tests toggle this flag
 _built = {}
 _plans = weakref.WeakKeyDictionary()  # layer -> its extension Plan, or None where the kernel cannot run it
 
 
-def extension():
-    """The built extension module; None if the build failed (warned once)."""
-    if "ext" not in _built:
-        _built["ext"] = _build()
-    return _built["ext"]
+def extension(name="packed"):
+    """The built extension module `name` (SOURCES); None if its build failed (warned once)."""
+    if name not in _built:
+        ext = _build(name)
+        if ext is not None and name == "packed":
+            from ..e8p import _ABS_ODD, E8_1BIT, E8P_ABS
+            ext.set_tables(E8P_ABS.float(), _ABS_ODD, E8_1BIT.float())
+        _built[name] = ext
+    return _built[name]
 
 
-def _build():
+def _build(name):
     from torch.utils.cpp_extension import load
 
-    from ..e8p import _ABS_ODD, E8_1BIT, E8P_ABS
+    source, fallback = SOURCES[name]
     capability = torch.backends.cpu.get_cpu_capability()
     simd = ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
+    if name == "trellis" and capability == "AVX512":  # 16-float vectors: twice the states per instruction
+        simd.append("-mavx512f")
     try:
-        ext = load(name=f"rlo_packed_{capability.lower()}", sources=[SOURCE],
+        ext = load(name=f"rlo_{name}_{capability.lower()}", sources=[os.path.join(HERE, source)],
                    extra_cflags=["-O3", "-ffp-contract=fast", *simd])
     except Exception as e:  # no compiler or ninja, a read-only cache, ...
         lines = str(e).strip().splitlines() or [type(e).__name__]
         reason = next((line for line in lines if "error" in line.lower()), lines[-1]).strip()
-        warnings.warn(f"quant.kernels: the C++ kernel for packed layers could not be built ({reason}); "
-                      "packed layers run the slower torch path (RLO_NO_KERNEL=1 skips the build)", stacklevel=4)
+        warnings.warn(f"quant.kernels: the C++ kernel {source} could not be built ({reason}); {fallback} "
+                      "(RLO_NO_KERNEL=1 skips the build)", stacklevel=4)
         return None
-    ext.set_tables(E8P_ABS.float(), _ABS_ODD, E8_1BIT.float())
     return ext
 
 
