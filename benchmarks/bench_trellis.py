@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import quant  # noqa: E402
+from quant import kernels  # noqa: E402
 from quant.e8p import get_codebook  # noqa: E402
 from quant.trellis import CODES, KBITS, Trellis  # noqa: E402
 
@@ -92,6 +93,18 @@ def main():
         print(line, flush=True)
     if args.no_time:
         return
+    print(f"Viterbi (one pass, {args.sequences} sequences of 256 weights, L=16, 2 bits), C++ kernel vs torch:")
+    for code in args.codes:
+        tr = Trellis(k=2, code=code)
+        seconds = {}
+        for path in (True, False):
+            kernels.ENABLED = path
+            tick = time.perf_counter()
+            tr.viterbi(Z)
+            seconds[path] = time.perf_counter() - tick
+        kernels.ENABLED = True
+        print(f"  {code}: kernel {seconds[True]:.3f} s, torch {seconds[False]:.3f} s ({seconds[False] / seconds[True]:.0f}x)",
+              flush=True)
     bits = args.time_bits
     print(f"seconds per layer, {bits} bits, quant.quantize_layer (RHT + block LDLQ + codebook), same run:")
     for n in (768, 4096):
@@ -104,7 +117,7 @@ def main():
         for method in args.time_methods:
             seconds, proxy = timed(W[:rows], H, bits, method)
             scaled = seconds * n / rows
-            line += f"; {method} {scaled:.1f} s{note} = {scaled / e8p_s:.0f}x e8p, proxy / e8p's {proxy / e8p_rows:.3f}"
+            line += f"; {method} {scaled:.1f} s{note} = {scaled / e8p_s:.1f}x e8p, proxy / e8p's {proxy / e8p_rows:.3f}"
         print(line, flush=True)
 
 
