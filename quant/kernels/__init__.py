@@ -13,6 +13,8 @@ The extension is built on first use with torch.utils.cpp_extension (ninja, a C++
 minute) into torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),
 once per CPU capability (-mavx2 -mfma where torch reports AVX2 or AVX512), and reused afterwards.
 RLO_NO_KERNEL=1 (read at import) disables it; a failed build warns once and leaves the torch path.
+`extension("trellis")` is the second extension, `trellis.cpp`: the Viterbi search of quant.trellis
+(called from `Trellis.viterbi`), built and disabled the same way.
 """
 import os
 import warnings
