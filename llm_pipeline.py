@@ -62,6 +62,9 @@ def parse_args(argv):
     p.add_argument("--m", type=float, default=5.0, help="RLO scale m (the AISTATS runs: 5)")
     p.add_argument("--quant", nargs="+", default=["ldlqRG", "e8p"], choices=quant.METHODS, help="PTQ methods")
     p.add_argument("--wbits", nargs="+", type=int, default=[2, 3, 4], choices=[2, 3, 4])
+    p.add_argument("--block-ft", type=int, metavar="STEPS",
+                   help="opt.py --block-ft for every PTQ: QuIP#'s finetuning during quantization (default: none)")
+    p.add_argument("--block-ft-lr", type=float, default=1e-3, help="opt.py --block-ft-lr")
     p.add_argument("--incoh", nargs="+", default=["on"], choices=["off", "on"],
                    help="opt.py --incoh_processing (the AISTATS command); e8p rotates either way")
     p.add_argument("--seqlen", type=int, default=256, help="training block length")
@@ -84,8 +87,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("runs", "llm_pipeline")
     require_positive_ints(args, "seqlen", "eval_seqlen", "eval_windows", "nsamples", "ft_steps", "qft_steps", "bs",
-                          "threads", "jobs")
-    for flag, values in (("--lr", args.lr), ("--qft-lr", args.qft_lr)):
+                          "threads", "jobs", "block_ft")
+    for flag, values in (("--lr", args.lr), ("--qft-lr", args.qft_lr), ("--block-ft-lr", [args.block_ft_lr])):
         if not all(math.isfinite(v) and v > 0 for v in values):
             raise UserError(f"{flag} values must be finite numbers > 0, got {' '.join(map(str, values))}")
     if not 0 < args.valid_fraction < 1:
@@ -150,6 +153,8 @@ def quantize(args, model, method, wbits, incoh, seed, train_file, eval_file, out
             str(args.nsamples), "--seqlen", str(args.eval_seqlen), "--eval-windows", str(args.eval_windows),
             "--wbits", str(wbits), "--quant", method, "--seed", str(seed), "--device", args.device, "--threads",
             str(args.threads), "--save", out]
+    if args.block_ft:
+        argv += ["--block-ft", str(args.block_ft), "--block-ft-lr", str(args.block_ft_lr)]
     return opt.main(argv + (["--incoh_processing"] if incoh == "on" else []))
 
 

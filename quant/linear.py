@@ -226,17 +226,33 @@ class TrellisCodec:
         return layer.codes[t0:t1]
 
     @classmethod
+    def tiles(cls, layer, M):
+        """(rows, cols) -> (tiles down, tiles across, T): each tile's weights in stream order."""
+        (tx, ty), (rows, cols) = layer.spec["tile"], M.shape
+        return M.reshape(rows // tx, tx, cols // ty, ty).transpose(1, 2).reshape(rows // tx, cols // ty, tx * ty)
+
+    @classmethod
+    def untile(cls, layer, tiles):
+        """Inverse of `tiles`: (rows, cols)."""
+        (tx, ty), (n, blocks) = layer.spec["tile"], tiles.shape[:2]
+        return tiles.reshape(n, blocks, tx, ty).transpose(1, 2).reshape(n * tx, blocks * ty)
+
+    @classmethod
+    def encode_tiles(cls, layer, targets, scales):
+        """(streams (m, T k / 8), values (m, T)): tiles `targets` (m, T, decode's units) coded anew under the
+        per-weight row scales `scales` (m, T), by the tail-biting Viterbi search of quantization."""
+        values, packed = cls.trellis(layer.spec).quantize(targets.float() / scales)
+        return packed, values * scales
+
+    @classmethod
     def encode(cls, layer, target, r0, r1):
         """(streams, values): every tile of `target` (rows r0:r1 of W_p, decode's units) coded anew under
-        the layer's row scales (tail-biting Viterbi, as at quantization), and the values they decode to."""
-        t0, t1 = cls._tiles(layer, r0, r1)
-        tr, (tx, ty) = cls.trellis(layer.spec), layer.spec["tile"]
-        scale = layer.scale.detach()[r0:r1]
-        n, blocks = t1 - t0, target.shape[1] // ty
-        tiles = (target.float() / scale).reshape(n, tx, blocks, ty).transpose(1, 2).reshape(n * blocks, tx * ty)
-        values, packed = tr.quantize(tiles)
-        values = values.reshape(n, blocks, tx, ty).transpose(1, 2).reshape(r1 - r0, -1) * scale
-        return packed.reshape(n, blocks, -1), values
+        the layer's row scales, and the values they decode to."""
+        cls._tiles(layer, r0, r1)
+        scale = layer.scale.detach()[r0:r1].expand_as(target)
+        tiles, scales = cls.tiles(layer, target), cls.tiles(layer, scale)
+        packed, values = cls.encode_tiles(layer, tiles.reshape(-1, tiles.shape[-1]), scales.reshape(-1, tiles.shape[-1]))
+        return packed.reshape(*tiles.shape[:2], -1), cls.untile(layer, values.reshape(tiles.shape))
 
     @classmethod
     def set_codes(cls, layer, codes, r0, r1):

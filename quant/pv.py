@@ -4,10 +4,14 @@
 Finetuning a packed model (`ft_opt.py --model PACKED_DIR`) trains only continuous parameters (the
 "P" step). The V step also moves codes: with G = dL/dW_p, the gradient of the training loss wrt a
 layer's decoded weights (in the processed basis, where the codes live), each code group (grid: one
-weight; E8P: 8 weights) gets a candidate, the codeword nearest to its updated target W - eta G, and the
-groups whose linearised improvement -<G, W_new - W_old> is largest take their candidate, a fixed
+weight; E8P: 8 weights; trellis: one tile's stream of T weights) gets a candidate, the codeword
+nearest to its updated target W - eta G, and the groups whose linearised improvement -<G, W_new - W_old> is largest take their candidate, a fixed
 fraction of each layer's groups per step. Everything else stays: the codes remain codewords of the
-layer's codebook (they come from its encoder), the checkpoint remains packed.
+layer's codebook (they come from its encoder: a trellis tile is searched anew by the tail-biting
+Viterbi of quantization, on its updated target in the scaled basis of its stream, so it stays a valid
+stream), the checkpoint remains packed. A Viterbi search costs far more than rounding or the E8P search,
+so in a trellis layer only CANDIDATES times as many tiles as will change are searched, those with the
+largest |G| x norm.
 
 The step eta: a gradient step small enough to leave a group at its codeword changes nothing, one large
 enough to jump over many codewords is not a descent step of the linearised loss any more. So each
@@ -24,38 +28,76 @@ import math
 
 import torch
 
-from engine import UserError
-
-from .linear import QuantLinear
+from .linear import QuantLinear, TrellisCodec
 
 LADDER = tuple(2.0 ** k for k in range(-4, 3))  # 1/16 .. 4 RMS group norms
+CANDIDATES = 4  # trellis: groups searched per group to change (x the fraction), those of largest |G| x RMS norm
+
+
+def _tiled(layer):
+    return layer.codec is TrellisCodec  # the codec class itself (quant.linear.CODECS)
+
+
+def group_view(layer, M):
+    """A (rows, cols) matrix as its code groups, flat (groups, size): runs of `codec.group` weights
+    along the rows (grid, E8P), or a trellis's tiles in stream order (one group per stream)."""
+    if _tiled(layer):
+        tiles = layer.codec.tiles(layer, M)
+        return tiles.reshape(-1, tiles.shape[-1])
+    return M.reshape(-1, layer.codec.group)
+
+
+def group_count(layer):
+    rows, cols = layer.spec["padded"]
+    return rows * cols // (layer.codec.trellis(layer.spec).T if _tiled(layer) else layer.codec.group)
+
+
+def _encode(layer, W, index, targets):
+    """(codes, values) of the groups `index` of W (flat groups) moved to `targets`, from the codec's
+    encoder: a Viterbi search per trellis tile; the whole matrix for the cheap run encoders."""
+    rows, cols = layer.spec["padded"]
+    if _tiled(layer):
+        scales = group_view(layer, layer.scale.detach().expand(rows, cols))
+        return layer.codec.encode_tiles(layer, targets, scales[index])
+    full = W.clone()
+    full[index] = targets
+    codes, values = layer.codec.encode(layer, full.reshape(rows, cols), 0, rows)
+    return codes.reshape(-1, codes.shape[-1])[index], values.reshape(W.shape)[index]
 
 
 @torch.no_grad()
-def propose(layer, grad):
+def propose(layer, grad, candidates=None):
     """Every code group's candidate for the gradient `grad` (dL/dW_p, padded rows x cols): (current
-    codes, candidate codes, linearised improvement per group; 0 where no candidate)."""
-    codec = layer.codec
+    codes, candidate codes, linearised improvement per group; 0 where no candidate). With
+    `candidates`, only that many groups are searched, those with the largest |G| x RMS group norm
+    (the first-order gain of a step of one norm; PV-tuning also restricts its V step to a subspace
+    chosen by the gradient)."""
     rows, cols = layer.spec["padded"]
-    size = codec.group
-    W = layer.processed_weight().detach().reshape(rows, -1, size)
-    G = grad.reshape(rows, -1, size).to(W.dtype)
-    old = codec.codes(layer, 0, rows)
-    direction = G / G.norm(dim=-1, keepdim=True).clamp(min=1e-30)
-    unit = W.square().mean((1, 2), keepdim=True).sqrt() * math.sqrt(size)
+    W = group_view(layer, layer.processed_weight().detach())
+    G = group_view(layer, grad.to(W.dtype))
+    old = layer.codec.codes(layer, 0, rows)
+    shape, old = old.shape, old.reshape(-1, old.shape[-1])
+    per_row = len(W) // (rows // layer.spec["tile"][0] if _tiled(layer) else rows)  # groups along a (tile) row
+    unit = W.reshape(-1, per_row, W.shape[1]).square().mean((1, 2)).sqrt() * math.sqrt(W.shape[1])
+    unit = unit.repeat_interleave(per_row)[:, None]
+    norm = G.norm(dim=-1, keepdim=True)
+    direction = G / norm.clamp(min=1e-30)
+    todo = torch.arange(len(W), device=W.device)
+    if candidates is not None and candidates < len(W):
+        todo = (norm * unit)[:, 0].topk(candidates).indices
     codes, values = old.clone(), W.clone()
-    found = torch.zeros(W.shape[:2], dtype=torch.bool, device=W.device)
+    found = torch.zeros(len(W), dtype=torch.bool, device=W.device)
     for length in LADDER:
-        target = W - length * unit * direction
-        c, v = codec.encode(layer, target.reshape(rows, cols), 0, rows)
-        v = v.reshape(W.shape)
-        take = ~found & (c != old).any(-1) & ((v - target).square().sum(-1) < (W - target).square().sum(-1))
-        codes[take], values[take] = c[take], v[take]
-        found |= take
-        if bool(found.all()):
+        target = W[todo] - length * unit[todo] * direction[todo]
+        c, v = _encode(layer, W, todo, target)
+        take = (c != old[todo]).any(-1) & ((v - target).square().sum(-1) < (W[todo] - target).square().sum(-1))
+        codes[todo[take]], values[todo[take]] = c[take], v[take]
+        found[todo[take]] = True
+        todo = todo[~take]
+        if not todo.numel():
             break
     gain = torch.where(found, -(G * (values - W)).sum(-1), torch.zeros((), dtype=W.dtype, device=W.device))
-    return old, codes, gain
+    return old.reshape(shape), codes.reshape(shape), gain.reshape(shape[:-1])
 
 
 @torch.no_grad()
@@ -67,7 +109,7 @@ def apply(layer, proposal, fraction):
     chosen = torch.zeros(gain.numel(), dtype=torch.bool, device=gain.device)
     chosen[gain.flatten().topk(k).indices] = True
     chosen = chosen.reshape(gain.shape) & (gain > 0)
-    layer.codec.set_codes(layer, torch.where(chosen[..., None], codes, old), 0, old.shape[0])
+    layer.codec.set_codes(layer, torch.where(chosen[..., None], codes, old), 0, layer.spec["padded"][0])
     return int(chosen.sum())
 
 
@@ -78,10 +120,6 @@ class CodeUpdater:
     def __init__(self, model, fraction):
         self.fraction = fraction
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-        for name, m in self.layers.items():
-            if not hasattr(m.codec, "group"):  # trellis: a code group is a whole tile, not a run along a row
-                raise UserError(f"--update-codes re-encodes runs of codes along a row (grid and e8p codebooks); "
-                                f"layer {name} uses the {m.codec.name} codec, whose code groups are whole tiles")
         self.grads = {}
         self.start = {n: m.codec.codes(m, 0, m.spec["padded"][0]).clone() for n, m in self.layers.items()}
         for name, m in self.layers.items():
@@ -89,7 +127,11 @@ class CodeUpdater:
 
     def groups(self):
         """Code groups of the model (the denominator of the fraction)."""
-        return sum(m.spec["padded"][0] * m.spec["padded"][1] // m.codec.group for m in self.layers.values())
+        return sum(group_count(m) for m in self.layers.values())
+
+    def candidates(self, layer):
+        """Groups searched in `layer` (None: all): a trellis tile costs a Viterbi search per ladder step."""
+        return CANDIDATES * max(1, round(self.fraction * group_count(layer))) if _tiled(layer) else None
 
     def differ(self):
         """Code groups whose codes differ from those at the start."""
@@ -108,19 +150,20 @@ class CodeUpdater:
     def step(self, evaluate, tries=3):
         """The V step on every layer that received a gradient, kept only if the loss `evaluate()` goes down; otherwise the codes are restored and a quarter of
         the fraction is tried, `tries` times in all. Returns the number of code groups changed."""
-        proposals = {n: propose(self.layers[n], g) for n, g in self.grads.items()}
+        proposals = {n: propose(self.layers[n], g, self.candidates(self.layers[n])) for n, g in self.grads.items()}
         self.clear()
         if not proposals:
             return 0
         before = evaluate()
         fraction = self.fraction
         for _ in range(tries):
-            saved = {n: self.layers[n].codec.codes(self.layers[n], 0, p[0].shape[0]) for n, p in proposals.items()}
+            saved = {n: self.layers[n].codec.codes(self.layers[n], 0, self.layers[n].spec["padded"][0]).clone()
+                     for n in proposals}
             changed = sum(apply(self.layers[n], p, fraction) for n, p in proposals.items())
             if changed == 0 or evaluate() < before:
                 return changed
             for n, codes in saved.items():
-                self.layers[n].codec.set_codes(self.layers[n], codes, 0, codes.shape[0])
+                self.layers[n].codec.set_codes(self.layers[n], codes, 0, self.layers[n].spec["padded"][0])
             fraction /= 4
         return 0
 

@@ -14,7 +14,7 @@ import quant
 from engine import UserError
 from quant.blockft import BlockFT, finetune_e2e, relative_error
 from quant.e8p import get_codebook
-from quant.linear import QuantLinear
+from quant.linear import QuantLinear, TrellisCodec
 from quant.model import _layer_inputs, _run, decoder_layers, quantize_model
 from quant.pv import CodeUpdater, apply, propose
 from tests.lm_fixtures import save_tiny_lm, write_wikitext
@@ -137,6 +137,58 @@ def test_code_updates_change_the_requested_fraction_to_valid_codewords_and_lower
     layer.codec.set_codes(layer, before, 0, 16)
     updater.grads = {"": grad}
     assert updater.step(loss) > 0 and loss() < first  # the guarded step lowers the loss
+
+
+def test_trellis_code_updates_re_encode_the_requested_fraction_of_tiles_to_valid_streams_and_lower_the_loss():
+    """A trellis code group is a tile's stream: the V step searches it anew (Viterbi) on its updated
+    target; the streams it writes decode to the values it ranked them by. The layer fits a moved target
+    (as after finetuning moved the rest of the model): at LDLQ's own optimum every whole-tile change
+    costs more than its linearised gain (measured: all 8 tiles), so the guarded step keeps none there."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 64, generator=g)
+    X = torch.randn(256, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    layer = QuantLinear.from_result(quant.quantize_layer(W, X.T @ X / 256, 2, "qtip1mad", seed=0))
+    Y = X @ (W + 0.3 * torch.randn(32, 64, generator=g)).T
+    loss = torch.no_grad()(lambda: float((layer(X) - Y).square().mean()))
+    updater = CodeUpdater(layer, 0.25)
+    assert updater.groups() == 8 and updater.candidates(layer) == 8  # 2 x 4 tiles of 16 x 16; 2 to change
+    before, first = layer.codes.clone(), loss()
+    (layer(X) - Y).square().mean().backward()
+    grad = updater.grads[""]
+    Wp = layer.processed_weight().detach()
+    old, streams, gain = propose(layer, grad)
+    assert streams.dtype == torch.uint8 and streams.shape == old.shape == (2, 4, 64)  # 256 weights x 2 bits
+    assert int((gain > 0).sum()) >= 2
+    assert apply(layer, (old, streams, gain), 0.25) == 2
+    changed = (layer.codes != before).any(-1)
+    assert int(changed.sum()) == 2 and bool((gain[changed] >= gain[~changed].max()).all())  # the 2 best tiles
+    tiles = lambda M: TrellisCodec.tiles(layer, M)
+    new = layer.processed_weight().detach()
+    assert torch.equal(tiles(new)[~changed], tiles(Wp)[~changed])
+    # the stored streams decode to the candidates that were ranked: same linearised gain
+    torch.testing.assert_close(-(tiles(grad) * (tiles(new) - tiles(Wp))).sum(-1)[changed], gain[changed], rtol=1e-4, atol=1e-7)
+    assert int((propose(layer, grad, 3)[2] != 0).sum()) <= 3  # a limited search ranks only its candidates
+    layer.codes.copy_(before)
+    updater.grads = {"": grad}
+    assert updater.step(loss) > 0 and loss() < first  # the guarded step lowers the loss
+    updater.close()
+
+
+def test_ft_opt_update_codes_on_a_trellis_checkpoint_lowers_the_loss_and_stays_packed(assets):
+    packed, out = str(assets["root"] / "qtip"), str(assets["root"] / "qtip_pv")
+    opt.main([assets["llama"], "wikitext2", "--data-dir", assets["data"], *CALIB, "--nsamples", "4", "--wbits", "2",
+              "--quant", "qtip", "--proxy_only", "--save", packed])
+    metrics = ft_opt.main(["--model", packed, "--data-dir", assets["data"], "--out", out, *QFT, "--epochs", "2",
+                           "--update-codes", "0.05", "--update-codes-every", "3"])
+    before, _ = lm.load_causal_lm(packed)
+    layers = [q for q in before.modules() if isinstance(q, QuantLinear)]
+    assert metrics["code_groups"] == sum(q.spec["padded"][0] * q.spec["padded"][1] // 256 for q in layers)
+    assert metrics["code_updates"] == 4 and 0 < metrics["codes_differ"] <= metrics["codes_changed"]
+    assert metrics["train_loss"][-1] < metrics["train_loss"][0] and metrics["ppl_after"] < metrics["ppl_before"]
+    model, tokenizer = lm.load_causal_lm(out)  # packed streams again, the updated ones in it
+    assert all(q.codes.dtype == torch.uint8 for q in model.modules() if isinstance(q, QuantLinear))
+    ids = lm.encode(tokenizer, lm.load_text("wikitext2", "test", assets["data"]))
+    assert lm.perplexity(model, ids, metrics["eval_seqlen"]) == pytest.approx(metrics["ppl_after"], rel=1e-6)
 
 
 def test_ft_opt_update_codes_trains_saves_packed_and_reloads_with_the_same_perplexity(assets):

@@ -179,6 +179,17 @@ def test_parallel_jobs_give_the_same_rows(tmp_path):
         assert {k: v for k, v in a.items() if k != "ptq_seconds"} == {k: v for k, v in b.items() if k != "ptq_seconds"}
 
 
+def test_a_trellis_method_with_block_ft_runs_end_to_end(tmp_path):
+    out = tmp_path / "qtip"
+    argv = tiny_argv(str(tmp_path), str(out), "--losses", "ce", "--quant", "qtip1mad", "--wbits", "2",
+                     "--lr", "3e-3", "--qft-lr", "3e-3", "--seeds", "0", "--block-ft", "2")
+    [row] = llm_pipeline.main(argv)
+    assert (row["quant"], row["wbits"]) == ("qtip1mad", 2) and row["qft_codes_unchanged"] and row["qft"] < row["ptq"]
+    with open(out / "ptq_ce_s0_qtip1mad_w2_incohon" / "config.json") as f:
+        config = json.load(f)["quantization_config"]
+    assert config["block_ft"]["steps"] == 2 and {s["codebook"] for s in config["layers"].values()} == {"trellis"}
+
+
 def test_user_errors_are_one_line(tmp_path):
     argv = tiny_argv(str(tmp_path), str(tmp_path / "x"))
     test = argv[argv.index("--eval-file") + 1]
@@ -191,7 +202,8 @@ def test_user_errors_are_one_line(tmp_path):
     for flags, message in ((["--valid-fraction", "1"], "--valid-fraction must lie strictly between 0 and 1"),
                            (["--lr", "1e-3", "0"], "--lr values must be finite numbers > 0"),
                            (["--qft-lr", "nan"], "--qft-lr values must be finite"),
-                           (["--jobs", "0"], "--jobs"), (["--quant", "e9p"], "invalid choice")):
+                           (["--jobs", "0"], "--jobs"), (["--quant", "e9p"], "invalid choice"),
+                           (["--block-ft", "0"], "--block-ft must be >= 1"), (["--block-ft-lr", "0"], "--block-ft-lr")):
         with pytest.raises(UserError, match=message):
             llm_pipeline.main(argv + flags)
     train = argv[argv.index("--train-file") + 1]

@@ -151,9 +151,6 @@ def test_qtip_layer_runs_from_its_streams_and_beats_e8p_on_the_proxy(wbits):
         torch.testing.assert_close(layer.processed_weight(), W_p, atol=1e-6, rtol=0)
         with pytest.raises(UserError, match="tiles of 16 rows"):
             TrellisCodec.codes(layer, 3, 16)
-        from quant.pv import CodeUpdater
-        with pytest.raises(UserError, match="whole tiles"):  # ft_opt --update-codes: one line, not a crash
-            CodeUpdater(torch.nn.Sequential(layer), 0.01)
 
 
 def test_packed_size_at_opt_125m_shapes_is_below_0_14_of_fp16():
