@@ -55,8 +55,9 @@ def _build(name):
     if name == "trellis" and capability == "AVX512":  # 16-float vectors: twice the states per instruction
         simd.append("-mavx512f")
     try:
+        # -fopenmp: at::parallel_for is inline OpenMP code; compiled without it, it runs on one thread
         ext = load(name=f"rlo_{name}_{capability.lower()}", sources=[os.path.join(HERE, source)],
-                   extra_cflags=["-O3", "-ffp-contract=fast", *simd])
+                   extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp", *simd], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler or ninja, a read-only cache, ...
         lines = str(e).strip().splitlines() or [type(e).__name__]
         reason = next((line for line in lines if "error" in line.lower()), lines[-1]).strip()
