@@ -153,7 +153,6 @@ class Trellis:
         `overlap` (n,) the path starts in a state whose high L - kV bits are `overlap` and ends in one
         whose low L - kV bits are `overlap`: the best tail-biting stream with that overlap."""
         n = X.shape[0]
-        step = max(1, _BEST_BYTES // (4 * (X.shape[1] // self.V) << (self.L - self.kv)))
         if not n:
             return torch.zeros(0, X.shape[1] // self.V, dtype=torch.int64, device=X.device)
         ext = kernels.extension("trellis") if kernels.ENABLED and X.device.type == "cpu" else None
@@ -162,6 +161,7 @@ class Trellis:
             overlap = torch.empty(0, dtype=torch.int64) if overlap is None else overlap.long().contiguous()
             return ext.viterbi(X.float().contiguous(), table, norms, self.L, self.kv, overlap,
                               8 if self.kv >= 4 else 1)  # sequences sharing each table load: fastest measured
+        step = max(1, _BEST_BYTES // (4 * (X.shape[1] // self.V) << (self.L - self.kv)))
         return torch.cat([self._viterbi(X[i:i + step], None if overlap is None else overlap[i:i + step])
                           for i in range(0, n, step)])
 

@@ -181,7 +181,7 @@ __attribute__((noinline)) static void forward(const Trellis& tr, const float* P,
 // miss the cache independently, so they overlap): the end group is the first minimum of the last row
 // (or the overlap), then each step's state is its group's first cheapest predecessor.
 template <int V, int S>
-static void traceback(const Trellis& tr, const float* const* x, float* const* hist, int64_t row,
+static void traceback(const Trellis& tr, const float* const* x, const float* const* hist, int64_t row,
                       const int64_t* overlap, int count, int64_t* const* states) {
   int64_t b[S];
   for (int i = 0; i < count; ++i) {
