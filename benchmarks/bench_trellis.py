@@ -6,6 +6,7 @@ qtip1mad: 1MAD).
 
     python benchmarks/bench_trellis.py                   # MSE of every code, then the layer timings
     python benchmarks/bench_trellis.py --fit             # re-derive quant.trellis.INPUT_RMS
+    python benchmarks/bench_trellis.py --sweep --sequences 1024   # HYB: seam_bits, L and hyb_q against MSE and time
 
 MSE: the trellis sees Z / s with s = RMS(Z) / input_rms (`Trellis.scale_for`), the codebooks their own
 `scale_for`. Layer timing: W Gaussian, H = X^T X / tokens of Gaussian activations with a decaying
@@ -28,6 +29,8 @@ from quant.e8p import get_codebook  # noqa: E402
 from quant.trellis import CODES, KBITS, Trellis  # noqa: E402
 
 E8P = {2: "e8p", 3: "e8p_rvq3", 4: "e8p_rvq4"}
+SWEEP_SEAM = (2, 3, 4, 6, 8, 12, 32)  # 32: the whole rotated sequence, as QTIP searches it
+SWEEP_STATES = ((16, 9), (16, 10), (16, 11), (15, 9), (15, 10), (15, 11), (14, 9), (14, 11))
 
 
 def trellis_mse(tr, Z, input_rms=None):
@@ -40,6 +43,31 @@ def e8p_mse(name, Z):
     cb = get_codebook(name)
     s = cb.scale_for(Z)
     return float((cb.quantize(Z.reshape(-1, 8) / s)[0] * s - Z.reshape(-1, 8)).square().mean())
+
+
+def sweep(Z, reps):
+    """The qtip code (HYB, 2 bits) with other overlap-pass lengths (seam_bits) and trellis sizes (L, hyb_q):
+    MSE and seconds of `quantize` (both Viterbi passes) on the same sequences, against the defaults; every
+    row with the default input scale (INPUT_RMS, fitted at L = 16, hyb_q = 9)."""
+    configs = [dict(seam_bits=b) for b in SWEEP_SEAM] + [dict(L=L, hyb_q=q) for L, q in SWEEP_STATES]
+    trellises = [Trellis(k=2, code="hyb", **c) for c in configs]
+    for tr in trellises:  # warm-up, untimed: the C++ build and the hyb tables
+        tr.quantize(Z[:8])
+    seconds, mse = [[] for _ in trellises], [None] * len(trellises)
+    for _ in range(reps):
+        for i, tr in enumerate(trellises):
+            tick = time.perf_counter()
+            mse[i] = trellis_mse(tr, Z)
+            seconds[i].append(time.perf_counter() - tick)
+    seconds = [sorted(s)[reps // 2] for s in seconds]
+    base = next(i for i, tr in enumerate(trellises) if repr(tr) == repr(Trellis(k=2, code="hyb")))
+    print(f"qtip's code (HYB, 2 bits) on {len(Z)} x 256 unit Gaussian weights, {torch.get_num_threads()} thread(s), "
+          f"median of {reps} interleaved round(s); defaults seam_bits 8, L 16, hyb_q 9:")
+    for tr, c, m, sec in zip(trellises, configs, mse, seconds):
+        w = min(tr.steps // 2, -(-tr.seam_bits * tr.L // tr.kv))
+        label = f"seam_bits {tr.seam_bits:2d}" if "seam_bits" in c else f"L {tr.L}, hyb_q {tr.hyb_q:2d}"
+        print(f"  {label:16s} {2 * w + tr.steps:3d} steps of 2^{tr.L} states  MSE {m:.5f} ({m / mse[base] - 1:+.2%})"
+              f"  {sec:.3f} s ({sec / seconds[base]:.2f}x)", flush=True)
 
 
 def layer(rows, cols, seed, tokens=4096):
@@ -66,6 +94,7 @@ def main():
     p.add_argument("--reps", type=int, default=1, help="timed rounds per layer and method (median)")
     p.add_argument("--no-time", action="store_true", help="MSE only")
     p.add_argument("--fit", action="store_true", help="search input_rms in steps of 0.02 instead")
+    p.add_argument("--sweep", action="store_true", help="instead: HYB's MSE and time against seam_bits, L and hyb_q")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -73,6 +102,9 @@ def main():
         p.error("--reps and --sizes must be positive")
     torch.set_num_threads(args.threads)
     Z = torch.randn(args.sequences, 256, generator=torch.Generator().manual_seed(args.seed))
+    if args.sweep:
+        sweep(Z, args.reps)
+        return
     if args.fit:
         for code in args.codes:
             for k in args.bits:

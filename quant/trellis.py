@@ -14,10 +14,10 @@ Tail-biting: the stream is circular, state_0 is the window that ends k V bits in
 starts with the stream's last L - kV bits; a sequence costs exactly T k bits, no start state.
 The exact tail-biting optimum needs one Viterbi run per value of those L - kV overlap bits;
 like QTIP we run Viterbi once on the sequence rotated by half its length (the state at the seam,
-well inside that path, is a good guess of the overlap; we search only 8 L stream bits either side of
-the seam, QTIP the whole rotated sequence), then once more on the sequence with state_0 and the last
-state constrained to that overlap (`quantize`). A test checks the constrained runs
-against brute force over all streams.
+well inside that path, is a good guess of the overlap; we search only seam_bits x L (8 L) stream
+bits either side of the seam, QTIP the whole rotated sequence), then once more on the sequence with
+state_0 and the last state constrained to that overlap (`quantize`). A test checks the constrained
+runs against brute force over all streams.
 
 Codes (`table`, (2^L, V), normalized to RMS 1 over the 2^L states):
 - '1mad' (V = 1): an LCG x = 34038481 s + 76625530 mod 2^32, then the sum of x's four bytes, an
@@ -26,9 +26,10 @@ Codes (`table`, (2^L, V), normalized to RMS 1 over the 2^L states):
   16-bit half kept, XORed with 0x3B60 in each half, the halves read as two fp16 numbers and summed.
   QTIP's "3INST" (an LCG, an AND, an XOR in the kernel).
 - 'hyb' (V = 2): QTIP's hybrid code: the hash h = s (s + 1), bits L-1-Q .. L-2 of h index a
-  2^Q x 2 table (Q = 9) and bit L-1 flips the sign of the first value. The table is k-means of
-  2-D Gaussians (seeded, float64 on the CPU, rounded to multiples of 2^-10: every machine rebuilds
-  the same table, so a checkpoint stores none). QTIP trains it further; we do not.
+  2^Q x 2 table (Q = `hyb_q`, 9 as in QTIP) and bit L-1 flips the sign of the first value. The
+  table is k-means of 2-D Gaussians (seeded, float64 on the CPU, rounded to multiples of 2^-10:
+  every machine rebuilds the same table, so a checkpoint stores none). QTIP trains it further; we
+  do not.
 
 Per weight, stored bits are exactly k; a decoder needs L, k, V, T and the code name. Values are
 computed in float32 from integer states; `decode` is exact (the same table lookup as Viterbi).
@@ -47,13 +48,16 @@ from . import kernels
 
 CODES = {"1mad": 1, "3inst": 1, "hyb": 2}  # code -> V
 KBITS = (2, 3, 4)
-HYB_Q = 9
+HYB_Q = 9  # the hyb table's index bits, QTIP's value
+HYB_Q_RANGE = (4, 11)  # at most 11: at least 16 of hyb_table's 2^15 k-means points per center
 # input_rms of Gaussian weights for each k (the scale rule of `scale_for`): the MSE minimizers found
 # by `benchmarks/bench_trellis.py --fit` (steps of 0.02 on 32-48 unit Gaussian sequences, L = 16, T = 256).
 # Below 1 at 3 and 4 bits: the codes' largest values overload less when the input is narrower.
 INPUT_RMS = {"1mad": {2: 0.98, 3: 0.90, 4: 0.86}, "3inst": {2: 0.98, 3: 0.96, 4: 0.84},
              "hyb": {2: 0.98, 3: 0.92, 4: 0.82}}
-SEAM_BITS = 8  # x L: stream bits on either side of the seam that the first (overlap) pass searches
+# x L: stream bits on either side of the seam that the first (overlap) pass searches. MSE and search time
+# of other values: `bench_trellis.py --sweep` (README).
+SEAM_BITS = 8
 _BEST_BYTES = 1 << 28  # bounds the memory of the per-step path costs: sequences per Viterbi pass
 
 
@@ -94,20 +98,21 @@ def hyb_table(q=HYB_Q, iters=25):
     return _HYB_TABLES[q]
 
 
-def _code_hyb(states, L):
+def _code_hyb(states, L, q):
     h = states * (states + 1)
-    idx = (h >> (L - 1 - HYB_Q)) & ((1 << HYB_Q) - 1)
+    idx = (h >> (L - 1 - q)) & ((1 << q) - 1)
     flip = 1 - 2 * ((h >> (L - 1)) & 1).double()
-    values = hyb_table()[idx].clone()
+    values = hyb_table(q)[idx].clone()
     values[:, 0] *= flip
     return values
 
 
 class Trellis:
     """A bitshift trellis code: state bits L, k bits per weight, V weights per step, sequences of T
-    weights, and a code (CODES). See the module docstring."""
+    weights, and a code (CODES); for 'hyb' the table's index bits hyb_q. seam_bits sets the length of
+    the overlap pass of `quantize`. See the module docstring."""
 
-    def __init__(self, L=16, k=2, V=None, T=256, code="1mad"):
+    def __init__(self, L=16, k=2, V=None, T=256, code="1mad", hyb_q=HYB_Q, seam_bits=SEAM_BITS):
         if code not in CODES:
             raise UserError(f"unknown trellis code {code!r}; choose one of {', '.join(CODES)}")
         V = CODES[code] if V is None else V
@@ -115,23 +120,33 @@ class Trellis:
             raise UserError(f"trellis code {code} emits V = {CODES[code]} weights per step, got V = {V}")
         if k not in KBITS:
             raise UserError(f"trellis bits per weight k must be one of {', '.join(map(str, KBITS))}, got {k}")
-        lo = max(HYB_Q + 1 if code == "hyb" else 0, 2 * k * V)
+        if code == "hyb" and not HYB_Q_RANGE[0] <= hyb_q <= HYB_Q_RANGE[1]:
+            raise UserError(f"hyb table index bits hyb_q must lie in [{HYB_Q_RANGE[0]}, {HYB_Q_RANGE[1]}], "
+                            f"got {hyb_q}")
+        if not (isinstance(seam_bits, int) and seam_bits > 0):
+            raise UserError(f"trellis seam_bits must be a positive integer, got {seam_bits!r}")
+        lo = max(hyb_q + 1 if code == "hyb" else 0, 2 * k * V)
         if not lo <= L <= 16:
             raise UserError(f"trellis state bits L must lie in [{lo}, 16] for k = {k}, V = {V}, code {code}, got {L}")
         if T <= 0 or T % V or (T * k) % 8 or T * k < max(16, L):
             raise UserError(f"trellis sequence length T must be a positive multiple of {V} with T k a multiple of "
                             f"8 and at least {max(16, L)} bits, got T = {T} (k = {k})")
         self.L, self.k, self.V, self.T, self.code = L, k, V, T, code
+        self.hyb_q, self.seam_bits = hyb_q, seam_bits
         self.kv, self.steps = k * V, T // V
         states = torch.arange(1 << L, dtype=torch.int64)
-        table = {"1mad": _code_1mad, "3inst": _code_3inst}[code](states) if code != "hyb" else _code_hyb(states, L)
+        code_of = {"1mad": _code_1mad, "3inst": _code_3inst, "hyb": lambda st: _code_hyb(st, L, hyb_q)}
+        table = code_of[code](states)
         table = table / table.square().mean().sqrt()
         self.table = table.float()  # (2^L, V), RMS 1
         self.input_rms = INPUT_RMS[code][k]
         self._cast = {}
 
     def __repr__(self):
-        return f"Trellis(L={self.L}, k={self.k}, V={self.V}, T={self.T}, code={self.code!r})"
+        extra = "".join(f", {name}={value}" for name, value, default in
+                        (("hyb_q", self.hyb_q, HYB_Q), ("seam_bits", self.seam_bits, SEAM_BITS))
+                        if value != default and (name != "hyb_q" or self.code == "hyb"))
+        return f"Trellis(L={self.L}, k={self.k}, V={self.V}, T={self.T}, code={self.code!r}{extra})"
 
     def _table(self, device):
         if device not in self._cast:
@@ -158,12 +173,27 @@ class Trellis:
         ext = kernels.extension("trellis") if kernels.ENABLED and X.device.type == "cpu" else None
         if ext is not None:  # the C++ search (quant/kernels/trellis.cpp), same costs and states
             table, norms = self._table(X.device)
-            overlap = torch.empty(0, dtype=torch.int64) if overlap is None else overlap.long().contiguous()
-            return ext.viterbi(X.float().contiguous(), table, norms, self.L, self.kv, overlap,
-                              8 if self.kv >= 4 else 1)  # sequences sharing each table load: fastest measured
+            X = X.float().contiguous()
+            overlap = None if overlap is None else overlap.long().contiguous()
+            free = torch.empty(0, dtype=torch.int64)
+            return torch.cat([ext.viterbi(X[a:b], table, norms, self.L, self.kv,
+                                          free if overlap is None else overlap[a:b], group)
+                              for a, b, group in self._kernel_groups(n)])
         step = max(1, _BEST_BYTES // (4 * (X.shape[1] // self.V) << (self.L - self.kv)))
         return torch.cat([self._viterbi(X[i:i + step], None if overlap is None else overlap[i:i + step])
                           for i in range(0, n, step)])
+
+    def _kernel_groups(self, n):
+        """(first, end, group) row ranges for the kernel: groups of 8 sequences share each table load where
+        2^kV >= 16 (1 elsewhere; fastest measured); a remainder goes in the smallest group size that
+        holds it, since a short group repeats its last sequence (on small layers, e.g. 4 tiles a block,
+        groups of 8 did twice the work)."""
+        group = 8 if self.kv >= 4 else 1
+        bulk = n - n % group
+        parts = [(0, bulk, group)] if bulk else []
+        if bulk < n:
+            parts.append((bulk, n, next(g for g in (1, 2, 4, 8) if g >= n - bulk)))
+        return parts
 
     def _viterbi(self, X, overlap):
         """Forward pass over the steps, keeping per step only best[t][b] = the cost of the best path
@@ -215,9 +245,9 @@ class Trellis:
         packed uint8 (n, T k / 8)). QTIP's two passes (module docstring)."""
         if X.dim() != 2 or X.shape[1] != self.T:
             raise UserError(f"{self!r} quantizes (n, {self.T}) tensors, got shape {tuple(X.shape)}")
-        # the seam (last step, then step 0) in the middle of a free path over SEAM_BITS L stream bits
+        # the seam (last step, then step 0) in the middle of a free path over seam_bits L stream bits
         # either side; the last step's low L - kV bits are the overlap
-        w = min(self.steps // 2, -(-SEAM_BITS * self.L // self.kv))
+        w = min(self.steps // 2, -(-self.seam_bits * self.L // self.kv))
         seam = self.viterbi(torch.cat([X[:, (self.steps - w) * self.V:], X[:, :w * self.V]], 1))
         overlap = seam[:, w - 1] & ((1 << (self.L - self.kv)) - 1)
         states = self.viterbi(X, overlap)

@@ -12,7 +12,7 @@ import quant
 from engine import UserError
 from quant import kernels
 from quant.linear import TrellisCodec
-from quant.trellis import Trellis
+from quant.trellis import SEAM_BITS, Trellis
 from tests.lm_fixtures import save_tiny_lm, write_wikitext
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--device", "cpu"]
@@ -56,10 +56,13 @@ def test_viterbi_finds_the_exact_tail_biting_optimum_of_a_small_trellis(L, k, co
     overlap_of = tr.unpack(streams)[:, -1] & ((1 << (L - tr.kv)) - 1)
     for o in overlaps:
         torch.testing.assert_close(constrained[:, o], err[:, overlap_of == o].min(1).values, atol=1e-4, rtol=1e-4)
-    # ... so their minimum is the global optimum; QTIP's two passes give a valid stream no better than it
-    X_hat, packed = tr.quantize(X)
-    assert torch.equal(tr.decode(packed), X_hat)
-    assert bool(((X_hat - X).square().sum(1) >= err.min(1).values - 1e-4).all())
+    # ... so their minimum is the global optimum; QTIP's two passes give a valid stream no better than it,
+    # with the default overlap pass and the shortest
+    for seam_bits in (SEAM_BITS, 1):
+        short = Trellis(L=L, k=k, T=8, code=code, seam_bits=seam_bits)
+        X_hat, packed = short.quantize(X)
+        assert torch.equal(short.decode(packed), X_hat)
+        assert bool(((X_hat - X).square().sum(1) >= err.min(1).values - 1e-4).all())
     free = (tr.values(tr.viterbi(X)) - X).square().sum(1)  # no tail-biting: a lower bound
     assert bool((free <= err.min(1).values + 1e-4).all())
 
@@ -99,6 +102,13 @@ def test_streams_unpack_to_consistent_states_and_pack_back(k, code):
     assert torch.equal(tr.pack(states), packed)
 
 
+@pytest.mark.parametrize("q", [4, 9])
+def test_hyb_code_reads_every_entry_of_its_table_with_both_signs(q):
+    tr = Trellis(L=16, code="hyb", hyb_q=q)
+    assert len(torch.unique(tr.table, dim=0)) == 2 << q  # 2^q entries x the sign of the first value
+    assert abs(float(tr.table.square().mean()) - 1) < 1e-5
+
+
 def test_gaussian_mse_at_2_bits_is_near_qtips_and_the_bound():
     tr = Trellis(k=2, code="hyb")  # the qtip method's code
     Z = torch.randn(24, 256, generator=torch.Generator().manual_seed(0))
@@ -112,7 +122,10 @@ def test_trellis_option_mistakes_are_user_errors():
     for kwargs, match in [(dict(k=5), "k must be one of 2, 3, 4"), (dict(code="e8"), "unknown trellis code"),
                           (dict(code="1mad", V=2), "emits V = 1"), (dict(L=17, code="hyb"), r"L must lie in \[10, 16\]"),
                           (dict(code="1mad", k=4, L=6), r"L must lie in \[8, 16\]"),
-                          (dict(T=100, k=3), "T must be a positive multiple")]:
+                          (dict(T=100, k=3), "T must be a positive multiple"),
+                          (dict(code="hyb", hyb_q=12), r"hyb_q must lie in \[4, 11\]"),
+                          (dict(code="hyb", L=10, hyb_q=10), r"L must lie in \[11, 16\]"),
+                          (dict(seam_bits=0), "seam_bits must be a positive integer")]:
         with pytest.raises(UserError, match=match):
             Trellis(**kwargs)
     tr = Trellis(k=2)
