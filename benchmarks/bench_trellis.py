@@ -26,10 +26,10 @@ import torch  # noqa: E402
 import quant  # noqa: E402
 from quant import kernels  # noqa: E402
 from quant.e8p import get_codebook  # noqa: E402
-from quant.trellis import CODES, KBITS, Trellis  # noqa: E402
+from quant.trellis import CODES, HYB_Q, KBITS, SEAM_BITS, Trellis  # noqa: E402
 
 E8P = {2: "e8p", 3: "e8p_rvq3", 4: "e8p_rvq4"}
-SWEEP_SEAM = (2, 3, 4, 6, 8, 12, 32)  # 32: the whole rotated sequence, as QTIP searches it
+SWEEP_SEAM = tuple(sorted({2, 3, 4, 6, SEAM_BITS, 12, 32}))  # 32: the whole rotated sequence, as QTIP searches it
 SWEEP_STATES = ((16, 9), (16, 10), (16, 11), (15, 9), (15, 10), (15, 11), (14, 9), (14, 11))
 
 
@@ -60,13 +60,12 @@ def sweep(Z, reps):
             mse[i] = trellis_mse(tr, Z)
             seconds[i].append(time.perf_counter() - tick)
     seconds = [sorted(s)[reps // 2] for s in seconds]
-    base = next(i for i, tr in enumerate(trellises) if repr(tr) == repr(Trellis(k=2, code="hyb")))
+    base = configs.index(dict(seam_bits=SEAM_BITS))
     print(f"qtip's code (HYB, 2 bits) on {len(Z)} x 256 unit Gaussian weights, {torch.get_num_threads()} thread(s), "
-          f"median of {reps} interleaved round(s); defaults seam_bits 8, L 16, hyb_q 9:")
+          f"median of {reps} interleaved round(s); defaults seam_bits {SEAM_BITS}, L 16, hyb_q {HYB_Q}:")
     for tr, c, m, sec in zip(trellises, configs, mse, seconds):
-        w = min(tr.steps // 2, -(-tr.seam_bits * tr.L // tr.kv))
         label = f"seam_bits {tr.seam_bits:2d}" if "seam_bits" in c else f"L {tr.L}, hyb_q {tr.hyb_q:2d}"
-        print(f"  {label:16s} {2 * w + tr.steps:3d} steps of 2^{tr.L} states  MSE {m:.5f} ({m / mse[base] - 1:+.2%})"
+        print(f"  {label:16s} {2 * tr.seam_steps + tr.steps:3d} steps of 2^{tr.L} states  MSE {m:.5f} ({m / mse[base] - 1:+.2%})"
               f"  {sec:.3f} s ({sec / seconds[base]:.2f}x)", flush=True)
 
 

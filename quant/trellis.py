@@ -134,6 +134,8 @@ class Trellis:
         self.L, self.k, self.V, self.T, self.code = L, k, V, T, code
         self.hyb_q, self.seam_bits = hyb_q, seam_bits
         self.kv, self.steps = k * V, T // V
+        # steps the overlap pass of `quantize` searches on either side of the seam
+        self.seam_steps = min(self.steps // 2, -(-seam_bits * L // self.kv))
         states = torch.arange(1 << L, dtype=torch.int64)
         code_of = {"1mad": _code_1mad, "3inst": _code_3inst, "hyb": lambda st: _code_hyb(st, L, hyb_q)}
         table = code_of[code](states)
@@ -143,9 +145,9 @@ class Trellis:
         self._cast = {}
 
     def __repr__(self):
-        extra = "".join(f", {name}={value}" for name, value, default in
-                        (("hyb_q", self.hyb_q, HYB_Q), ("seam_bits", self.seam_bits, SEAM_BITS))
-                        if value != default and (name != "hyb_q" or self.code == "hyb"))
+        extra = f", hyb_q={self.hyb_q}" if self.code == "hyb" and self.hyb_q != HYB_Q else ""
+        if self.seam_bits != SEAM_BITS:
+            extra += f", seam_bits={self.seam_bits}"
         return f"Trellis(L={self.L}, k={self.k}, V={self.V}, T={self.T}, code={self.code!r}{extra})"
 
     def _table(self, device):
@@ -247,7 +249,7 @@ class Trellis:
             raise UserError(f"{self!r} quantizes (n, {self.T}) tensors, got shape {tuple(X.shape)}")
         # the seam (last step, then step 0) in the middle of a free path over seam_bits L stream bits
         # either side; the last step's low L - kV bits are the overlap
-        w = min(self.steps // 2, -(-self.seam_bits * self.L // self.kv))
+        w = self.seam_steps
         seam = self.viterbi(torch.cat([X[:, (self.steps - w) * self.V:], X[:, :w * self.V]], 1))
         overlap = seam[:, w - 1] & ((1 << (self.L - self.kv)) - 1)
         states = self.viterbi(X, overlap)
