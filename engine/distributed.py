@@ -1,6 +1,7 @@
 """torchrun glue shared by train.py and ft_opt.py: one process per device, rank 0 writes; FSDP2 sharding
 and full (unsharded) state dicts that one code path saves and loads with or without it."""
 import contextlib
+import datetime
 import os
 
 import torch
@@ -21,15 +22,21 @@ def setup_distributed(device):
     cuda = str(device).startswith("cuda")
     if cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # The others wait at the run's last barrier while rank 0 evaluates and saves a model, which can take
+    # longer than NCCL's 10-minute default.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
     return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
 @contextlib.contextmanager
 def distributed(device):
-    """`setup_distributed` for the duration of a run, the process group torn down after."""
+    """`setup_distributed` for the duration of a run, the process group torn down after. A run that ends
+    normally waits for the other ranks first, so that every rank tears the group down at the same point
+    (NCCL's teardown is collective) and no rank leaves while rank 0 still evaluates and saves. On an
+    error there is no barrier: torchrun stops the other ranks."""
     try:
         yield setup_distributed(device)
+        barrier()  # reached only when the run returned
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
