@@ -3,7 +3,6 @@ import argparse
 import importlib
 import json
 import os
-import socket
 
 import pytest
 import torch.distributed as dist
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 
 from engine import ArgumentParser, UserError, add_common_args, prepare_run_dir
 from engine.cli import default_data_dir
+from tests.ports import free_port
 
 
 def _args(out, **kw):
@@ -50,9 +50,7 @@ def _rank(rank, port, out, errors):
 
 
 def test_under_two_ranks_only_rank_0_checks_and_both_get_its_verdict(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     errors = mp.get_context("spawn").Manager().dict()
     mp.spawn(_rank, args=(port, str(tmp_path / "run"), errors), nprocs=2)
     assert set(errors) == {0, 1} and errors[0] == errors[1] and "already holds a run" in errors[0]

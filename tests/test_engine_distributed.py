@@ -1,12 +1,12 @@
 """engine.distributed under 2 gloo ranks: a run's ranks leave `distributed()` together."""
 import os
-import socket
 import time
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.distributed import distributed
+from tests.ports import free_port
 
 
 def _rank(rank, port, marker, seen):
@@ -21,9 +21,7 @@ def _rank(rank, port, marker, seen):
 
 
 def test_every_rank_waits_for_rank_0_to_finish_before_tearing_the_group_down(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     seen = mp.get_context("spawn").Manager().dict()
     mp.spawn(_rank, args=(port, str(tmp_path / "saved"), seen), nprocs=2)
     assert dict(seen) == {0: (True, False), 1: (True, False)}

@@ -1,7 +1,6 @@
 """train.py / plot.py on generated `fake` images: outputs, resume after a kill, 2-process DDP, bad input."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from data import vision
 import plot
 import train
 from engine import UserError, read_csv
+from tests.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "fake", "--size", "16", "--num-classes", "4", "--workers", "0", "--log-every", "3"]
@@ -67,19 +67,13 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert _rows(cut) == expected  # bit-identical metrics on CPU
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_match_one_process(tmp_path):
     # simplevit has no BatchNorm and no dropout, so 2 ranks x 8 images == 1 process x 16 images.
     args = TINY + ["--net", "simplevit", "--dimhead", "32", "--bs", "16", "--fake-n", "96", "--epochs", "2"]
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     train.main(args + ["--out", single])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "train.py"] + args + ["--out", ddp]
+           f"--master_port={free_port()}", "train.py"] + args + ["--out", ddp]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("epoch 2/2:") == 1  # only rank 0 reports and writes
