@@ -102,3 +102,65 @@ def tiny_family(family, tokenizer, seed=0, **overrides):
         family, kwargs = "llama", dict(kwargs, **LLAMA32)
     config = AutoConfig.for_model(family, **dict(kwargs, **overrides))
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _gguf_rope_order(w, n_heads):
+    """The row order llama.cpp's converter gives q/k projections (interleaved rotary halves); transformers'
+    GGUF loader undoes it."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path, model, tokenizer, architecture="llama"):
+    """A tied Llama `model` and its byte-level BPE `tokenizer` as a float32 GGUF file, laid out as llama.cpp's
+    converter writes one (tensor names, q/k row order, gpt2-style tokenizer metadata); returns `path`."""
+    import json
+
+    import gguf
+
+    c = model.config
+    rope_theta = getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]
+    w = gguf.GGUFWriter(path, architecture)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1])])
+    w.add_token_types([1] * len(spec["vocab"]))
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["merges"]])
+    w.add_bos_token_id(tokenizer.bos_token_id)
+    w.add_eos_token_id(tokenizer.eos_token_id)
+    w.add_add_bos_token(True)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight", _gguf_rope_order(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", _gguf_rope_order(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        for hf, gg in names.items():
+            w.add_tensor(f"blk.{i}.{gg}.weight", sd[p + hf + ".weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def tiny_tied_llama(tokenizer, seed=0):
+    """`tiny_model('llama')` with its head tied to the token embedding (as SmolLM2 and Llama-3.2 are)."""
+    model = tiny_model("llama", tokenizer, seed=seed)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    return model
