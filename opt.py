@@ -24,8 +24,9 @@ import lm
 import quant
 from engine import (ArgumentParser, UserError, add_common_args, atomic_write_json, cli, prepare_run_dir,
                     require_positive_ints, set_threads)
-from lm.quantized import is_quantized_dir, save_quantized
+from lm.quantized import STORED_DTYPES, directory_bytes, is_quantized_dir, save_quantized
 from quant.blockft import BlockFT, finetune_e2e
+from quant.embedding import EMBED_BITS, quantize_embeddings
 from quant.model import FAMILIES, decoder_layers, quantize_model
 
 REPORT_FILE = "quant_report.json"
@@ -87,6 +88,15 @@ def parse_args(argv):
                         "the whole model toward the fp model's next-token distributions (KL) on the calibration "
                         "rows, codes, embeddings and head fixed; held-out rows keep the best (default: none)")
     p.add_argument("--e2e-ft-lr", type=float, default=1e-4, help="Adam learning rate of --e2e-ft")
+    p.add_argument("--embed-bits", type=int, choices=EMBED_BITS,
+                   help="also quantize the token embedding and the LM head (tied: one table) to a grid of this many "
+                        "bits, round to nearest; the head runs as a packed layer, lookups decode only their rows "
+                        "(default: keep them in --save-dtype)")
+    p.add_argument("--embed-groupsize", type=int, default=-1,
+                   help="columns per scale of --embed-bits (-1: one scale and zero point per row)")
+    p.add_argument("--save-dtype", default="float16", choices=tuple(STORED_DTYPES),
+                   help="dtype --save stores the tensors outside the quantized layers in (norms, an unquantized "
+                        "embedding and head)")
     p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
                    help="model dtype (auto: float16 on CUDA, float32 on CPU)")
     add_common_args(p, out="SAVE, else runs/opt_<model>_<quant>_w<wbits> (_eval with --load)", seed_help="calibration sampling and "
@@ -114,6 +124,10 @@ def parse_args(argv):
             raise UserError(f"{name} holds out calibration rows to choose when to stop: give --nsamples >= 2")
         if not (math.isfinite(lr) and lr > 0):
             raise UserError(f"{name}-lr must be a finite number > 0, got {lr}")
+    if args.embed_bits is not None and (args.load or args.wbits == 16):
+        raise UserError("--embed-bits quantizes the embedding beside the layers: it needs --wbits 2, 3 or 4 and no --load")
+    if args.embed_groupsize != -1 and (args.embed_bits is None or args.embed_groupsize <= 0):
+        raise UserError(f"--embed-groupsize {args.embed_groupsize}: give -1 or a positive size, with --embed-bits")
     if args.percdamp < 0:
         raise UserError(f"--percdamp must be >= 0, got {args.percdamp}")
     if args.quant in quant.UNSUPPORTED:
@@ -210,6 +224,7 @@ def main(argv=None):
     if args.load:
         print(f"loading the model from {args.load} (MODEL {args.model!r} only names the run)")
     model, tokenizer = lm.load_causal_lm(args.load or args.model, dtype=dtype)
+    fp16_bytes = 2 * sum(t.numel() for t in {p.data_ptr(): p for p in model.parameters()}.values())
     if args.block_ft is not None and getattr(model.config, "model_type", None) not in FAMILIES:
         raise UserError(f"--block-ft finetunes inside decoder layers; model family {model.config.model_type!r} has none "
                         f"that quant.model knows (families with decoder layers: {', '.join(FAMILIES)})")
@@ -252,6 +267,11 @@ def main(argv=None):
         tick = time.time()
         rows = quantize_model(model, calib, device, args.wbits, args.quant, args.seed, on_result=show,
                               block_ft=block_ft, **options)
+        if args.embed_bits is not None:
+            report["embedding"] = dict(bits=args.embed_bits, groupsize=args.embed_groupsize,
+                                       **quantize_embeddings(model, args.embed_bits, args.embed_groupsize))
+            print(f"embedding{' and tied head' if report['embedding']['tied'] else ' and head'}: {args.embed_bits} bits, "
+                  f"groupsize {args.embed_groupsize}, relative squared error {report['embedding']['embedding_error']:.3g}")
         report.update(layers=rows, total_proxy=sum(r["proxy"] for r in rows), quant_seconds=time.time() - tick,
                       options=options)
         if block_ft is not None:
@@ -277,10 +297,12 @@ def main(argv=None):
     model.to("cpu")
     if args.save:
         if quantized:
-            done = {k: report[k] for k in ("block_ft", "e2e_ft") if k in report}  # recorded only when run
+            done = {k: report[k] for k in ("block_ft", "e2e_ft", "embedding") if k in report}  # recorded only when run
             save_quantized(model, tokenizer, args.save, dict(method=args.quant, wbits=args.wbits, options=options,
-                                                             **done))
-            print(f"saved the packed {args.wbits}-bit model to {args.save}")
+                                                             **done), dtype=args.save_dtype)
+            report["size"] = dict(directory_bytes=directory_bytes(args.save), fp16_bytes=fp16_bytes)
+            print(f"saved the packed {args.wbits}-bit model to {args.save}: {report['size']['directory_bytes'] / 1e6:.1f} MB "
+                  f"(the float16 model: {fp16_bytes / 1e6:.1f} MB)")
         else:
             lm.save_pretrained(model, tokenizer, args.save)
             print(f"saved the model to {args.save}")

@@ -4,15 +4,16 @@ A directory written by `save_quantized` holds
 - `config.json`: the model's HF config plus `quantization_config` (below), with model_type "rlo" and
   the family's own type under "rlo_base_model_type", and `auto_map` naming `rlo_loader.py`;
 - `rlo_loader.py` (a copy of `lm/rlo_loader.py`): what lets transformers load the directory (see there);
-- `model.safetensors`: the state dict as it is: per quantized linear only its packed codes, scales
-  (and zero points, in_scale/out_scale, bias), never a dense copy of the weight; every other tensor
-  (embeddings, norms, head) in full precision. Tied tensors are stored once;
+- `model.safetensors`: per quantized linear only its packed codes, float32 scales (and zero points,
+  in_scale/out_scale, bias), never a dense copy of the weight; every other tensor (embeddings, norms, an
+  unquantized head) in `stored_dtype` (float16 unless asked). Tied tensors are stored once;
 - the tokenizer files.
 
 `quantization_config` = {"quant_method": "rlo", "format": FORMAT, "method", "wbits", "options",
-"layers": {module name: QuantLinear spec}}, where a spec names the codebook, bit width, original and
-padded shapes, rotation kind and seed (the rotations are regenerated, not stored), and the grid's
-qfn/groupsize.
+"stored_dtype", "layers": {module name: spec}}, where a QuantLinear's spec names the codebook, bit width,
+original and padded shapes, rotation kind and seed (the rotations are regenerated, not stored), and the
+grid's qfn/groupsize; a quantized embedding's spec is {"kind": "embedding", "tied_to": the head whose grid
+codes it reads} or, untied, its own grid table's spec (`quant.embedding`).
 
 Two loaders read it: `load_quantized(DIR)` (what `lm.load_causal_lm` dispatches to; it checks every
 stored tensor against the config), and, once `lm` is imported, transformers' own
@@ -27,7 +28,7 @@ import types
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from engine import UserError, atomic_dir
@@ -50,9 +51,13 @@ def is_quantized_dir(path):
 
 
 def replace_linears(model, specs, biases):
-    """Swap each named nn.Linear of `model` for an empty `QuantLinear` with that spec."""
+    """Swap each named nn.Linear of `model` for an empty `QuantLinear` with that spec, and each named
+    nn.Embedding with an "embedding" spec for a `QuantEmbedding` (tied to its head's codes, or with a table
+    of its own)."""
+    from quant.embedding import KIND, QuantEmbedding
     from quant.linear import QuantLinear
 
+    embeddings = {}
     for name, spec in specs.items():
         parent_name, _, child = name.rpartition(".")
         try:
@@ -60,22 +65,71 @@ def replace_linears(model, specs, biases):
             old = getattr(parent, child)
         except AttributeError:
             raise UserError(f"quantization_config names layer {name!r}, which this model does not have") from None
-        if list(spec["shape"]) != [old.out_features, old.in_features]:
-            raise UserError(f"quantization_config: layer {name!r} is {spec['shape']}, the model's is "
-                            f"{[old.out_features, old.in_features]}")
-        setattr(parent, child, QuantLinear(spec, bias=biases.get(name, old.bias is not None)))
+        if spec.get("kind") == KIND:
+            shape, new = [old.num_embeddings, old.embedding_dim], QuantEmbedding(spec, old.weight.dtype)
+            embeddings[name] = new
+        else:
+            shape, new = [old.out_features, old.in_features], QuantLinear(spec, bias=biases.get(name, old.bias is not None))
+        if "shape" in spec and list(spec["shape"]) != shape:
+            raise UserError(f"quantization_config: layer {name!r} is {spec['shape']}, the model's is {shape}")
+        setattr(parent, child, new)
+    for name, embedding in embeddings.items():
+        head_name = embedding.spec.get("tied_to")
+        if head_name is not None:
+            head = model.get_submodule(head_name) if head_name in specs else None
+            if not isinstance(head, QuantLinear):
+                raise UserError(f"quantization_config: embedding {name!r} is tied to {head_name!r}, which is not "
+                                "a quantized layer of the config")
+            embedding.tie(head)
 
 
 def quantization_specs(model):
-    """{module name: spec} of every QuantLinear in `model` (after finetuning, with its added scales)."""
+    """{module name: spec} of every QuantLinear and QuantEmbedding in `model` (after finetuning, with its
+    added scales); an untied embedding's own table is part of the embedding's spec."""
+    from quant.embedding import QuantEmbedding
     from quant.linear import QuantLinear
 
-    return {n: m.spec for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    specs, tables = {}, set()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantEmbedding):
+            specs[name] = module.current_spec()
+            tables.add(f"{name}.table")
+        elif isinstance(module, QuantLinear) and name not in tables:
+            specs[name] = module.spec
+    return specs
 
 
-def save_quantized(model, tokenizer, path, quantization_config):
-    """Write the packed checkpoint through `engine.atomic_dir`: a crash never leaves a half-written file."""
-    qc = dict(quantization_config, quant_method="rlo", format=FORMAT, layers=quantization_specs(model))
+def packed_tensors(model, dtype=torch.float16):
+    """The tensors a packed checkpoint stores: each quantized layer's own (codes, float32 scales) as they are,
+    every other floating-point tensor (embeddings, norms, an unquantized head) in `dtype`, tied tensors once."""
+    from quant.embedding import QuantEmbedding
+    from quant.linear import QuantLinear
+
+    exact = {f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))
+             for k, _ in m.state_dict().items()}
+    tensors, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        if t.is_floating_point() and name not in exact:
+            t = t.to(dtype)
+        tensors[name] = t.detach().contiguous()
+    return tensors
+
+
+STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def save_quantized(model, tokenizer, path, quantization_config, dtype=None):
+    """Write the packed checkpoint through `engine.atomic_dir`: a crash never leaves a half-written file.
+    `dtype` (a name of STORED_DTYPES): what the tensors outside the quantized layers are stored in; default the
+    config's `stored_dtype` (a packed model saved again keeps its choice), else float16."""
+    dtype = dtype or quantization_config.get("stored_dtype") or "float16"
+    if dtype not in STORED_DTYPES:
+        raise UserError(f"stored dtype must be one of {', '.join(STORED_DTYPES)}, got {dtype!r}")
+    qc = dict(quantization_config, quant_method="rlo", format=FORMAT, layers=quantization_specs(model), stored_dtype=dtype)
     with atomic_dir(path) as tmp:
         model.config.save_pretrained(tmp)
         with open(os.path.join(tmp, "config.json")) as f:
@@ -88,9 +142,14 @@ def save_quantized(model, tokenizer, path, quantization_config):
             json.dump(config, f, indent=2, sort_keys=True)
         shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "rlo_loader.py"),
                         os.path.join(tmp, "rlo_loader.py"))
-        save_model(model, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "rlo": FORMAT})
+        save_file(packed_tensors(model, STORED_DTYPES[dtype]), os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "rlo": FORMAT})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+
+
+def directory_bytes(path):
+    """Bytes of every file in the directory `path` (what a user downloads or keeps on disk)."""
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
 def _save_packed(model, save_directory, is_main_process=True, push_to_hub=False, **kwargs):

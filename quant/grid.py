@@ -53,8 +53,8 @@ class Grid:
 
 def make_grid(W, wbits, qfn="a", groupsize=-1):
     """The grid QuIP's quantizer fits to the (processed) weight matrix W (rows, cols)."""
-    if wbits not in WBITS or wbits == 16:
-        raise UserError(f"a grid needs wbits in 2, 3, 4, got {wbits}")
+    if not 2 <= wbits <= 8:  # 2-4 for the weight methods, 8 for quantized embeddings
+        raise UserError(f"a grid needs wbits from 2 to 8, got {wbits}")
     maxq = 2 ** wbits - 1
     if qfn == "b":
         if groupsize != -1:

@@ -84,7 +84,7 @@ def _rotation(rot):
 def _plan(layer):
     """The extension's Plan of a layer, or None (a codec or rotation it does not know, or no extension)."""
     spec = layer.spec
-    if spec["codebook"] == "grid":
+    if spec["codebook"] == "grid" and 2 <= spec["wbits"] <= 4:  # 8-bit tables (quantized heads) take the torch path
         codec = (0, spec["wbits"], spec["groupsize"], [], [])
     elif spec["codebook"] in CODEBOOKS:
         cb = layer.codec.codebook
