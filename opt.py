@@ -24,7 +24,7 @@ import lm
 import quant
 from engine import (ArgumentParser, UserError, add_common_args, atomic_write_json, cli, prepare_run_dir,
                     require_positive_ints, set_threads)
-from lm.quantized import STORED_DTYPES, directory_bytes, is_quantized_dir, save_quantized
+from lm.quantized import STORED_DTYPES, directory_bytes, is_quantized_dir, round_to_stored, save_quantized
 from quant.blockft import BlockFT, finetune_e2e
 from quant.embedding import EMBED_BITS, quantize_embeddings
 from quant.model import FAMILIES, decoder_layers, quantize_model
@@ -95,8 +95,8 @@ def parse_args(argv):
     p.add_argument("--embed-groupsize", type=int, default=-1,
                    help="columns per scale of --embed-bits (-1: one scale and zero point per row)")
     p.add_argument("--save-dtype", default="float16", choices=tuple(STORED_DTYPES),
-                   help="dtype --save stores the tensors outside the quantized layers in (norms, an unquantized "
-                        "embedding and head)")
+                   help="dtype of the quantized model's tensors outside the quantized layers (norms, an unquantized "
+                        "embedding and head), as --save stores them; the reported perplexities are of that model")
     p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
                    help="model dtype (auto: float16 on CUDA, float32 on CPU)")
     add_common_args(p, out="SAVE, else runs/opt_<model>_<quant>_w<wbits> (_eval with --load)", seed_help="calibration sampling and "
@@ -283,6 +283,7 @@ def main(argv=None):
             print(f"end-to-end finetuning: held-out KL per token {report['e2e_ft']['heldout_before']:.4g} -> "
                   f"{report['e2e_ft']['heldout_after']:.4g} (best step {report['e2e_ft']['best_step']}, "
                   f"{report['e2e_ft']['seconds']:.1f} s)")
+        round_to_stored(model, args.save_dtype)
         print(f"total proxy loss {report['total_proxy']:.5g}, quantization {report['quant_seconds']:.1f} s")
     model.to(device)
     for name, ids in eval_ids.items():

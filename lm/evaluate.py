@@ -7,6 +7,7 @@ from torch import nn
 
 from engine import UserError
 from losses import get_loss, linear_token_loss
+from quant.linear import QuantLinear
 
 
 def shift_labels(input_ids, attention_mask=None, ignore_index=-100):
@@ -38,6 +39,8 @@ class NextTokenLoss(nn.Module):
 
     def __init__(self, model, loss, fused=True, **params):
         super().__init__()
+        # a packed head (opt.py --embed-bits) has no dense weight for the fused loss: its own matmul decodes codes
+        fused = fused and not isinstance(model.get_output_embeddings(), QuantLinear)
         self.model, self.loss, self.fused, self.params = model, loss, fused, params
         self.criterion = get_loss(loss, ignore_index=-100, **params)
         if fused:

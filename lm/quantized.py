@@ -99,24 +99,38 @@ def quantization_specs(model):
     return specs
 
 
-def packed_tensors(model, dtype=torch.float16):
-    """The tensors a packed checkpoint stores: each quantized layer's own (codes, float32 scales) as they are,
-    every other floating-point tensor (embeddings, norms, an unquantized head) in `dtype`, tied tensors once."""
+def _unquantized_names(model):
+    """Names of the state dict's floating-point tensors outside the quantized layers (what `stored_dtype` applies to)."""
     from quant.embedding import QuantEmbedding
     from quant.linear import QuantLinear
 
     exact = {f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))
-             for k, _ in m.state_dict().items()}
+             for k in m.state_dict()}
+    return {k for k, t in model.state_dict().items() if t.is_floating_point() and k not in exact}
+
+
+def packed_tensors(model, dtype=torch.float16):
+    """The tensors a packed checkpoint stores: each quantized layer's own (codes, float32 scales) as they are,
+    every other floating-point tensor (embeddings, norms, an unquantized head) in `dtype`, tied tensors once."""
+    cast = _unquantized_names(model)
     tensors, seen = {}, set()
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and key in seen:
             continue
         seen.add(key)
-        if t.is_floating_point() and name not in exact:
-            t = t.to(dtype)
-        tensors[name] = t.detach().contiguous()
+        tensors[name] = (t.to(dtype) if name in cast else t).detach().contiguous()
     return tensors
+
+
+@torch.no_grad()
+def round_to_stored(model, dtype):
+    """Round the tensors outside the quantized layers to `dtype` (a name of STORED_DTYPES) in place, keeping
+    their own dtype: the in-memory model becomes the one its packed file holds, so what is evaluated is
+    what is saved."""
+    state = model.state_dict()
+    for name in _unquantized_names(model):
+        state[name].copy_(state[name].to(STORED_DTYPES[dtype]))
 
 
 STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -133,6 +133,28 @@ def test_save_and_reload_give_the_same_logits_both_ways(saved, name):
         assert stored_dtypes(path + "_again") == stored_dtypes(path)
 
 
+def test_the_reported_perplexity_is_the_saved_models(saved, tmp_path):
+    # norms and (unquantized) embedding are rounded to the stored float16 before evaluation
+    report = opt.main([saved["src"], "wikitext2", "--data-dir", saved["data"], *FAST[:-1], "--eval-windows", "2",
+                       "--wbits", "2", "--quant", "e8p", "--incoh_processing", "--save", str(tmp_path / "q"), "--check"])
+    assert report["reloaded_ppl"]["wikitext2"] == pytest.approx(report["ppl"]["wikitext2"], rel=1e-6)
+
+
+def test_finetuning_in_quantized_space_trains_the_tied_tables_scales_not_its_codes(saved, tmp_path):
+    import ft_opt
+
+    out = str(tmp_path / "qft")
+    ft_opt.main(["--model", saved["embed8"], "--data-dir", saved["data"], "--seqlen", "32", "--eval-seqlen", "32",
+                 "--eval-windows", "2", "--max-steps", "3", "--epochs", "1", "--micro-bs", "2", "--lr", "1e-2",
+                 "--device", "cpu", "--out", out])
+    before, _ = lm.load_causal_lm(saved["embed8"])
+    after, _ = lm.load_causal_lm(out)
+    assert torch.equal(after.lm_head.codes, before.lm_head.codes)
+    assert after.lm_head.out_scale is not None and not torch.equal(after.lm_head.out_scale, torch.ones_like(after.lm_head.out_scale))
+    ids = torch.arange(20)
+    torch.testing.assert_close(after.model.embed_tokens(ids), after.lm_head.dequantize()[ids], rtol=1e-6, atol=1e-6)
+
+
 def test_the_size_report_and_smaller_files(saved):
     sizes = {n: saved[n + "_report"]["size"]["directory_bytes"] for n in ("plain", "embed8", "embed4", "fp32")}
     assert sizes["embed4"] < sizes["embed8"] < sizes["plain"] < sizes["fp32"]
