@@ -3,20 +3,21 @@ perplexity, total proxy loss and seconds, with the fp model and nearest rounding
 run as baselines. `seconds` is the whole quantization (calibration forward passes, finetuning);
 `layers s` the sum over the linear layers of quantizing each one (`quant.quantize_layer` and packing).
 
-    python benchmarks/bench_quant_model.py                           # stories260K, 2/3/4 bits, all methods
-    python benchmarks/bench_quant_model.py --methods ldlqRG e8p --bits 2 --text wikitext
+    python benchmarks/bench_quant_model.py --methods e8p --bits 2       # SmolLM2-135M, WikiText-2
     python benchmarks/bench_quant_model.py --methods e8p --bits 2 --block-ft 0 200   # QuIP#'s finetuning during quantization
+    python benchmarks/bench_quant_model.py --model ../shared/data/models/stories260K/stories260K.bin --text stories \
+        --nsamples 128 --eval-tokens 73728                            # stories260K, its own sampled text
 
-Model: llama2.c's stories260K from ../shared/data (any `lm.load_causal_lm` model with --model).
-Text (--text): 'stories' (default) = in-domain text sampled from the fp model itself (seeded,
-temperature 1, from BOS; calibration and evaluation from different seeds), the protocol of the
-reference figures in the README; 'wikitext' = WikiText-2 raw valid (calibration) / test (evaluation)
-from ../shared/data, out of domain for a TinyStories model.
+Model: SmolLM2-135M-Instruct (GGUF) from ../shared/data (any `lm.load_causal_lm` model with --model).
+Text (--text): 'wikitext' (default) = WikiText-2 raw valid (calibration) / test (evaluation) from
+../shared/data; 'stories' = in-domain text sampled from the fp model itself (seeded, temperature 1,
+from BOS; calibration and evaluation from different seeds), for a model trained on TinyStories.
 """
 import argparse
 import itertools
 import os
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,13 +27,12 @@ import torch  # noqa: E402
 
 import lm  # noqa: E402
 import quant  # noqa: E402
-from lm.quantized import save_quantized  # noqa: E402
+from lm.quantized import directory_bytes, round_to_stored, save_quantized  # noqa: E402
+from lm.shared import SMOLLM2, WIKI_TEST, WIKI_VALID  # noqa: E402
 from quant.blockft import BlockFT, finetune_e2e  # noqa: E402
+from quant.embedding import EMBED_BITS, quantize_embeddings  # noqa: E402
 from quant.model import quantize_model  # noqa: E402
 
-SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
-STORIES = os.path.join(SHARED, "models", "stories260K", "stories260K.bin")
-WIKI = os.path.join(SHARED, "text", "wikitext-2-raw")
 
 
 @torch.no_grad()
@@ -50,8 +50,8 @@ def sample_tokens(model, n_tokens, seqlen, seed, batch=16):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=STORIES)
-    p.add_argument("--text", default="stories", choices=["stories", "wikitext"])
+    p.add_argument("--model", default=SMOLLM2)
+    p.add_argument("--text", default="wikitext", choices=["stories", "wikitext"])
     p.add_argument("--methods", nargs="+", default=list(quant.METHODS), choices=quant.METHODS)
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], choices=[2, 3, 4])
     p.add_argument("--incoh", nargs="+", default=["off", "on"], choices=["off", "on"],
@@ -64,10 +64,12 @@ def main():
     p.add_argument("--e2e-ft-lr", type=float, default=1e-4)
     p.add_argument("--write-text", metavar="DIR", help="also write the sampled calibration and evaluation tokens, "
                    "decoded, to DIR/stories_train.txt and DIR/stories_test.txt (ft_opt.py --train-file/--eval-file)")
+    p.add_argument("--embed-bits", type=int, choices=EMBED_BITS, help="also quantize the embedding and head (opt.py --embed-bits)")
+    p.add_argument("--embed-groupsize", type=int, default=-1, help="opt.py --embed-groupsize")
     p.add_argument("--save", help="directory: save each packed model there as <method>_w<bits>_bft<steps>")
-    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-tokens", type=int, default=72 * 1024)
+    p.add_argument("--eval-tokens", type=int, default=40 * 512)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -78,9 +80,9 @@ def main():
         calib = calib.view(args.nsamples, args.seqlen)
         test = sample_tokens(fp, args.eval_tokens, args.seqlen, seed=2000 + args.seed)
     else:
-        train = lm.encode(tokenizer, lm.read_text_file(os.path.join(WIKI, "wiki.valid.raw")))
+        train = lm.encode(tokenizer, lm.read_text_file(WIKI_VALID))
         calib = lm.calibration_windows(train, args.nsamples, args.seqlen, args.seed)
-        test = lm.encode(tokenizer, lm.read_text_file(os.path.join(WIKI, "wiki.test.raw")))[:args.eval_tokens]
+        test = lm.encode(tokenizer, lm.read_text_file(WIKI_TEST))[:args.eval_tokens]
     if args.write_text:
         os.makedirs(args.write_text, exist_ok=True)
         for name, ids in (("train", calib.reshape(-1)), ("test", test)):
@@ -97,7 +99,11 @@ def main():
     W, X = torch.randn(64, 256, generator=g), torch.randn(1024, 256, generator=g)
     for method, bits in itertools.product(args.methods, args.bits):
         quant.quantize_layer(W, X.T @ X / len(X), bits, method, seed=0)
-    print(f"{'method':>8} {'bits':>4} {'incoh':>5} {'bft':>5} {'e2e':>5} {'ppl':>9} {'ppl / fp':>9} {'proxy':>10} {'seconds':>8} {'layers s':>8}")
+    fp16_mb = 2 * sum(p.numel() for p in fp.parameters()) / 1e6  # tied tensors counted once
+    print(f"packed directories (MB) beside the float16 model's {fp16_mb:.1f} MB; embedding and head "
+          + (f"quantized to {args.embed_bits} bits" if args.embed_bits else "in float16"))
+    print(f"{'method':>8} {'bits':>4} {'incoh':>5} {'bft':>5} {'e2e':>5} {'ppl':>9} {'ppl / fp':>9} {'proxy':>10} "
+          f"{'seconds':>8} {'layers s':>8} {'MB':>7}")
     for bits in args.bits:
         for method in args.methods:
             vector = quant.TABLE[method].rotation is not None  # e8p, qtip: always the RHT
@@ -109,15 +115,19 @@ def main():
                 rows = quantize_model(model, calib, "cpu", bits, method, args.seed, block_ft=block_ft, **options)
                 if e2e:
                     finetune_e2e(model, fp, calib, "cpu", BlockFT(e2e, args.e2e_ft_lr, seed=args.seed))
+                if args.embed_bits:
+                    quantize_embeddings(model, args.embed_bits, args.embed_groupsize)
                 seconds = time.perf_counter() - tick
+                round_to_stored(model, "float16")  # the model its packed directory holds
                 ppl = lm.perplexity(model, test, args.seqlen)
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = os.path.join(args.save or tmp, f"{method}_w{bits}_bft{steps}_e2e{e2e}")
+                    save_quantized(model, tok, out, dict(method=method, wbits=bits, options=options,
+                                                         block_ft=vars(block_ft) if block_ft else None, e2e_ft=e2e or None))
+                    megabytes = directory_bytes(out) / 1e6
                 print(f"{method:>8} {bits:>4} {incoh:>5} {steps:>5} {e2e:>5} {ppl:>9.4g} {ppl / base:>9.3f} "
-                      f"{sum(r['proxy'] for r in rows):>10.4g} {seconds:>8.1f} {sum(r['seconds'] for r in rows):>8.2f}",
-                      flush=True)
-                if args.save:
-                    save_quantized(model, tok, os.path.join(args.save, f"{method}_w{bits}_bft{steps}_e2e{e2e}"),
-                                   dict(method=method, wbits=bits, options=options,
-                                        block_ft=vars(block_ft) if block_ft else None, e2e_ft=e2e or None))
+                      f"{sum(r['proxy'] for r in rows):>10.4g} {seconds:>8.1f} {sum(r['seconds'] for r in rows):>8.2f} "
+                      f"{megabytes:>7.1f}", flush=True)
 
 
 if __name__ == "__main__":
