@@ -7,7 +7,7 @@ Inputs: last hidden states (tokens x hidden) and the head weight (vocab x hidden
 need gradients, drawn in --dtype; 10% of the targets are ignore_index -100. Each variant runs in its own
 child process; peak memory is the memory above the inputs during forward + backward, the gradients of
 the inputs included (benchmarks/peak.py). Time is the median of --repeats passes after a warm-up.
-Targets (issue 15): peak <= 0.05x and time <= 1.2x of F.linear + F.cross_entropy.
+Targets: peak <= 0.05x and time <= 1.2x of F.linear + F.cross_entropy.
 --check also reports each variant's largest relative error of the loss and of both gradients against a
 float64 evaluation of the same inputs (slow: float64 matmuls).
 """

@@ -7,7 +7,7 @@ Each loss runs in its own child process on the same (tokens x vocab) leaf logits
 set to ignore_index -100, like padding), so one measurement's allocator state cannot leak into the
 other. The logits are drawn directly in their dtype, and the peak counters are reset once the inputs
 exist, so building the inputs cannot set the peak. Peak memory is the memory above the inputs during
-forward + backward (benchmarks/peak.py says how). Time is the median of --repeats passes after one warm-up pass. Goal (issue 6): both ratios <= 1.2.
+forward + backward (benchmarks/peak.py says how). Time is the median of --repeats passes after one warm-up pass. Goal: both ratios <= 1.2.
 """
 import argparse
 import json
