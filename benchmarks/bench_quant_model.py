@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import lm  # noqa: E402
 import quant  # noqa: E402
 from lm.quantized import save_quantized  # noqa: E402
+from results import write_rows  # noqa: E402
 from quant.blockft import BlockFT, finetune_e2e  # noqa: E402
 from quant.model import quantize_model  # noqa: E402
 
@@ -98,6 +99,7 @@ def main():
     for method, bits in itertools.product(args.methods, args.bits):
         quant.quantize_layer(W, X.T @ X / len(X), bits, method, seed=0)
     print(f"{'method':>8} {'bits':>4} {'incoh':>5} {'bft':>5} {'e2e':>5} {'ppl':>9} {'ppl / fp':>9} {'proxy':>10} {'seconds':>8} {'layers s':>8}")
+    table = []
     for bits in args.bits:
         for method in args.methods:
             vector = quant.TABLE[method].rotation is not None  # e8p, qtip: always the RHT
@@ -114,6 +116,12 @@ def main():
                 print(f"{method:>8} {bits:>4} {incoh:>5} {steps:>5} {e2e:>5} {ppl:>9.4g} {ppl / base:>9.3f} "
                       f"{sum(r['proxy'] for r in rows):>10.4g} {seconds:>8.1f} {sum(r['seconds'] for r in rows):>8.2f}",
                       flush=True)
+                table.append({"model": os.path.basename(args.model), "text": args.text, "method": method, "bits": bits,
+                              "incoh": incoh, "block_ft": steps, "e2e_ft": e2e, "ppl": f"{ppl:.4g}",
+                              "fp_ppl": f"{base:.4g}", "ppl_vs_fp": round(ppl / base, 3),
+                              "proxy": f"{sum(r['proxy'] for r in rows):.4g}", "seconds": round(seconds, 1),
+                              "layers_seconds": round(sum(r['seconds'] for r in rows), 2)})
+                write_rows("bench_quant_model", table)  # after every row: a long run keeps what it measured
                 if args.save:
                     save_quantized(model, tok, os.path.join(args.save, f"{method}_w{bits}_bft{steps}_e2e{e2e}"),
                                    dict(method=method, wbits=bits, options=options,
