@@ -3,6 +3,7 @@
     python docs/gen_results.py            # print the markdown
 The mkdocs hook (`docs/hooks.py`) puts the same text where the benchmarks page says
 `<!-- results-tables -->`, so `make docs` always shows the files as they are."""
+import argparse
 import csv
 import glob
 import os
@@ -48,5 +49,11 @@ def render(directory=RESULTS):
     return "\n".join(lines)
 
 
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Print benchmarks/results/*.csv as markdown tables.")
+    p.add_argument("directory", nargs="?", default=RESULTS, help="folder of results CSVs (default: %(default)s)")
+    sys.stdout.write(render(p.parse_args(argv).directory))
+
+
 if __name__ == "__main__":
-    sys.stdout.write(render(sys.argv[1] if len(sys.argv) > 1 else RESULTS))
+    main()
