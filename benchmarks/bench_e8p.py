@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from quant.e8p import CODEBOOKS, VectorCodebook, get_codebook  # noqa: E402
+from results import write_rows  # noqa: E402
 
 LLOYD_MAX = {2: 0.1175, 3: 0.03455, 4: 0.009497}  # optimal scalar quantizer of N(0, 1), 2^bits levels
 
@@ -120,15 +121,21 @@ def main():
         return
     print(f"MSE per weight on {args.samples} unit Gaussian 8-vectors (ratio to each reference): best uniform "
           "scalar grid (same samples), optimal scalar quantizer (Lloyd-Max), rate-distortion bound 2^(-2 bits)")
+    rows = []
     for name in CODEBOOKS:
         cb = get_codebook(name)
         e = mse(cb, Z)
         refs = {"uniform": uniform_mse(Z, cb.bits), "Lloyd-Max": LLOYD_MAX[cb.bits], "bound": 2.0 ** (-2 * cb.bits)}
         print(f"  {name:9s} {cb.bits} bits  MSE {e:.5f}   "
               + "   ".join(f"{k} {v:.5f} ({e / v:.3f}x)" for k, v in refs.items()), flush=True)
+        rows.append({"measure": f"{name} MSE per weight", "bits": cb.bits, "value": f"{e:.5f}",
+                     **{f"x_{k}": round(e / v, 3) for k, v in refs.items()}})
     fast, slow, same = throughput(args.search, args.brute, args.seed + 1)
     print(f"E8P nearest search ({args.threads} thread): {fast:,.0f} vectors/s, brute-force argmin over 2^16 "
           f"{slow:,.0f} vectors/s: {fast / slow:.0f}x faster; same codes on {same:.2%} of {args.brute} vectors")
+    rows.append({"measure": "E8P nearest search, vectors/s", "bits": 2, "value": f"{fast:.0f}",
+                 "x_brute_force": round(fast / slow, 1)})
+    print("results:", write_rows("bench_e8p", rows))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Inputs: last hidden states (tokens x hidden) and the head weight (vocab x hidden
 need gradients, drawn in --dtype; 10% of the targets are ignore_index -100. Each variant runs in its own
 child process; peak memory is the memory above the inputs during forward + backward, the gradients of
 the inputs included (benchmarks/peak.py). Time is the median of --repeats passes after a warm-up.
-Targets (issue 15): peak <= 0.05x and time <= 1.2x of F.linear + F.cross_entropy.
+Targets: peak <= 0.05x and time <= 1.2x of F.linear + F.cross_entropy.
 --check also reports each variant's largest relative error of the loss and of both gradients against a
 float64 evaluation of the same inputs (slow: float64 matmuls).
 """
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from engine import UserError, cli
 from losses import get_loss, linear_token_loss
 from peak import measure
+from results import write_rows
 
 # name -> (label, loss of (hidden, weight, target)); "unfused_ce" is the baseline
 VARIANTS = {
@@ -115,6 +116,14 @@ def main(argv=None):
     logits_mib = args.tokens * args.vocab * torch.finfo(getattr(torch, args.dtype)).bits / 8 / 2**20
     print(f"(the logits alone: {logits_mib:.0f} MiB; the weight gradient: "
           f"{args.vocab * args.hidden * torch.finfo(getattr(torch, args.dtype)).bits / 8 / 2**20:.0f} MiB)")
+    base = results["unfused_ce"]
+    rows = [{"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab, "dtype": args.dtype,
+             "device": args.device, "variant": VARIANTS[name][0], "seconds": round(r["seconds"], 4),
+             "x_time": round(r["seconds"] / base["seconds"], 3), "peak_mib": round(r["peak_mib"], 1),
+             "x_peak": round(r["peak_mib"] / max(base["peak_mib"], 1e-9), 4), "repeats": args.repeats,
+             **{f"err_{k}": f"{v:.1e}" for k, v in r.get("errors", {}).items()}}
+            for name, r in results.items()]
+    print("results:", write_rows(f"bench_linear_loss_{args.dtype}_{args.vocab}", rows))
     return results
 
 

@@ -7,7 +7,7 @@ Each loss runs in its own child process on the same (tokens x vocab) leaf logits
 set to ignore_index -100, like padding), so one measurement's allocator state cannot leak into the
 other. The logits are drawn directly in their dtype, and the peak counters are reset once the inputs
 exist, so building the inputs cannot set the peak. Peak memory is the memory above the inputs during
-forward + backward (benchmarks/peak.py says how). Time is the median of --repeats passes after one warm-up pass. Goal (issue 6): both ratios <= 1.2.
+forward + backward (benchmarks/peak.py says how). Time is the median of --repeats passes after one warm-up pass. Goal: both ratios <= 1.2.
 """
 import argparse
 import json
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from engine import UserError, cli
 from losses import get_loss
 from peak import measure
+from results import write_rows
 
 
 def worker(args):
@@ -80,6 +81,12 @@ def main(argv=None):
     print(f"ratio RLO / CE: time {rlo['seconds'] / ce['seconds']:.2f}x, "
           f"peak memory {rlo['peak_mib'] / max(ce['peak_mib'], 1e-9):.2f}x "
           f"(logits themselves: {args.tokens * args.vocab * torch.finfo(getattr(torch, args.dtype)).bits / 8 / 2**20:.0f} MiB)")
+    rows = [{"tokens": args.tokens, "vocab": args.vocab, "dtype": args.dtype, "device": args.device, "loss": name,
+             "seconds": round(r["seconds"], 4), "peak_mib": round(r["peak_mib"], 1),
+             "x_ce_time": round(r["seconds"] / ce["seconds"], 3),
+             "x_ce_peak": round(r["peak_mib"] / max(ce["peak_mib"], 1e-9), 3), "repeats": args.repeats}
+            for name, r in results.items()]
+    print("results:", write_rows(f"bench_lm_loss_{args.dtype}_{args.vocab}", rows))
     return results
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from losses import get_loss  # noqa: E402
+from results import write_rows  # noqa: E402
 
 
 def naive_root(logits, target, k=3.0, m=3.0):
@@ -63,6 +64,7 @@ def main():
     }
     print(f"forward+backward, logits ({args.n}, {args.c}), device {args.device}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    rows = []
     for dtype in dtypes:
         logits = (torch.randn(args.n, args.c, device=args.device) * 3).to(dtype)
         target = torch.randint(0, args.c, (args.n,), device=args.device)
@@ -71,6 +73,10 @@ def main():
         print(f"\n{str(dtype):16s} {'loss':32s} {'ms':>8s} {'x CE':>6s}")
         for name, ms in results.items():
             print(f"{'':16s} {name:32s} {ms:8.2f} {ms / base:6.2f}")
+            rows.append({"logits": f"{args.n}x{args.c}", "dtype": str(dtype).removeprefix("torch."),
+                         "device": args.device, "loss": name, "ms": round(ms, 3), "x_ce": round(ms / base, 3),
+                         "repeats": args.repeats})
+    print("results:", write_rows("bench_loss", rows))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from quant import kernels  # noqa: E402
 from quant.e8p import get_codebook  # noqa: E402
 from quant.methods import VECTOR_CODEBOOKS  # noqa: E402
 from quant.model import quantize_model  # noqa: E402
+from results import write_rows  # noqa: E402
 
 SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
 STORIES = os.path.join(SHARED, "models", "stories260K", "stories260K.bin")
@@ -74,6 +75,7 @@ def rounds(fns, reps):
 @torch.no_grad()
 def bench_layers(args):
     print(f"{'shape':>9} {'config':>13} {'bits':>4} {'bytes / fp16':>12} {'proxy':>9} {'tokens/s packed / dense':>24}")
+    table = []
     for rows, cols in args.shapes:
         W, H = synthetic(rows, cols, args.seed, 4096)
         x = torch.randn(args.tokens, cols)
@@ -88,6 +90,10 @@ def bench_layers(args):
                 ratio = stored_bytes(packed) / (rows * cols * 2)
                 print(f"{rows}x{cols:<4} {name:>13} {bits:>4} {ratio:>12.4f} {r.proxy:>9.4g} "
                       f"{t_dense / t_packed:>24.3f}", flush=True)
+                table.append({"shape": f"{rows}x{cols}", "config": name, "bits": bits, "bytes_vs_fp16": round(ratio, 4),
+                              "proxy": f"{r.proxy:.4g}", "tokens": args.tokens,
+                              "packed_vs_dense_speed": round(t_dense / t_packed, 3), "reps": args.reps})
+    print("results:", write_rows("bench_packed_layers", table))
 
 
 def random_packed(rows, cols, name, bits, seed):
@@ -117,6 +123,7 @@ def bench_decode(args):
           f"C++ kernel {'on' if kernels.ENABLED and kernels.extension() else 'off'}")
     print(f"{'shape':>10} {'threads':>7} {'config':>13} {'packed tokens/s':>15} {'/ dense fp32':>12} "
           f"{'/ dense bf16':>12}")
+    table = []
     for rows, cols in args.decode_shapes:
         dense = torch.nn.Linear(cols, rows, bias=False)
         dense16 = torch.nn.Linear(cols, rows, bias=False).to(torch.bfloat16)
@@ -131,7 +138,13 @@ def bench_decode(args):
                 t_packed, t_fp32, t_bf16 = rounds(fns, args.reps)
                 print(f"{rows}x{cols:<5} {threads:>7} {name:>13} {args.decode_tokens / t_packed:>15.1f} "
                       f"{t_fp32 / t_packed:>12.2f} {t_bf16 / t_packed:>12.2f}", flush=True)
+                table.append({"shape": f"{rows}x{cols}", "config": name, "bits": args.decode_bits,
+                              "tokens": args.decode_tokens, "threads": threads,
+                              "packed_tokens_per_s": round(args.decode_tokens / t_packed, 1),
+                              "vs_dense_fp32": round(t_fp32 / t_packed, 3), "vs_dense_bf16": round(t_bf16 / t_packed, 3),
+                              "kernel": bool(kernels.ENABLED and kernels.extension()), "reps": args.reps})
     torch.set_num_threads(args.threads)
+    print("results:", write_rows("bench_packed_decode", table))
 
 
 def greedy(model, tokens):
@@ -152,6 +165,7 @@ def bench_model(args):
     print(f"{'config':>13} {'bits':>4} {'linears bytes / fp16':>20} {'ppl':>9} {'reloaded ppl rel. diff':>22} "
           f"{'forward tokens/s packed / fp':>28} {'generate tokens/s fp':>20} {'packed / fp':>11}")
     batch = test[: 4 * seqlen].view(4, seqlen)
+    table = []
     for name in args.configs:
         method, options = CONFIGS[name]
         for bits in args.bits:
@@ -173,6 +187,13 @@ def bench_model(args):
             g_packed, g_fp = rounds([lambda: greedy(m, args.gen_tokens) for m in (reloaded, fp_model)], args.gen_reps)
             print(f"{name:>13} {bits:>4} {on_disk / fp16:>20.4f} {ppl:>9.4g} {abs(again / ppl - 1):>22.2g} "
                   f"{t_fp / t_packed:>28.3f} {args.gen_tokens / g_fp:>20.1f} {g_fp / g_packed:>11.3f}", flush=True)
+            table.append({"model": os.path.basename(args.model), "config": name, "bits": bits,
+                          "linears_bytes_vs_fp16": round(on_disk / fp16, 4), "ppl": f"{ppl:.4g}",
+                          "reloaded_ppl_rel_diff": f"{abs(again / ppl - 1):.2g}",
+                          "forward_packed_vs_fp": round(t_fp / t_packed, 3),
+                          "generate_fp_tokens_per_s": round(args.gen_tokens / g_fp, 1),
+                          "generate_packed_vs_fp": round(g_fp / g_packed, 3)})
+    print("results:", write_rows("bench_packed_model", table))
 
 
 def main():

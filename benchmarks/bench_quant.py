@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import quant  # noqa: E402
+from results import write_rows  # noqa: E402
 
 
 def synthetic(rows, cols, seed, tokens):
@@ -71,6 +72,7 @@ def main():
           "synthetic W and H (see --help)")
     print(f"{'shape':>9} {'bits':>4} {'incoh':>5} {'method':>8} {'proxy':>11} {'vs nearest':>10} "
           f"{'seconds':>8} {'time vs nearest':>15} {'proxy vs ldlqRG':>15} {'time vs ldlqRG':>14}")
+    table = []
     for rows, cols in args.shapes:
         name = f"{rows}x{cols}"
         W, H = synthetic(rows, cols, args.seed, args.tokens)
@@ -100,6 +102,11 @@ def main():
                     print(f"{name:>9} {bits:>4} {incoh:>5} {method:>8} {r.proxy:>11.4g} "
                           f"{r.proxy / base['proxy']:>10.3f} {seconds:>8.3f} {seconds / base['seconds']:>15.2f} {vs}",
                           flush=True)
+                    table.append({"shape": name, "bits": bits, "incoh": incoh, "method": method,
+                                  "rotation": args.rotation if incoh == "on" else "", "proxy": f"{r.proxy:.4g}",
+                                  "x_nearest_proxy": round(r.proxy / base["proxy"], 4), "seconds": round(seconds, 3),
+                                  "x_nearest_time": round(seconds / base["seconds"], 3)})
+    print("results:", write_rows("bench_quant", table))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import lm  # noqa: E402
 import quant  # noqa: E402
 from lm.quantized import directory_bytes, round_to_stored, save_quantized  # noqa: E402
 from lm.shared import SMOLLM2, WIKI_TEST, WIKI_VALID  # noqa: E402
+from results import write_rows  # noqa: E402
 from quant.blockft import BlockFT, finetune_e2e  # noqa: E402
 from quant.embedding import EMBED_BITS, quantize_embeddings  # noqa: E402
 from quant.model import quantize_model  # noqa: E402
@@ -104,6 +105,7 @@ def main():
           + (f"quantized to {args.embed_bits} bits" if args.embed_bits else "in float16"))
     print(f"{'method':>8} {'bits':>4} {'incoh':>5} {'bft':>5} {'e2e':>5} {'ppl':>9} {'ppl / fp':>9} {'proxy':>10} "
           f"{'seconds':>8} {'layers s':>8} {'MB':>7}")
+    table = []
     for bits in args.bits:
         for method in args.methods:
             vector = quant.TABLE[method].rotation is not None  # e8p, qtip: always the RHT
@@ -128,6 +130,13 @@ def main():
                 print(f"{method:>8} {bits:>4} {incoh:>5} {steps:>5} {e2e:>5} {ppl:>9.4g} {ppl / base:>9.3f} "
                       f"{sum(r['proxy'] for r in rows):>10.4g} {seconds:>8.1f} {sum(r['seconds'] for r in rows):>8.2f} "
                       f"{megabytes:>7.1f}", flush=True)
+                table.append({"model": os.path.basename(args.model), "text": args.text, "method": method, "bits": bits,
+                              "incoh": incoh, "block_ft": steps, "e2e_ft": e2e, "embed_bits": args.embed_bits or 16,
+                              "ppl": f"{ppl:.4g}", "fp_ppl": f"{base:.4g}", "ppl_vs_fp": round(ppl / base, 3),
+                              "proxy": f"{sum(r['proxy'] for r in rows):.4g}", "seconds": round(seconds, 1),
+                              "layers_seconds": round(sum(r['seconds'] for r in rows), 2),
+                              "packed_mb": round(megabytes, 1), "fp16_mb": round(fp16_mb, 1)})
+                write_rows("bench_quant_model", table)  # after every row: a long run keeps what it measured
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 from engine.loop import autocast_dtype, train_step  # noqa: E402
 from losses import get_loss  # noqa: E402
+from results import write_rows  # noqa: E402
 
 
 def main():
@@ -116,10 +117,14 @@ def main():
     print(f"{net} {args.size}px batch {args.bs} on {device.type} ({torch.get_num_threads()} threads), "
           f"channels_last={channels_last} compile={args.compile}")
     base = statistics.median(speeds["plain fp32 eager"])
+    rows = []
     for name, values in speeds.items():
         med = statistics.median(values)
         rounds = ", ".join(f"{v:.0f}" for v in values)
         print(f"{name:34s} {med:8.1f} img/s  ratio {med / base:.2f}x  (rounds: {rounds})")
+        rows.append({"net": net, "size": args.size, "batch": args.bs, "device": device.type, "step": name,
+                     "images_per_s": round(med, 1), "x_plain": round(med / base, 3), "rounds": args.rounds})
+    print("results:", write_rows("bench_train", rows))
 
 
 if __name__ == "__main__":

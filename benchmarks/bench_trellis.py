@@ -27,6 +27,7 @@ import quant  # noqa: E402
 from quant import kernels  # noqa: E402
 from quant.e8p import get_codebook  # noqa: E402
 from quant.trellis import CODES, HYB_Q, KBITS, SEAM_BITS, Trellis  # noqa: E402
+from results import write_rows  # noqa: E402
 
 E8P = {2: "e8p", 3: "e8p_rvq3", 4: "e8p_rvq4"}
 SWEEP_SEAM = tuple(sorted({2, 3, 4, 6, SEAM_BITS, 12, 32}))  # 32: the whole rotated sequence, as QTIP searches it
@@ -67,6 +68,11 @@ def sweep(Z, reps):
         label = f"seam_bits {tr.seam_bits:2d}" if "seam_bits" in c else f"L {tr.L}, hyb_q {tr.hyb_q:2d}"
         print(f"  {label:16s} {2 * tr.seam_steps + tr.steps:3d} steps of 2^{tr.L} states  MSE {m:.5f} ({m / mse[base] - 1:+.2%})"
               f"  {sec:.3f} s ({sec / seconds[base]:.2f}x)", flush=True)
+    write_rows("bench_trellis_sweep", [
+        {"option": ", ".join(f"{k} {v}" for k, v in c.items()), "steps_searched": 2 * tr.seam_steps + tr.steps,
+         "states": f"2^{tr.L}", "mse": f"{m:.5f}", "mse_vs_default": f"{m / mse[base] - 1:+.2%}",
+         "seconds": round(sec, 4), "x_default_time": round(sec / seconds[base], 3), "sequences": len(Z), "reps": reps}
+        for tr, c, m, sec in zip(trellises, configs, mse, seconds)])
 
 
 def layer(rows, cols, seed, tokens=4096):
@@ -115,17 +121,23 @@ def main():
         return
     print(f"MSE per weight on {args.sequences} x 256 unit Gaussian weights ({torch.get_num_threads()} thread(s)); "
           "trellis L=16, T=256, tail-biting")
+    table = []
     for k in args.bits:
         bound = 2.0 ** (-2 * k)
         e = e8p_mse(E8P[k], Z)
+        table.append({"part": "Gaussian MSE", "bits": k, "case": E8P[k], "value": f"{e:.5f}", "ratio": round(e / bound, 3),
+                      "ratio_to": "bound 2^-2b"})
         line = f"  {k} bits  bound {bound:.5f}  {E8P[k]} {e:.5f} ({e / bound:.3f}x)"
         for code in args.codes:
             tr = Trellis(k=k, code=code)
             tick = time.perf_counter()
             m = trellis_mse(tr, Z)
             line += f"  {code} (V={tr.V}) {m:.5f} ({m / bound:.3f}x, {time.perf_counter() - tick:.1f} s)"
+            table.append({"part": "Gaussian MSE", "bits": k, "case": f"{code} (V={tr.V})", "value": f"{m:.5f}",
+                          "ratio": round(m / bound, 3), "ratio_to": "bound 2^-2b"})
         print(line, flush=True)
     if args.no_time:
+        print("results:", write_rows("bench_trellis", table))
         return
     print(f"Viterbi (one pass, {args.sequences} sequences of 256 weights, L=16, 2 bits), C++ kernel vs torch:")
     for code in args.codes:
@@ -139,6 +151,8 @@ def main():
         kernels.ENABLED = True
         print(f"  {code}: kernel {seconds[True]:.3f} s, torch {seconds[False]:.3f} s ({seconds[False] / seconds[True]:.0f}x)",
               flush=True)
+        table.append({"part": "Viterbi seconds, kernel", "bits": 2, "case": code, "value": f"{seconds[True]:.4f}",
+                      "ratio": round(seconds[False] / seconds[True], 1), "ratio_to": "torch path (speed-up)"})
     bits = args.time_bits
     print(f"seconds per layer, {bits} bits, quant.quantize_layer (RHT + block LDLQ + codebook), same run, "
           f"median of {args.reps} interleaved round(s):")
@@ -156,7 +170,10 @@ def main():
         for method in args.time_methods:
             seconds, proxy = sorted(runs[method])[args.reps // 2]
             line += f"; {method} {seconds:.2f} s = {seconds / e8p_s:.2f}x e8p, proxy / e8p's {proxy / e8p_proxy:.3f}"
+            table.append({"part": "layer seconds", "bits": bits, "case": f"{method} {n}x{n}", "value": f"{seconds:.3f}",
+                          "ratio": round(seconds / e8p_s, 3), "ratio_to": f"e8p ({e8p_s:.3f} s)"})
         print(line, flush=True)
+    print("results:", write_rows("bench_trellis", table))
 
 
 if __name__ == "__main__":

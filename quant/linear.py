@@ -210,7 +210,7 @@ class TrellisCodec:
         W = tr.decode(codes.reshape(n * blocks, -1)).reshape(n, blocks, tx, ty).transpose(1, 2).reshape(n * tx, -1)
         return W[r0 - t0 * tx:r1 - t0 * tx] * layer.scale[r0:r1]
 
-    # Code updates (PV-tuning's V step, issue 22 part 3): a code group is a whole tile's stream, re-encoded
+    # Code updates (PV-tuning's V step, quant.pv): a code group is a whole tile's stream, re-encoded
     # by a new Viterbi search; rows r0:r1 must cover whole tiles.
     @classmethod
     def _tiles(cls, layer, r0, r1):

@@ -37,7 +37,8 @@ def test_prepare_run_dir_refuses_another_run_unless_overwrite_or_resume(tmp_path
 def _rank(rank, port, out, errors):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        if rank == 1:  # rank 1 arrives after rank 0 has written args.json (the race of issue 16)
+        if rank == 1:  # rank 1 arrives after rank 0 has written args.json: a late rank must not see
+            # rank 0's fresh args.json as an existing run
             while not os.path.exists(os.path.join(out, "args.json")):
                 pass
         prepare_run_dir(_args(out))

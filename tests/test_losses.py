@@ -306,7 +306,7 @@ def test_second_derivatives_match_the_reference(name):
     torch.testing.assert_close(got, want)
 
 
-# ---- issue 15, section 1: the edges, each against float64 --------------------------------------------
+# ---- numerical edges, each against float64 --------------------------------------------------------
 
 @pytest.fixture
 def small_blocks(monkeypatch):
