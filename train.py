@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--dataset", default="cifar10", help=f"one of: {', '.join(vision.DATASETS)}")
-    a("--download", action="store_true", help="let torchvision download CIFAR / Food-101 (needs network)")
+    a("--download", action="store_true", help="let torchvision download CIFAR / Fashion-MNIST / Food-101 (needs network)")
     a("--net", default="ViT", help=f"one of: {', '.join(models.MODELS)}")
     a("--pretrained", default=None, help="local weights file (.safetensors, torch state dict, or our .pt), or "
       "'none' for random init; default: none, except finetuning nets (vit_timm), which need weights")

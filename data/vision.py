@@ -15,6 +15,10 @@ no public test labels). The built dataset has `num_classes`. Layouts under `root
   class that train/ lacks is an error.
 - fake: generated on the fly (no files), any size and class count, learnable (each class is a
   fixed low-frequency pattern plus noise); for offline smoke runs and benchmarks.
+- fashionmnist: Zalando's Fashion-MNIST (60,000 train / 10,000 test 28x28 grey images, 10 classes) in
+  torchvision's layout `FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]` (what
+  `download=True` fetches); the gzip files are read as they are, so a read-only copy works. Grey
+  repeated on 3 channels, upscaled to `size` (32).
 - digits: scikit-learn's embedded 8x8 handwritten digits (1797 real images, 10 classes; no files, no
   download), upscaled (bilinear) to `size` (32), grey repeated on 3 channels; a fixed split: the first
   1437 images train, the last 360 test. Its augmentation never flips (a flipped 2 is not a 2).
@@ -27,6 +31,7 @@ Food-101/ImageNet; "randaug" = basic + RandAugment(N=2, M=14) first, as in the a
 Random transforms draw from torch's global RNG; train.py seeds it per (epoch, sample) so runs
 are reproducible whatever the number of workers or processes.
 """
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -238,6 +243,66 @@ def _fake(root, split, transform, size=32, num_classes=10, n=None, **_):
                       seed=1 if split == "train" else 2)
 
 
+class IdxImages(Dataset):
+    """Images and labels from the idx files of (Fashion-)MNIST, uint8 (3, 28, 28) grey on 3 channels."""
+
+    def __init__(self, images, labels, classes, transform):
+        self.images, self.labels, self.classes = images, labels, classes
+        self.transform, self.num_classes = transform, len(classes)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        return self.transform(image.expand(3, *image.shape)), int(self.labels[i])
+
+
+def read_idx(path):
+    """An idx file (LeCun's format: magic with the dtype code and rank, big-endian sizes, then the data),
+    plain or gzipped, as a uint8 tensor."""
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        magic = int.from_bytes(data[:4], "big")
+        rank = magic & 0xFF
+        shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank))
+        body = data[4 + 4 * rank:]
+        if magic >> 8 != 0x08 or len(body) != math.prod(shape):
+            raise ValueError(f"not a uint8 idx file of shape {shape} ({len(body)} data bytes)")
+    except (OSError, EOFError, ValueError) as err:
+        raise UserError(f"{path}: unreadable idx file ({err}); is it truncated?") from None
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
+
+
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+
+
+def _fashionmnist(root, split, transform, download=False, **_):
+    if download:  # torchvision fetches and checks the md5 sums; its files are then read as below
+        tvd.FashionMNIST(root, train=split == "train", download=True)
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    prefix = "train" if split == "train" else "t10k"
+    paths = []
+    for kind in ("images-idx3", "labels-idx1"):
+        name = f"{prefix}-{kind}-ubyte"
+        found = [p for p in (os.path.join(raw, name), os.path.join(raw, name + ".gz")) if os.path.isfile(p)]
+        if not found:
+            raise _missing("fashionmnist", os.path.join(raw, name + ".gz"),
+                           "torchvision's FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz "
+                           "(e.g. --data-dir ../shared/data/vision); pass --download to fetch it")
+        paths.append(found[0])
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.dim() != 3 or labels.shape != images.shape[:1] or int(labels.max()) >= len(FASHION_CLASSES):
+        raise UserError(f"fashionmnist: {paths[0]} and {paths[1]} do not match ({tuple(images.shape)} images, "
+                        f"{tuple(labels.shape)} labels, largest label {int(labels.max())})")
+    return IdxImages(images, labels, FASHION_CLASSES, transform)
+
+
 DIGITS_TEST = 360  # the last 360 of scikit-learn's 1797 digits (about 36 per class) are the test split
 
 
@@ -284,10 +349,13 @@ DATASETS = {
     "food101": VisionSet(_food101, IMAGENET_MEAN, IMAGENET_STD, 224),
     "imagenet": VisionSet(_imagenet, IMAGENET_MEAN, IMAGENET_STD, 224),
     "fake": VisionSet(_fake, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, native_is_size=True),
+    # pixel mean / std of the 60,000 training images
+    "fashionmnist": VisionSet(_fashionmnist, (0.2860,) * 3, (0.3530,) * 3, 32, native=28),
     # pixel mean / std of the 1797 images
     "digits": VisionSet(_digits, (0.305,) * 3, (0.376,) * 3, 32, native=8, flip=False),
 }
-ALIASES = {"tiny-imagenet": "tinyimagenet", "food-101": "food101", "imagenet1k": "imagenet"}
+ALIASES = {"tiny-imagenet": "tinyimagenet", "food-101": "food101", "imagenet1k": "imagenet",
+           "fashion-mnist": "fashionmnist", "fmnist": "fashionmnist"}
 
 
 def canonical_name(name):

@@ -199,3 +199,68 @@ def test_bad_names():
         vision.build_dataset("mnist", "x", "train", 32)
     with pytest.raises(UserError, match="unknown aug"):
         vision.build_dataset("fake", "x", "train", 32, aug="mixup")
+
+
+def _write_idx(path, array, gz=True):
+    import gzip
+
+    header = (0x0800 | array.ndim).to_bytes(4, "big") + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _fashion_files(root, n_train=12, n_test=5, gz=True):
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    rng = np.random.default_rng(0)
+    data = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images, labels = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+        suffix = ".gz" if gz else ""
+        _write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte{suffix}"), images, gz)
+        _write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte{suffix}"), labels, gz)
+        data[prefix] = images, labels
+    return data
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashionmnist_reads_torchvisions_raw_idx_files(tmp_path, gz):
+    data = _fashion_files(str(tmp_path), gz=gz)
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        ds = vision.build_dataset("fashion-mnist", str(tmp_path), split, 28, aug="none")
+        images, labels = data[prefix]
+        assert len(ds) == len(labels) and ds.num_classes == 10
+        x, y = ds[3]
+        assert y == labels[3] and x.shape == (3, 28, 28)
+        grey = _unnormalize(x, (0.2860,) * 3, (0.3530,) * 3)
+        torch.testing.assert_close(grey, torch.from_numpy(images[3] / 255.0).float().expand(3, 28, 28), atol=1e-5, rtol=0)
+    assert vision.build_dataset("fashionmnist", str(tmp_path), "train", 32, aug="basic")[0][0].shape == (3, 32, 32)
+
+
+def test_fashionmnist_missing_or_truncated_files_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="fashionmnist: no data at .*FashionMNIST/raw/train-images-idx3-ubyte.gz"):
+        vision.build_dataset("fashionmnist", str(tmp_path), "train", 28)
+    _fashion_files(str(tmp_path))
+    path = os.path.join(str(tmp_path), "FashionMNIST", "raw", "t10k-images-idx3-ubyte.gz")
+    with open(path, "rb") as f:
+        head = f.read()[:-20]
+    with open(path, "wb") as f:
+        f.write(head)
+    with pytest.raises(UserError, match="t10k-images-idx3-ubyte.gz: unreadable idx file .*truncated"):
+        vision.build_dataset("fashionmnist", str(tmp_path), "test", 28)
+
+
+SHARED_FASHION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "vision")
+
+
+@pytest.mark.real_data
+def test_fashionmnist_from_the_shared_data():
+    if not os.path.isdir(os.path.join(SHARED_FASHION, "FashionMNIST", "raw")):
+        pytest.skip("../shared/data/vision/FashionMNIST absent: Fashion-MNIST is not in this checkout's shared data")
+    train = vision.build_dataset("fashionmnist", SHARED_FASHION, "train", 28, aug="none")
+    test = vision.build_dataset("fashionmnist", SHARED_FASHION, "test", 28, aug="none")
+    assert (len(train), len(test)) == (60000, 10000)
+    assert torch.equal(torch.bincount(test.labels), torch.full((10,), 1000))
+    assert int(train.labels[0]) == 9 and train.classes[9] == "Ankle boot"  # the data set's first image
+    pixels = train.images.float() / 255
+    assert (round(pixels.mean().item(), 4), round(pixels.std().item(), 4)) == (0.2860, 0.3530)
