@@ -24,6 +24,7 @@ import lm
 import quant
 from engine import (ArgumentParser, UserError, add_common_args, atomic_write_json, cli, prepare_run_dir,
                     require_positive_ints, set_threads)
+from lm import generate as lm_generate
 from lm.quantized import STORED_DTYPES, directory_bytes, is_quantized_dir, round_to_stored, save_quantized
 from quant.blockft import BlockFT, finetune_e2e
 from quant.embedding import EMBED_BITS, quantize_embeddings
@@ -189,13 +190,10 @@ def check_packed(model, n=8, seed=0):
     return worst
 
 
-def generate(model, tokenizer, prompt, max_new_tokens, device):
-    """Greedy continuation of `prompt` (with the tokenizer's usual BOS)."""
-    ids = lm.encode(tokenizer, prompt)[None].to(device)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0], skip_special_tokens=True)
+def generate(model, tokenizer, prompt, max_new_tokens):
+    """Greedy continuation of `prompt` (with the tokenizer's usual BOS), as `python -m lm.generate` runs it."""
+    new, _, _ = lm_generate.generate(model, tokenizer, lm_generate.prompt_ids(tokenizer, prompt), max_new_tokens)
+    return prompt + tokenizer.decode(new, skip_special_tokens=True)
 
 
 def read_texts(args):
@@ -290,7 +288,7 @@ def main(argv=None):
         report["ppl"][name] = lm.perplexity(model, ids, seqlen, device=device, max_windows=args.eval_windows)
         print(f"{name} perplexity: {report['ppl'][name]:.6g}")
     if args.generate is not None:
-        report["generated"] = generate(model, tokenizer, args.generate, args.max_new_tokens, device)
+        report["generated"] = generate(model, tokenizer, args.generate, args.max_new_tokens)
         print(f"generated: {report['generated']}")
     if args.check:
         report["check_max_rel_diff"] = check_packed(model)

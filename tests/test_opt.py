@@ -286,6 +286,6 @@ def test_real_stories260K_packed_4_bit_e8p_generates_like_the_fp_model(tmp_path)
     again = opt.main([out, "wikitext2", "--load", out, "--proxy_only", "--generate", prompt, "--max-new-tokens", "12",
                       "--out", str(tmp_path / "g")])
     fp, tokenizer = lm.load_causal_lm(STORIES)
-    expected = opt.generate(fp, tokenizer, prompt, 12, "cpu")
+    expected = opt.generate(fp, tokenizer, prompt, 12)
     # the first words of the 4-bit model's greedy continuation are the fp model's
     assert again["generated"].split()[:6] == expected.split()[:6], (again["generated"], expected)
