@@ -8,11 +8,13 @@ W (rows, cols) is a weight matrix, H (cols, cols) the second moment E[x x^T] of 
 1. incoherence pre-processing (`incoherence.Incoherence`): diagonal rescaling and seeded random
    orthogonal multiplication of both sides of W, matching multiplication of H;
 2. damping of H (`hessian.damp`, `percdamp` x mean(diag(H)), escalated with a warning if needed);
-3. a method from the table in `methods.py`: a grid (`grid.make_grid`, QuIP's qfn 'a' or 'b') and a
-   rounding algorithm (`ldlq`): nearest, gptq, ldlq, ldlqRG (LDLQ on columns sorted by diag(H), then
-   greedy coordinate passes), allbal (greedy passes only); or QuIP#'s lattice codebooks (`e8p`: E8P
-   at 2 bits, residual E8P at 3 and 4) with block LDLQ after the randomized Hadamard transform; or
-   QTIP's tail-biting bitshift trellis (`qtip`, `trellis.py`) with block LDLQ after the same transform;
+3. a method from the table in `methods.py`, which names its codebook (`codebooks`: the codebook rounds
+   the processed weights and says how its codes are stored): a grid (`grid.make_grid`, QuIP's qfn 'a'
+   or 'b') and a rounding algorithm (`ldlq`): nearest, gptq, ldlq, ldlqRG (LDLQ on columns sorted by
+   diag(H), then greedy coordinate passes), allbal (greedy passes only); or QuIP#'s lattice codebooks
+   (`e8p`: E8P at 2 bits, residual E8P at 3 and 4) with block LDLQ after the randomized Hadamard
+   transform; or QTIP's tail-biting bitshift trellis (`qtip`, `trellis.py`) with block LDLQ after the
+   same transform;
 4. post-processing back to the original basis. The proxy loss tr((W_hat - W) H (W_hat - W)^T) is
    computed in the original basis with the undamped H.
 
@@ -36,7 +38,7 @@ from .methods import METHODS, TABLE
 
 UNSUPPORTED = {"ldlbal_admm": "QuIP's experimental ADMM variant is not implemented here; use ldlqRG"}
 
-__all__ = ["quantize", "quantize_layer", "QuantLinear", "QuantResult", "default_npasses", "check_options", "METHODS",
+__all__ = ["quantize", "quantize_layer", "QuantLinear", "QuantResult", "codebooks", "default_npasses", "check_options", "METHODS",
            "TABLE", "WBITS", "QFNS", "ROTATIONS", "HessianAccumulator", "proxy_loss", "damp", "with_damping", "make_grid",
            "Grid", "Incoherence", "nearest", "gptq", "ldlq", "ldlqRG", "allbal", "greedy_passes", "block_ldlq"]
 
