@@ -1,6 +1,7 @@
 """The abstract codebook: what `quant.quantize_layer` (rounding), `quant.linear.QuantLinear` (storage),
 `quant.pv` (code updates), `quant.kernels` (the C++ decode kernel) and `opt.py` ask of a codebook.
 One instance per `codebook` name of a layer spec; see the package docstring for the contract."""
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -9,14 +10,14 @@ import torch
 @dataclass(frozen=True)
 class Options:
     """The rounding options of one `quant.quantize_layer` call that a codebook may read."""
-    method: object  # the quant.methods.Method being run
-    qfn: str
+    method: object  # the quant.methods.Method being run (its rounding, codebook_options)
+    qfn: str  # scalar options: grid kind, columns per grid, greedy passes, stochastic rounding
     groupsize: int
     npasses: int
     unbiased: bool
-    lazy_batch: bool
-    seed: int
-    blocksize: int
+    lazy_batch: bool  # LDLQ updates in blocks of `blocksize` columns (same result)
+    seed: int  # seeds the noise of unbiased rounding
+    blocksize: int  # columns per LDLQ update block
 
 
 @dataclass
@@ -30,8 +31,9 @@ class Quantized:
     spec: dict = field(default_factory=dict)  # the layer spec's codebook fields: `codebook`, groupsize, its own
 
 
-class Codebook:
-    """Base class: subclasses set `name` and implement the methods that raise NotImplementedError."""
+class Codebook(ABC):
+    """Subclasses set `name` and implement the abstract methods; the rest have defaults for codebooks
+    whose code groups are runs of `group` weights along a row."""
 
     name = None  # the spec's `codebook` field and the registry key
     group = 1  # weights per code group along a row (what `encode` rounds jointly)
@@ -45,13 +47,13 @@ class Codebook:
         """The member of this codebook's family that codes `wbits` bits per weight."""
         return self
 
+    @abstractmethod
     def quantize(self, Wp, H, wbits, options):
         """Round the processed weights Wp (rows, cols) given the (damped) Hessian H: a `Quantized`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def describe(self, method, qfn):
         """The codebook part of opt.py's one-line run summary."""
-        raise NotImplementedError
 
     def unit(self, method):
         """What one code covers, for messages (e.g. '8 weights per code')."""
@@ -59,32 +61,32 @@ class Codebook:
 
     # --- storage ------------------------------------------------------------------------------------
 
+    @abstractmethod
     def shapes(self, spec):
         """{tensor name: (shape, dtype)} of a layer with this spec; UserError if the spec is inconsistent."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pack(self, spec, result):
         """{tensor name: tensor} to store for a `quant.QuantResult` (names and shapes as `shapes`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, layer, r0, r1):
         """Rows r0:r1 of the layer's processed weights, float32, differentiable in its parameters."""
-        raise NotImplementedError
 
     # --- code updates (quant.pv) --------------------------------------------------------------------
 
+    @abstractmethod
     def codes(self, layer, r0, r1):
         """The codes of rows r0:r1, one row per code group (last dim: what a group's code is made of)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, layer, target, r0, r1):
         """(codes, values): the codeword nearest to each group of `target` (rows r0:r1 of the processed
         weights, decode's units) under the layer's scales, and the values they decode to."""
-        raise NotImplementedError
 
+    @abstractmethod
     def set_codes(self, layer, codes, r0, r1):
         """Store `codes` (as `codes` returns them) into rows r0:r1 of the layer."""
-        raise NotImplementedError
 
     def group_size(self, spec):
         """Weights per code group."""

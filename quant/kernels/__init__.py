@@ -83,15 +83,15 @@ def _rotation(rot):
 
 def _plan(layer):
     """The extension's Plan of a layer, or None (a codebook or rotation it does not know, or no extension)."""
-    codec = layer.codebook.kernel_layout(layer)
-    if codec is None:
+    layout = layer.codebook.kernel_layout(layer)
+    if layout is None:
         return None
     v, u = _rotation(layer.proc.V), _rotation(layer.proc.U)
     ext = extension() if v is not None and u is not None else None
     if ext is None:
         return None
     rows, cols = layer.spec["padded"]
-    return ext.Plan(rows, cols, layer.in_features, layer.out_features, *codec, *v, *u)
+    return ext.Plan(rows, cols, layer.in_features, layer.out_features, *layout, *v, *u)
 
 
 def forward(layer, x):
