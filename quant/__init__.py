@@ -38,8 +38,8 @@ from .methods import METHODS, TABLE
 
 UNSUPPORTED = {"ldlbal_admm": "QuIP's experimental ADMM variant is not implemented here; use ldlqRG"}
 
-__all__ = ["quantize", "quantize_layer", "QuantLinear", "QuantResult", "codebooks", "default_npasses", "check_options", "METHODS",
-           "TABLE", "WBITS", "QFNS", "ROTATIONS", "HessianAccumulator", "proxy_loss", "damp", "with_damping", "make_grid",
+__all__ = ["quantize", "quantize_layer", "QuantLinear", "QuantResult", "default_npasses", "check_options", "METHODS",
+           "TABLE", "codebooks", "WBITS", "QFNS", "ROTATIONS", "HessianAccumulator", "proxy_loss", "damp", "with_damping", "make_grid",
            "Grid", "Incoherence", "nearest", "gptq", "ldlq", "ldlqRG", "allbal", "greedy_passes", "block_ldlq"]
 
 

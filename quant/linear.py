@@ -21,7 +21,7 @@ from torch import nn
 from engine import UserError
 
 from . import codebooks, kernels
-from .codebooks.grid import pack_rows, unpack_rows  # noqa: F401  (the bit packing of grid codes, used beside QuantLinear)
+from .codebooks.grid import pack_rows, unpack_rows  # noqa: F401  (grid bit packing, imported from here)
 from .incoherence import Incoherence
 
 CHUNK = 1 << 22  # decoded weights per block of rows (16 MB in fp32)

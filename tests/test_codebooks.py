@@ -22,7 +22,8 @@ class Ternary(Codebook):
     def quantize(self, Wp, H, wbits, options):
         scale = Wp.abs().amax(1, keepdim=True).clamp(min=1e-8)
         codes = (torch.round(Wp / scale) + 1).to(torch.uint8)
-        return Quantized(scale * (codes.to(Wp.dtype) - 1), codes, scale.float(), spec=dict(groupsize=-1, codebook=self.name))
+        return Quantized(scale * (codes.to(Wp.dtype) - 1), codes, scale.float(),
+                         spec=dict(groupsize=-1, codebook=self.name))
 
     def describe(self, method, qfn):
         return "ternary {-s, 0, s}"

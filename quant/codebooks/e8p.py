@@ -32,7 +32,7 @@ class E8PCodebook(Codebook):
         self.lattice = get_codebook(name)
 
     def for_bits(self, wbits):
-        from . import get
+        from . import get  # the registry holds the family's members (it imports this module)
 
         return get(BY_BITS[wbits])
 

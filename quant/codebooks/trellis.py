@@ -121,7 +121,8 @@ class TrellisCodebook(Codebook):
         self._tiles(layer, r0, r1)
         scale = layer.scale.detach()[r0:r1].expand_as(target)
         tiles, scales = self.tiles(layer, target), self.tiles(layer, scale)
-        packed, values = self.encode_tiles(layer, tiles.reshape(-1, tiles.shape[-1]), scales.reshape(-1, tiles.shape[-1]))
+        T = tiles.shape[-1]
+        packed, values = self.encode_tiles(layer, tiles.reshape(-1, T), scales.reshape(-1, T))
         return packed.reshape(*tiles.shape[:2], -1), self.untile(layer, values.reshape(tiles.shape))
 
     def set_codes(self, layer, codes, r0, r1):
