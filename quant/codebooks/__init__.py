@@ -2,7 +2,8 @@
 sides of its codes (the abstract base is `base.Codebook`):
 
 - quantization: `for_bits(wbits)` (the family member for a bit width), `quantize(Wp, H, wbits, options)`
-  -> `Quantized(w, codes, scale, zero, passes, spec)`: the rounded processed weights, what to store and
+  (H the damped Hessian, options an `Options`: the method and the scalar rounding options) ->
+  `Quantized(w, codes, scale, zero, passes, spec)`: the rounded processed weights, what to store and
   the codebook's own spec fields; `describe` / `unit` for opt.py's messages; `scalar_options` says
   whether qfn, groupsize, greedy passes and unbiased rounding apply;
 - storage (`quant.linear.QuantLinear`): `shapes(spec)`, `pack(spec, result)`, `trainable` (which of the
@@ -25,7 +26,7 @@ Adding a codebook is one file plus one line of CODEBOOKS. E.g. a ternary codeboo
         def quantize(self, Wp, H, wbits, options):
             scale = Wp.abs().amax(1, keepdim=True).clamp(min=1e-8)
             codes = (torch.round(Wp / scale) + 1).to(torch.uint8)  # {0, 1, 2}
-            return Quantized(scale * (codes.float() - 1), codes, scale, spec=dict(codebook=self.name))
+            return Quantized(scale * (codes.float() - 1), codes, scale, spec=dict(groupsize=-1, codebook=self.name))
 
         def shapes(self, spec):
             rows, cols = spec["padded"]
@@ -37,9 +38,13 @@ Adding a codebook is one file plus one line of CODEBOOKS. E.g. a ternary codeboo
         def decode(self, layer, r0, r1):
             return layer.scale[r0:r1] * (layer.codes[r0:r1].float() - 1)
 
-        ...  # describe; codes, encode, set_codes for code updates
+        ...  # describe (opt.py's summary); codes, encode, set_codes (code updates)
 
-    CODEBOOKS["ternary"] = Ternary()  # and a Method(..., codebook="ternary") in quant.methods.TABLE
+then `"ternary": Ternary(),` in CODEBOOKS below, and a method that uses it in `quant.methods.TABLE`:
+`Method("ternary", "round to nearest of {-s, 0, s}", "ternary", wbits=(2,), stochastic=False,
+uses_hessian=False)`. Optional: `kernel_layout` (a decoder in quant/kernels/packed.cpp), `for_bits`
+(a family with one member per bit width), and the code group methods where groups are not runs of
+`group` weights along a row (the trellis's tiles).
 """
 from engine import UserError
 
