@@ -103,8 +103,8 @@ def parse_args(argv):
     add_common_args(p, out="SAVE, else runs/opt_<model>_<quant>_w<wbits> (_eval with --load)", seed_help="calibration sampling and "
                     "rotation seed", data_dir_help="folder with the dataset files (wiki.train.raw, ...)")
     args = p.parse_args(argv)
-    if quant.TABLE.get(args.quant) is not None and quant.TABLE[args.quant].codebook in ("vector", "trellis"):
-        check_vector_flags(args)
+    if args.quant in quant.TABLE and not quant.codebooks.get(quant.TABLE[args.quant].codebook).scalar_options:
+        check_scalar_flags(args)
     if args.incoh_processing:
         args.pre_gptqH = args.pre_rescale = args.pre_proj = True
         args.qfn = args.qfn or "b"
@@ -150,16 +150,16 @@ def parse_args(argv):
     return args
 
 
-def check_vector_flags(args):
-    """The lattice codebooks (e8p) and the trellis (qtip) fix what the scalar methods' flags choose: one
-    line per conflict."""
+def check_scalar_flags(args):
+    """Codebooks without the scalar options (the lattice codebooks of e8p, the trellis of qtip) fix what the
+    scalar methods' flags choose: one line per conflict."""
     fixed = {"--qfn": args.qfn, "--groupsize": None if args.groupsize == -1 else args.groupsize,
              "--pre_proj_extra": args.pre_proj_extra, "--unbiased": args.unbiased or None,
              "--npasses": args.npasses or None, "--incoh_mode kron": args.incoh_mode == "kron" or None}
     given = [flag for flag, value in fixed.items() if value is not None]
     if given:
-        vector = quant.TABLE[args.quant].codebook == "vector"
-        what = "8 weights per code" if vector else "tiles of 256 weights per trellis stream"
+        method = quant.TABLE[args.quant]
+        what = quant.codebooks.get(method.codebook).unit(method)
         raise UserError(f"--quant {args.quant} quantizes {what}, one scale per row, after the "
                         f"randomized Hadamard transform, with block LDLQ; it does not take {', '.join(given)} "
                         f"(supported with it: --wbits {'/'.join(map(str, quant.TABLE[args.quant].wbits))}, "
@@ -237,8 +237,7 @@ def main(argv=None):
     if quantized:
         options = quant_options(args)
         method = quant.TABLE[args.quant]
-        grid = {"vector": f"codebook {quant.VECTOR_CODEBOOKS[args.wbits]}", "trellis": f"trellis {method.trellis}"}.get(
-            method.codebook, f"qfn {options['qfn']}")
+        grid = quant.codebooks.get(method.codebook).for_bits(args.wbits).describe(method, options["qfn"])
         print(f"method {args.quant}, {args.wbits} bits, {grid}, rescale {options['rescale']}, "
               f"rotation {options['rotation']}, damping H {options['damp_h']} (percdamp {args.percdamp}), "
               f"lazy_batch {args.lazy_batch}, seed {args.seed}")

@@ -35,7 +35,7 @@ import quant  # noqa: E402
 from bench_quant import shape, synthetic  # noqa: E402
 from quant import kernels  # noqa: E402
 from quant.e8p import get_codebook  # noqa: E402
-from quant.methods import VECTOR_CODEBOOKS  # noqa: E402
+from quant.codebooks.e8p import BY_BITS  # noqa: E402
 from quant.model import quantize_model  # noqa: E402
 from results import write_rows  # noqa: E402
 
@@ -103,7 +103,7 @@ def random_packed(rows, cols, name, bits, seed):
     spec = dict(shape=[rows, cols], padded=padded, wbits=bits, rotation=rotation, seed=seed, groupsize=-1,
                 in_scale=rotation is not None)
     if kind == "vector":
-        cb = get_codebook(VECTOR_CODEBOOKS[bits])
+        cb = get_codebook(BY_BITS[bits])
         spec.update(codebook=cb.name, stage_scales=list(cb.stage_scales))
     else:
         spec.update(codebook="grid", qfn=qfn)

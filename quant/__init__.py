@@ -8,11 +8,13 @@ W (rows, cols) is a weight matrix, H (cols, cols) the second moment E[x x^T] of 
 1. incoherence pre-processing (`incoherence.Incoherence`): diagonal rescaling and seeded random
    orthogonal multiplication of both sides of W, matching multiplication of H;
 2. damping of H (`hessian.damp`, `percdamp` x mean(diag(H)), escalated with a warning if needed);
-3. a method from the table in `methods.py`: a grid (`grid.make_grid`, QuIP's qfn 'a' or 'b') and a
-   rounding algorithm (`ldlq`): nearest, gptq, ldlq, ldlqRG (LDLQ on columns sorted by diag(H), then
-   greedy coordinate passes), allbal (greedy passes only); or QuIP#'s lattice codebooks (`e8p`: E8P
-   at 2 bits, residual E8P at 3 and 4) with block LDLQ after the randomized Hadamard transform; or
-   QTIP's tail-biting bitshift trellis (`qtip`, `trellis.py`) with block LDLQ after the same transform;
+3. a method from the table in `methods.py`, which names its codebook (`codebooks`: the codebook rounds
+   the processed weights and says how its codes are stored): a grid (`grid.make_grid`, QuIP's qfn 'a'
+   or 'b') and a rounding algorithm (`ldlq`): nearest, gptq, ldlq, ldlqRG (LDLQ on columns sorted by
+   diag(H), then greedy coordinate passes), allbal (greedy passes only); or QuIP#'s lattice codebooks
+   (`e8p`: E8P at 2 bits, residual E8P at 3 and 4) with block LDLQ after the randomized Hadamard
+   transform; or QTIP's tail-biting bitshift trellis (`qtip`, `trellis.py`) with block LDLQ after the
+   same transform;
 4. post-processing back to the original basis. The proxy loss tr((W_hat - W) H (W_hat - W)^T) is
    computed in the original basis with the undamped H.
 
@@ -26,17 +28,18 @@ import torch
 
 from engine import UserError
 
-from .grid import QFNS, WBITS, Grid, compact, make_grid
+from . import codebooks
+from .grid import QFNS, WBITS, Grid, make_grid
 from .hessian import HessianAccumulator, check_hessian, damp, proxy_loss, with_damping
 from .incoherence import ROTATIONS, Incoherence, rescale_vector
 from .ldlq import allbal, block_ldlq, gptq, greedy_passes, ldlq, ldlqRG, nearest
 from .linear import QuantLinear
-from .methods import METHODS, TABLE, VECTOR_CODEBOOKS, trellis_quantize, trellis_tile, vector_quantize
+from .methods import METHODS, TABLE
 
 UNSUPPORTED = {"ldlbal_admm": "QuIP's experimental ADMM variant is not implemented here; use ldlqRG"}
 
 __all__ = ["quantize", "quantize_layer", "QuantLinear", "QuantResult", "default_npasses", "check_options", "METHODS",
-           "TABLE", "VECTOR_CODEBOOKS", "WBITS", "QFNS", "ROTATIONS", "HessianAccumulator", "proxy_loss", "damp", "with_damping", "make_grid",
+           "TABLE", "codebooks", "WBITS", "QFNS", "ROTATIONS", "HessianAccumulator", "proxy_loss", "damp", "with_damping", "make_grid",
            "Grid", "Incoherence", "nearest", "gptq", "ldlq", "ldlqRG", "allbal", "greedy_passes", "block_ldlq"]
 
 
@@ -96,7 +99,7 @@ def check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation):
         raise UserError(f"unbiased (stochastic) rounding is not available for {method}")
     if unbiased and npasses > 0:
         raise UserError("unbiased (stochastic) rounding cannot be combined with greedy passes; set npasses 0")
-    if m.codebook in ("vector", "trellis") and groupsize != -1:
+    if not codebooks.get(m.codebook).scalar_options and groupsize != -1:
         raise UserError(f"{method} has one scale per row; groupsize applies to the grid methods")
     if groupsize != -1 and (groupsize <= 0 or qfn != "a"):
         raise UserError(f"groupsize {groupsize}: use -1 or a positive size, with qfn a")
@@ -147,55 +150,23 @@ def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, r
     spec = dict(shape=[rows, cols], padded=list(Wp.shape), wbits=wbits, rotation=rotation, seed=seed,
                 in_scale=s is not None)
     what = f"H ({rows}x{cols} weight)"
-    damping, passes = 0.0, 0
-    if m.codebook in ("vector", "trellis"):  # codebooks with one scale per row, rounded by block LDLQ
-        if m.codebook == "vector":
-            from .e8p import get_codebook
-
-            codebook = get_codebook(VECTOR_CODEBOOKS[wbits])
-            quantize_blocks = lambda Hd: vector_quantize(Wp, Hd, codebook, blocksize)  # noqa: E731
-            recorded = dict(codebook=codebook.name, stage_scales=list(codebook.stage_scales))
-        else:
-            from .trellis import Trellis
-
-            trellis = Trellis(k=wbits, **m.trellis)
-            quantize_blocks = lambda Hd: trellis_quantize(Wp, Hd, trellis, blocksize)  # noqa: E731
-            recorded = dict(codebook="trellis", trellis=dict(m.trellis, k=wbits),
-                            tile=list(trellis_tile(trellis, Wp.shape)))
+    codebook = codebooks.get(m.codebook).for_bits(wbits)
+    options = codebooks.Options(m, qfn, groupsize, npasses, unbiased, lazy_batch, seed, blocksize)
+    if not m.uses_hessian:  # hence no damping
+        q, damping = codebook.quantize(Wp, Hp, wbits, options), 0.0
+    else:
         found = []
 
-        def run_codebook(Hd):
-            Wr, codes, scale = quantize_blocks(Hd)
-            found[:] = [codes, scale]
-            return Wr
+        def attempt(Hd):
+            found[:] = [codebook.quantize(Wp, Hd, wbits, options)]
+            return found[0].w
 
-        Wq, damping = with_damping(Hp, percdamp if damp_h else 0.0, run_codebook, what=what)
-        codes, scale = found
-        scale, zero = scale.float(), None
-        spec.update(groupsize=-1, **recorded)
-    else:
-        grid = make_grid(Wp, wbits, qfn, groupsize)
-        generator = torch.Generator().manual_seed(seed) if unbiased else None
-        ran = []
-
-        def run_grid(Hd):
-            if generator is not None:
-                generator.manual_seed(seed)  # the same noise on every damping attempt
-            Wr, n = TABLE[method].rounding(Wp, Hd, grid, npasses, blocksize, lazy_batch, generator)
-            ran.append(n)
-            return Wr
-
-        if not TABLE[method].uses_hessian:  # hence no damping
-            Wq, passes = TABLE[method].rounding(Wp, Hp, grid, npasses, blocksize, lazy_batch, generator)
-        else:
-            Wq, damping = with_damping(Hp, percdamp if damp_h else 0.0, run_grid, what=what)
-            passes = ran[-1]
-        gsize = groupsize if groupsize != -1 else Wp.shape[1]
-        codes, scale, zero = grid.codes(Wq), compact(grid.scale, gsize), compact(grid.zero, gsize)
-        spec.update(codebook="grid", qfn=qfn, groupsize=groupsize)
-    W_hat = proc.unweight(Wq)
-    return QuantResult(W_hat.to(W.dtype), codes, scale, zero, groupsize, wbits, s, rotation, seed,
-                       proxy_loss(W0, W_hat, H0), passes, damping, spec)
+        _, damping = with_damping(Hp, percdamp if damp_h else 0.0, attempt, what=what)
+        q, = found
+    spec.update(q.spec)
+    W_hat = proc.unweight(q.w)
+    return QuantResult(W_hat.to(W.dtype), q.codes, q.scale, q.zero, groupsize, wbits, s, rotation, seed,
+                       proxy_loss(W0, W_hat, H0), q.passes, damping, spec)
 
 
 def quantize(W, H, wbits, method, incoherence=True, seed=0, **options):

@@ -12,264 +12,19 @@ rescaling vector) and `out_scale` as 1; with the codebook scales they are the co
 that finetuning in quantized space trains (QuIP# trains its sign vectors the same way), while the
 codes stay frozen buffers.
 
-Codecs (the `codebook` field of a layer's spec) say how codes are packed, decoded and re-encoded:
-- `grid`: scalar affine grids (QuIP's qfn a/b): value = scale * (code - zero), codes of `wbits` bits
-  packed little-endian into each row's own bytes (so a block of rows decodes on its own);
-- the lattice codebooks of `quant.e8p` (E8P and its residual variants): one 16-bit (or 8-bit) word per
-  8 weights and stage, one scale per row;
-- `trellis` (`quant.trellis`, method qtip): one tail-biting stream of T k bits per tile of T weights,
-  one scale per row.
-Every codec has the same interface (`quant.pv`, PV-tuning's discrete step, uses it to update codes):
-    decode(layer, r0, r1)          rows r0:r1 of W_p, float32, differentiable in the scales
-    group                          weights per code group along a row (grid 1, lattice 8)
-    codes(layer, r0, r1)           int64 (r1 - r0, cols // group, stages): the codes of rows r0:r1
-    encode(layer, target, r0, r1)  (codes, values): the codeword nearest to each group of `target`
-                                   (rows r0:r1 of W_p, decode's units) under the layer's scales, and its
-                                   decoded values; exact for grids and E8P, stage by stage (greedy) for
-                                   the residual codebooks, as their quantizer
-    set_codes(layer, codes, r0, r1)  pack `codes` into rows r0:r1 of the layer's buffers
+The `codebook` field of a layer's spec names the `quant.codebooks` codebook that says which tensors the
+layer holds, how codes are packed and decoded, and how code updates (`quant.pv`) re-encode them.
 """
-import math
-
 import torch
 from torch import nn
 
 from engine import UserError
 
-from . import kernels
-from .e8p import CODEBOOKS, get_codebook
-from .grid import expand
+from . import codebooks, kernels
+from .codebooks.grid import pack_rows, unpack_rows  # noqa: F401  (grid bit packing, imported from here)
 from .incoherence import Incoherence
 
 CHUNK = 1 << 22  # decoded weights per block of rows (16 MB in fp32)
-
-
-def pack_rows(codes, wbits):
-    """uint8 codes (rows, cols) < 2^wbits -> (rows, ceil(cols * wbits / 8)) uint8, little-endian bits,
-    each row starting on a byte boundary. Torch ops only, on the codes' device."""
-    rows, cols = codes.shape
-    bits = (codes.to(torch.uint8)[..., None] >> torch.arange(wbits, device=codes.device, dtype=torch.uint8)) & 1
-    bits = bits.reshape(rows, cols * wbits)
-    pad = (-bits.shape[1]) % 8
-    if pad:
-        bits = torch.cat([bits, bits.new_zeros(rows, pad)], 1)
-    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32)).to(torch.uint8)
-    return (bits.reshape(rows, -1, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
-
-
-def unpack_rows(packed, wbits, cols):
-    """Inverse of `pack_rows`: (rows, cols) uint8 codes."""
-    rows = packed.shape[0]
-    if 8 % wbits == 0:  # whole codes per byte: one shift-and-mask per code position
-        shifts = torch.arange(0, 8, wbits, device=packed.device, dtype=torch.uint8)
-        return ((packed[..., None] >> shifts) & (2 ** wbits - 1)).reshape(rows, -1)[:, :cols]
-    bits = (packed[..., None] >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1
-    bits = bits.reshape(rows, -1)[:, :cols * wbits].reshape(rows, cols, wbits)
-    weights = (1 << torch.arange(wbits, device=packed.device, dtype=torch.int32)).to(torch.uint8)
-    return (bits * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
-
-
-class GridCodec:
-    """Scalar grid codes: buffers `codes` (packed rows) and `zero`; parameter `scale` of shape (1, 1)
-    (qfn b), (rows, 1) (qfn a) or (rows, groups) (qfn a with groups)."""
-
-    name = "grid"
-
-    @staticmethod
-    def tensors(spec, result):
-        return {"codes": pack_rows(result.codes, spec["wbits"]), "scale": result.scale.float(),
-                "zero": result.zero.float()}
-
-    @staticmethod
-    def shapes(spec):
-        rows, cols = spec["padded"]
-        groups = 1 if spec["groupsize"] == -1 else math.ceil(cols / spec["groupsize"])
-        grid_rows = 1 if spec["qfn"] == "b" else rows
-        return {"codes": ((rows, math.ceil(cols * spec["wbits"] / 8)), torch.uint8),
-                "scale": ((grid_rows, groups), torch.float32), "zero": ((grid_rows, groups), torch.float32)}
-
-    trainable = ("scale",)
-
-    @staticmethod
-    def decode(layer, r0, r1):
-        spec = layer.spec
-        cols = spec["padded"][1]
-        q = unpack_rows(layer.codes[r0:r1], spec["wbits"], cols).float()
-        scale, zero = layer.scale, layer.zero
-        if scale.shape[0] > 1:
-            scale, zero = scale[r0:r1], zero[r0:r1]
-        g = spec["groupsize"]
-        return expand(scale, g, cols) * (q - expand(zero, g, cols))
-
-    group = 1
-
-    @staticmethod
-    def codes(layer, r0, r1):
-        return unpack_rows(layer.codes[r0:r1], layer.spec["wbits"], layer.spec["padded"][1]).long()[..., None]
-
-    @staticmethod
-    def encode(layer, target, r0, r1):
-        spec = layer.spec
-        cols, g = spec["padded"][1], spec["groupsize"]
-        scale, zero = layer.scale.detach(), layer.zero
-        if scale.shape[0] > 1:
-            scale, zero = scale[r0:r1], zero[r0:r1]
-        scale, zero = expand(scale, g, cols), expand(zero, g, cols)
-        q = torch.round(target / scale + zero).clamp(0, 2 ** spec["wbits"] - 1)
-        return q.long()[..., None], scale * (q - zero)
-
-    @staticmethod
-    def set_codes(layer, codes, r0, r1):
-        layer.codes[r0:r1] = pack_rows(codes[..., 0], layer.spec["wbits"])
-
-
-class VectorCodec:
-    """Lattice codebook codes (`quant.e8p`): buffers `codes0`, `codes1`, ... (one per stage, rows x cols/8,
-    int16 for 16-bit codes, uint8 for 8-bit ones); parameter `scale` (rows, 1), one scale per
-    row of the processed matrix."""
-
-    trainable = ("scale",)
-
-    def __init__(self, name):
-        self.name = name
-        self.codebook = get_codebook(name)
-
-    def tensors(self, spec, result):
-        rows, blocks, stages = result.codes.shape
-        packed = self.codebook.pack(result.codes.reshape(-1, stages))
-        return dict({k: v.reshape(rows, blocks) for k, v in packed.items()}, scale=result.scale.float())
-
-    def shapes(self, spec):
-        if list(spec.get("stage_scales", [])) != list(self.codebook.stage_scales):
-            raise UserError(f"{self.name} layer written with residual stage scales {spec.get('stage_scales')}, "
-                            f"this version decodes with {self.codebook.stage_scales}")
-        rows, cols = spec["padded"]
-        codes = {f"codes{i}": ((rows, cols // 8), torch.int16 if bits == 16 else torch.uint8)
-                 for i, bits in enumerate(self.codebook.code_bits)}
-        return dict(codes, scale=((rows, 1), torch.float32))
-
-    def decode(self, layer, r0, r1):
-        stages = len(self.codebook.code_bits)
-        codes = self.codebook.unpack({f"codes{i}": getattr(layer, f"codes{i}")[r0:r1].reshape(-1) for i in range(stages)})
-        return self.codebook.decode(codes).reshape(r1 - r0, -1) * layer.scale[r0:r1]
-
-    group = 8
-
-    def codes(self, layer, r0, r1):
-        stages = len(self.codebook.code_bits)
-        codes = self.codebook.unpack({f"codes{i}": getattr(layer, f"codes{i}")[r0:r1].reshape(-1) for i in range(stages)})
-        return codes.reshape(r1 - r0, -1, stages)
-
-    def encode(self, layer, target, r0, r1):
-        scale = layer.scale.detach()[r0:r1]
-        values, codes = self.codebook.quantize((target.float() / scale).reshape(-1, 8))
-        return codes.reshape(r1 - r0, -1, codes.shape[1]), values.reshape(r1 - r0, -1) * scale
-
-    def set_codes(self, layer, codes, r0, r1):
-        for name, t in self.codebook.pack(codes.reshape(-1, codes.shape[-1])).items():
-            getattr(layer, name)[r0:r1] = t.reshape(r1 - r0, -1)
-
-
-class TrellisCodec:
-    """Bitshift-trellis streams (`quant.trellis`): buffer `codes` uint8 (rows / tile rows, cols / 16, T k / 8),
-    one stream per tile of (tile rows x 16) weights (row-major in the tile); parameter `scale` (rows, 1)."""
-
-    name = "trellis"
-    trainable = ("scale",)
-
-    @staticmethod
-    def trellis(spec):
-        from .trellis import Trellis
-
-        key = tuple(sorted(spec["trellis"].items()))
-        if key not in _TRELLISES:
-            _TRELLISES[key] = Trellis(**spec["trellis"])
-        return _TRELLISES[key]
-
-    @staticmethod
-    def tensors(spec, result):
-        return {"codes": result.codes, "scale": result.scale.float()}
-
-    @classmethod
-    def shapes(cls, spec):
-        rows, cols = spec["padded"]
-        tr = cls.trellis(spec)
-        tx, ty = spec["tile"]
-        if tx * ty != tr.T or rows % tx or cols % ty:
-            raise UserError(f"trellis layer spec: tiles {spec['tile']} do not hold T = {tr.T} weights of a "
-                            f"{rows}x{cols} matrix")
-        return {"codes": ((rows // tx, cols // ty, tr.T * tr.k // 8), torch.uint8), "scale": ((rows, 1), torch.float32)}
-
-    @classmethod
-    def decode(cls, layer, r0, r1):
-        """Rows r0:r1: the tile rows that cover them are decoded, then cropped."""
-        tr, (tx, ty) = cls.trellis(layer.spec), layer.spec["tile"]
-        t0, t1 = r0 // tx, -(-r1 // tx)
-        codes = layer.codes[t0:t1]
-        n, blocks = codes.shape[:2]
-        W = tr.decode(codes.reshape(n * blocks, -1)).reshape(n, blocks, tx, ty).transpose(1, 2).reshape(n * tx, -1)
-        return W[r0 - t0 * tx:r1 - t0 * tx] * layer.scale[r0:r1]
-
-    # Code updates (PV-tuning's V step, quant.pv): a code group is a whole tile's stream, re-encoded
-    # by a new Viterbi search; rows r0:r1 must cover whole tiles.
-    @classmethod
-    def _tiles(cls, layer, r0, r1):
-        tx = layer.spec["tile"][0]
-        if r0 % tx or r1 % tx:
-            raise UserError(f"trellis code groups are tiles of {tx} rows; rows {r0}:{r1} cut them")
-        return r0 // tx, r1 // tx
-
-    @classmethod
-    def codes(cls, layer, r0, r1):
-        """The streams of the tiles of rows r0:r1: uint8 (tiles down, tiles across, T k / 8)."""
-        t0, t1 = cls._tiles(layer, r0, r1)
-        return layer.codes[t0:t1]
-
-    @classmethod
-    def tiles(cls, layer, M):
-        """(rows, cols) -> (tiles down, tiles across, T): each tile's weights in stream order."""
-        (tx, ty), (rows, cols) = layer.spec["tile"], M.shape
-        return M.reshape(rows // tx, tx, cols // ty, ty).transpose(1, 2).reshape(rows // tx, cols // ty, tx * ty)
-
-    @classmethod
-    def untile(cls, layer, tiles):
-        """Inverse of `tiles`: (rows, cols)."""
-        (tx, ty), (n, blocks) = layer.spec["tile"], tiles.shape[:2]
-        return tiles.reshape(n, blocks, tx, ty).transpose(1, 2).reshape(n * tx, blocks * ty)
-
-    @classmethod
-    def encode_tiles(cls, layer, targets, scales):
-        """(streams (m, T k / 8), values (m, T)): tiles `targets` (m, T, decode's units) coded anew under the
-        per-weight row scales `scales` (m, T), by the tail-biting Viterbi search of quantization."""
-        values, packed = cls.trellis(layer.spec).quantize(targets.float() / scales)
-        return packed, values * scales
-
-    @classmethod
-    def encode(cls, layer, target, r0, r1):
-        """(streams, values): every tile of `target` (rows r0:r1 of W_p, decode's units) coded anew under
-        the layer's row scales, and the values they decode to."""
-        cls._tiles(layer, r0, r1)
-        scale = layer.scale.detach()[r0:r1].expand_as(target)
-        tiles, scales = cls.tiles(layer, target), cls.tiles(layer, scale)
-        packed, values = cls.encode_tiles(layer, tiles.reshape(-1, tiles.shape[-1]), scales.reshape(-1, tiles.shape[-1]))
-        return packed.reshape(*tiles.shape[:2], -1), cls.untile(layer, values.reshape(tiles.shape))
-
-    @classmethod
-    def set_codes(cls, layer, codes, r0, r1):
-        t0, t1 = cls._tiles(layer, r0, r1)
-        layer.codes[t0:t1] = codes
-
-
-_TRELLISES = {}  # one Trellis (its code table) per option set
-CODECS = dict({GridCodec.name: GridCodec, TrellisCodec.name: TrellisCodec},
-              **{name: VectorCodec(name) for name in CODEBOOKS})
-
-
-def codec(spec):
-    name = spec.get("codebook")
-    if name not in CODECS:
-        raise UserError(f"unknown codebook {name!r} in a quantized layer; known: {', '.join(CODECS)}")
-    return CODECS[name]
 
 
 class QuantLinear(nn.Module):
@@ -281,10 +36,10 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.spec = dict(spec)
         self.out_features, self.in_features = spec["shape"]
-        self.codec = codec(spec)
-        for name, (shape, dtype) in self.codec.shapes(spec).items():
+        self.codebook = codebooks.get(spec.get("codebook"))
+        for name, (shape, dtype) in self.codebook.shapes(spec).items():
             t = torch.zeros(shape, dtype=dtype)
-            if name in self.codec.trainable:
+            if name in self.codebook.trainable:
                 setattr(self, name, nn.Parameter(t))
             else:
                 self.register_buffer(name, t)
@@ -305,7 +60,7 @@ class QuantLinear(nn.Module):
         spec = dict(result.spec)
         layer = cls(spec, bias=bias is not None)
         with torch.no_grad():
-            for name, t in layer.codec.tensors(spec, result).items():
+            for name, t in layer.codebook.pack(spec, result).items():
                 getattr(layer, name).copy_(t)
             if layer.in_scale is not None:
                 layer.in_scale.copy_(1 / result.rescale.float())
@@ -333,7 +88,7 @@ class QuantLinear(nn.Module):
         `weight_grad_hook` set, the backward pass hands it (dL/dW_p[r0:r1], r0, r1): the gradient wrt
         the decoded weights that the code updates of `quant.pv` rank groups by."""
         r1 = self.spec["padded"][0] if r1 is None else r1
-        w = self.codec.decode(self, r0, r1)
+        w = self.codebook.decode(self, r0, r1)
         if self.weight_grad_hook is not None and w.requires_grad:
             w.register_hook(lambda g: self.weight_grad_hook(g, r0, r1))
         return w

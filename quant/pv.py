@@ -28,41 +28,15 @@ import math
 
 import torch
 
-from .linear import QuantLinear, TrellisCodec
+from .linear import QuantLinear
 
 LADDER = tuple(2.0 ** k for k in range(-4, 3))  # 1/16 .. 4 RMS group norms
-CANDIDATES = 4  # trellis: groups searched per group to change (x the fraction), those of largest |G| x RMS norm
-
-
-def _tiled(layer):
-    return layer.codec is TrellisCodec  # the codec class itself (quant.linear.CODECS)
-
-
-def group_view(layer, M):
-    """A (rows, cols) matrix as its code groups, flat (groups, size): runs of `codec.group` weights
-    along the rows (grid, E8P), or a trellis's tiles in stream order (one group per stream)."""
-    if _tiled(layer):
-        tiles = layer.codec.tiles(layer, M)
-        return tiles.reshape(-1, tiles.shape[-1])
-    return M.reshape(-1, layer.codec.group)
+CANDIDATES = 4  # costly encoders (trellis): groups searched per group to change, those of largest |G| x RMS norm
 
 
 def group_count(layer):
     rows, cols = layer.spec["padded"]
-    return rows * cols // (layer.codec.trellis(layer.spec).T if _tiled(layer) else layer.codec.group)
-
-
-def _encode(layer, W, index, targets):
-    """(codes, values) of the groups `index` of W (flat groups) moved to `targets`, from the codec's
-    encoder: a Viterbi search per trellis tile; the whole matrix for the cheap run encoders."""
-    rows, cols = layer.spec["padded"]
-    if _tiled(layer):
-        scales = group_view(layer, layer.scale.detach().expand(rows, cols))
-        return layer.codec.encode_tiles(layer, targets, scales[index])
-    full = W.clone()
-    full[index] = targets
-    codes, values = layer.codec.encode(layer, full.reshape(rows, cols), 0, rows)
-    return codes.reshape(-1, codes.shape[-1])[index], values.reshape(W.shape)[index]
+    return rows * cols // layer.codebook.group_size(layer.spec)
 
 
 @torch.no_grad()
@@ -73,11 +47,11 @@ def propose(layer, grad, candidates=None):
     (the first-order gain of a step of one norm; PV-tuning also restricts its V step to a subspace
     chosen by the gradient)."""
     rows, cols = layer.spec["padded"]
-    W = group_view(layer, layer.processed_weight().detach())
-    G = group_view(layer, grad.to(W.dtype))
-    old = layer.codec.codes(layer, 0, rows)
+    W = layer.codebook.group_view(layer, layer.processed_weight().detach())
+    G = layer.codebook.group_view(layer, grad.to(W.dtype))
+    old = layer.codebook.codes(layer, 0, rows)
     shape, old = old.shape, old.reshape(-1, old.shape[-1])
-    per_row = len(W) // (rows // layer.spec["tile"][0] if _tiled(layer) else rows)  # groups along a (tile) row
+    per_row = len(W) // (rows // layer.codebook.group_rows(layer.spec))  # groups along a row of groups
     unit = W.reshape(-1, per_row, W.shape[1]).square().mean((1, 2)).sqrt() * math.sqrt(W.shape[1])
     unit = unit.repeat_interleave(per_row)[:, None]
     norm = G.norm(dim=-1, keepdim=True)
@@ -89,7 +63,7 @@ def propose(layer, grad, candidates=None):
     found = torch.zeros(len(W), dtype=torch.bool, device=W.device)
     for length in LADDER:
         target = W[todo] - length * unit[todo] * direction[todo]
-        c, v = _encode(layer, W, todo, target)
+        c, v = layer.codebook.encode_groups(layer, W, todo, target)
         take = (c != old[todo]).any(-1) & ((v - target).square().sum(-1) < (W[todo] - target).square().sum(-1))
         codes[todo[take]], values[todo[take]] = c[take], v[take]
         found[todo[take]] = True
@@ -109,7 +83,7 @@ def apply(layer, proposal, fraction):
     chosen = torch.zeros(gain.numel(), dtype=torch.bool, device=gain.device)
     chosen[gain.flatten().topk(k).indices] = True
     chosen = chosen.reshape(gain.shape) & (gain > 0)
-    layer.codec.set_codes(layer, torch.where(chosen[..., None], codes, old), 0, layer.spec["padded"][0])
+    layer.codebook.set_codes(layer, torch.where(chosen[..., None], codes, old), 0, layer.spec["padded"][0])
     return int(chosen.sum())
 
 
@@ -121,7 +95,7 @@ class CodeUpdater:
         self.fraction = fraction
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
         self.grads = {}
-        self.start = {n: m.codec.codes(m, 0, m.spec["padded"][0]).clone() for n, m in self.layers.items()}
+        self.start = {n: m.codebook.codes(m, 0, m.spec["padded"][0]).clone() for n, m in self.layers.items()}
         for name, m in self.layers.items():
             m.weight_grad_hook = lambda g, r0, r1, name=name: self._add(name, g, r0, r1)
 
@@ -130,12 +104,13 @@ class CodeUpdater:
         return sum(group_count(m) for m in self.layers.values())
 
     def candidates(self, layer):
-        """Groups searched in `layer` (None: all): a trellis tile costs a Viterbi search per ladder step."""
-        return CANDIDATES * max(1, round(self.fraction * group_count(layer))) if _tiled(layer) else None
+        """Groups searched in `layer` (None: all): a costly encode (a trellis tile's Viterbi search) runs per
+        group and ladder step."""
+        return CANDIDATES * max(1, round(self.fraction * group_count(layer))) if layer.codebook.costly_encode else None
 
     def differ(self):
         """Code groups whose codes differ from those at the start."""
-        return sum(int((m.codec.codes(m, 0, m.spec["padded"][0]) != self.start[n].to(m.codes_device())).any(-1).sum())
+        return sum(int((m.codebook.codes(m, 0, m.spec["padded"][0]) != self.start[n].to(m.codes_device())).any(-1).sum())
                    for n, m in self.layers.items())
 
     def _add(self, name, g, r0, r1):
@@ -157,13 +132,13 @@ class CodeUpdater:
         before = evaluate()
         fraction = self.fraction
         for _ in range(tries):
-            saved = {n: self.layers[n].codec.codes(self.layers[n], 0, self.layers[n].spec["padded"][0]).clone()
+            saved = {n: self.layers[n].codebook.codes(self.layers[n], 0, self.layers[n].spec["padded"][0]).clone()
                      for n in proposals}
             changed = sum(apply(self.layers[n], p, fraction) for n, p in proposals.items())
             if changed == 0 or evaluate() < before:
                 return changed
             for n, codes in saved.items():
-                self.layers[n].codec.set_codes(self.layers[n], codes, 0, self.layers[n].spec["padded"][0])
+                self.layers[n].codebook.set_codes(self.layers[n], codes, 0, self.layers[n].spec["padded"][0])
             fraction /= 4
         return 0
 

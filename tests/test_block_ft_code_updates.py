@@ -14,7 +14,7 @@ import quant
 from engine import UserError
 from quant.blockft import BlockFT, finetune_e2e, relative_error
 from quant.e8p import get_codebook
-from quant.linear import QuantLinear, TrellisCodec
+from quant.linear import QuantLinear
 from quant.model import _layer_inputs, _run, decoder_layers, quantize_model
 from quant.pv import CodeUpdater, apply, propose
 from tests.lm_fixtures import save_tiny_lm, write_wikitext
@@ -118,13 +118,13 @@ def test_code_updates_change_the_requested_fraction_to_valid_codewords_and_lower
     loss = torch.no_grad()(lambda: float((layer(X) - Y).square().mean()))
     updater = CodeUpdater(layer, 0.05)
     groups = updater.groups()
-    before, first = layer.codec.codes(layer, 0, 16), loss()
+    before, first = layer.codebook.codes(layer, 0, 16), loss()
     (layer(X) - Y).square().mean().backward()
     grad = updater.grads[""]  # the layer is the root module
     proposal = propose(layer, grad)
     assert int((proposal[2] > 0).sum()) >= round(0.05 * groups)
     assert apply(layer, proposal, 0.05) == round(0.05 * groups)  # exactly the requested fraction
-    after = layer.codec.codes(layer, 0, 16)
+    after = layer.codebook.codes(layer, 0, 16)
     assert int((after != before).any(-1).sum()) == round(0.05 * groups)
     Wp = layer.processed_weight().detach()
     if method == "e8p":  # every group is still an E8P codeword: its own nearest codeword
@@ -133,8 +133,8 @@ def test_code_updates_change_the_requested_fraction_to_valid_codewords_and_lower
         assert torch.allclose(cb.quantize(X8)[0], X8, atol=1e-5)
     else:
         assert int(after.max()) <= 3 and int(after.min()) >= 0
-    assert torch.equal(layer.codec.encode(layer, Wp, 0, 16)[0], after)  # decoded values re-encode to the codes
-    layer.codec.set_codes(layer, before, 0, 16)
+    assert torch.equal(layer.codebook.encode(layer, Wp, 0, 16)[0], after)  # decoded values re-encode to the codes
+    layer.codebook.set_codes(layer, before, 0, 16)
     updater.grads = {"": grad}
     assert updater.step(loss) > 0 and loss() < first  # the guarded step lowers the loss
 
@@ -162,7 +162,7 @@ def test_trellis_code_updates_re_encode_the_requested_fraction_of_tiles_to_valid
     assert apply(layer, (old, streams, gain), 0.25) == 2
     changed = (layer.codes != before).any(-1)
     assert int(changed.sum()) == 2 and bool((gain[changed] >= gain[~changed].max()).all())  # the 2 best tiles
-    tiles = lambda M: TrellisCodec.tiles(layer, M)
+    tiles = lambda M: layer.codebook.tiles(layer, M)
     new = layer.processed_weight().detach()
     assert torch.equal(tiles(new)[~changed], tiles(Wp)[~changed])
     # the stored streams decode to the candidates that were ranked: same linearised gain
@@ -205,7 +205,7 @@ def test_ft_opt_update_codes_trains_saves_packed_and_reloads_with_the_same_perpl
     model, tokenizer = lm.load_causal_lm(out)  # packed again, the updated codes in it
     ids = lm.encode(tokenizer, lm.load_text("wikitext2", "test", assets["data"]))
     assert lm.perplexity(model, ids, metrics["eval_seqlen"]) == pytest.approx(metrics["ppl_after"], rel=1e-6)
-    codes = lambda m: torch.cat([q.codec.codes(q, 0, q.spec["padded"][0]).flatten() for q in m.modules()
+    codes = lambda m: torch.cat([q.codebook.codes(q, 0, q.spec["padded"][0]).flatten() for q in m.modules()
                                  if isinstance(q, QuantLinear)])
     assert int((codes(before) != codes(model)).sum()) > 0
 

@@ -231,7 +231,7 @@ def test_e8p_saves_packed_16_bit_words_and_reloads_with_identical_perplexity(ass
     assert report["check_max_rel_diff"] < 1e-5
     assert report["reloaded_ppl"]["wikitext2"] == pytest.approx(report["ppl"]["wikitext2"], rel=1e-6)
     config = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
-    codebook = quant.VECTOR_CODEBOOKS[wbits]
+    codebook = quant.codebooks.get("e8p").for_bits(wbits).name
     assert {spec["codebook"] for spec in config["layers"].values()} == {codebook}
     assert all(spec["rotation"] == "hadamard" for spec in config["layers"].values())
     from safetensors import safe_open

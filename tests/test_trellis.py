@@ -11,7 +11,7 @@ import opt
 import quant
 from engine import UserError
 from quant import kernels
-from quant.linear import TrellisCodec
+from quant.codebooks import CODEBOOKS
 from quant.trellis import SEAM_BITS, Trellis
 from tests.lm_fixtures import save_tiny_lm, write_wikitext
 
@@ -158,19 +158,19 @@ def test_qtip_layer_runs_from_its_streams_and_beats_e8p_on_the_proxy(wbits):
     assert r.proxy < quant.quantize_layer(W, H, wbits, "e8p", seed=1).proxy
     if wbits == 2:  # code updates: re-encoding the decoded weights finds streams of the same values
         W_p = layer.processed_weight().detach()
-        streams, values = TrellisCodec.encode(layer, W_p, 0, 32)
+        streams, values = CODEBOOKS["trellis"].encode(layer, W_p, 0, 32)
         torch.testing.assert_close(values, W_p, atol=1e-6, rtol=0)
-        TrellisCodec.set_codes(layer, streams[1:], 16, 32)
+        CODEBOOKS["trellis"].set_codes(layer, streams[1:], 16, 32)
         torch.testing.assert_close(layer.processed_weight(), W_p, atol=1e-6, rtol=0)
         with pytest.raises(UserError, match="tiles of 16 rows"):
-            TrellisCodec.codes(layer, 3, 16)
+            CODEBOOKS["trellis"].codes(layer, 3, 16)
 
 
 def test_packed_size_at_opt_125m_shapes_is_below_0_14_of_fp16():
     for rows, cols in [(768, 768), (3072, 768), (768, 3072)]:
         spec = dict(padded=[rows, cols], tile=[16, 16], trellis=dict(L=16, k=2, V=2, T=256, code="hyb"))
         size = sum(torch.zeros((), dtype=dtype).element_size() * torch.Size(shape).numel()
-                   for shape, dtype in TrellisCodec.shapes(spec).values())  # streams + scales
+                   for shape, dtype in CODEBOOKS["trellis"].shapes(spec).values())  # streams + scales
         assert size / (2 * rows * cols) <= 0.14, (rows, cols)
 
 

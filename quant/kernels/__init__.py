@@ -6,8 +6,9 @@ matmul that decodes the packed codes in registers inside the dot products (scala
 their scales and zero points; E8P from its 256-entry table, sign bits and shift, and the residual stages
 of e8p_rvq3/e8p_rvq4), threaded over output rows (`at::parallel_for`, torch's thread count). One call per
 layer matters as much as the matmul on small models, where per-op overhead dominates. It returns None
-where it does not apply (another device or dtype, more tokens, gradients needed, a codec it does not
-know) and QuantLinear's torch path runs: more tokens amortize decoding a block of weights into a matmul.
+where it does not apply (another device or dtype, more tokens, gradients needed, a codebook without a
+`kernel_layout`) and QuantLinear's torch path runs: more tokens amortize decoding a block of weights
+into a matmul.
 
 The extension is built on first use with torch.utils.cpp_extension (ninja, a C++ compiler; about a
 minute) into torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),
@@ -22,7 +23,6 @@ import weakref
 
 import torch
 
-from ..e8p import CODEBOOKS
 from ..incoherence import Butterfly, RandomHadamard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,21 +82,16 @@ def _rotation(rot):
 
 
 def _plan(layer):
-    """The extension's Plan of a layer, or None (a codec or rotation it does not know, or no extension)."""
-    spec = layer.spec
-    if spec["codebook"] == "grid" and 2 <= spec["wbits"] <= 4:  # 8-bit tables (quantized heads) take the torch path
-        codec = (0, spec["wbits"], spec["groupsize"], [], [])
-    elif spec["codebook"] in CODEBOOKS:
-        cb = layer.codec.codebook
-        codec = (1, spec["wbits"], -1, list(cb.code_bits), [float(m) for m in cb.stage_scales])
-    else:
+    """The extension's Plan of a layer, or None (a codebook or rotation it does not know, or no extension)."""
+    layout = layer.codebook.kernel_layout(layer)
+    if layout is None:
         return None
     v, u = _rotation(layer.proc.V), _rotation(layer.proc.U)
     ext = extension() if v is not None and u is not None else None
     if ext is None:
         return None
-    rows, cols = spec["padded"]
-    return ext.Plan(rows, cols, layer.in_features, layer.out_features, *codec, *v, *u)
+    rows, cols = layer.spec["padded"]
+    return ext.Plan(rows, cols, layer.in_features, layer.out_features, *layout, *v, *u)
 
 
 def forward(layer, x):
