@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
 import lm
+from lm.quantized import round_to_stored
 import quant
 from quant.model import FAMILIES
 from engine.distributed import barrier, distributed, full_state, fully_shard_blocks, load_full_state
@@ -312,6 +313,8 @@ def run(args, rank, world, device):
             model.load_state_dict(model_state)
     if rank != 0:
         return None
+    if hasattr(model, "rlo_quantization"):  # evaluate the packed model as its file stores it
+        round_to_stored(model, model.rlo_quantization.get("stored_dtype") or "float16")
     metrics["ppl_after"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
     print(f"perplexity after finetuning: {metrics['ppl_after']:.3f}")
     if updater is not None:

@@ -65,13 +65,14 @@ def replace_linears(model, specs, biases):
             old = getattr(parent, child)
         except AttributeError:
             raise UserError(f"quantization_config names layer {name!r}, which this model does not have") from None
-        if spec.get("kind") == KIND:
-            shape, new = [old.num_embeddings, old.embedding_dim], QuantEmbedding(spec, old.weight.dtype)
-            embeddings[name] = new
-        else:
-            shape, new = [old.out_features, old.in_features], QuantLinear(spec, bias=biases.get(name, old.bias is not None))
+        embedding = spec.get("kind") == KIND
+        shape = [old.num_embeddings, old.embedding_dim] if embedding else [old.out_features, old.in_features]
         if "shape" in spec and list(spec["shape"]) != shape:
             raise UserError(f"quantization_config: layer {name!r} is {spec['shape']}, the model's is {shape}")
+        if embedding:
+            new = embeddings[name] = QuantEmbedding(spec, old.weight.dtype)
+        else:
+            new = QuantLinear(spec, bias=biases.get(name, old.bias is not None))
         setattr(parent, child, new)
     for name, embedding in embeddings.items():
         head_name = embedding.spec.get("tied_to")
