@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench llm-demo reproduce reproduce-quick clean
+.PHONY: demo test bench gpu-check llm-demo reproduce reproduce-quick clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_linear_loss.py --tokens 2048
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_e8p.py
+
+# On a machine with a CUDA GPU: the CUDA test tier (tests marked cuda; skipped without a GPU), then the
+# GPU timings of the entry points, appended to benchmarks/results/gpu_check.csv (about a minute each).
+gpu-check: $(STAMP)
+	$(PY) -m pytest -m cuda -v tests
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
