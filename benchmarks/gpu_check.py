@@ -60,6 +60,12 @@ def parse_args(argv=None):
         raise UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if not args.out.endswith(".csv") or os.path.isdir(args.out):
         raise UserError(f"--out {args.out!r} must name a .csv file")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    existing = parent
+    while not os.path.exists(existing):  # the folder is created at the end, with the file
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"--out {args.out!r}: {existing!r} is not a writable folder")
     if os.path.exists(args.out):
         with open(args.out, newline="") as f:
             header = next(csv.reader(f), None)
@@ -162,6 +168,12 @@ def main(argv=None):
                  gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu")
     rows = [dict(stamp, entry=e, config=c, seconds=f"{s:.6g}", throughput=f"{t:.6g}", unit=u) for e, c, s, t, u in results]
     previous = []
+    parent = os.path.dirname(os.path.abspath(args.out))
+    existing = parent
+    while not os.path.exists(existing):  # the folder is created at the end, with the file
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"--out {args.out!r}: {existing!r} is not a writable folder")
     if os.path.exists(args.out):
         with open(args.out, newline="") as f:
             previous = list(csv.DictReader(f))

@@ -27,6 +27,13 @@ def test_bad_input_is_one_line_naming_it(argv, message, tmp_path):
     assert str(err.value) == message
 
 
+def test_an_out_folder_that_cannot_hold_the_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="is not a writable folder"):
+        gpu_check.parse_args(["--device", "cpu", "--out", str(tmp_path / "file" / "sub" / "gpu_check.csv")])
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
 def test_an_out_file_of_other_columns_is_refused_untouched(tmp_path):
     out = tmp_path / "other.csv"
     out.write_text("a,b\n1,2\n")
