@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench docs llm-demo reproduce reproduce-quick clean
+.PHONY: demo test bench docs gpu-check llm-demo reproduce reproduce-quick clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ $(DOCS_STAMP): docs/requirements.txt $(STAMP)
 
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
+
+# On a machine with a CUDA GPU: the CUDA test tier (tests marked cuda; skipped without a GPU), then the
+# GPU timings of the entry points, appended to benchmarks/results/gpu_check.csv (about a minute each).
+gpu-check: $(STAMP)
+	$(PY) -m pytest -m cuda -v tests
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis site

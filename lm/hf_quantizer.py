@@ -8,8 +8,10 @@ quant_method "rlo" (`register_quantization_config` / `register_quantizer`) and m
 builds the family's model with a `quant.QuantLinear` for every layer the quantization_config names,
 filled from the packed tensors by transformers' own loader (device_map and dtype honoured for the
 unquantized tensors; a QuantLinear's scales stay float32, its codes their integer type, as
-`lm.load_quantized` keeps them). `model.save_pretrained(DIR)` writes the packed format back;
-`model.dequantize()` turns the model into the plain dense one.
+`lm.load_quantized` keeps them). The family's own class (`LlamaForCausalLM.from_pretrained(DIR)`),
+`AutoModel` (the base model, without the head) and `pipeline("text-generation", model=DIR)` load the
+same way. `model.save_pretrained(DIR)` writes the packed format back; `model.dequantize()` turns the
+model into the plain dense one.
 """
 import contextlib
 
@@ -19,7 +21,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .rlo_loader import MODEL_TYPE, RloConfig
+from .rlo_loader import BASE_KEY, LOADER_KEYS, MODEL_TYPE, RloConfig
 
 QUANT_METHOD = "rlo"
 
@@ -50,6 +52,22 @@ def _float32_on_cpu():
         torch.set_default_dtype(dtype)
 
 
+def _is_base_model(model):
+    """LlamaModel, OPTModel, ... (what AutoModel builds): the model under the ...ForCausalLM's prefix."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return bool(prefix) and not hasattr(model, prefix)
+
+
+def _model_names(model, layers):
+    """The quantization_config's layer names (of the ...ForCausalLM model) as `model` names them: without
+    the base-model prefix for a base model (`AutoModel.from_pretrained(DIR)` builds LlamaModel, whose
+    checkpoint keys transformers strips the same way)."""
+    if not _is_base_model(model):
+        return layers
+    prefix = model.base_model_prefix + "."
+    return {name[len(prefix):] if name.startswith(prefix) else name: spec for name, spec in layers.items()}
+
+
 class RloHfQuantizer(HfQuantizer):
     """Loads packed checkpoints (quantizing on the fly is opt.py's job: it needs calibration data)."""
 
@@ -63,13 +81,40 @@ class RloHfQuantizer(HfQuantizer):
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("packed RLO layers cannot be offloaded to disk; use a device_map without 'disk'")
 
+    def update_attn_implementation(self, config):
+        """The one hook that sees the config before the weights are looked up. A class-level load
+        (`LlamaForCausalLM.from_pretrained(DIR)`) reads config.json as it is, with the keys that stop plain
+        transformers (`lm.rlo_loader`): check the family and drop them (a dense save must not carry them)."""
+        base = getattr(config, BASE_KEY, None)
+        if base is not None and base != type(config).model_type:
+            raise ValueError(f"this is a packed {base!r} checkpoint, not a {type(config).model_type!r} one: load it "
+                             f"with AutoModelForCausalLM or the {base!r} family's own class")
+        for key in LOADER_KEYS:
+            if key in config.__dict__:
+                delattr(config, key)
+        if config.__dict__.get("model_type") == MODEL_TYPE:
+            config.model_type = type(config).model_type
+        return config
+
     def _process_model_before_weight_loading(self, model, **kwargs):
         from .quantized import replace_linears
 
+        layers = _model_names(model, self.quantization_config.layers)
         with _float32_on_cpu():
-            replace_linears(model, self.quantization_config.layers, {})
-        for name in self.quantization_config.layers:  # empty like the rest; the loader fills them
+            replace_linears(model, layers, {})
+        for name in layers:  # empty like the rest; the loader fills them
             model.get_submodule(name).to_empty(device="meta")
+
+    def update_weight_conversions(self, weight_conversions, model):
+        """A packed checkpoint stores a tied embedding once, possibly under the head's name (lm_head.weight):
+        a base model (`AutoModel`), which has no head, reads it as its input embedding."""
+        conversions = super().update_weight_conversions(weight_conversions, model)
+        if _is_base_model(model) and getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+            from transformers.core_model_loading import WeightRenaming
+
+            embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+            conversions.append(WeightRenaming(r"^lm_head\.weight$", f"{model.base_model_prefix}.{embed}.weight"))
+        return conversions
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from .quantized import mark_packed
@@ -79,13 +124,29 @@ class RloHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype=None):
-        """`model.dequantize()`: every QuantLinear back to an nn.Linear holding the weight it applies (the
-        dense model transformers and any tool load as usual; save_pretrained writes it plainly)."""
+        """`model.dequantize()`: every QuantLinear back to an nn.Linear holding the weight it applies, every
+        QuantEmbedding to an nn.Embedding (tied to its head again where it was) (the dense model transformers
+        and any tool load as usual; save_pretrained writes it plainly)."""
+        from quant.embedding import QuantEmbedding
         from quant.linear import QuantLinear
 
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        tied, embeddings = {}, []  # a tied embedding and its head are tied again once both are dense
         for name, module in list(model.named_modules()):
-            if isinstance(module, QuantLinear):
+            if any(name.startswith(e + ".") for e in embeddings):
+                continue  # an untied embedding's own table: dequantized with it
+            if isinstance(module, QuantEmbedding):
+                embeddings.append(name)
+                table = module.weight_table
+                embedding = torch.nn.Embedding(module.num_embeddings, module.embedding_dim, device=table.codes_device(),
+                                               dtype=dtype)
+                with torch.no_grad():
+                    embedding.weight.copy_(module.dequantize())
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, embedding)
+                if module.spec.get("tied_to") is not None:
+                    tied[module.spec["tied_to"]] = embedding
+            elif isinstance(module, QuantLinear):
                 device = module.codes_device()
                 linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                          device=device, dtype=dtype)
@@ -95,6 +156,9 @@ class RloHfQuantizer(HfQuantizer):
                         linear.bias.copy_(module.bias)
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, linear)
+        for head_name, embedding in tied.items():
+            model.get_submodule(head_name).weight = embedding.weight
+            model.config.tie_word_embeddings = True
         del model.rlo_quantization, model.save_pretrained  # back to transformers' own
         return model
 

@@ -2,7 +2,8 @@
 
 A directory written by `save_quantized` holds
 - `config.json`: the model's HF config plus `quantization_config` (below), with model_type "rlo" and
-  the family's own type under "rlo_base_model_type", and `auto_map` naming `rlo_loader.py`;
+  the family's own type under "rlo_base_model_type", `auto_map` naming `rlo_loader.py`, and
+  "transformers_weights" set to a sentence that stops class-level loads of plain transformers;
 - `rlo_loader.py` (a copy of `lm/rlo_loader.py`): what lets transformers load the directory (see there);
 - `model.safetensors`: per quantized linear only its packed codes, float32 scales (and zero points,
   in_scale/out_scale, bias), never a dense copy of the weight; every other tensor (embeddings, norms, an
@@ -18,8 +19,9 @@ codes it reads} or, untied, its own grid table's spec (`quant.embedding`).
 Two loaders read it: `load_quantized(DIR)` (what `lm.load_causal_lm` dispatches to; it checks every
 stored tensor against the config), and, once `lm` is imported, transformers' own
 `AutoModelForCausalLM.from_pretrained(DIR)` through the quantizer of `lm.hf_quantizer`. Without the
-toolkit imported, transformers refuses the directory (model_type "rlo") instead of loading random
-linears. Directories written before the model_type change (the family's model_type) load the same.
+toolkit imported, transformers refuses the directory instead of loading random linears: the Auto
+classes and pipeline for model_type "rlo", class-level loads (LlamaForCausalLM...) for
+"transformers_weights" (see `lm.rlo_loader`). Directories written before either change load the same.
 """
 import json
 import os
@@ -34,7 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from engine import UserError, atomic_dir
 
 from .load import _DTYPE_KW, quiet_hub
-from .rlo_loader import BASE_KEY, MODEL_TYPE
+from .rlo_loader import packed_config_dict
 
 FORMAT = "rlo-packed-v1"
 WEIGHTS = "model.safetensors"
@@ -150,9 +152,8 @@ def save_quantized(model, tokenizer, path, quantization_config, dtype=None):
         with open(os.path.join(tmp, "config.json")) as f:
             config = json.load(f)
         config["quantization_config"] = qc
-        # plain transformers must not know the type: it would build the family's model with random linears
-        config[BASE_KEY], config["model_type"] = config["model_type"], MODEL_TYPE
-        config["auto_map"] = {"AutoConfig": "rlo_loader.RloConfig"}
+        # plain transformers must neither know the type nor find the weights: it would build random linears
+        config = packed_config_dict(config)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "rlo_loader.py"),

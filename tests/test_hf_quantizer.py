@@ -92,6 +92,7 @@ def test_save_pretrained_writes_the_packed_format_back(packed, kind, tmp_path):
     config, original = (json.load(open(os.path.join(d, "config.json"))) for d in (out, packed[kind]))
     assert config["model_type"] == "rlo" and config["rlo_base_model_type"] == kind
     assert config["auto_map"] == {"AutoConfig": "rlo_loader.RloConfig"}
+    assert config["transformers_weights"] == original["transformers_weights"]  # stops plain class-level loads
     assert config["quantization_config"] == original["quantization_config"]
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as a, \
             safe_open(os.path.join(packed[kind], "model.safetensors"), "pt") as b:
@@ -126,14 +127,14 @@ def test_dequantize_gives_the_dense_model_that_saves_plainly(packed, tmp_path):
 
 
 def test_directories_of_the_earlier_layout_still_load(packed, tmp_path):
-    # written before the model_type change: the family's model_type, no auto_map, no loader file
+    # written before the model_type change: the family's model_type, no auto_map, no loader file, no stop key
     old = str(tmp_path / "old")
     shutil.copytree(packed["llama"], old)
     os.remove(os.path.join(old, "rlo_loader.py"))
     path = os.path.join(old, "config.json")
     config = json.load(open(path))
     config["model_type"] = config.pop("rlo_base_model_type")
-    del config["auto_map"]
+    del config["auto_map"], config["transformers_weights"]
     json.dump(config, open(path, "w"))
     tokenizer = AutoTokenizer.from_pretrained(old)
     ids = eval_ids(packed, tokenizer)

@@ -176,3 +176,15 @@ def test_bad_embedding_options_are_one_line(flags, message):
 def test_an_embedding_groupsize_that_does_not_divide_the_width(tokenizer):
     with pytest.raises(UserError, match="embedding groupsize 24 must be -1 \\(whole rows\\) or divide the width 64"):
         quantize_embeddings(tiny_tied_llama(tokenizer), 4, 24)
+
+
+def test_dequantize_gives_a_plain_tied_model_with_the_same_logits(saved):
+    model = AutoModelForCausalLM.from_pretrained(saved["embed8"])
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        before = model(ids).logits
+        model.dequantize()
+        after = model(ids).logits
+    assert type(model.model.embed_tokens) is torch.nn.Embedding and type(model.lm_head) is torch.nn.Linear
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
