@@ -3,6 +3,7 @@ import argparse
 import importlib
 import json
 import os
+import time
 
 import pytest
 import torch.distributed as dist
@@ -39,7 +40,7 @@ def _rank(rank, port, out, errors):
     try:
         if rank == 1:  # rank 1 arrives after rank 0 has written args.json (the race of issue 16)
             while not os.path.exists(os.path.join(out, "args.json")):
-                pass
+                time.sleep(0.01)  # a busy loop would take a core from rank 0 on a 2-core machine
         prepare_run_dir(_args(out))
         try:
             prepare_run_dir(_args(out))  # now the folder holds a run: both ranks get the same error
@@ -49,6 +50,7 @@ def _rank(rank, port, out, errors):
         dist.destroy_process_group()
 
 
+@pytest.mark.xdist_group("two_ranks")
 def test_under_two_ranks_only_rank_0_checks_and_both_get_its_verdict(tmp_path):
     port = free_port()
     errors = mp.get_context("spawn").Manager().dict()

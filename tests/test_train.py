@@ -67,6 +67,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert _rows(cut) == expected  # bit-identical metrics on CPU
 
 
+@pytest.mark.xdist_group("two_ranks")
 def test_ddp_two_processes_match_one_process(tmp_path):
     # simplevit has no BatchNorm and no dropout, so 2 ranks x 8 images == 1 process x 16 images.
     args = TINY + ["--net", "simplevit", "--dimhead", "32", "--bs", "16", "--fake-n", "96", "--epochs", "2"]
