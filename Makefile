@@ -30,8 +30,10 @@ reproduce: $(STAMP)
 reproduce-quick: $(STAMP)
 	$(PY) reproduce.py --quick --out runs/reproduce_quick
 
+# One pytest-xdist worker per core (one torch thread each); tests that share an expensive fixture or start
+# 2 gloo ranks carry an xdist_group and run on one worker. The 20 slowest tests are listed at the end.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=20 tests
 
 # The quick benchmarks (about a minute each on 2 cores); bench_quant.py has its own size flags.
 bench: $(STAMP)
