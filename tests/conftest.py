@@ -25,6 +25,17 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs for tens of seconds on 2 cores; started first (see below)")
+
+
+def pytest_collection_modifyitems(items):
+    """`slow` tests first, the order otherwise kept: under pytest-xdist (make test: whole modules per worker,
+    in collection order) the modules that hold them start first, instead of one running alone at the end
+    while the other workers idle. Slow tests use no module-scoped fixture, so moving them builds nothing twice."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def _restore_thread_count():
     """Scripts called in-process (regression.py, gan.py, --threads) set torch's thread count; the next test

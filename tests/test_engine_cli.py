@@ -50,7 +50,6 @@ def _rank(rank, port, out, errors):
         dist.destroy_process_group()
 
 
-@pytest.mark.xdist_group("two_ranks")
 def test_under_two_ranks_only_rank_0_checks_and_both_get_its_verdict(tmp_path):
     port = free_port()
     errors = mp.get_context("spawn").Manager().dict()

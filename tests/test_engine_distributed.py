@@ -2,7 +2,6 @@
 import os
 import time
 
-import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -21,7 +20,6 @@ def _rank(rank, port, marker, seen):
     seen[rank] = (os.path.exists(marker), dist.is_initialized())
 
 
-@pytest.mark.xdist_group("two_ranks")
 def test_every_rank_waits_for_rank_0_to_finish_before_tearing_the_group_down(tmp_path):
     port = free_port()
     seen = mp.get_context("spawn").Manager().dict()

@@ -167,7 +167,6 @@ def packed_llama(assets):
     return packed
 
 
-@pytest.mark.xdist_group("ft_opt_packed")  # one worker packs for both losses
 @pytest.mark.parametrize("loss", ["ce", "root"])
 def test_finetuning_in_quantized_space_keeps_the_codes_and_lowers_perplexity(assets, packed_llama, loss):
     import quant
@@ -229,7 +228,6 @@ def assert_same_run(out, metrics, reference_out, reference):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.xdist_group("two_ranks")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_gloo_processes_equal_one_process_with_the_same_global_batch(assets, single_process_run, mode):
     out = str(assets["root"] / f"torchrun_{mode}")
@@ -239,7 +237,6 @@ def test_torchrun_two_gloo_processes_equal_one_process_with_the_same_global_batc
     assert_same_run(out, json.load(open(os.path.join(out, "metrics.json"))), *single_process_run)
 
 
-@pytest.mark.xdist_group("two_ranks")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_resumes_a_checkpoint(assets, single_process_run, mode, monkeypatch):
     # epoch 1 in one process, killed after its checkpoint; epoch 2 resumed by two processes: the

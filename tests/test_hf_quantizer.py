@@ -23,8 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--nsamples", "4", "--seqlen", "32", "--device", "cpu"]
 # llama: e8p codes (int16 words, Hadamard rotation); opt: scalar 2-bit grid codes (uint8, Kronecker), biases
 METHOD = {"llama": ["--quant", "e8p"], "opt": ["--quant", "ldlqRG"]}
-# Every test reads the module's two packed checkpoints: under pytest-xdist one worker packs them and runs them all.
-pytestmark = pytest.mark.xdist_group("hf_quantizer")
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,7 @@ def tiny_argv(model, tmp, out, *extra):
 @pytest.fixture(scope="module")
 def run(tiny_llama_dir, tmp_path_factory):
     """One two-seed run with ldlqRG and e8p and two-value grids, recording per sub-run (by its --out
-    folder name) the files it read, its training batches and its calibration windows. Its tests share the
-    xdist_group `llm_pipeline_run`, so that under pytest-xdist one worker runs it once."""
+    folder name) the files it read, its training batches and its calibration windows."""
     tmp = str(tmp_path_factory.mktemp("llm_pipeline"))
     out = os.path.join(tmp, "run")
     argv = tiny_argv(tiny_llama_dir, tmp, out, "--seeds", "0", "1", "--lr", "1e-3", "3e-3", "--qft-lr", "1e-3", "3e-3")
@@ -71,7 +70,6 @@ def run(tiny_llama_dir, tmp_path_factory):
     return dict(rows=rows, rec=rec, out=out, argv=argv, test=os.path.realpath(argv[argv.index("--eval-file") + 1]))
 
 
-@pytest.mark.xdist_group("llm_pipeline_run")
 def test_rows_for_both_methods_with_the_chosen_learning_rates_and_the_packed_round_trip(run):
     rows, out = run["rows"], run["out"]
     assert len(rows) == 2 * 2 * 2 * 2  # seeds x losses x methods x bit widths
@@ -100,7 +98,6 @@ def test_rows_for_both_methods_with_the_chosen_learning_rates_and_the_packed_rou
         llm_pipeline.main(run["argv"])
 
 
-@pytest.mark.xdist_group("llm_pipeline_run")
 def test_a_seed_changes_data_order_calibration_and_rotations_and_the_losses_share_them(run):
     rec, out = run["rec"], run["out"]
 
@@ -122,7 +119,6 @@ def test_a_seed_changes_data_order_calibration_and_rotations_and_the_losses_shar
     assert not torch.equal(rec["ft_ce_lr0.001"]["batches"][0], rec["ft_ce_s0"]["batches"][0])
 
 
-@pytest.mark.xdist_group("llm_pipeline_run")
 def test_learning_rates_are_chosen_on_the_held_out_tail_of_the_training_text_never_on_the_test_text(run):
     rec, out, test = run["rec"], run["out"], run["test"]
     data = os.path.join(out, "data")
@@ -166,6 +162,7 @@ def test_a_diverged_grid_value_is_never_chosen():
     assert llm_pipeline.choose([(1e-3, 4.0), (3e-3, 4.0)]) == 1e-3
 
 
+@pytest.mark.slow
 def test_parallel_jobs_give_the_same_rows(tiny_llama_dir, tmp_path):
     rows = []
     for jobs in ("1", "2"):
@@ -221,6 +218,7 @@ STORIES = os.path.join(SHARED, "models", "stories260K", "stories260K.bin")
 WIKI = os.path.join(SHARED, "text", "wikitext-2-raw")
 
 
+@pytest.mark.slow
 def test_real_stories260K_recovers_in_quantized_space_for_ce_and_rlo(tmp_path):
     """The issue's acceptance check at a size a test affords: stories260K, 2 bits, both methods,
     CE and RLO; finetuning in quantized space lowers the PTQ perplexity and keeps the codes."""

@@ -43,6 +43,7 @@ def test_one_epoch_run_writes_all_outputs_and_best_loads(tmp_path):
     torch.testing.assert_close(best.state_dict()["fc.weight"], ckpt["model"]["fc.weight"], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     args = VIT + ["--fake-n", "640", "--epochs", "3", "--warmup-epochs", "0.5"]
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
@@ -67,7 +68,6 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert _rows(cut) == expected  # bit-identical metrics on CPU
 
 
-@pytest.mark.xdist_group("two_ranks")
 def test_ddp_two_processes_match_one_process(tmp_path):
     # simplevit has no BatchNorm and no dropout, so 2 ranks x 8 images == 1 process x 16 images.
     args = TINY + ["--net", "simplevit", "--dimhead", "32", "--bs", "16", "--fake-n", "96", "--epochs", "2"]
