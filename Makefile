@@ -30,8 +30,11 @@ reproduce: $(STAMP)
 reproduce-quick: $(STAMP)
 	$(PY) reproduce.py --quick --out runs/reproduce_quick
 
+# One pytest-xdist worker per core (one torch thread each). Each test module runs whole on one worker, so its
+# module-scoped fixtures are built once; modules start in collection order (slow tests first, tests/conftest.py).
+# The 20 slowest tests are listed at the end.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=20 tests
 
 # The quick benchmarks (about a minute each on 2 cores); bench_quant.py has its own size flags.
 bench: $(STAMP)

@@ -1,4 +1,6 @@
-"""Shared test setup: the repo root on sys.path, no network, small thread count."""
+"""Shared test setup: the repo root on sys.path, no network, one intra-op thread, and the tiny offline
+models and data files that many modules read (session fixtures, built once per process: under
+pytest-xdist once per worker)."""
 import os
 import sys
 
@@ -9,21 +11,70 @@ sys.path.insert(0, ROOT)
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[var] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
+# One thread per test process, and the same for the scripts tests start: the matrices are tiny (threads cost
+# more than they give), `make test` runs one process per core, and in-process results that are compared bit
+# for bit with a subprocess's need the same thread count on both sides. Set before torch/numpy load.
+os.environ["OMP_NUM_THREADS"] = "1"
+# quant.kernels' C++ extensions, built once per checkout: in torch's default cache (shared by every checkout
+# and venv of a user) a build from another checkout's paths or sources makes the next process here rebuild.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".pytest_cache", "torch_extensions"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs for tens of seconds on 2 cores; started first (see below)")
+
+
+def pytest_collection_modifyitems(items):
+    """`slow` tests first, the order otherwise kept: under pytest-xdist (make test: whole modules per worker,
+    in collection order) the modules that hold them start first, instead of one running alone at the end
+    while the other workers idle. Slow tests use no module-scoped fixture, so moving them builds nothing twice."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @pytest.fixture(autouse=True)
 def _restore_thread_count():
-    """Scripts called in-process (regression.py, gan.py) set torch's thread count; later tests that
-    compare in-process results bit for bit with a subprocess need the default back."""
-    threads = torch.get_num_threads()
+    """Scripts called in-process (regression.py, gan.py, --threads) set torch's thread count; the next test
+    gets the one thread back."""
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
 def one_thread():
-    """Tiny matrices: extra threads cost more than they give, and a busy machine makes them spin."""
+    """Every test already runs on one thread (above); kept for modules that ask for it by name."""
     torch.set_num_threads(1)
+
+
+# --- tiny offline models and data (tests.lm_fixtures), shared read-only by every module ------------------
+# Tests write their outputs elsewhere (tmp_path, a module's own tmp_path_factory folder); never into these.
+
+@pytest.fixture(scope="session")
+def wikitext_dir(tmp_path_factory):
+    """wiki.{train,valid,test}.raw of generated text (lm_fixtures.write_wikitext defaults)."""
+    from tests.lm_fixtures import write_wikitext
+    return write_wikitext(str(tmp_path_factory.mktemp("wikitext")))
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory):
+    """A random 2-layer OPT (hidden 64) + BPE tokenizer saved like a hub checkpoint (lm_fixtures.save_tiny_lm)."""
+    from tests.lm_fixtures import save_tiny_lm
+    return save_tiny_lm(str(tmp_path_factory.mktemp("tiny_opt")), "opt")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A random 2-layer Llama (hidden 64) + BPE tokenizer saved like a hub checkpoint (lm_fixtures.save_tiny_lm)."""
+    from tests.lm_fixtures import save_tiny_lm
+    return save_tiny_lm(str(tmp_path_factory.mktemp("tiny_llama")), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_assets(tiny_opt_dir, tiny_llama_dir, wikitext_dir):
+    """{'opt', 'llama', 'data'}: the three fixtures above, in the dict shape the LM test modules use."""
+    return {"opt": tiny_opt_dir, "llama": tiny_llama_dir, "data": wikitext_dir}

@@ -17,26 +17,14 @@ from quant.e8p import get_codebook
 from quant.linear import QuantLinear
 from quant.model import _layer_inputs, _run, decoder_layers, quantize_model
 from quant.pv import CodeUpdater, apply, propose
-from tests.lm_fixtures import save_tiny_lm, write_wikitext
 
 CALIB = ["--nsamples", "8", "--seqlen", "32", "--device", "cpu"]
 QFT = ["--seqlen", "32", "--lr", "3e-3", "--warmup-steps", "2", "--micro-bs", "4", "--grad-accum", "2", "--loss", "ce"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Run every test here on one thread (see conftest.one_thread)."""
-
-
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bftpv")
-    assets = {"llama": save_tiny_lm(str(root / "llama"), "llama"), "data": write_wikitext(str(root / "wikitext")),
-              "root": root}
-    assets["packed"] = str(root / "packed")
-    opt.main([assets["llama"], "wikitext2", "--data-dir", assets["data"], *CALIB, "--wbits", "2", "--quant", "e8p",
-              "--proxy_only", "--save", assets["packed"]])
-    return assets
+def assets(tiny_lm_assets, tmp_path_factory):
+    return dict(tiny_lm_assets, root=tmp_path_factory.mktemp("bftpv"))
 
 
 # --- blockwise finetuning during quantization ----------------------------------------------------------
@@ -192,11 +180,14 @@ def test_ft_opt_update_codes_on_a_trellis_checkpoint_lowers_the_loss_and_stays_p
 
 
 def test_ft_opt_update_codes_trains_saves_packed_and_reloads_with_the_same_perplexity(assets):
+    packed = str(assets["root"] / "packed")
+    opt.main([assets["llama"], "wikitext2", "--data-dir", assets["data"], *CALIB, "--wbits", "2", "--quant", "e8p",
+              "--proxy_only", "--save", packed])
     out = str(assets["root"] / "qft_pv")
-    metrics = ft_opt.main(["--model", assets["packed"], "--data-dir", assets["data"], "--out", out, *QFT,
+    metrics = ft_opt.main(["--model", packed, "--data-dir", assets["data"], "--out", out, *QFT,
                            "--epochs", "2", "--update-codes", "0.02", "--update-codes-every", "1"])
     assert metrics["code_updates"] == 14 and 0 < metrics["codes_differ"] <= metrics["codes_changed"]
-    before, _ = lm.load_causal_lm(assets["packed"])
+    before, _ = lm.load_causal_lm(packed)
     layers = [q for q in before.modules() if isinstance(q, QuantLinear)]
     groups = [q.spec["padded"][0] * q.spec["padded"][1] // 8 for q in layers]
     assert metrics["code_groups"] == sum(groups)

@@ -12,11 +12,6 @@ from quant.incoherence import (FWHT_RADIX, HADAMARD_MAX, Incoherence, RandomHada
 from quant.ldlq import block_ldl, block_ldlq
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Run every test here on one thread (see conftest.one_thread)."""
-
-
 def gaussian(n, seed=0, dtype=torch.float32):
     return torch.randn(n, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
 

@@ -3,6 +3,7 @@ import argparse
 import importlib
 import json
 import os
+import time
 
 import pytest
 import torch.distributed as dist
@@ -40,7 +41,7 @@ def _rank(rank, port, out, errors):
         if rank == 1:  # rank 1 arrives after rank 0 has written args.json: a late rank must not see
             # rank 0's fresh args.json as an existing run
             while not os.path.exists(os.path.join(out, "args.json")):
-                pass
+                time.sleep(0.01)  # a busy loop would take a core from rank 0 on a 2-core machine
         prepare_run_dir(_args(out))
         try:
             prepare_run_dir(_args(out))  # now the folder holds a run: both ranks get the same error

@@ -28,11 +28,6 @@ FT = ["--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "2", "--micro-b
       "--epochs", "1", "--max-steps", "2", "--lr", "3e-3", "--warmup-steps", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Tiny matrices: one thread (see conftest.one_thread)."""
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")

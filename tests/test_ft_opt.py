@@ -13,7 +13,6 @@ import ft_opt
 import lm
 from engine import UserError
 from losses import get_loss
-from tests.lm_fixtures import save_tiny_lm, write_wikitext
 from tests.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,10 +20,8 @@ FAST = ["--seqlen", "32", "--lr", "3e-3", "--warmup-steps", "2", "--micro-bs", "
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft")
-    return {"opt": save_tiny_lm(str(root / "opt"), "opt"), "llama": save_tiny_lm(str(root / "llama"), "llama"),
-            "data": write_wikitext(str(root / "wikitext")), "root": root}
+def assets(tiny_lm_assets, tmp_path_factory):
+    return dict(tiny_lm_assets, root=tmp_path_factory.mktemp("ft"))
 
 
 def float64_perplexity(model, ids, seqlen):
@@ -160,13 +157,20 @@ def test_default_run_folder_names_loss_k_and_m():
                     ("ft_opt_wikitext2_root_k3_m5", "ft_opt_wikitext2_root_k5_m5", "ft_opt_wikitext2_ce")}
 
 
-@pytest.mark.parametrize("loss", ["ce", "root"])
-def test_finetuning_in_quantized_space_keeps_the_codes_and_lowers_perplexity(assets, loss):
+@pytest.fixture(scope="module")
+def packed_llama(assets):
+    """The tiny Llama packed at 2 bits (ldlqRG, incoherence); read-only, both losses finetune from it."""
     import opt
-    import quant
-    packed = str(assets["root"] / f"packed_{loss}")
+    packed = str(assets["root"] / "packed")
     opt.main([assets["llama"], "wikitext2", "--data-dir", assets["data"], "--nsamples", "4", "--seqlen", "32",
               "--wbits", "2", "--quant", "ldlqRG", "--incoh_processing", "--proxy_only", "--save", packed])
+    return packed
+
+
+@pytest.mark.parametrize("loss", ["ce", "root"])
+def test_finetuning_in_quantized_space_keeps_the_codes_and_lowers_perplexity(assets, packed_llama, loss):
+    import quant
+    packed = packed_llama
     out = str(assets["root"] / f"qft_{loss}")
     metrics = ft_opt.main(["--model", packed, "--data-dir", assets["data"], "--out", out, "--loss", loss, *FAST,
                            "--max-steps", "6"])

@@ -13,9 +13,6 @@ from engine import UserError, read_csv
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Run every test here on one thread (see conftest.one_thread)."""
 TINY = ["--steps", "12", "--eval-every", "6", "--n-eval", "300", "--hidden", "16", "--bs", "32", "--plots", "1"]
 
 

@@ -18,7 +18,6 @@ import lm
 import opt
 import quant
 from lm.hf_quantizer import RloHfQuantizer
-from tests.lm_fixtures import save_tiny_lm, write_wikitext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--nsamples", "4", "--seqlen", "32", "--device", "cpu"]
@@ -26,19 +25,14 @@ FAST = ["--nsamples", "4", "--seqlen", "32", "--device", "cpu"]
 METHOD = {"llama": ["--quant", "e8p"], "opt": ["--quant", "ldlqRG"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Tiny matrices: one thread (see conftest.one_thread)."""
-
-
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory):
+def packed(tiny_lm_assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("hfq")
-    data = write_wikitext(str(root / "wikitext"))
+    data = tiny_lm_assets["data"]
     dirs = {}
     for kind, method in METHOD.items():
         dirs[kind] = str(root / f"packed_{kind}")
-        opt.main([save_tiny_lm(str(root / kind), kind), "wikitext2", "--data-dir", data, *FAST, "--wbits", "2", *method,
+        opt.main([tiny_lm_assets[kind], "wikitext2", "--data-dir", data, *FAST, "--wbits", "2", *method,
                   "--incoh_processing", "--proxy_only", "--save", dirs[kind]])
     return dict(dirs, data=data, root=root)
 

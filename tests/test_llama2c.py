@@ -36,8 +36,6 @@ SAMPLE = (
 TEXTS = ["Once upon a time, there was a little girl named Lily.", "Hello  world", "  leading and trailing  ",
          "a\n\nb\tc", "digits 2024 and ünïcödé 東京 🙂", "Lily's mom said, \"let's go!\"", ""]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 # --- llama2.c files, written here from export.py's layouts ----------------------------------------
 

@@ -13,19 +13,13 @@ import llm_pipeline
 import lm
 import opt
 from engine import UserError
-from tests.lm_fixtures import make_text, save_tiny_lm
+from tests.lm_fixtures import make_text
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Tiny models: one thread (see conftest.one_thread)."""
-
-
-def tiny_argv(tmp, out, *extra):
-    """A tiny model, training text and test text in `tmp` (built once), and the pipeline's argv."""
-    model, train, test = os.path.join(tmp, "llama"), os.path.join(tmp, "train.txt"), os.path.join(tmp, "test.txt")
-    if not os.path.isdir(model):
-        save_tiny_lm(model, "llama")
+def tiny_argv(model, tmp, out, *extra):
+    """Training text and test text in `tmp` (written once) and the pipeline's argv for the tiny `model`."""
+    train, test = os.path.join(tmp, "train.txt"), os.path.join(tmp, "test.txt")
+    if not os.path.isfile(train):
         with open(train, "w") as f:
             f.write(make_text(40, seed=1))
         with open(test, "w") as f:
@@ -37,12 +31,12 @@ def tiny_argv(tmp, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tiny_llama_dir, tmp_path_factory):
     """One two-seed run with ldlqRG and e8p and two-value grids, recording per sub-run (by its --out
     folder name) the files it read, its training batches and its calibration windows."""
     tmp = str(tmp_path_factory.mktemp("llm_pipeline"))
     out = os.path.join(tmp, "run")
-    argv = tiny_argv(tmp, out, "--seeds", "0", "1", "--lr", "1e-3", "3e-3", "--qft-lr", "1e-3", "3e-3")
+    argv = tiny_argv(tiny_llama_dir, tmp, out, "--seeds", "0", "1", "--lr", "1e-3", "3e-3", "--qft-lr", "1e-3", "3e-3")
     rec, current = {}, [None]
 
     def entering(main, flag):
@@ -142,11 +136,11 @@ def test_learning_rates_are_chosen_on_the_held_out_tail_of_the_training_text_nev
     assert all(set(rec[name]["read"]) == {train, test} for name in reported)  # valid rows never trained on
 
 
-def test_selection_ignores_the_test_text(tmp_path):
+def test_selection_ignores_the_test_text(tiny_llama_dir, tmp_path):
     """The same selection whatever the test text holds: run it with two different test files."""
     chosen = []
     for test_seed in (2, 3):
-        argv = tiny_argv(str(tmp_path), str(tmp_path / f"run{test_seed}"), "--losses", "ce", "--quant", "e8p",
+        argv = tiny_argv(tiny_llama_dir, str(tmp_path), str(tmp_path / f"run{test_seed}"), "--losses", "ce", "--quant", "e8p",
                          "--wbits", "2", "--lr", "1e-3", "1e-2", "--qft-lr", "3e-3", "3e-2", "--seeds", "0")
         test = tmp_path / f"test{test_seed}.txt"
         test.write_text(make_text(8, seed=test_seed) if test_seed == 2 else "zq xv " * 400)
@@ -168,10 +162,11 @@ def test_a_diverged_grid_value_is_never_chosen():
     assert llm_pipeline.choose([(1e-3, 4.0), (3e-3, 4.0)]) == 1e-3
 
 
-def test_parallel_jobs_give_the_same_rows(tmp_path):
+@pytest.mark.slow
+def test_parallel_jobs_give_the_same_rows(tiny_llama_dir, tmp_path):
     rows = []
     for jobs in ("1", "2"):
-        argv = tiny_argv(str(tmp_path), str(tmp_path / f"jobs{jobs}"), "--losses", "ce", "root", "--quant", "e8p",
+        argv = tiny_argv(tiny_llama_dir, str(tmp_path), str(tmp_path / f"jobs{jobs}"), "--losses", "ce", "root", "--quant", "e8p",
                          "--wbits", "2", "--lr", "3e-3", "--qft-lr", "3e-3", "--seeds", "0", "--jobs", jobs)
         rows.append(llm_pipeline.main(argv))
     assert len(rows[0]) == 2
@@ -179,9 +174,9 @@ def test_parallel_jobs_give_the_same_rows(tmp_path):
         assert {k: v for k, v in a.items() if k != "ptq_seconds"} == {k: v for k, v in b.items() if k != "ptq_seconds"}
 
 
-def test_a_trellis_method_with_block_ft_runs_end_to_end(tmp_path):
+def test_a_trellis_method_with_block_ft_runs_end_to_end(tiny_llama_dir, tmp_path):
     out = tmp_path / "qtip"
-    argv = tiny_argv(str(tmp_path), str(out), "--losses", "ce", "--quant", "qtip1mad", "--wbits", "2",
+    argv = tiny_argv(tiny_llama_dir, str(tmp_path), str(out), "--losses", "ce", "--quant", "qtip1mad", "--wbits", "2",
                      "--lr", "3e-3", "--qft-lr", "3e-3", "--seeds", "0", "--block-ft", "2")
     [row] = llm_pipeline.main(argv)
     assert (row["quant"], row["wbits"]) == ("qtip1mad", 2) and row["qft_codes_unchanged"] and row["qft"] < row["ptq"]
@@ -190,8 +185,8 @@ def test_a_trellis_method_with_block_ft_runs_end_to_end(tmp_path):
     assert config["block_ft"]["steps"] == 2 and {s["codebook"] for s in config["layers"].values()} == {"trellis"}
 
 
-def test_user_errors_are_one_line(tmp_path):
-    argv = tiny_argv(str(tmp_path), str(tmp_path / "x"))
+def test_user_errors_are_one_line(tiny_llama_dir, tmp_path):
+    argv = tiny_argv(tiny_llama_dir, str(tmp_path), str(tmp_path / "x"))
     test = argv[argv.index("--eval-file") + 1]
     with pytest.raises(UserError, match="--valid-file .* is the --eval-file text"):
         llm_pipeline.main(argv + ["--valid-file", test])
@@ -223,6 +218,7 @@ STORIES = os.path.join(SHARED, "models", "stories260K", "stories260K.bin")
 WIKI = os.path.join(SHARED, "text", "wikitext-2-raw")
 
 
+@pytest.mark.slow
 def test_real_stories260K_recovers_in_quantized_space_for_ce_and_rlo(tmp_path):
     """The issue's acceptance check at a size a test affords: stories260K, 2 bits, both methods,
     CE and RLO; finetuning in quantized space lowers the PTQ perplexity and keeps the codes."""

@@ -11,15 +11,13 @@ from transformers import OPTConfig, ViTConfig
 
 import lm
 from engine import UserError
-from tests.lm_fixtures import make_text, save_tiny_lm, write_wikitext
+from tests.lm_fixtures import make_text
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    data = write_wikitext(str(root / "wikitext"))
-    model, tokenizer = lm.load_causal_lm(save_tiny_lm(str(root / "opt"), "opt"))
-    return model, tokenizer, data
+def tiny(tiny_opt_dir, wikitext_dir):
+    model, tokenizer = lm.load_causal_lm(tiny_opt_dir)
+    return model, tokenizer, wikitext_dir
 
 
 def reference_perplexity(model, ids, seqlen):

@@ -14,22 +14,14 @@ import opt
 import quant
 from engine import UserError
 from quant.model import decoder_layers, quantize_model
-from tests.lm_fixtures import save_tiny_lm, write_wikitext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--nsamples", "4", "--seqlen", "32", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Run every test here on one thread (see conftest.one_thread)."""
-
-
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant")
-    return {"opt": save_tiny_lm(str(root / "opt"), "opt"), "llama": save_tiny_lm(str(root / "llama"), "llama"),
-            "data": write_wikitext(str(root / "wikitext")), "root": root}
+def assets(tiny_lm_assets, tmp_path_factory):
+    return dict(tiny_lm_assets, root=tmp_path_factory.mktemp("quant"))
 
 
 def run(assets, kind, *flags, save=None):

@@ -13,12 +13,6 @@ from quant.hessian import HessianAccumulator, damp, proxy_loss
 from quant.incoherence import ROTATIONS, Incoherence, make_rotation
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Run every test here on one thread (see conftest.one_thread)."""
-
-
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -229,6 +229,7 @@ def quick_command():
     return words[1:]
 
 
+@pytest.mark.slow
 def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
     if not os.path.isdir(SHARED_UCI):
         pytest.skip(f"{SHARED_UCI} absent: Table 1 and its figures need the shared UCI files")

@@ -13,14 +13,8 @@ from engine import UserError
 from quant import kernels
 from quant.codebooks import CODEBOOKS
 from quant.trellis import SEAM_BITS, Trellis
-from tests.lm_fixtures import save_tiny_lm, write_wikitext
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Run every test here on one thread (see conftest.one_thread)."""
 
 
 def all_streams(tr):
@@ -175,10 +169,8 @@ def test_packed_size_at_opt_125m_shapes_is_below_0_14_of_fp16():
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trellis")
-    return {"llama": save_tiny_lm(str(root / "llama"), "llama"), "data": write_wikitext(str(root / "wikitext")),
-            "root": root}
+def assets(tiny_lm_assets, tmp_path_factory):
+    return dict(tiny_lm_assets, root=tmp_path_factory.mktemp("trellis"))
 
 
 def test_qtip_checkpoint_reloads_with_the_same_perplexity_and_finetunes_with_frozen_codes(assets):
