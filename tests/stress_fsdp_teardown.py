@@ -10,7 +10,8 @@ niced so that it shares the machine, from the repository root:
 
 The busy process (a Python spin loop, started and stopped here) makes the timing of the ranks' exit
 vary, which is what an intermittent teardown failure needs to show up. Prints one line per failure and a
-one-line summary; exits 1 on any failure. The logs of failed runs stay in --logs.
+one-line summary; exits 1 on any failure (or when
+interrupted). The logs of failed runs stay in --logs.
 """
 import argparse
 import concurrent.futures
@@ -95,7 +96,7 @@ def main(argv=None):
     os.makedirs(logs, exist_ok=True)
     model, data, checkpoint = build_assets(os.path.join(logs, "assets"))
     load = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.load else None
-    failures, aborts, start = 0, 0, time.time()
+    done, failures, aborts, start = 0, 0, 0, time.time()
 
     def one(i):
         case = CASES[i % 2]
@@ -109,21 +110,26 @@ def main(argv=None):
             print(f"run {i + 1} ({case}) FAILED{' (abort)' if aborted else ''}: {out}.log", flush=True)
         return ok, aborted
 
+    pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
     try:
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            for ok, aborted in pool.map(one, range(args.runs)):
-                failures, aborts = failures + (not ok), aborts + aborted
+        for ok, aborted in pool.map(one, range(args.runs)):
+            done, failures, aborts = done + 1, failures + (not ok), aborts + aborted
+            if done % 10 == 0:
+                print(f"{done}/{args.runs} runs, {failures} failed, {time.time() - start:.0f} s", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C: the runs under way finish, the summary counts the runs done
+        print("interrupted", flush=True)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         if load is not None:
             load.terminate()
             load.wait()
     wall = time.time() - start
-    print(f"stress_fsdp_teardown: {args.runs} runs ({(args.runs + 1) // 2} fresh, {args.runs // 2} resumed), "
+    print(f"stress_fsdp_teardown: {done} runs of {args.runs} ({(done + 1) // 2} fresh, {done // 2} resumed), "
           f"{failures} failed, {aborts} aborted; {args.jobs} at a time, load: {'1 busy process' if args.load else 'none'}; "
-          f"{wall:.0f} s ({wall / max(args.runs, 1):.1f} s per run); logs in {logs}", flush=True)
+          f"{wall:.0f} s ({wall / max(done, 1):.1f} s per run); logs in {logs}", flush=True)
     if failures == 0 and args.logs is None:
         shutil.rmtree(logs, ignore_errors=True)
-    return 1 if failures else 0
+    return 1 if failures or done < args.runs else 0
 
 
 if __name__ == "__main__":
