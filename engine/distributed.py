@@ -2,11 +2,13 @@
 and full (unsharded) state dicts that one code path saves and loads with or without it."""
 import contextlib
 import datetime
+import gc
 import os
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from .errors import UserError
@@ -39,6 +41,7 @@ def distributed(device):
         barrier()  # reached only when the run returned
     finally:
         if dist.is_initialized():
+            release_meshes()
             dist.destroy_process_group()
 
 
@@ -47,18 +50,44 @@ def barrier():
         dist.barrier()
 
 
+# The device meshes fully_shard_blocks sharded over, until `release_meshes` lets their process group go.
+_meshes = []
+
+
+def release_meshes():
+    """Let the process group go of the meshes that FSDP sharded over, once the sharded model is no longer
+    used, so that `dist.destroy_process_group()` frees the group. A DeviceMesh keeps its group
+    (`_pg_registry`), DTensor's sharding and redistribution caches keep the mesh for the life of the
+    process, and each FSDP unit's state keeps the group too, in reference cycles with the module that only
+    the cyclic collector frees. Left so, the gloo group outlives `destroy_process_group()`, never
+    destroyed: its worker threads and its TCP loop thread are still running when the interpreter and
+    the C++ runtime shut down, and a rank can abort there ("terminate called without an active
+    exception") after its results are written. Freed here, the group joins its threads."""
+    if not _meshes:
+        return
+    gc.collect()  # the FSDP states of the modules the run has dropped
+    for mesh in _meshes:
+        registry = getattr(mesh, "_pg_registry", None)
+        if registry is not None:
+            registry.clear()
+    _meshes.clear()
+
+
 def fully_shard_blocks(root, model):
     """FSDP2: each transformer block of the HF `model` (the classes in its `_no_split_modules`, as
     accelerate wraps them) becomes one unit, gathered only while it runs; what remains (embeddings,
     head, final norm; a tied head stays with its embedding) belongs to `root`, the module whose
-    forward is called. Returns (root, number of blocks)."""
+    forward is called. All units share one device mesh over the world, which `distributed()` releases
+    before it tears the group down (`release_meshes`). Returns (root, number of blocks)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
         raise UserError(f"--fsdp: {type(model).__name__} names no transformer block class (_no_split_modules)")
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    _meshes.append(mesh)
     for block in blocks:
-        fully_shard(block)
-    fully_shard(root)
+        fully_shard(block, mesh=mesh)
+    fully_shard(root, mesh=mesh)
     return root, len(blocks)
 
 
