@@ -222,7 +222,7 @@ def main(argv=None):
     if args.load:
         print(f"loading the model from {args.load} (MODEL {args.model!r} only names the run)")
     model, tokenizer = lm.load_causal_lm(args.load or args.model, dtype=dtype)
-    fp16_bytes = 2 * sum(t.numel() for t in {p.data_ptr(): p for p in model.parameters()}.values())
+    fp16_bytes = 2 * sum(p.numel() for p in model.parameters())  # tied tensors are listed once
     if args.block_ft is not None and getattr(model.config, "model_type", None) not in FAMILIES:
         raise UserError(f"--block-ft finetunes inside decoder layers; model family {model.config.model_type!r} has none "
                         f"that quant.model knows (families with decoder layers: {', '.join(FAMILIES)})")

@@ -167,13 +167,7 @@ def main(argv=None):
                  machine=platform.node(), device=str(device), torch=torch.__version__, threads=args.threads,
                  gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu")
     rows = [dict(stamp, entry=e, config=c, seconds=f"{s:.6g}", throughput=f"{t:.6g}", unit=u) for e, c, s, t, u in results]
-    previous = []
-    parent = os.path.dirname(os.path.abspath(args.out))
-    existing = parent
-    while not os.path.exists(existing):  # the folder is created at the end, with the file
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise UserError(f"--out {args.out!r}: {existing!r} is not a writable folder")
+    previous = []  # parse_args checked the folder and the columns
     if os.path.exists(args.out):
         with open(args.out, newline="") as f:
             previous = list(csv.DictReader(f))

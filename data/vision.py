@@ -243,8 +243,8 @@ def _fake(root, split, transform, size=32, num_classes=10, n=None, **_):
                       seed=1 if split == "train" else 2)
 
 
-class IdxImages(Dataset):
-    """Images and labels from the idx files of (Fashion-)MNIST, uint8 (3, 28, 28) grey on 3 channels."""
+class GreyImages(Dataset):
+    """uint8 grey images (n, h, w) and their labels, each image served on 3 channels (Fashion-MNIST, digits)."""
 
     def __init__(self, images, labels, classes, transform):
         self.images, self.labels, self.classes = images, labels, classes
@@ -300,34 +300,21 @@ def _fashionmnist(root, split, transform, download=False, **_):
     if images.dim() != 3 or labels.shape != images.shape[:1] or int(labels.max()) >= len(FASHION_CLASSES):
         raise UserError(f"fashionmnist: {paths[0]} and {paths[1]} do not match ({tuple(images.shape)} images, "
                         f"{tuple(labels.shape)} labels, largest label {int(labels.max())})")
-    return IdxImages(images, labels, FASHION_CLASSES, transform)
+    return GreyImages(images, labels, FASHION_CLASSES, transform)
 
 
 DIGITS_TEST = 360  # the last 360 of scikit-learn's 1797 digits (about 36 per class) are the test split
 
 
-class Digits(Dataset):
-    """scikit-learn's 8x8 digits as uint8 (3, 8, 8) images (0..16 scaled to 0..255)."""
-
-    def __init__(self, split, transform):
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
-        images = torch.from_numpy(bunch.images * (255 / 16)).round().to(torch.uint8)
-        labels = torch.from_numpy(bunch.target)
-        part = slice(None, -DIGITS_TEST) if split == "train" else slice(-DIGITS_TEST, None)
-        self.images, self.labels = images[part], labels[part]
-        self.transform, self.num_classes = transform, 10
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.transform(self.images[i].expand(3, 8, 8)), int(self.labels[i])
-
-
 def _digits(root, split, transform, **_):
-    return Digits(split, transform)
+    """scikit-learn's 8x8 digits, 0..16 scaled to 0..255."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images * (255 / 16)).round().to(torch.uint8)
+    labels = torch.from_numpy(bunch.target)
+    part = slice(None, -DIGITS_TEST) if split == "train" else slice(-DIGITS_TEST, None)
+    return GreyImages(images[part], labels[part], tuple(str(d) for d in range(10)), transform)
 
 
 @dataclass(frozen=True)

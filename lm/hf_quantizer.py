@@ -142,8 +142,7 @@ class RloHfQuantizer(HfQuantizer):
                                                dtype=dtype)
                 with torch.no_grad():
                     embedding.weight.copy_(module.dequantize())
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, embedding)
+                model.set_submodule(name, embedding)
                 if module.spec.get("tied_to") is not None:
                     tied[module.spec["tied_to"]] = embedding
             elif isinstance(module, QuantLinear):
@@ -154,8 +153,7 @@ class RloHfQuantizer(HfQuantizer):
                     linear.weight.copy_(module.dequantize())
                     if module.bias is not None:
                         linear.bias.copy_(module.bias)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, linear)
+                model.set_submodule(name, linear)
         for head_name, embedding in tied.items():
             model.get_submodule(head_name).weight = embedding.weight
             model.config.tie_word_embeddings = True

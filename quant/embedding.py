@@ -19,8 +19,8 @@ from torch import nn
 
 from engine import UserError
 
-from .grid import expand, make_grid
-from .linear import QuantLinear, unpack_rows
+from .grid import make_grid
+from .linear import QuantLinear
 
 EMBED_BITS = (4, 8)
 KIND = "embedding"
@@ -93,18 +93,13 @@ class QuantEmbedding(nn.Module):
         t = self.weight_table
         if t is None:
             raise RuntimeError("QuantEmbedding used before its tied head was attached")
-        spec, rows = t.spec, ids.reshape(-1)
-        cols = spec["padded"][1]
-        q = unpack_rows(t.codes[rows], spec["wbits"], cols).float()
-        scale, zero = t.scale, t.zero
-        if scale.shape[0] > 1:
-            scale, zero = scale[rows], zero[rows]
-        w = expand(scale, spec["groupsize"], cols) * (q - expand(zero, spec["groupsize"], cols))
+        rows = ids.reshape(-1)
+        w = t.codebook.decode_rows(t, rows)
         if t.in_scale is not None:
             w = w * t.in_scale
         if t.out_scale is not None:
             w = w * t.out_scale[rows, None]
-        return w.to(self.output_dtype).reshape(*ids.shape, cols)
+        return w.to(self.output_dtype).reshape(*ids.shape, w.shape[-1])
 
     @torch.no_grad()
     def dequantize(self):
@@ -137,7 +132,7 @@ def quantize_embeddings(model, wbits, groupsize=-1):
         table, info["head_error"] = quantize_table(head.weight, wbits, groupsize)
         if getattr(head, "bias", None) is not None:
             raise UserError(f"--embed-bits: the head {head_name!r} has a bias; quantized heads have none")
-        _set_module(model, head_name, table)
+        model.set_submodule(head_name, table)
     if tied:
         q_emb = QuantEmbedding(dict(kind=KIND, tied_to=head_name), dtype)
         q_emb.tie(table)
@@ -146,12 +141,8 @@ def quantize_embeddings(model, wbits, groupsize=-1):
         own, info["embedding_error"] = quantize_table(emb.weight, wbits, groupsize)
         q_emb = QuantEmbedding(dict(own.spec, kind=KIND, tied_to=None), dtype)
         q_emb.table = own
-    _set_module(model, emb_name, q_emb)
+    model.set_submodule(emb_name, q_emb)
     if tied:  # transformers must not re-tie a head that is no longer an nn.Linear with a weight
         model.config.tie_word_embeddings = False
     return info
 
-
-def _set_module(model, name, module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)

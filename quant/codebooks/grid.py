@@ -63,24 +63,29 @@ class GridCodebook(Codebook):
         return {"codes": pack_rows(result.codes, spec["wbits"]), "scale": result.scale.float(),
                 "zero": result.zero.float()}
 
-    def _scale_zero(self, layer, r0, r1):
-        """The layer's scale and zero of rows r0:r1, expanded to one per column."""
+    def _scale_zero(self, layer, rows):
+        """The layer's scale and zero of `rows` (a slice or an index tensor), expanded to one per column."""
         spec = layer.spec
         scale, zero = layer.scale, layer.zero
         if scale.shape[0] > 1:
-            scale, zero = scale[r0:r1], zero[r0:r1]
+            scale, zero = scale[rows], zero[rows]
         cols, g = spec["padded"][1], spec["groupsize"]
         return expand(scale, g, cols), expand(zero, g, cols)
 
+    def decode_rows(self, layer, rows):
+        """The processed weights of `rows` (a slice or an index tensor, e.g. the token ids a quantized
+        embedding looks up), float32."""
+        scale, zero = self._scale_zero(layer, rows)
+        return scale * (unpack_rows(layer.codes[rows], layer.spec["wbits"], layer.spec["padded"][1]).float() - zero)
+
     def decode(self, layer, r0, r1):
-        scale, zero = self._scale_zero(layer, r0, r1)
-        return scale * (unpack_rows(layer.codes[r0:r1], layer.spec["wbits"], layer.spec["padded"][1]).float() - zero)
+        return self.decode_rows(layer, slice(r0, r1))
 
     def codes(self, layer, r0, r1):
         return unpack_rows(layer.codes[r0:r1], layer.spec["wbits"], layer.spec["padded"][1]).long()[..., None]
 
     def encode(self, layer, target, r0, r1):
-        scale, zero = self._scale_zero(layer, r0, r1)
+        scale, zero = self._scale_zero(layer, slice(r0, r1))
         scale = scale.detach()
         q = torch.round(target / scale + zero).clamp(0, 2 ** layer.spec["wbits"] - 1)
         return q.long()[..., None], scale * (q - zero)
