@@ -12,21 +12,27 @@ from engine import UserError
 
 
 class HessianAccumulator:
-    """Running sum of x x^T over every token vector that reaches a linear layer."""
+    """Running sum of x x^T over every token vector that reaches a linear layer. Only the blocks on and
+    above the diagonal are accumulated (strips of BLOCK rows: 58% of the products for 1536 columns) and
+    `hessian()` mirrors them, so H is exactly symmetric."""
+
+    BLOCK = 256
 
     def __init__(self, n, device="cpu"):
-        self.sum = torch.zeros(n, n, dtype=torch.float32, device=device)
+        self.upper = torch.zeros(n, n, dtype=torch.float32, device=device)
         self.count = 0
 
     def add(self, x):
-        x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)
-        self.sum.addmm_(x.T, x)
+        x = x.reshape(-1, x.shape[-1]).to(self.upper.device, torch.float32)
+        for i in range(0, x.shape[1], self.BLOCK):
+            self.upper[i:i + self.BLOCK, i:].addmm_(x[:, i:i + self.BLOCK].T, x[:, i:])
         self.count += x.shape[0]
 
     def hessian(self):
         if self.count == 0:
             raise UserError("no calibration tokens reached this layer")
-        return self.sum / self.count
+        upper = self.upper.triu()
+        return (upper + upper.triu(1).T) / self.count
 
 
 def proxy_loss(W, W_hat, H):

@@ -8,6 +8,7 @@ the next layer is calibrated on the outputs of exactly the layers that will be s
 With `block_ft` (`quant.blockft`, QuIP#'s finetuning during quantization) the linears of a layer are
 quantized group by group instead, each group from Hessians of the layer as finetuned so far.
 """
+import contextlib
 import copy
 import time
 import warnings
@@ -100,19 +101,64 @@ def _layer_inputs(model, layers, input_ids, device):
     return torch.cat(inps), kwargs
 
 
+ROWS_PER_PASS = 8  # calibration rows per layer call: fewer calls, larger matmuls
+
+
 def _run(layer, inps, kwargs):
+    """The layer's outputs for the rows of `inps`, a few rows per call (the captured keyword arguments are
+    those of one row; they broadcast over the batch). Its QuantLinears run as plain linears of their
+    dequantized weights: the same map, decoded once per pass instead of once per call."""
     outs = torch.empty_like(inps)
-    for j in range(inps.shape[0]):
-        out = layer(inps[j:j + 1], **kwargs)
-        outs[j] = out[0] if isinstance(out, (tuple, list)) else out
+    with _dequantized(layer):
+        for j in range(0, inps.shape[0], ROWS_PER_PASS):
+            out = layer(inps[j:j + ROWS_PER_PASS], **kwargs)
+            outs[j:j + ROWS_PER_PASS] = out[0] if isinstance(out, (tuple, list)) else out
     return outs
 
 
+class _Dequantized(torch.nn.Module):
+    """A QuantLinear's map as a plain linear of its dequantized weight, in the dtype of its inputs."""
+
+    def __init__(self, q):
+        super().__init__()
+        self.weight = q.dequantize()
+        self.bias = None if q.bias is None else q.bias.detach()
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+@contextlib.contextmanager
+def _dequantized(layer):
+    """Inside: every QuantLinear of `layer` runs as a `_Dequantized` linear."""
+    swapped = [(name, q) for name, q in layer.named_modules() if isinstance(q, QuantLinear)]
+    for name, q in swapped:
+        layer.set_submodule(name, _Dequantized(q))
+    try:
+        yield
+    finally:
+        for name, q in swapped:
+            layer.set_submodule(name, q)
+
+
 def _hessians(layer, names, inps, kwargs, device):
-    """{name: H} of the named linears of `layer` from one pass over the rows of `inps`."""
+    """{name: H accumulator} of the named linears of `layer` from one pass over the rows of `inps`; linears
+    that read the same input tensor (q/k/v, gate/up) share one accumulator."""
     linears = {n: layer.get_submodule(n) for n in names}
-    acc = {n: HessianAccumulator(m.in_features, device) for n, m in linears.items()}
-    handles = [m.register_forward_hook(lambda mod, inp, out, a=acc[n]: a.add(inp[0])) for n, m in linears.items()]
+    acc = {}
+    last = {}  # the input tensor of the latest call and the accumulator it went to
+
+    def add(name, x):
+        if x is last.get("x"):
+            acc.setdefault(name, last["acc"])
+            if acc[name] is last["acc"]:
+                return
+        if name not in acc:
+            acc[name] = HessianAccumulator(x.shape[-1], device)
+        acc[name].add(x)
+        last.update(x=x, acc=acc[name])
+
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: add(n, inp[0])) for n, m in linears.items()]
     try:
         _run(layer, inps, kwargs)
     finally:

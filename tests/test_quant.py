@@ -218,6 +218,17 @@ def test_hessian_accumulator_matches_the_mean_outer_product():
     torch.testing.assert_close(acc.hessian().double(), flat.T @ flat / 21, atol=1e-5, rtol=1e-5)
 
 
+def test_hessian_accumulator_strips_give_the_full_symmetric_product(monkeypatch):
+    monkeypatch.setattr(HessianAccumulator, "BLOCK", 4)  # 10 columns: strips of 4, 4 and 2 rows
+    X = torch.randn(50, 10, dtype=torch.float64)
+    acc = HessianAccumulator(10)
+    acc.add(X[:20])
+    acc.add(X[20:])
+    H = acc.hessian()
+    assert torch.equal(H, H.T)
+    torch.testing.assert_close(H.double(), X.T @ X / 50, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("wbits", [2, 3, 4])
 def test_packed_rows_round_trip_bit_exact(wbits):
     codes = torch.randint(0, 2 ** wbits, (13, 7), dtype=torch.uint8)
