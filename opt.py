@@ -89,6 +89,9 @@ def parse_args(argv):
                         "the whole model toward the fp model's next-token distributions (KL) on the calibration "
                         "rows, codes, embeddings and head fixed; held-out rows keep the best (default: none)")
     p.add_argument("--e2e-ft-lr", type=float, default=1e-4, help="Adam learning rate of --e2e-ft")
+    p.add_argument("--amp", "--bf16", action="store_true",
+                   help="bf16 autocast in the training steps of --block-ft and --e2e-ft (parameters, losses and "
+                        "the held-out errors that keep the best state stay fp32)")
     p.add_argument("--embed-bits", type=int, choices=EMBED_BITS,
                    help="also quantize the token embedding and the LM head (tied: one table) to a grid of this many "
                         "bits, round to nearest; the head runs as a packed layer, lookups decode only their rows "
@@ -115,6 +118,8 @@ def parse_args(argv):
     args.qfn = args.qfn or "a"
     args.incoh_mode = args.incoh_mode or "kron"
     require_positive_ints(args, "nsamples", "max_new_tokens", "eval_windows", "threads", "block_ft", "e2e_ft")
+    if args.amp and args.block_ft is None and args.e2e_ft is None:
+        raise UserError("--amp only applies to the training steps of --block-ft and --e2e-ft; give one of them")
     for flag in ("block_ft", "e2e_ft"):
         name, lr = "--" + flag.replace("_", "-"), getattr(args, flag + "_lr")
         if getattr(args, flag) is None:
@@ -259,7 +264,7 @@ def main(argv=None):
                 print(f"      block-ft {'/'.join(m.rpartition('.')[2] for m in b['group'])}: held-out relative error "
                       f"{b['heldout_before']:.4g} -> {b['heldout_after']:.4g} (best step {b['best_step']}, {b['seconds']:.1f} s)")
 
-        block_ft = None if args.block_ft is None else BlockFT(args.block_ft, args.block_ft_lr, seed=args.seed)
+        block_ft = None if args.block_ft is None else BlockFT(args.block_ft, args.block_ft_lr, seed=args.seed, amp=args.amp)
         fp_model = copy.deepcopy(model) if args.e2e_ft else None
         tick = time.time()
         rows = quantize_model(model, calib, device, args.wbits, args.quant, args.seed, on_result=show,
@@ -274,7 +279,7 @@ def main(argv=None):
         if block_ft is not None:
             report["block_ft"] = dict(vars(block_ft), groups=sum("block_ft" in r for r in rows))
         if fp_model is not None:
-            e2e = BlockFT(args.e2e_ft, args.e2e_ft_lr, seed=args.seed)
+            e2e = BlockFT(args.e2e_ft, args.e2e_ft_lr, seed=args.seed, amp=args.amp)
             report["e2e_ft"] = dict(vars(e2e), **finetune_e2e(model.to(device), fp_model.to(device), calib, device, e2e))
             del fp_model
             print(f"end-to-end finetuning: held-out KL per token {report['e2e_ft']['heldout_before']:.4g} -> "

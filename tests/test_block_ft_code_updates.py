@@ -31,25 +31,29 @@ def assets(tiny_lm_assets, tmp_path_factory):
 
 def test_block_ft_lowers_the_layer_output_error_on_held_out_rows(assets):
     """Layer 0 sees the same inputs (the embeddings) with and without --block-ft: on the held-out
-    calibration rows, its output is closer to the fp layer's after finetuning."""
+    calibration rows, its output is closer to the fp layer's after finetuning, in float32 and under bf16
+    autocast (--amp), whose trained parameters stay float32."""
     fp, tokenizer = lm.load_causal_lm(assets["llama"])
     ids = lm.calibration_batch(tokenizer, "wikitext2", 10, 32, 0, assets["data"])
     inps, kwargs = _layer_inputs(fp, decoder_layers(fp)[0], ids, "cpu")
     target = _run(decoder_layers(fp)[0][0], inps, kwargs)
     errors = {}
-    for steps in (None, 60):
+    for run in ("none", "fp32", "amp"):
         model, _ = lm.load_causal_lm(assets["llama"])
-        ft = BlockFT(steps, lr=3e-3) if steps else None
+        ft = None if run == "none" else BlockFT(60, lr=3e-3, amp=run == "amp")
         rows = quantize_model(model, ids, "cpu", 2, "e8p", block_ft=ft)
-        errors[steps] = relative_error(decoder_layers(model)[0][0], inps[-1:], target[-1:], kwargs, 1)  # held out
-        if steps:
+        layer = decoder_layers(model)[0][0]
+        errors[run] = relative_error(layer, inps[-1:], target[-1:], kwargs, 1)  # held out
+        if ft is not None:
             records = [r["block_ft"] for r in rows if "block_ft" in r]
             assert [r["group"] for r in records[:4]] == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                                                         ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"],
                                                         ["mlp.down_proj"]]
             assert all(r["heldout_after"] <= r["heldout_before"] for r in records)
-            assert records[3]["heldout_after"] == pytest.approx(errors[steps], rel=1e-4)  # the kept state
-    assert errors[60] < 0.9 * errors[None]
+            assert records[3]["heldout_after"] == pytest.approx(errors[run], rel=1e-4)  # the kept state
+            assert all(p.dtype == torch.float32 for p in layer.parameters())
+    assert errors["fp32"] < 0.9 * errors["none"] and errors["amp"] < 0.9 * errors["none"]
+    assert errors["amp"] != errors["fp32"]  # the autocast steps did run in bfloat16
 
 
 def test_e2e_ft_lowers_the_held_out_kl_to_the_fp_model(assets):
@@ -85,7 +89,8 @@ def test_block_ft_bad_options_are_one_line_errors(assets, tmp_path):
     for flags, match in [(["--block-ft", "0"], "--block-ft"), (["--block-ft", "3", "--nsamples", "1"], "nsamples >= 2"),
                          (["--block-ft", "3", "--wbits", "16"], "needs --wbits"),
                          (["--block-ft", "3", "--block-ft-lr", "-1"], "--block-ft-lr"),
-                         (["--e2e-ft", "3", "--load", "x"], "--e2e-ft finetunes while quantizing")]:
+                         (["--e2e-ft", "3", "--load", "x"], "--e2e-ft finetunes while quantizing"),
+                         (["--amp"], "--amp only applies to the training steps of --block-ft and --e2e-ft")]:
         with pytest.raises(UserError, match=match):
             opt.parse_args(["m", "wikitext2", "--wbits", "2", *flags])
 
