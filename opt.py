@@ -25,7 +25,8 @@ import quant
 from engine import (ArgumentParser, UserError, add_common_args, atomic_write_json, cli, prepare_run_dir,
                     require_positive_ints, set_threads)
 from lm import generate as lm_generate
-from lm.quantized import STORED_DTYPES, directory_bytes, is_quantized_dir, round_to_stored, save_quantized
+from lm.checkpoint import STORED_DTYPES, is_quantized_dir
+from lm.quantized import directory_bytes, round_to_stored, save_quantized
 from quant.blockft import BlockFT, finetune_e2e
 from quant.embedding import EMBED_BITS, quantize_embeddings
 from quant.model import FAMILIES, decoder_layers, quantize_model
