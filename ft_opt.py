@@ -20,6 +20,7 @@ layer re-encodes up to FRACTION of its code groups toward its gradient (summed s
 """
 import math
 import os
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -207,104 +208,36 @@ def run(args, rank, world, device):
     test_text = load_text(args, "test", args.eval_file)
     torch.manual_seed(args.seed)
     model, tokenizer, codes_before = build_model(args, device)
-    seqlen = lm.default_seqlen(model, args.seqlen)
-    eval_seqlen = lm.default_seqlen(model, args.eval_seqlen)
-    train_ids, test_ids = lm.encode(tokenizer, train_text), lm.encode(tokenizer, test_text)
-    blocks = training_blocks(train_ids, seqlen)
-    if test_ids.numel() < eval_seqlen:
-        raise UserError(f"the evaluation text has {test_ids.numel()} tokens, fewer than one window of {eval_seqlen}"
-                        " (lower --eval-seqlen)")
+    data = tokenize(args, model, tokenizer, train_text, test_text)
     objective = lm.NextTokenLoss(model, args.loss, fused=args.fused_loss, k=args.k, m=args.m)
     updater = code_updater(args, model, codes_before, world)
     # a code update is kept when it lowers the loss of these blocks, fixed for the run (the gradient it
     # follows is the sum over the micro-batches since the last update)
-    probe = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))[:args.micro_bs]].to(device)
-
-    global_bs = args.micro_bs * world
-    # a last, incomplete global micro-batch would leave some ranks without rows: dropped under torchrun
-    micro_batches = math.ceil(len(blocks) / global_bs) if world == 1 else len(blocks) // global_bs
-    if micro_batches == 0:
-        raise UserError(f"{len(blocks)} training blocks are fewer than one global micro-batch of {global_bs}")
-    steps_per_epoch = math.ceil(micro_batches / args.grad_accum)
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+    probe = data.blocks[torch.randperm(len(data.blocks), generator=torch.Generator().manual_seed(args.seed))
+                        [:args.micro_bs]].to(device)
+    plan = plan_steps(args, len(data.blocks), world)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
-
-    prepare_run_dir(args, ("metrics.json", "checkpoint.pt"), RESUME_KEYS)
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    metrics = {"model": args.model, "dataset": args.dataset, "loss": args.loss, "k": args.k, "m": args.m,
-               "seqlen": seqlen, "eval_seqlen": eval_seqlen, "train_tokens": blocks.numel(),
-               "eval_tokens": test_ids.numel(), "global_bs": global_bs, "ppl_before": None, "ppl_after": None,
-               "train_loss": [], "steps": 0, "quantized": codes_before is not None,
-               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "args": run_args(args)}
-    if updater is not None:
-        metrics.update(code_groups=updater.groups(), codes_changed=0, code_updates=0)
-    ckpt = None
-    if args.resume:  # args.json's run-defining flags equal ours (prepare_run_dir)
-        ckpt = load_checkpoint(ckpt_path, CHECKPOINT_KEYS)
-        if ckpt["metrics"]["global_bs"] != global_bs:  # --micro-bs x processes: any split of it resumes
-            raise UserError(f"--resume: {args.out} was started with --micro-bs x processes = "
-                            f"{ckpt['metrics']['global_bs']}, now {global_bs}")
-        metrics = ckpt["metrics"]
+    ckpt, metrics = start_or_resume(args, model, data, plan, codes_before, updater)
 
     if metrics["ppl_before"] is None and rank == 0:  # before sharding: rank 0 holds the whole model
-        metrics["ppl_before"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
+        metrics["ppl_before"] = evaluate(args, model, data, device)
         print(f"perplexity before finetuning: {metrics['ppl_before']:.3f}")
-    if args.fsdp:
-        train_objective, blocks_sharded = fully_shard_blocks(objective, model)
-        if rank == 0:
-            print(f"FSDP: {blocks_sharded} transformer blocks + the rest sharded over {world} processes")
-    else:
-        train_objective = DistributedDataParallel(objective) if world > 1 else objective
+    train_objective = spread_over_ranks(args, objective, model, rank, world)
     # built after sharding: FSDP replaces the parameters by their shards
     optimizer = build_optimizer(model, args)
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps), total_steps)
-    start_epoch, step = 0, 0
-    if ckpt is not None:
-        load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        print(f"resumed from {ckpt_path} after epoch {start_epoch} (step {step})")
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(args.warmup_steps, plan.total_steps), plan.total_steps)
+    start_epoch, step = restore(ckpt, model, optimizer, scheduler, args.out)
+    loop = SimpleNamespace(model=model, objective=train_objective, optimizer=optimizer, scheduler=scheduler,
+                           autocast=autocast, updater=updater,
+                           probe_loss=lambda: batch_loss(model, objective, probe, autocast))
 
     for epoch in range(start_epoch, args.epochs):
-        if step >= total_steps:
+        if step >= plan.total_steps:
             break
-        model.train()
-        # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
-        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        losses, pending = [], 0
-        bar = tqdm(range(micro_batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=rank != 0)
-        for i in bar:
-            first = i * global_bs + rank * args.micro_bs
-            input_ids = blocks[order[first:min(first + args.micro_bs, (i + 1) * global_bs)]].to(device)
-            with autocast:
-                loss = train_objective(input_ids, lm.shift_labels(input_ids))
-            (loss / args.grad_accum).backward()
-            losses.append(loss.item())
-            pending += 1
-            if pending == args.grad_accum or i == micro_batches - 1:
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                pending, step = 0, step + 1
-                if updater is not None and step % args.update_codes_every == 0:
-                    metrics["codes_changed"] += updater.step(lambda: batch_loss(model, objective, probe, autocast))
-                    metrics["code_updates"] += 1
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
-                if step >= total_steps:
-                    break
+        losses, step = train_epoch(args, loop, plan, data.blocks, epoch, step, rank, device, metrics)
         metrics["train_loss"].append(mean_over_ranks(losses))
         metrics["steps"] = step
-        model_state, optimizer_state = full_state(model, optimizer)  # every rank takes part
-        if rank == 0:
-            print(f"epoch {epoch + 1}: train {args.loss} loss {metrics['train_loss'][-1]:.4f} ({step} steps)")
-            atomic_save({"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                         "rng": rng_state(), "epoch": epoch + 1, "step": step, "metrics": metrics},
-                        ckpt_path)
-            atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
-        barrier()  # every rank sees the checkpoint of a finished epoch
+        save_epoch(args, loop, epoch, step, metrics, rank)
 
     if args.fsdp:  # rank 0 evaluates and saves an unsharded copy holding the trained weights
         model_state, _ = full_state(model)
@@ -313,9 +246,127 @@ def run(args, rank, world, device):
             model.load_state_dict(model_state)
     if rank != 0:
         return None
+    return finish(args, model, tokenizer, data, device, updater, codes_before, metrics)
+
+
+def tokenize(args, model, tokenizer, train_text, test_text):
+    """The token streams and the sequence lengths they are cut into: training blocks, the test ids."""
+    seqlen = lm.default_seqlen(model, args.seqlen)
+    eval_seqlen = lm.default_seqlen(model, args.eval_seqlen)
+    train_ids, test_ids = lm.encode(tokenizer, train_text), lm.encode(tokenizer, test_text)
+    blocks = training_blocks(train_ids, seqlen)
+    if test_ids.numel() < eval_seqlen:
+        raise UserError(f"the evaluation text has {test_ids.numel()} tokens, fewer than one window of {eval_seqlen}"
+                        " (lower --eval-seqlen)")
+    return SimpleNamespace(seqlen=seqlen, eval_seqlen=eval_seqlen, blocks=blocks, test_ids=test_ids)
+
+
+def plan_steps(args, n_blocks, world):
+    """Global micro-batch size, micro-batches per epoch and the optimizer steps of the whole run."""
+    global_bs = args.micro_bs * world
+    # a last, incomplete global micro-batch would leave some ranks without rows: dropped under torchrun
+    micro_batches = math.ceil(n_blocks / global_bs) if world == 1 else n_blocks // global_bs
+    if micro_batches == 0:
+        raise UserError(f"{n_blocks} training blocks are fewer than one global micro-batch of {global_bs}")
+    total_steps = math.ceil(micro_batches / args.grad_accum) * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    return SimpleNamespace(global_bs=global_bs, micro_batches=micro_batches, total_steps=total_steps)
+
+
+def start_or_resume(args, model, data, plan, codes_before, updater):
+    """(checkpoint or None, metrics): the run directory prepared, fresh metrics, or the checkpoint's with
+    --resume (args.json's run-defining flags equal ours: prepare_run_dir)."""
+    prepare_run_dir(args, ("metrics.json", "checkpoint.pt"), RESUME_KEYS)
+    metrics = {"model": args.model, "dataset": args.dataset, "loss": args.loss, "k": args.k, "m": args.m,
+               "seqlen": data.seqlen, "eval_seqlen": data.eval_seqlen, "train_tokens": data.blocks.numel(),
+               "eval_tokens": data.test_ids.numel(), "global_bs": plan.global_bs, "ppl_before": None,
+               "ppl_after": None, "train_loss": [], "steps": 0, "quantized": codes_before is not None,
+               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "args": run_args(args)}
+    if updater is not None:
+        metrics.update(code_groups=updater.groups(), codes_changed=0, code_updates=0)
+    if not args.resume:
+        return None, metrics
+    ckpt = load_checkpoint(os.path.join(args.out, "checkpoint.pt"), CHECKPOINT_KEYS)
+    if ckpt["metrics"]["global_bs"] != plan.global_bs:  # --micro-bs x processes: any split of it resumes
+        raise UserError(f"--resume: {args.out} was started with --micro-bs x processes = "
+                        f"{ckpt['metrics']['global_bs']}, now {plan.global_bs}")
+    return ckpt, ckpt["metrics"]
+
+
+def evaluate(args, model, data, device):
+    return lm.perplexity(model, data.test_ids, data.eval_seqlen, args.eval_bs, device, args.eval_windows)
+
+
+def spread_over_ranks(args, objective, model, rank, world):
+    """The objective training runs: FSDP-sharded blocks (--fsdp), DDP under torchrun, else itself."""
+    if not args.fsdp:
+        return DistributedDataParallel(objective) if world > 1 else objective
+    train_objective, blocks_sharded = fully_shard_blocks(objective, model)
+    if rank == 0:
+        print(f"FSDP: {blocks_sharded} transformer blocks + the rest sharded over {world} processes")
+    return train_objective
+
+
+def restore(ckpt, model, optimizer, scheduler, out):
+    """(first epoch, step) to go on from: the checkpoint's state loaded, or (0, 0) for a new run."""
+    if ckpt is None:
+        return 0, 0
+    load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    print(f"resumed from {os.path.join(out, 'checkpoint.pt')} after epoch {ckpt['epoch']} (step {ckpt['step']})")
+    return ckpt["epoch"], ckpt["step"]
+
+
+def train_epoch(args, loop, plan, blocks, epoch, step, rank, device, metrics):
+    """One epoch (or what is left of the run's steps) of `loop` (model, objective, optimizer, scheduler,
+    autocast, code updater, probe loss): (this rank's micro-batch losses, the step reached)."""
+    loop.model.train()
+    # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    losses, pending = [], 0
+    bar = tqdm(range(plan.micro_batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=rank != 0)
+    for i in bar:
+        first = i * plan.global_bs + rank * args.micro_bs
+        input_ids = blocks[order[first:min(first + args.micro_bs, (i + 1) * plan.global_bs)]].to(device)
+        with loop.autocast:
+            loss = loop.objective(input_ids, lm.shift_labels(input_ids))
+        (loss / args.grad_accum).backward()
+        losses.append(loss.item())
+        pending += 1
+        if pending == args.grad_accum or i == plan.micro_batches - 1:
+            loop.optimizer.step()
+            loop.scheduler.step()
+            loop.optimizer.zero_grad(set_to_none=True)
+            pending, step = 0, step + 1
+            if loop.updater is not None and step % args.update_codes_every == 0:
+                metrics["codes_changed"] += loop.updater.step(loop.probe_loss)
+                metrics["code_updates"] += 1
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
+            if step >= plan.total_steps:
+                break
+    return losses, step
+
+
+def save_epoch(args, loop, epoch, step, metrics, rank):
+    """The checkpoint of a finished epoch (for --resume) and metrics.json, written by rank 0."""
+    model_state, optimizer_state = full_state(loop.model, loop.optimizer)  # every rank takes part
+    if rank == 0:
+        print(f"epoch {epoch + 1}: train {args.loss} loss {metrics['train_loss'][-1]:.4f} ({step} steps)")
+        atomic_save({"model": model_state, "optimizer": optimizer_state, "scheduler": loop.scheduler.state_dict(),
+                     "rng": rng_state(), "epoch": epoch + 1, "step": step, "metrics": metrics},
+                    os.path.join(args.out, "checkpoint.pt"))
+        atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
+    barrier()  # every rank sees the checkpoint of a finished epoch
+
+
+def finish(args, model, tokenizer, data, device, updater, codes_before, metrics):
+    """Rank 0 after training: the perplexity after, the codes checked, the model saved, the checkpoint gone."""
     if hasattr(model, "rlo_quantization"):  # evaluate the packed model as its file stores it
         round_to_stored(model, model.rlo_quantization.get("stored_dtype") or "float16")
-    metrics["ppl_after"] = lm.perplexity(model, test_ids, eval_seqlen, args.eval_bs, device, args.eval_windows)
+    metrics["ppl_after"] = evaluate(args, model, data, device)
     print(f"perplexity after finetuning: {metrics['ppl_after']:.3f}")
     if updater is not None:
         updater.close()
@@ -330,6 +381,7 @@ def run(args, rank, world, device):
     lm.save_pretrained(model, tokenizer, args.out)
     atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
     # The finished model is saved; the optimizer checkpoint (3x the model) is only for resuming.
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(ckpt_path):
         os.remove(ckpt_path)
     print(f"saved model, tokenizer and metrics.json to {args.out}")

@@ -25,7 +25,8 @@ import quant
 from engine import (ArgumentParser, UserError, add_common_args, atomic_write_json, cli, prepare_run_dir,
                     require_positive_ints, set_threads)
 from lm import generate as lm_generate
-from lm.quantized import STORED_DTYPES, directory_bytes, is_quantized_dir, round_to_stored, save_quantized
+from lm.checkpoint import STORED_DTYPES, is_quantized_dir
+from lm.quantized import directory_bytes, round_to_stored, save_quantized
 from quant.blockft import BlockFT, finetune_e2e
 from quant.embedding import EMBED_BITS, quantize_embeddings
 from quant.model import FAMILIES, decoder_layers, quantize_model
@@ -36,6 +37,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def parse_args(argv):
+    return check_args(build_parser().parse_args(argv))
+
+
+def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="hub name or local directory (e.g. ft_opt.py's output) of a model of one of the "
                                  "families (config model_type: what it covers): "
@@ -105,9 +110,37 @@ def parse_args(argv):
                    help="model dtype (auto: float16 on CUDA, float32 on CPU)")
     add_common_args(p, out="SAVE, else runs/opt_<model>_<quant>_w<wbits> (_eval with --load)", seed_help="calibration sampling and "
                     "rotation seed", data_dir_help="folder with the dataset files (wiki.train.raw, ...)")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(args):
+    """The flags' combinations checked, one UserError line each, before anything loads; the defaults that
+    depend on other flags filled in."""
     if args.quant in quant.TABLE and not quant.codebooks.get(quant.TABLE[args.quant].codebook).scalar_options:
         check_scalar_flags(args)
+    expand_incoherence(args)
+    require_positive_ints(args, "nsamples", "max_new_tokens", "eval_windows", "threads", "block_ft", "e2e_ft")
+    check_finetuning_flags(args)
+    if args.embed_bits is not None and (args.load or args.wbits == 16):
+        raise UserError("--embed-bits quantizes the embedding beside the layers: it needs --wbits 2, 3 or 4 and no --load")
+    if args.embed_groupsize != -1 and (args.embed_bits is None or args.embed_groupsize <= 0):
+        raise UserError(f"--embed-groupsize {args.embed_groupsize}: give -1 or a positive size, with --embed-bits")
+    if args.percdamp < 0:
+        raise UserError(f"--percdamp must be >= 0, got {args.percdamp}")
+    if args.quant in quant.UNSUPPORTED:
+        raise UserError(f"--quant {args.quant}: {quant.UNSUPPORTED[args.quant]}")
+    check_model_paths(args)
+    if args.wbits < 16 and not args.load:  # refuse bad combinations before the model is loaded
+        o = quant_options(args)
+        quant.check_options(args.quant, args.wbits, o["qfn"], o["npasses"], o["unbiased"], o["groupsize"], o["rotation"])
+    if args.out is None:
+        name = os.path.basename(os.path.normpath(args.load or args.model)).replace(".", "_")
+        args.out = args.save or os.path.join("runs", f"opt_{name}_" + ("eval" if args.load else f"{args.quant}_w{args.wbits}"))
+    return args
+
+
+def expand_incoherence(args):
+    """--incoh_processing's flags, and the defaults of the flags it sets."""
     if args.incoh_processing:
         args.pre_gptqH = args.pre_rescale = args.pre_proj = True
         args.qfn = args.qfn or "b"
@@ -117,7 +150,11 @@ def parse_args(argv):
         args.pre_proj_extra = 0
     args.qfn = args.qfn or "a"
     args.incoh_mode = args.incoh_mode or "kron"
-    require_positive_ints(args, "nsamples", "max_new_tokens", "eval_windows", "threads", "block_ft", "e2e_ft")
+
+
+def check_finetuning_flags(args):
+    """--block-ft and --e2e-ft: only while quantizing, with held-out rows and a usable learning rate; --amp
+    only with one of them."""
     if args.amp and args.block_ft is None and args.e2e_ft is None:
         raise UserError("--amp only applies to the training steps of --block-ft and --e2e-ft; give one of them")
     for flag in ("block_ft", "e2e_ft"):
@@ -130,14 +167,10 @@ def parse_args(argv):
             raise UserError(f"{name} holds out calibration rows to choose when to stop: give --nsamples >= 2")
         if not (math.isfinite(lr) and lr > 0):
             raise UserError(f"{name}-lr must be a finite number > 0, got {lr}")
-    if args.embed_bits is not None and (args.load or args.wbits == 16):
-        raise UserError("--embed-bits quantizes the embedding beside the layers: it needs --wbits 2, 3 or 4 and no --load")
-    if args.embed_groupsize != -1 and (args.embed_bits is None or args.embed_groupsize <= 0):
-        raise UserError(f"--embed-groupsize {args.embed_groupsize}: give -1 or a positive size, with --embed-bits")
-    if args.percdamp < 0:
-        raise UserError(f"--percdamp must be >= 0, got {args.percdamp}")
-    if args.quant in quant.UNSUPPORTED:
-        raise UserError(f"--quant {args.quant}: {quant.UNSUPPORTED[args.quant]}")
+
+
+def check_model_paths(args):
+    """MODEL, --load and --save: a new (or overwritable) --save directory, a packed MODEL only with --load."""
     if args.save and os.path.exists(args.save) and (not os.path.isdir(args.save) or os.listdir(args.save)):
         if not (args.overwrite and os.path.isfile(os.path.join(args.save, "args.json"))):  # not a run of ours
             raise UserError(f"--save {args.save!r} exists and is not an empty directory; choose a new path"
@@ -146,13 +179,6 @@ def parse_args(argv):
         raise UserError("--load evaluates a saved model; it cannot be combined with --save")
     if not args.load and is_quantized_dir(args.model):
         raise UserError(f"{args.model!r} is already quantized: evaluate it with --load {args.model}")
-    if args.wbits < 16 and not args.load:  # refuse bad combinations before the model is loaded
-        o = quant_options(args)
-        quant.check_options(args.quant, args.wbits, o["qfn"], o["npasses"], o["unbiased"], o["groupsize"], o["rotation"])
-    if args.out is None:
-        name = os.path.basename(os.path.normpath(args.load or args.model)).replace(".", "_")
-        args.out = args.save or os.path.join("runs", f"opt_{name}_" + ("eval" if args.load else f"{args.quant}_w{args.wbits}"))
-    return args
 
 
 def check_scalar_flags(args):
@@ -220,18 +246,11 @@ def read_texts(args):
 def main(argv=None):
     args = parse_args(argv)
     set_threads(args)
-    device = args.device
-    dtype = DTYPES.get(args.dtype, torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+    dtype = DTYPES.get(args.dtype, torch.float16 if torch.device(args.device).type == "cuda" else torch.float32)
     eval_texts, calib_text = read_texts(args)
     report = dict(args=vars(args).copy(), layers=[], ppl={})
-    if args.load:
-        print(f"loading the model from {args.load} (MODEL {args.model!r} only names the run)")
-    model, tokenizer = lm.load_causal_lm(args.load or args.model, dtype=dtype)
+    model, tokenizer = load_model(args, dtype)
     fp16_bytes = 2 * sum(p.numel() for p in model.parameters())  # tied tensors are listed once
-    if args.block_ft is not None and getattr(model.config, "model_type", None) not in FAMILIES:
-        raise UserError(f"--block-ft finetunes inside decoder layers; model family {model.config.model_type!r} has none "
-                        f"that quant.model knows (families with decoder layers: {', '.join(FAMILIES)})")
-    decoder_layers(model)  # unsupported families fail before any data is read
     seqlen = report["seqlen"] = lm.default_seqlen(model, args.seqlen)
     eval_ids = {name: lm.encode(tokenizer, text) for name, text in eval_texts.items()}
     calib_ids = lm.encode(tokenizer, calib_text) if calib_text is not None else None
@@ -240,56 +259,98 @@ def main(argv=None):
     prepare_run_dir(args, (REPORT_FILE,))
     quantized = not args.load and args.wbits < 16
     if quantized:
-        options = quant_options(args)
-        method = quant.TABLE[args.quant]
-        grid = quant.codebooks.get(method.codebook).for_bits(args.wbits).describe(method, options["qfn"])
-        print(f"method {args.quant}, {args.wbits} bits, {grid}, rescale {options['rescale']}, "
-              f"rotation {options['rotation']}, damping H {options['damp_h']} (percdamp {args.percdamp}), "
-              f"lazy_batch {args.lazy_batch}, seed {args.seed}")
-        if method.greedy:
-            given = "given" if args.npasses is not None else "default"
-            print(f"greedy passes per layer: {options['npasses']} ({given}; a pass stops early at a fixed point)")
-        if calib_ids is not None:
-            calib = lm.calibration_windows(calib_ids, args.nsamples, seqlen, args.seed, repr(args.train_file))
-        else:
-            calib = lm.calibration_batch(tokenizer, args.dataset, args.nsamples, seqlen, args.seed, args.data_dir)
-        print(f"{'layer':>5} {'module':<22} {'proxy loss':>12} {'passes':>6} {'seconds':>8}")
+        quantize(args, model, tokenizer, calib_ids, seqlen, report)
+    evaluate(args, model, tokenizer, eval_ids, seqlen, report)
+    if args.save:
+        save(args, model, tokenizer, quantized, fp16_bytes, report)
+        if args.check and eval_ids:
+            check_reloaded(args, dtype, eval_ids, seqlen, report)
+    report_path = os.path.join(args.out, REPORT_FILE)
+    atomic_write_json(report_path, report)
+    print(f"report: {report_path}")
+    return report
 
-        def show(row):
-            for w in row["warnings"]:
-                print(f"warning: layer {row['layer']} {row['module']}: {w}")
-            print(f"{row['layer']:>5} {row['module']:<22} {row['proxy']:>12.5g} {row['npasses']:>6} {row['seconds']:>8.2f}")
-            if "block_ft" in row:
-                b = row["block_ft"]
-                print(f"      block-ft {'/'.join(m.rpartition('.')[2] for m in b['group'])}: held-out relative error "
-                      f"{b['heldout_before']:.4g} -> {b['heldout_after']:.4g} (best step {b['best_step']}, {b['seconds']:.1f} s)")
 
-        block_ft = None if args.block_ft is None else BlockFT(args.block_ft, args.block_ft_lr, seed=args.seed, amp=args.amp)
-        fp_model = copy.deepcopy(model) if args.e2e_ft else None
-        tick = time.time()
-        rows = quantize_model(model, calib, device, args.wbits, args.quant, args.seed, on_result=show,
-                              block_ft=block_ft, **options)
-        if args.embed_bits is not None:
-            report["embedding"] = dict(bits=args.embed_bits, groupsize=args.embed_groupsize,
-                                       **quantize_embeddings(model, args.embed_bits, args.embed_groupsize))
-            print(f"embedding{' and tied head' if report['embedding']['tied'] else ' and head'}: {args.embed_bits} bits, "
-                  f"groupsize {args.embed_groupsize}, relative squared error {report['embedding']['embedding_error']:.3g}")
-        report.update(layers=rows, total_proxy=sum(r["proxy"] for r in rows), quant_seconds=time.time() - tick,
-                      options=options)
-        if block_ft is not None:
-            report["block_ft"] = dict(vars(block_ft), groups=sum("block_ft" in r for r in rows))
-        if fp_model is not None:
-            e2e = BlockFT(args.e2e_ft, args.e2e_ft_lr, seed=args.seed, amp=args.amp)
-            report["e2e_ft"] = dict(vars(e2e), **finetune_e2e(model.to(device), fp_model.to(device), calib, device, e2e))
-            del fp_model
-            print(f"end-to-end finetuning: held-out KL per token {report['e2e_ft']['heldout_before']:.4g} -> "
-                  f"{report['e2e_ft']['heldout_after']:.4g} (best step {report['e2e_ft']['best_step']}, "
-                  f"{report['e2e_ft']['seconds']:.1f} s)")
-        round_to_stored(model, args.save_dtype)
-        print(f"total proxy loss {report['total_proxy']:.5g}, quantization {report['quant_seconds']:.1f} s")
-    model.to(device)
+def load_model(args, dtype):
+    """(model, tokenizer) of MODEL, or of --load; a family without the decoder layers quantization walks fails
+    here, before any data is read."""
+    if args.load:
+        print(f"loading the model from {args.load} (MODEL {args.model!r} only names the run)")
+    model, tokenizer = lm.load_causal_lm(args.load or args.model, dtype=dtype)
+    if args.block_ft is not None and getattr(model.config, "model_type", None) not in FAMILIES:
+        raise UserError(f"--block-ft finetunes inside decoder layers; model family {model.config.model_type!r} has none "
+                        f"that quant.model knows (families with decoder layers: {', '.join(FAMILIES)})")
+    decoder_layers(model)
+    return model, tokenizer
+
+
+def quantize(args, model, tokenizer, calib_ids, seqlen, report):
+    """Every decoder layer quantized on the calibration windows (with --block-ft inside, --embed-bits and
+    --e2e-ft after), then rounded to what --save stores; the report gets the per-layer rows and totals."""
+    options = quant_options(args)
+    print_settings(args, options)
+    if calib_ids is not None:
+        calib = lm.calibration_windows(calib_ids, args.nsamples, seqlen, args.seed, repr(args.train_file))
+    else:
+        calib = lm.calibration_batch(tokenizer, args.dataset, args.nsamples, seqlen, args.seed, args.data_dir)
+    print(f"{'layer':>5} {'module':<22} {'proxy loss':>12} {'passes':>6} {'seconds':>8}")
+    block_ft = None if args.block_ft is None else BlockFT(args.block_ft, args.block_ft_lr, seed=args.seed, amp=args.amp)
+    fp_model = copy.deepcopy(model) if args.e2e_ft else None
+    tick = time.time()
+    rows = quantize_model(model, calib, args.device, args.wbits, args.quant, args.seed, on_result=show_layer,
+                          block_ft=block_ft, **options)
+    if args.embed_bits is not None:
+        report["embedding"] = dict(bits=args.embed_bits, groupsize=args.embed_groupsize,
+                                   **quantize_embeddings(model, args.embed_bits, args.embed_groupsize))
+        print(f"embedding{' and tied head' if report['embedding']['tied'] else ' and head'}: {args.embed_bits} bits, "
+              f"groupsize {args.embed_groupsize}, relative squared error {report['embedding']['embedding_error']:.3g}")
+    report.update(layers=rows, total_proxy=sum(r["proxy"] for r in rows), quant_seconds=time.time() - tick,
+                  options=options)
+    if block_ft is not None:
+        report["block_ft"] = dict(vars(block_ft), groups=sum("block_ft" in r for r in rows))
+    if fp_model is not None:
+        finetune_end_to_end(args, model, fp_model, calib, report)
+    round_to_stored(model, args.save_dtype)
+    print(f"total proxy loss {report['total_proxy']:.5g}, quantization {report['quant_seconds']:.1f} s")
+
+
+def print_settings(args, options):
+    method = quant.TABLE[args.quant]
+    grid = quant.codebooks.get(method.codebook).for_bits(args.wbits).describe(method, options["qfn"])
+    print(f"method {args.quant}, {args.wbits} bits, {grid}, rescale {options['rescale']}, "
+          f"rotation {options['rotation']}, damping H {options['damp_h']} (percdamp {args.percdamp}), "
+          f"lazy_batch {args.lazy_batch}, seed {args.seed}")
+    if method.greedy:
+        given = "given" if args.npasses is not None else "default"
+        print(f"greedy passes per layer: {options['npasses']} ({given}; a pass stops early at a fixed point)")
+
+
+def show_layer(row):
+    """One line of the per-layer table (and its warnings, and its --block-ft result)."""
+    for w in row["warnings"]:
+        print(f"warning: layer {row['layer']} {row['module']}: {w}")
+    print(f"{row['layer']:>5} {row['module']:<22} {row['proxy']:>12.5g} {row['npasses']:>6} {row['seconds']:>8.2f}")
+    if "block_ft" in row:
+        b = row["block_ft"]
+        print(f"      block-ft {'/'.join(m.rpartition('.')[2] for m in b['group'])}: held-out relative error "
+              f"{b['heldout_before']:.4g} -> {b['heldout_after']:.4g} (best step {b['best_step']}, {b['seconds']:.1f} s)")
+
+
+def finetune_end_to_end(args, model, fp_model, calib, report):
+    """--e2e-ft: the quantized model's continuous parameters toward the fp model's next-token distributions."""
+    e2e = BlockFT(args.e2e_ft, args.e2e_ft_lr, seed=args.seed, amp=args.amp)
+    report["e2e_ft"] = dict(vars(e2e), **finetune_e2e(model.to(args.device), fp_model.to(args.device), calib,
+                                                      args.device, e2e))
+    print(f"end-to-end finetuning: held-out KL per token {report['e2e_ft']['heldout_before']:.4g} -> "
+          f"{report['e2e_ft']['heldout_after']:.4g} (best step {report['e2e_ft']['best_step']}, "
+          f"{report['e2e_ft']['seconds']:.1f} s)")
+
+
+def evaluate(args, model, tokenizer, eval_ids, seqlen, report):
+    """Perplexity on every evaluation text, --generate's continuation and --check's packed-vs-dense check."""
+    model.to(args.device)
     for name, ids in eval_ids.items():
-        report["ppl"][name] = lm.perplexity(model, ids, seqlen, device=device, max_windows=args.eval_windows)
+        report["ppl"][name] = lm.perplexity(model, ids, seqlen, device=args.device, max_windows=args.eval_windows)
         print(f"{name} perplexity: {report['ppl'][name]:.6g}")
     if args.generate is not None:
         report["generated"] = generate(model, tokenizer, args.generate, args.max_new_tokens)
@@ -298,28 +359,30 @@ def main(argv=None):
         report["check_max_rel_diff"] = check_packed(model)
         print(f"check: max relative |packed forward - dense forward| = {report['check_max_rel_diff']:.3g}")
     model.to("cpu")
-    if args.save:
-        if quantized:
-            done = {k: report[k] for k in ("block_ft", "e2e_ft", "embedding") if k in report}  # recorded only when run
-            save_quantized(model, tokenizer, args.save, dict(method=args.quant, wbits=args.wbits, options=options,
-                                                             **done), dtype=args.save_dtype)
-            report["size"] = dict(directory_bytes=directory_bytes(args.save), fp16_bytes=fp16_bytes)
-            print(f"saved the packed {args.wbits}-bit model to {args.save}: {report['size']['directory_bytes'] / 1e6:.1f} MB "
-                  f"(the float16 model: {fp16_bytes / 1e6:.1f} MB)")
-        else:
-            lm.save_pretrained(model, tokenizer, args.save)
-            print(f"saved the model to {args.save}")
-        if args.check and eval_ids:
-            reloaded, _ = lm.load_causal_lm(args.save, dtype=dtype, device=device)
-            report["reloaded_ppl"] = {name: lm.perplexity(reloaded, ids, seqlen, device=device, max_windows=args.eval_windows)
-                                      for name, ids in eval_ids.items()}
-            for name, ppl in report["reloaded_ppl"].items():
-                print(f"check: {name} perplexity of the reloaded model {ppl:.6g} "
-                      f"(relative difference {abs(ppl / report['ppl'][name] - 1):.2g})")
-    report_path = os.path.join(args.out, REPORT_FILE)
-    atomic_write_json(report_path, report)
-    print(f"report: {report_path}")
-    return report
+
+
+def save(args, model, tokenizer, quantized, fp16_bytes, report):
+    """--save: the packed directory of a quantized model (its size in the report), else a plain one."""
+    if not quantized:
+        lm.save_pretrained(model, tokenizer, args.save)
+        print(f"saved the model to {args.save}")
+        return
+    done = {k: report[k] for k in ("block_ft", "e2e_ft", "embedding") if k in report}  # recorded only when run
+    save_quantized(model, tokenizer, args.save, dict(method=args.quant, wbits=args.wbits, options=report["options"],
+                                                     **done), dtype=args.save_dtype)
+    report["size"] = dict(directory_bytes=directory_bytes(args.save), fp16_bytes=fp16_bytes)
+    print(f"saved the packed {args.wbits}-bit model to {args.save}: {report['size']['directory_bytes'] / 1e6:.1f} MB "
+          f"(the float16 model: {fp16_bytes / 1e6:.1f} MB)")
+
+
+def check_reloaded(args, dtype, eval_ids, seqlen, report):
+    """--check with --save: the saved directory loaded again and its perplexities beside the run's."""
+    reloaded, _ = lm.load_causal_lm(args.save, dtype=dtype, device=args.device)
+    report["reloaded_ppl"] = {name: lm.perplexity(reloaded, ids, seqlen, device=args.device, max_windows=args.eval_windows)
+                              for name, ids in eval_ids.items()}
+    for name, ppl in report["reloaded_ppl"].items():
+        print(f"check: {name} perplexity of the reloaded model {ppl:.6g} "
+              f"(relative difference {abs(ppl / report['ppl'][name] - 1):.2g})")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ Importing it registers the packed format with transformers (`hf_quantizer`): fro
 `AutoModelForCausalLM.from_pretrained(PACKED_DIR)` builds the QuantLinears."""
 from . import hf_quantizer  # noqa: F401  (registers quant_method and model_type "rlo")
 from .evaluate import NextTokenLoss, perplexity, shift_labels, token_loss
-from .load import default_seqlen, load_causal_lm, model_max_positions
-from .quantized import load_quantized, save_pretrained, save_quantized
+from .load import default_seqlen, load_causal_lm, load_quantized, model_max_positions
+from .quantized import save_pretrained, save_quantized
 from .text import DATASETS, calibration_batch, calibration_windows, encode, load_text, read_text_file
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The packed format (`lm.quantized`) as a transformers quantization method: importing `lm` registers
 quant_method "rlo" (`register_quantization_config` / `register_quantizer`) and model_type "rlo"
-(`lm.rlo_loader.RloConfig`), so that
+(`lm.checkpoint.RloConfig`), so that
 
     import lm
     model = AutoModelForCausalLM.from_pretrained(PACKED_DIR, dtype=..., device_map=...)
@@ -8,12 +8,14 @@ quant_method "rlo" (`register_quantization_config` / `register_quantizer`) and m
 builds the family's model with a `quant.QuantLinear` for every layer the quantization_config names,
 filled from the packed tensors by transformers' own loader (device_map and dtype honoured for the
 unquantized tensors; a QuantLinear's scales stay float32, its codes their integer type, as
-`lm.load_quantized` keeps them). The family's own class (`LlamaForCausalLM.from_pretrained(DIR)`),
+`opt.py` keeps them). It is the one loader of packed directories: `lm.load_causal_lm` and
+`lm.load_quantized` call it too. The family's own class (`LlamaForCausalLM.from_pretrained(DIR)`),
 `AutoModel` (the base model, without the head) and `pipeline("text-generation", model=DIR)` load the
-same way. `model.save_pretrained(DIR)` writes the packed format back; `model.dequantize()` turns the
-model into the plain dense one.
+same way. `model.save_pretrained(DIR)` writes the packed format back (`save_packed`); `model.dequantize()`
+turns the model into the plain dense one.
 """
 import contextlib
+import types
 
 import torch
 from transformers import AutoConfig
@@ -21,14 +23,18 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .rlo_loader import BASE_KEY, LOADER_KEYS, MODEL_TYPE, RloConfig
+from engine import UserError
 
-QUANT_METHOD = "rlo"
+from .checkpoint import BASE_KEY, FORMAT, LOADER_KEYS, MODEL_TYPE, QUANT_METHOD, RloConfig, stored_shapes
+from .quantized import check_tensors, replace_linears, save_quantized
 
 
 class RloQuantizationConfig(QuantizationConfigMixin):
     """config.json's quantization_config of a packed checkpoint: format, method, wbits, options and the
     per-layer QuantLinear specs (`lm.quantized`)."""
+
+    # what every save recomputes (`lm.quantized.save_quantized`), not how the model was quantized
+    RECOMPUTED = ("quant_method", "format", "layers")
 
     def __init__(self, format=None, method=None, wbits=None, options=None, layers=None, **kwargs):
         self.quant_method = QUANT_METHOD
@@ -74,17 +80,15 @@ class RloHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     def validate_environment(self, device_map=None, **kwargs):
-        from .quantized import FORMAT
-
         if self.quantization_config.format != FORMAT:
-            raise ValueError(f"quantization format {self.quantization_config.format!r}, this toolkit reads {FORMAT!r}")
+            raise UserError(f"quantization format {self.quantization_config.format!r}, this toolkit reads {FORMAT!r}")
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("packed RLO layers cannot be offloaded to disk; use a device_map without 'disk'")
 
     def update_attn_implementation(self, config):
         """The one hook that sees the config before the weights are looked up. A class-level load
         (`LlamaForCausalLM.from_pretrained(DIR)`) reads config.json as it is, with the keys that stop plain
-        transformers (`lm.rlo_loader`): check the family and drop them (a dense save must not carry them)."""
+        transformers (`lm.checkpoint`): check the family and drop them (a dense save must not carry them)."""
         base = getattr(config, BASE_KEY, None)
         if base is not None and base != type(config).model_type:
             raise ValueError(f"this is a packed {base!r} checkpoint, not a {type(config).model_type!r} one: load it "
@@ -96,14 +100,19 @@ class RloHfQuantizer(HfQuantizer):
             config.model_type = type(config).model_type
         return config
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
-        from .quantized import replace_linears
-
-        layers = _model_names(model, self.quantization_config.layers)
+    def _process_model_before_weight_loading(self, model, checkpoint_files=(), **kwargs):
+        """The QuantLinears the config names, empty, then every stored tensor checked against the model they
+        make: a missing or misshapen tensor is one error line, never a randomly initialized one."""
+        stored = {k: v for f in checkpoint_files or () for k, v in stored_shapes(f).items()}
+        names = self.quantization_config.layers
+        layers = _model_names(model, names)
+        biases = _model_names(model, {n: f"{n}.bias" in stored for n in names}) if stored else {}
         with _float32_on_cpu():
-            replace_linears(model, layers, {})
+            replace_linears(model, layers, biases)
         for name in layers:  # empty like the rest; the loader fills them
             model.get_submodule(name).to_empty(device="meta")
+        if stored and not _is_base_model(model):  # a base model reads the checkpoint's names renamed
+            check_tensors(model, ", ".join(checkpoint_files), stored)
 
     def update_weight_conversions(self, weight_conversions, model):
         """A packed checkpoint stores a tied embedding once, possibly under the head's name (lm_head.weight):
@@ -117,10 +126,13 @@ class RloHfQuantizer(HfQuantizer):
         return conversions
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .quantized import mark_packed
-
-        qc = self.quantization_config
-        mark_packed(model, dict(method=qc.method, wbits=qc.wbits, options=qc.options))
+        """Tag the loaded model: `rlo_quantization` (how it was quantized: the quantization_config less what every
+        save recomputes) and a `save_pretrained` that writes the packed format. transformers' own writes the
+        family's config.json, which plain transformers loads with random linears, and its quantizer hooks choose
+        only the tensors a save writes; the model's class stays the family's own."""
+        qc = self.quantization_config.to_dict()
+        model.rlo_quantization = {k: v for k, v in qc.items() if k not in RloQuantizationConfig.RECOMPUTED}
+        model.save_pretrained = types.MethodType(save_packed, model)
         return model
 
     def _dequantize(self, model, dtype=None):
@@ -166,6 +178,15 @@ class RloHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self):
         return True  # the scales, norms and the unquantized tensors train; the codes are buffers
+
+
+def save_packed(model, save_directory, is_main_process=True, push_to_hub=False, **kwargs):
+    """A loaded packed model's `save_pretrained`: the packed checkpoint (always one model.safetensors; state_dict,
+    sharding and serialization options do not apply). The tokenizer is saved apart, as with transformers."""
+    if push_to_hub:
+        raise ValueError("save the packed model to a local directory, then upload that directory")
+    if is_main_process:
+        save_quantized(model, None, save_directory, model.rlo_quantization)
 
 
 def register():

@@ -1,151 +1,77 @@
-"""Load a causal LM and its tokenizer from a hub name or a local directory (transformers Auto classes).
+"""Load a causal LM and its tokenizer: a hub name or a local directory (transformers Auto classes), a packed
+quantized directory (through the quantizer of `lm.hf_quantizer`), a GGUF file (`lm.gguf`) or a llama2.c
+checkpoint (`lm.llama2c`).
 
 Anything the user can fix (a missing directory, an uncached hub name while offline, a model that is
 not a causal LM) becomes one `engine.UserError` line that says what to put where.
 """
-import contextlib
-import logging
 import os
 
 import torch
-import transformers
-from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from engine import UserError
 
-try:
-    from transformers.utils.quantization_config import GgufConfig
-except ImportError:  # transformers < 5 always dequantizes GGUF tensors
-    GgufConfig = None
-
-# transformers >= 4.56 takes `dtype=`; older releases only know `torch_dtype=`.
-_DTYPE_KW = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
-
-_WHERE = ("pass a local directory holding config.json, the weights (model.safetensors) and the tokenizer "
-          "files (e.g. one written by save_pretrained), or run once with network access to fill the "
-          "Hugging Face cache")
-
-
-@contextlib.contextmanager
-def quiet_hub():
-    """Silence the hub clients' retry warnings while we try the cache/network: a failure becomes one
-    UserError line of ours instead."""
-    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "datasets", "transformers", "filelock")]
-    levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for log, level in zip(loggers, levels):
-            log.setLevel(level)
-
-
-def _offline():
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
-
-
-def _not_found(name, err):
-    return UserError(f"cannot load {name!r} ({str(err).splitlines()[0]}); {_WHERE}")
+from . import hf_quantizer  # noqa: F401  (registers the loader of packed directories with transformers)
+from .checkpoint import (DTYPE_KW, WEIGHTS, WHERE, cached_on_hub, is_quantized_dir, looks_local, not_found, offline,
+                         quiet_hub, stored_shapes)
 
 
 def load_causal_lm(name_or_path, dtype=torch.float32, device="cpu"):
     """(model, tokenizer) for a hub name or a local directory (a packed quantized one too, see
-    `lm.quantized`), a GGUF file or a directory holding one (see `lm.gguf`) or a llama2.c `.bin` file
+    `load_quantized`), a GGUF file or a directory holding one (see `lm.gguf`) or a llama2.c `.bin` file
     (see `lm.llama2c`); the model is in eval mode on `device`."""
+    # lm.gguf and lm.llama2c are imported here: a module-level import would warn when `python -m` runs them
+    from .gguf import find_gguf, load_gguf
+
     name = os.path.expanduser(os.fspath(name_or_path))
     gguf_file = find_gguf(name)
     if gguf_file is not None:
-        return _load_gguf(gguf_file, dtype, device)
+        return load_gguf(gguf_file, dtype, device)
     if name.endswith(".bin") and os.path.isfile(name):
-        # imported here: a module-level import would warn when `python -m lm.llama2c` runs it as __main__
         from .llama2c import load
 
         model, tokenizer = load(name, dtype=dtype)
         return model.to(device).eval(), tokenizer
-    looks_local = os.path.isabs(name) or name.startswith(".") or os.path.exists(name)
-    if looks_local and not os.path.isdir(name):
-        raise UserError(f"model directory {name!r} does not exist; {_WHERE}")
-    from .quantized import is_quantized_dir, load_quantized  # quantized imports this module
-
+    if looks_local(name) and not os.path.isdir(name):
+        raise UserError(f"model directory {name!r} does not exist; {WHERE}")
     if os.path.isdir(name) and is_quantized_dir(name):
         return load_quantized(name, dtype=dtype, device=device)
-    if not os.path.isdir(name) and _offline() and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+    if not os.path.isdir(name) and offline() and not cached_on_hub(name):
         raise UserError(f"{name!r} is not a local path and HF_HUB_OFFLINE is set (offline), and the Hugging Face "
-                        f"cache does not hold it; {_WHERE}")
+                        f"cache does not hold it; {WHERE}")
     try:
         with quiet_hub():
             config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise _not_found(name, err) from None
+        raise not_found(name, err) from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(f"{name!r} is a {config.model_type!r} model, not a causal language model "
                         "(expected e.g. an OPT or Llama checkpoint)")
     try:
         with quiet_hub():
             tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, **{_DTYPE_KW: dtype})
+            model = AutoModelForCausalLM.from_pretrained(name, **{DTYPE_KW: dtype})
     except (OSError, ValueError) as err:
-        raise _not_found(name, err) from None
+        raise not_found(name, err) from None
     return model.to(device).eval(), tokenizer
 
 
-GGUF_SUFFIX = ".gguf"  # llama.cpp's files: transformers' GGUF loader dequantizes them
-
-
-def find_gguf(path):
-    """The GGUF file `path` names: itself if it is a `.gguf` file, the one `.gguf` file of a directory
-    without config.json, else None (not a GGUF model)."""
-    if os.path.isfile(path) and path.lower().endswith(GGUF_SUFFIX):
-        return path
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
-        return None
-    files = sorted(f for f in os.listdir(path) if f.lower().endswith(GGUF_SUFFIX))
-    if len(files) > 1:
-        raise UserError(f"{path!r} holds {len(files)} GGUF files ({', '.join(files)}); pass the one to load")
-    return os.path.join(path, files[0]) if files else None
-
-
-def check_gguf(path):
-    """The architecture named in the GGUF file at `path`, after checking that the file is whole (every
-    tensor inside it) and that transformers can build that architecture; one UserError line otherwise."""
-    import gguf
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, OSError, KeyError) as err:
-        raise UserError(f"{path!r} is not a readable GGUF file ({str(err).splitlines()[0]}); "
-                        "is it truncated? compare its size with the original") from None
-    field = reader.fields.get("general.architecture")
-    if field is None:
-        raise UserError(f"{path!r}: GGUF file without general.architecture; transformers cannot build a model from it")
-    arch = field.contents()
-    supported = set(GGUF_SUPPORTED_ARCHITECTURES)
-    if arch not in supported:
-        raise UserError(f"{path!r}: GGUF architecture {arch!r} is not one transformers reads "
-                        f"(it reads: {', '.join(sorted(supported))})")
-    return arch
-
-
-def _load_gguf(path, dtype, device):
-    """transformers' GGUF loader: tensors dequantized to `dtype`, the tokenizer built from the file."""
-    arch = check_gguf(path)
-    folder, file = os.path.split(os.path.abspath(path))
-    kwargs = {_DTYPE_KW: dtype}
-    if GgufConfig is not None:  # newer transformers can keep GGUF blocks; every tool here wants plain tensors
-        kwargs["quantization_config"] = GgufConfig(gguf_file=file, dequantize=True)
-    try:
-        with quiet_hub():
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs)
-    except (OSError, ValueError, KeyError, NotImplementedError) as err:
-        raise UserError(f"cannot load GGUF file {path!r} (architecture {arch!r}): {str(err).splitlines()[0]}") from None
-    if getattr(model, "hf_quantizer", None) is not None:
-        # dense after dequantization: a plain model, which save_pretrained and training accept
-        model.hf_quantizer.remove_quantization_config(model)
+def load_quantized(path, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) from a packed directory (`lm.quantized.save_quantized`): transformers' from_pretrained,
+    whose quantizer (`lm.hf_quantizer`) builds the QuantLinears and checks every stored tensor against the
+    config; what is not a whole packed directory is one UserError line before transformers reads it."""
+    if not is_quantized_dir(path):
+        raise UserError(f"{path!r} is not a packed quantized checkpoint (no config.json with an rlo "
+                        "quantization_config); write one with `opt.py ... --save DIR`")
+    weights = os.path.join(path, WEIGHTS)
+    if not os.path.isfile(weights):
+        raise UserError(f"{path!r} has no {WEIGHTS}; the packed codes and weights go there")
+    stored_shapes(weights)  # readable
+    with quiet_hub():
+        model = AutoModelForCausalLM.from_pretrained(path, **{DTYPE_KW: dtype})
+        tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer
 
 

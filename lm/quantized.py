@@ -1,9 +1,11 @@
-"""Packed low-bit checkpoints: save a model whose linear layers are `quant.QuantLinear`s, and load it back.
+"""Packed low-bit checkpoints in memory and on disk: build the QuantLinears a quantization_config names, and
+write a model whose linear layers are `quant.QuantLinear`s as a packed directory.
 
 A directory written by `save_quantized` holds
 - `config.json`: the model's HF config plus `quantization_config` (below), with model_type "rlo" and
   the family's own type under "rlo_base_model_type", `auto_map` naming `rlo_loader.py`, and
-  "transformers_weights" set to a sentence that stops class-level loads of plain transformers;
+  "transformers_weights" set to a sentence that stops class-level loads of plain transformers
+  (`lm.checkpoint`);
 - `rlo_loader.py` (a copy of `lm/rlo_loader.py`): what lets transformers load the directory (see there);
 - `model.safetensors`: per quantized linear only its packed codes, float32 scales (and zero points,
   in_scale/out_scale, bias), never a dense copy of the weight; every other tensor (embeddings, norms, an
@@ -16,40 +18,21 @@ original and padded shapes, rotation kind and seed (the rotations are regenerate
 grid's qfn/groupsize; a quantized embedding's spec is {"kind": "embedding", "tied_to": the head whose grid
 codes it reads} or, untied, its own grid table's spec (`quant.embedding`).
 
-Two loaders read it: `load_quantized(DIR)` (what `lm.load_causal_lm` dispatches to; it checks every
-stored tensor against the config), and, once `lm` is imported, transformers' own
-`AutoModelForCausalLM.from_pretrained(DIR)` through the quantizer of `lm.hf_quantizer`. Without the
-toolkit imported, transformers refuses the directory instead of loading random linears: the Auto
-classes and pipeline for model_type "rlo", class-level loads (LlamaForCausalLM...) for
-"transformers_weights" (see `lm.rlo_loader`). Directories written before either change load the same.
+One loader reads it: transformers' `from_pretrained(DIR)` through the quantizer of `lm.hf_quantizer`
+(`lm.load_causal_lm` and `lm.load_quantized` call it), which checks every stored tensor against the
+config (`check_tensors`). Without the toolkit imported, transformers refuses the directory instead of
+loading random linears: the Auto classes and pipeline for model_type "rlo", class-level loads
+(LlamaForCausalLM...) for "transformers_weights" (see `lm.checkpoint`). Directories written before either
+change load the same.
 """
-import json
 import os
-import shutil
-import types
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from safetensors.torch import save_file
 
 from engine import UserError, atomic_dir
 
-from .load import _DTYPE_KW, quiet_hub
-from .rlo_loader import packed_config_dict
-
-FORMAT = "rlo-packed-v1"
-WEIGHTS = "model.safetensors"
-
-
-def is_quantized_dir(path):
-    """True when `path` is a directory whose config.json carries an RLO quantization_config."""
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        return False
-    with open(config) as f:
-        qc = json.load(f).get("quantization_config")
-    return isinstance(qc, dict) and qc.get("quant_method") == "rlo"
+from .checkpoint import FORMAT, QUANT_METHOD, STORED_DTYPES, WEIGHTS, write_packed_config
 
 
 def replace_linears(model, specs, biases):
@@ -136,9 +119,6 @@ def round_to_stored(model, dtype):
         state[name].copy_(state[name].to(STORED_DTYPES[dtype]))
 
 
-STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
 def save_quantized(model, tokenizer, path, quantization_config, dtype=None):
     """Write the packed checkpoint through `engine.atomic_dir`: a crash never leaves a half-written file.
     `dtype` (a name of STORED_DTYPES): what the tensors outside the quantized layers are stored in; default the
@@ -146,18 +126,11 @@ def save_quantized(model, tokenizer, path, quantization_config, dtype=None):
     dtype = dtype or quantization_config.get("stored_dtype") or "float16"
     if dtype not in STORED_DTYPES:
         raise UserError(f"stored dtype must be one of {', '.join(STORED_DTYPES)}, got {dtype!r}")
-    qc = dict(quantization_config, quant_method="rlo", format=FORMAT, layers=quantization_specs(model), stored_dtype=dtype)
+    qc = dict(quantization_config, quant_method=QUANT_METHOD, format=FORMAT, layers=quantization_specs(model),
+              stored_dtype=dtype)
     with atomic_dir(path) as tmp:
-        model.config.save_pretrained(tmp)
-        with open(os.path.join(tmp, "config.json")) as f:
-            config = json.load(f)
-        config["quantization_config"] = qc
         # plain transformers must neither know the type nor find the weights: it would build random linears
-        config = packed_config_dict(config)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "rlo_loader.py"),
-                        os.path.join(tmp, "rlo_loader.py"))
+        write_packed_config(model.config, qc, tmp)
         save_file(packed_tensors(model, STORED_DTYPES[dtype]), os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "rlo": FORMAT})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -166,23 +139,6 @@ def save_quantized(model, tokenizer, path, quantization_config, dtype=None):
 def directory_bytes(path):
     """Bytes of every file in the directory `path` (what a user downloads or keeps on disk)."""
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-
-
-def _save_packed(model, save_directory, is_main_process=True, push_to_hub=False, **kwargs):
-    """A packed model's `save_pretrained`: the packed checkpoint (always one model.safetensors; state_dict,
-    sharding and serialization options do not apply). The tokenizer is saved apart, as with transformers."""
-    if push_to_hub:
-        raise ValueError("save the packed model to a local directory, then upload that directory")
-    if is_main_process:
-        save_quantized(model, None, save_directory, model.rlo_quantization)
-
-
-def mark_packed(model, quantization):
-    """Tag a loaded packed model: `rlo_quantization` (method, wbits, options) and a `save_pretrained` that
-    writes the packed format (transformers' own would write a config that loads random linears)."""
-    model.rlo_quantization = quantization
-    model.save_pretrained = types.MethodType(_save_packed, model)
-    return model
 
 
 def save_pretrained(model, tokenizer, path):
@@ -195,21 +151,17 @@ def save_pretrained(model, tokenizer, path):
         tokenizer.save_pretrained(tmp)
 
 
-def _stored_shapes(weights):
-    """{name: shape} of a safetensors file, read from its header."""
-    try:
-        with safe_open(weights, "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise UserError(f"{weights!r} is not a readable safetensors file ({err})") from None
-
-
-def _check_tensors(model, weights, stored):
-    """One UserError line when the stored tensors do not match what the config describes."""
-    expected = model.state_dict()
-    # tied tensors (embedding and head) are stored once, under either name
-    stored_ptrs = {expected[k].data_ptr() for k in stored if k in expected}
-    problems = [f"missing {k}" for k, v in expected.items() if k not in stored and v.data_ptr() not in stored_ptrs]
+def check_tensors(model, weights, stored):
+    """One UserError line when the stored tensors ({name: shape}, `checkpoint.stored_shapes`) do not match the
+    tensors of `model`, built from the quantization_config (on any device, the meta device too)."""
+    expected = model.state_dict(keep_vars=True)
+    # tied tensors (embedding and head) are stored once under either name: tied already (one parameter), or
+    # to be tied by transformers once loaded (all_tied_weights_keys: {target: source})
+    stored_ids = {id(expected[k]) for k in stored if k in expected}
+    ties = getattr(model, "all_tied_weights_keys", None) or {}
+    tied = {a for pair in ties.items() for a, b in (pair, pair[::-1]) if b in stored}
+    problems = [f"missing {k}" for k, v in expected.items()
+                if k not in stored and k not in tied and id(v) not in stored_ids]
     problems += [f"unexpected {k}" for k in stored if k not in expected]
     for k, shape in stored.items():
         if k in expected and shape != tuple(expected[k].shape):
@@ -217,28 +169,3 @@ def _check_tensors(model, weights, stored):
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UserError(f"{weights!r} does not match its quantization_config: {'; '.join(problems[:3])}{more}")
-
-
-def load_quantized(path, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) from a `save_quantized` directory, its linears rebuilt as QuantLinears."""
-    if not is_quantized_dir(path):
-        raise UserError(f"{path!r} is not a packed quantized checkpoint (no config.json with an rlo "
-                        "quantization_config); write one with `opt.py ... --save DIR`")
-    config = AutoConfig.from_pretrained(path)
-    qc = config.quantization_config
-    del config.quantization_config  # our format, not one transformers' quantizers know
-    if qc.get("format") != FORMAT:
-        raise UserError(f"{path!r}: quantization format {qc.get('format')!r}, expected {FORMAT!r}")
-    weights = os.path.join(path, WEIGHTS)
-    if not os.path.isfile(weights):
-        raise UserError(f"{path!r} has no {WEIGHTS}; the packed codes and weights go there")
-    model = AutoModelForCausalLM.from_config(config, **{_DTYPE_KW: dtype})
-    stored = _stored_shapes(weights)
-    replace_linears(model, qc["layers"], {n: f"{n}.bias" in stored for n in qc["layers"]})
-    _check_tensors(model, weights, stored)
-    load_model(model, weights, strict=False)
-    model.tie_weights()
-    mark_packed(model, {k: v for k, v in qc.items() if k not in ("layers", "quant_method", "format")})
-    with quiet_hub():
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.to(device).eval(), tokenizer

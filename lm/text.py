@@ -14,7 +14,7 @@ import torch
 
 from engine import UserError
 
-from .load import quiet_hub
+from .checkpoint import quiet_hub
 
 SPLITS = ("train", "validation", "test")
 # Local file names per dataset and split, in the formats the datasets are distributed in.

@@ -10,7 +10,8 @@ A section is one module of this package with TITLE, FULL and QUICK (its sizes), 
 {(key, index): (function, kwargs)} (its independent runs, which go to --jobs processes) and report(cfg,
 results, ctx, command) -> report.Section (tables, figures, headline rows); adding a section is one module
 and one line in SECTIONS. Shared code: stats.py (intervals, the paired rule, power, the validation-only
-choice) and report.py (markdown, the README headline block).
+choice) and report.py (markdown, the README headline block, and what every section's tables share: the
+cells of a comparison row, headline rows and figures added to a Section).
 """
 from . import conditioning, convergence, digits, gan, llm, spiral, table1
 

@@ -1,7 +1,7 @@
 """Lemma 2: condition numbers of the LR and RLO risk Hessians at matched points."""
 from .common import UCI, fold, uci_args, uci_present
-from .report import Section, Table, headline_row
-from .stats import fmt_g, interval, paired, paired_cells, verdict
+from .report import Section, Table, comparison_cells
+from .stats import fmt_g, interval, paired
 
 TITLE = "Lemma 2: conditioning of the RLO and LR risks"
 FULL = dict(iters=200, cond_l2=1e-3, lbfgs_iters=3000)
@@ -45,18 +45,24 @@ def tasks(cfg, ctx):
             for d in uci_present(ctx.data_dir) for i in range(cfg["seeds"])}
 
 
+CLAIM = "The RLO risk's Hessian is better conditioned than the LR risk's (a smaller condition number)."
+POINTS = (("zero", "w = 0"), ("at_lr", "LR optimum (same w)"), ("own", "each at its own optimum"))
+
+
+def setup(cfg):
+    return (f"Risks on each standardised training fold of Table 1 (RLO at the paper's k). The optima are "
+            f"those of each risk plus {cfg['cond_l2']:g}/2 ||w||^2 on the weights, so that they are finite "
+            f"also on separable data (Wine), found by L-BFGS (the largest gradient norm left is reported "
+            f"below); the condition numbers are those of the risks' own Hessians (without the ridge, which "
+            f"would favour the risk with the smaller curvature) at those points. Hessians by autograd, "
+            f"eigenvalues on the identifiable subspace (directions that change some logit difference; "
+            f"constant features and the softmax shift are excluded). Three matched points: w = 0, the LR "
+            f"optimum (both Hessians at the same w), and each risk at its own optimum. Paired over the "
+            f"training folds (positive: RLO's κ is smaller).")
+
+
 def report(cfg, res, ctx, command):
-    sec = Section("conditioning", TITLE,
-                  "The RLO risk's Hessian is better conditioned than the LR risk's (a smaller condition number).",
-                  f"Risks on each standardised training fold of Table 1 (RLO at the paper's k). The optima are "
-                  f"those of each risk plus {cfg['cond_l2']:g}/2 ||w||^2 on the weights, so that they are finite "
-                  f"also on separable data (Wine), found by L-BFGS (the largest gradient norm left is reported "
-                  f"below); the condition numbers are those of the risks' own Hessians (without the ridge, which "
-                  f"would favour the risk with the smaller curvature) at those points. Hessians by autograd, "
-                  f"eigenvalues on the identifiable subspace (directions that change some logit difference; "
-                  f"constant features and the softmax shift are excluded). Three matched points: w = 0, the LR "
-                  f"optimum (both Hessians at the same w), and each risk at its own optimum. Paired over the "
-                  f"training folds (positive: RLO's κ is smaller).", command)
+    sec = Section("conditioning", TITLE, CLAIM, setup(cfg), command)
     table = Table("Condition number λmax/λmin (mean ± 95% CI over folds); paired κ(LR) − κ(RLO) per fold "
                   "[95% CI], MDE and verdict on \"RLO's is smaller\"", [
         "data set (k)", "point", "LR", "RLO", "κ(LR) − κ(RLO) [95% CI]", "MDE", "verdict", "unpaired"])
@@ -66,18 +72,20 @@ def report(cfg, res, ctx, command):
         if not folds:
             continue
         worst = max(worst, max(f["grad"] for f in folds))
-        for key, point in (("zero", "w = 0"), ("at_lr", "LR optimum (same w)"), ("own", "each at its own optimum")):
-            lr_v, rlo_v = ([f[key][i] for f in folds] for i in (0, 1))
-            lr, rlo = interval(lr_v), interval(rlo_v)
-            p = paired(rlo_v, lr_v, higher_is_better=False)
-            table.rows.append([f"{dataset} ({folds[0]['k']:g})", point, fmt_g(lr), fmt_g(rlo), *paired_cells(p, 1),
-                               verdict(rlo, lr, higher_is_better=False)])
-            if key == "own":
-                sec.headline.append(headline_row(f"Lemma 2: RLO better conditioned ({dataset})",
-                                                 "Hessian κ, each at its own optimum", "smaller (lemma)",
-                                                 f"{fmt_g(lr)} vs {fmt_g(rlo)}", p, 1))
+        table.rows += [point_row(dataset, folds, key, point, sec) for key, point in POINTS]
     sec.tables.append(table)
     sec.notes.append(f"Largest gradient norm at an L-BFGS optimum: {worst:.1e}. For two classes both Hessians at "
                      f"w = 0 are constant multiples of X^T X, so their condition numbers are equal there by "
                      f"construction (a check of the computation).")
     return sec
+
+
+def point_row(dataset, folds, key, point, sec):
+    """κ of both risks at one matched point, RLO against LR (at each risk's own optimum also in the headline)."""
+    lr_v, rlo_v = ([f[key][i] for f in folds] for i in (0, 1))
+    lr, rlo = interval(lr_v), interval(rlo_v)
+    p = paired(rlo_v, lr_v, higher_is_better=False)
+    if key == "own":
+        sec.add_headline(f"Lemma 2: RLO better conditioned ({dataset})", "Hessian κ, each at its own optimum",
+                         "smaller (lemma)", f"{fmt_g(lr)} vs {fmt_g(rlo)}", p, 1)
+    return [f"{dataset} ({folds[0]['k']:g})", point, fmt_g(lr), fmt_g(rlo), *comparison_cells(p, rlo, lr, False, 1)]

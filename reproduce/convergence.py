@@ -1,13 +1,11 @@
 """Figure 1: convergence of GD on LR and RLO, with LR at RLO's initial gradient scale as the control."""
 import copy
-import os
 
 import numpy as np
 
-
 from .common import UCI, first_at, fold, pyplot, save_figure, uci_args, uci_present
-from .report import Section, Table, headline_row
-from .stats import paired, paired_cells, reach, verdict
+from .report import Section, Table, comparison_cells
+from .stats import paired, reach
 
 TITLE = "Figure 1: convergence of GD on LR and RLO, with the step-size control"
 FULL = dict(lr=0.01, conv_iters=3000, lbfgs_iters=3000)
@@ -60,23 +58,26 @@ def tasks(cfg, ctx):
             for d in uci_present(ctx.data_dir) for i in range(cfg["seeds"])}
 
 
+CLAIM = ("RLO converges faster than LR. Control: at w = 0 the gradient of RLO is C^(1/k) times LR's (C classes: "
+         "d/dz k(1+e^-z)^(1/k) = 2^(1/k) d/dz log(1+e^-z) at z = 0, and k(p^(-1/k) - 1) has d/d log p = -p^(-1/k) = "
+         "-C^(1/k) at p = 1/C), so part of any speed-up may be a larger effective step; LR run with its step "
+         "multiplied by C^(1/k) separates the two.")
+
+
+def setup(cfg):
+    return (f"Same models and folds as Table 1, RLO at the paper's k, GD lr {cfg['lr']:g} (and "
+            f"{cfg['lr']:g} x C^(1/k) for the control), up to {cfg['conv_iters']} iterations. Loss level q: the "
+            f"iteration where the method's own training objective has covered a fraction q of the way "
+            f"from its value at w = 0 to its minimum (found by L-BFGS on the same fold), q = "
+            f"{', '.join(f'{q:.0%}' for q in LEVELS['loss'])}. Accuracy level q: the iteration where the "
+            f"training accuracy has covered a fraction q of the way from its value at w = 0 to the training "
+            f"accuracy of the LR optimum (one fixed target for all three runs), q = "
+            f"{', '.join(f'{q:.0%}' for q in LEVELS['acc'])}. Paired differences per training fold "
+            f"(positive: RLO needs fewer iterations); a level never reached follows the censored rule.")
+
+
 def report(cfg, res, ctx, command):
-    budget = cfg["conv_iters"]
-    sec = Section("convergence", TITLE,
-                  "RLO converges faster than LR. Control: at w = 0 the gradient of RLO is C^(1/k) times LR's "
-                  "(C classes: d/dz k(1+e^-z)^(1/k) = 2^(1/k) d/dz log(1+e^-z) at z = 0, and k(p^(-1/k) - 1) has "
-                  "d/d log p = -p^(-1/k) = -C^(1/k) at p = 1/C), so part of any speed-up may be a larger effective "
-                  "step; LR run with its step multiplied by C^(1/k) separates the two.",
-                  f"Same models and folds as Table 1, RLO at the paper's k, GD lr {cfg['lr']:g} (and "
-                  f"{cfg['lr']:g} x C^(1/k) for the control), up to {budget} iterations. Loss level q: the "
-                  f"iteration where the method's own training objective has covered a fraction q of the way "
-                  f"from its value at w = 0 to its minimum (found by L-BFGS on the same fold), q = "
-                  f"{', '.join(f'{q:.0%}' for q in LEVELS['loss'])}. Accuracy level q: the iteration where the "
-                  f"training accuracy has covered a fraction q of the way from its value at w = 0 to the training "
-                  f"accuracy of the LR optimum (one fixed target for all three runs), q = "
-                  f"{', '.join(f'{q:.0%}' for q in LEVELS['acc'])}. Paired differences per training fold "
-                  f"(positive: RLO needs fewer iterations); a level never reached follows the censored rule.",
-                  command)
+    sec = Section("convergence", TITLE, CLAIM, setup(cfg), command)
     table = Table("Iterations to reach each level (mean ± 95% CI over folds); paired differences (baseline − RLO "
                   "iterations per fold [95% CI]), MDE and verdicts on \"RLO needs fewer iterations\" against LR "
                   "and against the step-scaled LR", [
@@ -84,47 +85,55 @@ def report(cfg, res, ctx, command):
         "scaled LR − RLO [95% CI]", "MDE", "RLO vs LR x C^(1/k)", "unpaired"])
     present = [d for d in UCI if (d, "cv") in res]
     for dataset in present:
-        folds = res[(dataset, "cv")]
-        k = folds[0]["k"]
         for kind, levels in LEVELS.items():
             for i, q in enumerate(levels):
-                raw = {name: [f["runs"][name][f"{kind}_iters"][i] for f in folds] for name in folds[0]["runs"]}
-                got = {name: reach(v, budget, 0) for name, v in raw.items()}
-                p1 = paired(raw["RLO"], raw["LR"], higher_is_better=False, budget=budget)
-                p2 = paired(raw["RLO"], raw[SCALED], higher_is_better=False, budget=budget)
-                table.rows.append([f"{dataset} ({k:g})", f"{'training loss' if kind == 'loss' else 'training acc'} "
-                                   f"{q:.0%}", *(got[n][1] for n in ("LR", SCALED, "RLO")),
-                                   *paired_cells(p1, 1), verdict(got["RLO"][0], got["LR"][0], False),
-                                   *paired_cells(p2, 1), verdict(got["RLO"][0], got[SCALED][0], False)])
-                if kind == "loss" and i == 0:
-                    for p, base, what in ((p1, "LR", "LR"), (p2, SCALED, "LR at step x C^(1/k)")):
-                        sec.headline.append(headline_row(
-                            f"Fig. 1: RLO converges faster ({dataset}, vs {what})",
-                            f"GD iterations to {q:.0%} of the loss decrease", "faster (figure)",
-                            f"{got[base][1]} vs {got['RLO'][1]}", p, 1))
+                table.rows.append(level_row(cfg, dataset, res[(dataset, "cv")], kind, i, q, sec))
     sec.tables.append(table)
     if present:
-        plt = pyplot()
-        fig, axes = plt.subplots(2, len(present), figsize=(4.2 * len(present), 7), squeeze=False)
-        colors = {"LR": "tab:blue", SCALED: "tab:green", "RLO": "tab:red"}
-        for j, dataset in enumerate(present):
-            folds = res[(dataset, "cv")]
-            for name, color in colors.items():
-                gap = np.mean([f["runs"][name]["gap"] for f in folds], axis=0)
-                acc = np.mean([f["runs"][name]["acc"] for f in folds], axis=0)
-                label = name.replace("k)", f"{folds[0]['k']:g})")
-                axes[0][j].plot(np.maximum(gap, 1e-12), color=color, label=label)
-                axes[1][j].plot(acc, color=color, label=label)
-            axes[1][j].axhline(np.mean([f["target_acc"] for f in folds]), color="k", ls=":", label="LR optimum")
-            axes[0][j].set(yscale="log", xscale="symlog", title=f"{dataset}: training objective",
-                           xlabel="GD iteration", ylabel="(L - min L) / (L(0) - min L)")
-            axes[1][j].set(xscale="symlog", title=f"{dataset}: training accuracy", xlabel="GD iteration",
-                           ylabel="training accuracy (%)")
-            for ax in axes[:, j]:
-                ax.set_xlim(0, budget)
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=7)
-        path = save_figure(fig, ctx.out, "convergence.png")
-        sec.figures.append((path, "Training objective (normalised to its own minimum) and training accuracy per GD "
-                                  "iteration, mean over folds", command))
+        sec.add_figure(curves_figure(cfg, res, present, ctx.out), "Training objective (normalised to its own "
+                       "minimum) and training accuracy per GD iteration, mean over folds")
     return sec
+
+
+def level_row(cfg, dataset, folds, kind, i, q, sec):
+    """Iterations of LR, the step-scaled LR and RLO to level `q` of `kind`, RLO against each; the first loss
+    level also in the headline."""
+    budget = cfg["conv_iters"]
+    raw = {name: [f["runs"][name][f"{kind}_iters"][i] for f in folds] for name in folds[0]["runs"]}
+    got = {name: reach(v, budget, 0) for name, v in raw.items()}
+    p1 = paired(raw["RLO"], raw["LR"], higher_is_better=False, budget=budget)
+    p2 = paired(raw["RLO"], raw[SCALED], higher_is_better=False, budget=budget)
+    if kind == "loss" and i == 0:
+        for p, base, what in ((p1, "LR", "LR"), (p2, SCALED, "LR at step x C^(1/k)")):
+            sec.add_headline(f"Fig. 1: RLO converges faster ({dataset}, vs {what})",
+                             f"GD iterations to {q:.0%} of the loss decrease", "faster (figure)",
+                             f"{got[base][1]} vs {got['RLO'][1]}", p, 1)
+    return [f"{dataset} ({folds[0]['k']:g})", f"{'training loss' if kind == 'loss' else 'training acc'} {q:.0%}",
+            *(got[n][1] for n in ("LR", SCALED, "RLO")),
+            *comparison_cells(p1, got["RLO"][0], got["LR"][0], False, 1),
+            *comparison_cells(p2, got["RLO"][0], got[SCALED][0], False, 1)]
+
+
+def curves_figure(cfg, res, present, out):
+    """Training objective gap and training accuracy per iteration, mean over folds; its path."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, len(present), figsize=(4.2 * len(present), 7), squeeze=False)
+    colors = {"LR": "tab:blue", SCALED: "tab:green", "RLO": "tab:red"}
+    for j, dataset in enumerate(present):
+        folds = res[(dataset, "cv")]
+        for name, color in colors.items():
+            gap = np.mean([f["runs"][name]["gap"] for f in folds], axis=0)
+            acc = np.mean([f["runs"][name]["acc"] for f in folds], axis=0)
+            label = name.replace("k)", f"{folds[0]['k']:g})")
+            axes[0][j].plot(np.maximum(gap, 1e-12), color=color, label=label)
+            axes[1][j].plot(acc, color=color, label=label)
+        axes[1][j].axhline(np.mean([f["target_acc"] for f in folds]), color="k", ls=":", label="LR optimum")
+        axes[0][j].set(yscale="log", xscale="symlog", title=f"{dataset}: training objective",
+                       xlabel="GD iteration", ylabel="(L - min L) / (L(0) - min L)")
+        axes[1][j].set(xscale="symlog", title=f"{dataset}: training accuracy", xlabel="GD iteration",
+                       ylabel="training accuracy (%)")
+        for ax in axes[:, j]:
+            ax.set_xlim(0, cfg["conv_iters"])
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    return save_figure(fig, out, "convergence.png")

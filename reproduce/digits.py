@@ -7,8 +7,8 @@ import numpy as np
 from engine import read_csv
 
 from .common import first_at, lr_text, pyplot, quiet, save_figure
-from .report import Section, Table, headline_row
-from .stats import choose, fmt, interval, paired, paired_cells, reach, verdict
+from .report import Section, Table, comparison_cells
+from .stats import choose, fmt, interval, paired, paired_cells, reach
 
 TITLE = "Deep nets: CE vs focal vs RLO on real handwritten digits"
 LOSSES = (("ce", 3, 3), ("focal", 3, 3), ("root", 8, 10))  # root k=8 m=10: the paper's CIFAR setting
@@ -67,26 +67,30 @@ def choose_lr(cfg, res, net, loss, k, m):
     return lr, res[(net, loss, k, m, lr)]
 
 
+CLAIM = ("Training with RLO converges faster (fewer epochs to a given test accuracy) and reaches a higher final "
+         "accuracy than CE (paper: CIFAR-10/100, Tiny-ImageNet, Food-101 with ResNets and ViTs).")
+
+
+def setup(cfg):
+    sizes = ", ".join(f"{net} {e} epochs at batch {cfg['bs'][net]}" for net, e in cfg["epochs"].items())
+    return (f"`train.py --dataset digits`: scikit-learn's 1797 real 8x8 digits, upscaled to "
+            f"{cfg['size']}x{cfg['size']}, first 1437 train / last 360 test, no augmentation; the last "
+            f"{cfg['val_split']} training images are held out as validation (`--val-split`), every run "
+            f"trains on the other {1437 - cfg['val_split']}. AdamW (wd 0.01), cosine schedule, {sizes}; bf16 "
+            f"autocast on CPU, {cfg['seeds']} seeds (initialisation and shuffling, shared by every loss)"
+            + (f", at most {cfg['max_steps']} steps per epoch" if cfg["max_steps"] else "")
+            + f". Tuning: every loss gets the same learning-rate grid {lr_text(cfg['lr_grid'])} at the same "
+            "budget; each (net, loss) takes the rate with the best mean final validation accuracy over the "
+            "seeds, and the test accuracy of those runs is reported. Networks, narrowed to fit a CPU budget: "
+            "res18 at width 16 (`--dimhead 16`: ResNet-18 in CIFAR form with stage widths 16/32/64/128, 0.70M "
+            "parameters; the paper's has 64/128/256/512, 11.2M) and vit_tiny at width 192, patch 8 (4 blocks, "
+            "6 heads of 64, MLP 256; 1.6M parameters). Losses: CE, focal (α 0.25, γ 3), root (m(1 - p^(1/k))) "
+            "with k=8, m=10 (the paper's CIFAR setting). Epochs to a level count from 1; a run that never "
+            "reaches it counts as the budget (censored rule).")
+
+
 def report(cfg, res, ctx, command):
-    epochs = cfg["epochs"]
-    sizes = ", ".join(f"{net} {e} epochs at batch {cfg['bs'][net]}" for net, e in epochs.items())
-    sec = Section("digits", TITLE,
-                  "Training with RLO converges faster (fewer epochs to a given test accuracy) and reaches a "
-                  "higher final accuracy than CE (paper: CIFAR-10/100, Tiny-ImageNet, Food-101 with ResNets and ViTs).",
-                  f"`train.py --dataset digits`: scikit-learn's 1797 real 8x8 digits, upscaled to "
-                  f"{cfg['size']}x{cfg['size']}, first 1437 train / last 360 test, no augmentation; the last "
-                  f"{cfg['val_split']} training images are held out as validation (`--val-split`), every run "
-                  f"trains on the other {1437 - cfg['val_split']}. AdamW (wd 0.01), cosine schedule, {sizes}; bf16 "
-                  f"autocast on CPU, {cfg['seeds']} seeds (initialisation and shuffling, shared by every loss)"
-                  + (f", at most {cfg['max_steps']} steps per epoch" if cfg["max_steps"] else "")
-                  + f". Tuning: every loss gets the same learning-rate grid {lr_text(cfg['lr_grid'])} at the same "
-                  "budget; each (net, loss) takes the rate with the best mean final validation accuracy over the "
-                  "seeds, and the test accuracy of those runs is reported. Networks, narrowed to fit a CPU budget: "
-                  "res18 at width 16 (`--dimhead 16`: ResNet-18 in CIFAR form with stage widths 16/32/64/128, 0.70M "
-                  "parameters; the paper's has 64/128/256/512, 11.2M) and vit_tiny at width 192, patch 8 (4 blocks, "
-                  "6 heads of 64, MLP 256; 1.6M parameters). Losses: CE, focal (α 0.25, γ 3), root (m(1 - p^(1/k))) "
-                  "with k=8, m=10 (the paper's CIFAR setting). Epochs to a level count from 1; a run that never "
-                  "reaches it counts as the budget (censored rule).", command)
+    sec = Section("digits", TITLE, CLAIM, setup(cfg), command)
     table = Table("Test accuracy (%) after the last epoch and epochs to 90% / 95% test accuracy (mean ± 95% CI over "
                   "seeds) at each loss's chosen learning rate; paired (this loss − CE per seed) verdicts on \"this "
                   "loss is better than CE\"", [
@@ -96,56 +100,65 @@ def report(cfg, res, ctx, command):
                        "split plays no part)", ["net", "loss", *(f"lr {lr:g}" for lr in cfg["lr_grid"])])
     curves = {}
     for net, _ in cfg["nets"]:
-        ce = None
+        ce = None  # the baseline's (final accuracies, their interval, epochs to each level, reach)
         for loss, k, m in LOSSES:
             if not all((net, loss, k, m, lr) in res for lr in cfg["lr_grid"]):
                 continue
             grid_table.rows.append([net, label(loss, k, m), *(
                 f"{np.mean([r['val_acc'][-1] for r in res[(net, loss, k, m, lr)]]):.2f}" for lr in cfg["lr_grid"])])
             lr, runs = choose_lr(cfg, res, net, loss, k, m)
-            final_v = [r["test_acc"][-1] for r in runs]
-            final = interval(final_v)
-            to = [[first_at(r["test_acc"], lambda a, lv=lv: a >= lv) + 1 for r in runs] for lv in LEVELS]
-            speed = [reach(t, epochs[net]) for t in to]
             curves[(net, label(loss, k, m))] = np.mean([r["test_acc"] for r in runs], axis=0)
-            head = [net, label(loss, k, m), f"{lr:g}", f"{np.mean([r['val_acc'][-1] for r in runs]):.2f}",
-                    fmt(final)]
+            result = loss_result(cfg, net, runs)
+            _, final, _, speed = result
+            head = [net, label(loss, k, m), f"{lr:g}", f"{np.mean([r['val_acc'][-1] for r in runs]):.2f}", fmt(final)]
             if loss == "ce":
-                ce = (final_v, final, to, speed)
+                ce = result
                 table.rows.append([*head, "(baseline)", "", "", "", speed[0][1], speed[1][1], "(baseline)", "", ""])
-                continue
-            if ce is None:
-                continue
-            p_acc = paired(final_v, ce[0])
-            p_speed = paired(to[1], ce[2][1], higher_is_better=False, budget=epochs[net])
-            table.rows.append([*head, *paired_cells(p_acc), verdict(final, ce[1]), speed[0][1], speed[1][1],
-                               *paired_cells(p_speed, 1)])
-            if loss == "root":
-                sec.headline.append(headline_row(f"Deep nets: RLO > CE (digits, {net}, final acc)",
-                                                 f"root k=8 m=10, {epochs[net]} epochs, lr tuned on validation",
-                                                 "more accurate (CIFAR)", f"{fmt(ce[1])} vs {fmt(final)}", p_acc))
-                sec.headline.append(headline_row(f"Deep nets: RLO faster (digits, {net}, epochs to 95%)",
-                                                 f"root k=8 m=10, {epochs[net]} epochs", "faster (CIFAR)",
-                                                 f"{ce[3][1][1]} vs {speed[1][1]}", p_speed, 1))
-    sec.tables.append(table)
-    sec.tables.append(grid_table)
-    sec.tables.append(Table("CIFAR-10 / CIFAR-100 (the paper's own sets)", ["data set", "status"],
-                            [["CIFAR-10, CIFAR-100", ctx.cifar_note]]))
+            elif ce is not None:
+                table.rows.append([*head, *compare_to_ce(cfg, net, loss, result, ce, sec)])
+    sec.tables += [table, grid_table, Table("CIFAR-10 / CIFAR-100 (the paper's own sets)", ["data set", "status"],
+                                            [["CIFAR-10, CIFAR-100", ctx.cifar_note]])]
     if curves:
-        plt = pyplot()
-        nets = [n for n, _ in cfg["nets"]]
-        fig, axes = plt.subplots(1, len(nets), figsize=(6 * len(nets), 4), squeeze=False)
-        for ax, net in zip(axes[0], nets):
-            for (n, name), curve in curves.items():
-                if n == net:
-                    ax.plot(np.arange(1, len(curve) + 1), curve, marker="o", label=name)
-            for lv in LEVELS:
-                ax.axhline(lv, color="grey", lw=0.6, ls=":")
-            ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"digits, {net}: mean of {cfg['seeds']} seeds",
-                   ylim=(max(0, min(c.min() for c in curves.values()) - 5), 100.5))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        path = save_figure(fig, ctx.out, "digits_test_accuracy.png")
-        sec.figures.append((path, "Test accuracy per epoch on digits at each loss's chosen learning rate, mean over "
-                                  "seeds", command))
+        sec.add_figure(curves_figure(cfg, curves, ctx.out),
+                       "Test accuracy per epoch on digits at each loss's chosen learning rate, mean over seeds")
     return sec
+
+
+def loss_result(cfg, net, runs):
+    """(final test accuracies, their interval, epochs to each level per run, reach of each level) of one loss."""
+    final_v = [r["test_acc"][-1] for r in runs]
+    to = [[first_at(r["test_acc"], lambda a, lv=lv: a >= lv) + 1 for r in runs] for lv in LEVELS]
+    return final_v, interval(final_v), to, [reach(t, cfg["epochs"][net]) for t in to]
+
+
+def compare_to_ce(cfg, net, loss, result, ce, sec):
+    """The cells after a loss's own: its final accuracy and its epochs to 95% against CE's (RLO's: headline rows)."""
+    final_v, final, to, speed = result
+    epochs = cfg["epochs"][net]
+    p_acc = paired(final_v, ce[0])
+    p_speed = paired(to[1], ce[2][1], higher_is_better=False, budget=epochs)
+    if loss == "root":
+        sec.add_headline(f"Deep nets: RLO > CE (digits, {net}, final acc)",
+                         f"root k=8 m=10, {epochs} epochs, lr tuned on validation", "more accurate (CIFAR)",
+                         f"{fmt(ce[1])} vs {fmt(final)}", p_acc)
+        sec.add_headline(f"Deep nets: RLO faster (digits, {net}, epochs to 95%)", f"root k=8 m=10, {epochs} epochs",
+                         "faster (CIFAR)", f"{ce[3][1][1]} vs {speed[1][1]}", p_speed, 1)
+    return [*comparison_cells(p_acc, final, ce[1]), speed[0][1], speed[1][1], *paired_cells(p_speed, 1)]
+
+
+def curves_figure(cfg, curves, out):
+    """Mean test accuracy per epoch of every (net, loss); its path."""
+    plt = pyplot()
+    nets = [n for n, _ in cfg["nets"]]
+    fig, axes = plt.subplots(1, len(nets), figsize=(6 * len(nets), 4), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        for (n, name), curve in curves.items():
+            if n == net:
+                ax.plot(np.arange(1, len(curve) + 1), curve, marker="o", label=name)
+        for lv in LEVELS:
+            ax.axhline(lv, color="grey", lw=0.6, ls=":")
+        ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"digits, {net}: mean of {cfg['seeds']} seeds",
+               ylim=(max(0, min(c.min() for c in curves.values()) - 5), 100.5))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(fig, out, "digits_test_accuracy.png")

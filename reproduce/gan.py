@@ -4,10 +4,9 @@ import os
 
 import numpy as np
 
-
 from .common import lr_text, pyplot, save_figure
-from .report import Section, Table, headline_row
-from .stats import choose, fmt, interval, paired, paired_cells, verdict
+from .report import Section, Table, comparison_cells
+from .stats import choose, fmt, interval, paired
 
 TITLE = "GAN: rooted GAN loss (k = 2) vs the logistic GAN loss on 2-D mixtures"
 LOSSES = ("ce", "root")
@@ -62,28 +61,32 @@ def choose_lr(cfg, res, data, loss):
     return lr, res[(data, loss, lr)]
 
 
+CLAIM = ("RLO improves GAN training (paper: StyleGAN2-ADA FID with limited data, which needs GPUs and is not rerun "
+         "here; this is the offline mode-coverage benchmark). Baseline check first: a plain MLP GAN with the logistic "
+         "loss covers about 6 of the 8 ring modes (PacGAN, Lin et al. 2018).")
+
+
+def setup(cfg, defaults):
+    return (f"gan.py at its defaults: G {defaults.g_layers} hidden layers (ReLU) and D {defaults.d_layers} "
+            f"hidden layers (LeakyReLU 0.2) of {defaults.hidden} units, z in R^{defaults.z_dim}, Adam "
+            f"(betas 0.5, 0.999), batch {defaults.batch}, {defaults.steps} steps of one D and one G update. "
+            f"Ring: 8 Gaussians, radius 2, std 0.02; grid: 25 Gaussians, spacing 2, std 0.05. Tuning: both "
+            f"losses get the same learning-rate grid {lr_text(cfg['lr_grid'])} (G and D); each (data set, loss) "
+            f"takes the rate with the lowest mean W1 between {cfg['w1']} generated samples and {cfg['w1']} "
+            f"validation samples of the target mixture (their own random draws, never the evaluation "
+            f"samples). Evaluation at the chosen rate: {defaults.n_eval} samples from fixed latents; high "
+            f"quality = within 3 std of the nearest mode; a mode is covered with at least "
+            f"{defaults.min_count} high-quality samples; W1 = exact optimal-transport distance to "
+            f"{cfg['w1']} further real samples (the floor: between two real sample sets). {cfg['seeds']} "
+            f"seeds; both losses see the same initial weights and draws per seed, so differences are "
+            f"paired by seed.")
+
+
 def report(cfg, res, ctx, command):
     import gan
 
-    defaults = gan.build_parser().parse_args(list(cfg["flags"]))
     grid = list(cfg["lr_grid"])
-    sec = Section("gan", TITLE,
-                  "RLO improves GAN training (paper: StyleGAN2-ADA FID with limited data, which needs GPUs and is "
-                  "not rerun here; this is the offline mode-coverage benchmark). Baseline check first: a plain "
-                  "MLP GAN with the logistic loss covers about 6 of the 8 ring modes (PacGAN, Lin et al. 2018).",
-                  f"gan.py at its defaults: G {defaults.g_layers} hidden layers (ReLU) and D {defaults.d_layers} "
-                  f"hidden layers (LeakyReLU 0.2) of {defaults.hidden} units, z in R^{defaults.z_dim}, Adam "
-                  f"(betas 0.5, 0.999), batch {defaults.batch}, {defaults.steps} steps of one D and one G update. "
-                  f"Ring: 8 Gaussians, radius 2, std 0.02; grid: 25 Gaussians, spacing 2, std 0.05. Tuning: both "
-                  f"losses get the same learning-rate grid {lr_text(grid)} (G and D); each (data set, loss) takes "
-                  f"the rate with the lowest mean W1 between {cfg['w1']} generated samples and {cfg['w1']} "
-                  f"validation samples of the target mixture (their own random draws, never the evaluation "
-                  f"samples). Evaluation at the chosen rate: {defaults.n_eval} samples from fixed latents; high "
-                  f"quality = within 3 std of the nearest mode; a mode is covered with at least "
-                  f"{defaults.min_count} high-quality samples; W1 = exact optimal-transport distance to "
-                  f"{cfg['w1']} further real samples (the floor: between two real sample sets). {cfg['seeds']} "
-                  f"seeds; both losses see the same initial weights and draws per seed, so differences are "
-                  f"paired by seed.", command)
+    sec = Section("gan", TITLE, CLAIM, setup(cfg, gan.build_parser().parse_args(list(cfg["flags"]))), command)
     table = Table("Final metrics at each loss's chosen learning rate (mean ± 95% CI over seeds); paired RLO − CE "
                   "per seed [95% CI] (W1: CE − RLO; > 0 favours RLO), MDE, verdicts on \"RLO is better than CE\"", [
         "data", "metric", "reference", "CE", "RLO k=2", "paired, > 0 favours RLO [95% CI]", "MDE", "verdict",
@@ -98,55 +101,76 @@ def report(cfg, res, ctx, command):
         for loss in LOSSES:
             lr, runs[loss] = choose_lr(cfg, res, data, loss)
             chosen[(data, loss)] = lr
-            vals = {g: np.mean([r["val_w1"] for r in res[(data, loss, g)]]) for g in grid}
-            sel.rows.append([data, gan.label(loss, 2.0), *(f"**{vals[g]:.3f}**" if g == lr else f"{vals[g]:.3f}"
-                                                           for g in grid), f"{lr:g}"])
-        n_modes = runs["ce"][0]["n_modes"]
-        for key, name, higher, ref in (("modes", f"modes covered (of {n_modes})", True,
-                                        "≈6 of 8 (PacGAN)" if data == "ring" else ""),
-                                       ("hq", "high-quality share (%)", True, ""),
-                                       ("w1", "W1 to real samples", False,
-                                        f"floor {np.mean([r['w1_real'] for r in runs['ce']]):.3f}")):
-            scale = 100 if key == "hq" else 1
-            v = {loss: [r[key] * scale for r in runs[loss]] for loss in LOSSES}
-            ce, rlo = interval(v["ce"]), interval(v["root"])
-            p = paired(v["root"], v["ce"], higher)
-            digits = 3 if key == "w1" else 2
-            table.rows.append([data, name, ref, fmt(ce, digits), fmt(rlo, digits), *paired_cells(p, digits),
-                               verdict(rlo, ce, higher)])
-            if key == "modes":
-                sec.headline.append(headline_row(f"GAN: RLO covers more modes ({data})",
-                                                 f"MLP GAN, lr tuned on validation W1 (CE {chosen[(data, 'ce')]:g}, "
-                                                 f"RLO {chosen[(data, 'root')]:g})", "better FID (StyleGAN2-ADA, "
-                                                 "not 2-D)", f"{fmt(ce)} vs {fmt(rlo)} of {n_modes}", p))
-                if p["verdict"] == "not reproduced":
-                    sec.notes.append(collapse_note(cfg, res, data, grid))
+            sel.rows.append(selection_row(res, data, loss, grid, lr))
+        metric_rows(cfg, res, data, runs, chosen, grid, table, sec)
         if data == "ring":
-            first3 = [r["modes"] for r in runs["ce"][:3]]
-            ok = sum(m >= 6 for m in first3) >= 2
-            sec.notes.append(f"Baseline check (ring, CE at its chosen lr, seeds 0-2: {first3} modes): "
-                             + ("passes (≥ 6 of 8 modes on at least 2 of 3 seeds)." if ok else
-                                "FAILS (fewer than 2 of the 3 seeds cover ≥ 6 of 8 modes)."))
+            sec.notes.append(baseline_check(runs["ce"]))
     sec.tables += [table, sel]
     present = sorted({d for d, _ in chosen}, key=("ring", "grid").index)
     if present:
-        plt = pyplot()
-        fig, axes = plt.subplots(len(present), 2, figsize=(8, 4 * len(present)), squeeze=False)
-        for i, data in enumerate(present):
-            centers, std = gan.mode_centers(data)
-            lim = centers.abs().max().item() + 1.5
-            for j, loss in enumerate(LOSSES):
-                r = res[(data, loss, chosen[(data, loss)])][0]
-                gan.scatter(axes[i][j], r["samples"], centers, std, f"{data}, {gan.label(loss, 2.0)}, lr "
-                            f"{chosen[(data, loss)]:g}, seed 0: {r['modes']}/{r['n_modes']} modes, {r['hq']:.0%} HQ",
-                            lim)
-        path = save_figure(fig, ctx.out, "gan_samples.png", dpi=100)
-        sec.figures.append((path, "Final generated samples at each loss's chosen lr (seed 0, 1000 shown) with each "
-                                  "mode's 3-std disc", command))
-        sec.figures.append((dynamics_figure(cfg, res, present, grid, ctx.out), "Training dynamics at every lr of the "
-                            "grid (mean over seeds): modes covered, D's logit gap on real minus generated samples, "
-                            "and the norm of G's gradient", command))
+        sec.add_figure(samples_figure(res, present, chosen, ctx.out), "Final generated samples at each loss's chosen "
+                       "lr (seed 0, 1000 shown) with each mode's 3-std disc")
+        sec.add_figure(dynamics_figure(cfg, res, present, grid, ctx.out), "Training dynamics at every lr of the grid "
+                       "(mean over seeds): modes covered, D's logit gap on real minus generated samples, and the "
+                       "norm of G's gradient")
     return sec
+
+
+def selection_row(res, data, loss, grid, lr):
+    """Mean validation W1 per learning rate of one (data set, loss), the chosen one in bold."""
+    import gan
+
+    vals = {g: np.mean([r["val_w1"] for r in res[(data, loss, g)]]) for g in grid}
+    return [data, gan.label(loss, 2.0), *(f"**{vals[g]:.3f}**" if g == lr else f"{vals[g]:.3f}" for g in grid),
+            f"{lr:g}"]
+
+
+def metric_rows(cfg, res, data, runs, chosen, grid, table, sec):
+    """Modes covered, high-quality share and W1 of CE and RLO at their chosen rates, compared per seed."""
+    n_modes = runs["ce"][0]["n_modes"]
+    for key, name, higher, ref in (("modes", f"modes covered (of {n_modes})", True,
+                                    "≈6 of 8 (PacGAN)" if data == "ring" else ""),
+                                   ("hq", "high-quality share (%)", True, ""),
+                                   ("w1", "W1 to real samples", False,
+                                    f"floor {np.mean([r['w1_real'] for r in runs['ce']]):.3f}")):
+        scale = 100 if key == "hq" else 1
+        v = {loss: [r[key] * scale for r in runs[loss]] for loss in LOSSES}
+        ce, rlo = interval(v["ce"]), interval(v["root"])
+        p = paired(v["root"], v["ce"], higher)
+        digits = 3 if key == "w1" else 2
+        table.rows.append([data, name, ref, fmt(ce, digits), fmt(rlo, digits), *comparison_cells(p, rlo, ce, higher,
+                                                                                                digits)])
+        if key == "modes":
+            sec.add_headline(f"GAN: RLO covers more modes ({data})", f"MLP GAN, lr tuned on validation W1 (CE "
+                             f"{chosen[(data, 'ce')]:g}, RLO {chosen[(data, 'root')]:g})",
+                             "better FID (StyleGAN2-ADA, not 2-D)", f"{fmt(ce)} vs {fmt(rlo)} of {n_modes}", p)
+            if p["verdict"] == "not reproduced":
+                sec.notes.append(collapse_note(cfg, res, data, grid))
+
+
+def baseline_check(ce_runs):
+    """Whether the logistic-loss baseline covers the ring's modes as the literature's MLP GAN does."""
+    first3 = [r["modes"] for r in ce_runs[:3]]
+    ok = sum(m >= 6 for m in first3) >= 2
+    return (f"Baseline check (ring, CE at its chosen lr, seeds 0-2: {first3} modes): "
+            + ("passes (≥ 6 of 8 modes on at least 2 of 3 seeds)." if ok else
+               "FAILS (fewer than 2 of the 3 seeds cover ≥ 6 of 8 modes)."))
+
+
+def samples_figure(res, present, chosen, out):
+    """Seed 0's final samples at each loss's chosen rate, per data set; its path."""
+    import gan
+
+    plt = pyplot()
+    fig, axes = plt.subplots(len(present), 2, figsize=(8, 4 * len(present)), squeeze=False)
+    for i, data in enumerate(present):
+        centers, std = gan.mode_centers(data)
+        lim = centers.abs().max().item() + 1.5
+        for j, loss in enumerate(LOSSES):
+            r = res[(data, loss, chosen[(data, loss)])][0]
+            gan.scatter(axes[i][j], r["samples"], centers, std, f"{data}, {gan.label(loss, 2.0)}, lr "
+                        f"{chosen[(data, loss)]:g}, seed 0: {r['modes']}/{r['n_modes']} modes, {r['hq']:.0%} HQ", lim)
+    return save_figure(fig, out, "gan_samples.png", dpi=100)
 
 
 def collapse_note(cfg, res, data, grid):

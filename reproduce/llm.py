@@ -5,8 +5,8 @@ import os
 from engine import atomic_copy, read_csv
 
 from .common import quiet
-from .report import Section, Table, headline_row
-from .stats import fmt_g, interval, paired, paired_cells, verdict
+from .report import Section, Table, comparison_cells
+from .stats import fmt_g, interval, paired, paired_cells
 
 TITLE = "LLM (AISTATS 2025): RLO finetuning and low-bit quantization"
 FULL = dict(run=True)
@@ -50,18 +50,18 @@ def pair(rows, key):
     return [ce[s] for s in seeds], [rlo[s] for s in seeds]
 
 
+CLAIM = ("A model finetuned with RLO loses less perplexity when quantized to 2-4 bits, before and after finetuning in "
+         "quantized space.")
+SETUP = ("llm_pipeline.py at its full defaults over the seeds below (`make llm-demo` is one seed): stories260K, "
+         "finetuned with CE and with root k = m = 5 (learning rates chosen per loss on the validation text, the "
+         "pipeline's selection.csv), PTQ with each method at 2/3/4 bits, then finetuning in quantized space (QFT); "
+         "perplexity on WikiText-2 test relative to each loss's own finetuned model. Per seed the finetuning data "
+         "order, calibration rows and rotation seeds change and CE and RLO share them, so differences are paired by "
+         "seed. Read from <cache>/llm/results.csv (the pipeline runs there when it is missing or holds fewer seeds).")
+
+
 def report(cfg, res, ctx, command):
-    sec = Section("llm", TITLE,
-                  "A model finetuned with RLO loses less perplexity when quantized to 2-4 bits, before and after "
-                  "finetuning in quantized space.",
-                  "llm_pipeline.py at its full defaults over the seeds below (`make llm-demo` is one seed): "
-                  "stories260K, finetuned with CE and with root k = m = 5 (learning rates chosen per loss on the "
-                  "validation text, the pipeline's selection.csv), PTQ with each method at 2/3/4 bits, then "
-                  "finetuning in quantized space (QFT); perplexity on WikiText-2 test relative to each loss's own "
-                  "finetuned model. Per seed the finetuning data order, calibration rows and rotation seeds "
-                  "change and CE and RLO share them, so differences are paired by seed. Read from "
-                  "<cache>/llm/results.csv (the pipeline runs there when it is missing or holds fewer seeds).",
-                  command)
+    sec = Section("llm", TITLE, CLAIM, SETUP, command)
     table = Table("Perplexity after quantization relative to the finetuned fp model (lower is better; mean ± 95% CI "
                   "over seeds); paired CE − RLO per seed [95% CI] (positive favours RLO), MDE and verdicts on "
                   "\"RLO's ratio is lower\"", [
@@ -75,6 +75,26 @@ def report(cfg, res, ctx, command):
         sec.tables.append(table)
         return sec
     rows = run["rows"]
+    groups = sorted({(r["quant"], int(r["wbits"]), str(r["incoh"])) for r in rows}, key=lambda g: (g[1], g[0], g[2]))
+    for quant, bits, incoh in groups:
+        row = ratio_row(rows, quant, bits, incoh, sec)
+        if row is not None:
+            table.rows.append(row)
+    sec.tables += [finetuned_table(rows), table]
+    if run["selection"]:
+        columns = list(run["selection"][0])
+        sec.tables.append(Table("The learning-rate selection on the validation text (the pipeline's selection.csv)",
+                                columns, [[r[c] for c in columns] for r in run["selection"]]))
+    png = os.path.join(run["dir"], "pipeline.png")
+    if os.path.exists(png):  # copied beside the other figures: the run folder is not part of the repository
+        copy_path = os.path.join(ctx.out, "llm_pipeline.png")
+        atomic_copy(png, copy_path)
+        sec.add_figure(copy_path, "llm_pipeline.py's own figure")
+    return sec
+
+
+def finetuned_table(rows):
+    """The finetuned fp models' perplexities, RLO against CE, and the learning rates each loss chose."""
     fp = Table("Perplexity of the finetuned fp model (before quantization; lower is better), and the learning "
                "rates chosen on the validation text", ["loss", "seeds", "finetuned ppl", "CE − RLO [95% CI]", "MDE",
                                                        "verdict", "lr chosen (per seed)", "QFT lr chosen (per seed)"])
@@ -88,34 +108,26 @@ def report(cfg, res, ctx, command):
         fp.rows.append(["CE" if loss == "ce" else "RLO (root k=m=5)", len(vals), fmt_g(interval(vals)),
                         *(paired_cells(p_ft, 3) if loss == "root" else ["", "", "(baseline)"]), lrs("lr"),
                         lrs("qft_lr")])
-    groups = sorted({(r["quant"], int(r["wbits"]), str(r["incoh"])) for r in rows}, key=lambda g: (g[1], g[0], g[2]))
-    for quant, bits, incoh in groups:
-        sel = [r for r in rows if (r["quant"], int(r["wbits"]), str(r["incoh"])) == (quant, bits, incoh)]
-        cells, results = [], []
-        for key in ("ptq_vs_ft", "qft_vs_ft"):
-            ce, rlo = pair(sel, key)
-            if not ce:
-                break
-            p = paired(rlo, ce, higher_is_better=False)
-            results.append((p, ce, rlo))
-            cells += [fmt_g(interval(ce)), fmt_g(interval(rlo)), *paired_cells(p, 3),
-                      verdict(interval(rlo), interval(ce), higher_is_better=False)]
-        if len(results) < 2:
-            continue
-        table.rows.append([quant, bits, incoh, len(results[0][1]), *cells])
-        if bits == 2:
-            p, ce, rlo = results[1]
-            sec.headline.append(headline_row("AISTATS: RLO lowers low-bit damage", f"stories260K, {quant} 2 bits, "
-                                             f"incoh {incoh}, QFT/ft", "lower PPL ratio",
-                                             f"{fmt_g(interval(ce))} vs {fmt_g(interval(rlo))}", p, 3))
-    sec.tables += [fp, table]
-    if run["selection"]:
-        columns = list(run["selection"][0])
-        sec.tables.append(Table("The learning-rate selection on the validation text (the pipeline's selection.csv)",
-                                columns, [[r[c] for c in columns] for r in run["selection"]]))
-    png = os.path.join(run["dir"], "pipeline.png")
-    if os.path.exists(png):  # copied beside the other figures: the run folder is not part of the repository
-        copy_path = os.path.join(ctx.out, "llm_pipeline.png")
-        atomic_copy(png, copy_path)
-        sec.figures.append((copy_path, "llm_pipeline.py's own figure", command))
-    return sec
+    return fp
+
+
+def ratio_row(rows, quant, bits, incoh, sec):
+    """PTQ/ft and QFT/ft perplexity ratios of one method, RLO against CE (2 bits: also in the headline); None
+    unless both stages have paired seeds."""
+    sel = [r for r in rows if (r["quant"], int(r["wbits"]), str(r["incoh"])) == (quant, bits, incoh)]
+    cells, results = [], []
+    for key in ("ptq_vs_ft", "qft_vs_ft"):
+        ce, rlo = pair(sel, key)
+        if not ce:
+            break
+        p = paired(rlo, ce, higher_is_better=False)
+        results.append((p, ce, rlo))
+        ce_ci, rlo_ci = interval(ce), interval(rlo)
+        cells += [fmt_g(ce_ci), fmt_g(rlo_ci), *comparison_cells(p, rlo_ci, ce_ci, False, 3)]
+    if len(results) < 2:
+        return None
+    if bits == 2:
+        p, ce, rlo = results[1]
+        sec.add_headline("AISTATS: RLO lowers low-bit damage", f"stories260K, {quant} 2 bits, incoh {incoh}, QFT/ft",
+                         "lower PPL ratio", f"{fmt_g(interval(ce))} vs {fmt_g(interval(rlo))}", p, 3)
+    return [quant, bits, incoh, len(results[0][1]), *cells]

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from engine import UserError, atomic_write_text
 
-from .stats import RULE
+from .stats import RULE, fmt_mde, fmt_paired, paired_cells, verdict
 
 HEADLINE_START, HEADLINE_END = "<!-- reproduce:headline:start -->", "<!-- reproduce:headline:end -->"
 HEADLINE_COLUMNS = ["claim", "setting", "paper", "ours (baseline vs RLO)", "n",
@@ -30,15 +30,22 @@ class Section:
     notes: list = field(default_factory=list)
     headline: list = field(default_factory=list)  # rows of HEADLINE_COLUMNS, the verdict last
 
+    def add_headline(self, claim, setting, paper, ours, p, digits=2):
+        """A headline row from a paired result `p` (reproduce.stats.paired or mcnemar)."""
+        mde = fmt_mde(p, digits)
+        if p["verdict"] == "inconclusive" and mde != "n/a":
+            mde = f"no effect larger than {mde}"
+        self.headline.append([claim, setting, paper, ours, p["n"], fmt_paired(p, digits), mde, p["verdict"]])
 
-def headline_row(claim, setting, paper, ours, p, digits=2):
-    """A headline row from a paired result `p` (reproduce.stats.paired or mcnemar)."""
-    from .stats import fmt_mde, fmt_paired
+    def add_figure(self, path, caption):
+        """A figure made by the section's own command."""
+        self.figures.append((path, caption, self.command))
 
-    mde = fmt_mde(p, digits)
-    if p["verdict"] == "inconclusive" and mde != "n/a":
-        mde = f"no effect larger than {mde}"
-    return [claim, setting, paper, ours, p["n"], fmt_paired(p, digits), mde, p["verdict"]]
+
+def comparison_cells(p, ours, base, higher_is_better=True, digits=2):
+    """The cells every comparison row ends with: the paired difference [95% CI], its MDE and verdict (`p`,
+    reproduce.stats.paired or mcnemar), then the unpaired verdict of the two intervals `ours` vs `base`."""
+    return [*paired_cells(p, digits), verdict(ours, base, higher_is_better)]
 
 
 def headline_table(sections):

@@ -5,8 +5,8 @@ import os
 import numpy as np
 
 from .common import first_at, lr_text
-from .report import Section, Table, headline_row
-from .stats import choose, fmt, interval, paired, paired_cells, reach, seeds_needed, verdict
+from .report import Section, Table, comparison_cells
+from .stats import choose, fmt, interval, paired, reach, seeds_needed
 
 TITLE = "Figure 2: fully-connected nets on the 2-D spiral"
 FULL = dict(spiral=(("fcn2", 1000), ("fcn3", 100), ("fcn4", 50)), lr_grid=(0.005, 0.01, 0.02), val_frac=0.2)
@@ -54,50 +54,58 @@ def tasks(cfg, ctx):
             for model, iters in cfg["spiral"] for seed in range(cfg["seeds"])}
 
 
+CLAIM = ("FCNs trained with RLO reach a higher test accuracy than with CE (the paper: 1 to 4.3 points higher, FCN "
+         "with 2/3/4 layers).")
+
+
+def setup(cfg):
+    return (f"regression.py's spiral (1500 points, two arms, 1.5 turns, noise 0.04), a 70/30 split, ReLU "
+            f"FCNs with 1/2/3 hidden layers of 100 units (fcn2/3/4), CE vs RLO (root_convex, k = m = 3), "
+            f"full-batch Adam (the paper does not state its optimizer), "
+            f"{'/'.join(str(i) for _, i in cfg['spiral'])} iterations, {cfg['seeds']} seeds (each seed draws the "
+            f"data, the split and the initialisation; CE and RLO share them). Tuning: each loss gets the "
+            f"same learning-rate grid {lr_text(cfg['lr_grid'])}; the last {cfg['val_frac']:.0%} of each seed's "
+            f"training rows are held out as validation, every run trains on the rest, and each (net, loss) "
+            f"takes the rate with the best mean validation accuracy over the seeds; the test accuracy of "
+            f"those same runs is reported.")
+
+
 def report(cfg, res, ctx, command):
-    depths, grid = cfg["spiral"], list(cfg["lr_grid"])
-    sec = Section("spiral", TITLE,
-                  "FCNs trained with RLO reach a higher test accuracy than with CE (the paper: 1 to 4.3 points "
-                  "higher, FCN with 2/3/4 layers).",
-                  f"regression.py's spiral (1500 points, two arms, 1.5 turns, noise 0.04), a 70/30 split, ReLU "
-                  f"FCNs with 1/2/3 hidden layers of 100 units (fcn2/3/4), CE vs RLO (root_convex, k = m = 3), "
-                  f"full-batch Adam (the paper does not state its optimizer), "
-                  f"{'/'.join(str(i) for _, i in depths)} iterations, {cfg['seeds']} seeds (each seed draws the "
-                  f"data, the split and the initialisation; CE and RLO share them). Tuning: each loss gets the "
-                  f"same learning-rate grid {lr_text(grid)}; the last {cfg['val_frac']:.0%} of each seed's "
-                  f"training rows are held out as validation, every run trains on the rest, and each (net, loss) "
-                  f"takes the rate with the best mean validation accuracy over the seeds; the test accuracy of "
-                  f"those same runs is reported.", command)
+    sec = Section("spiral", TITLE, CLAIM, setup(cfg), command)
     table = Table("Test accuracy (%) and Adam iterations to 90% test accuracy (mean ± 95% CI over seeds) at each "
                   "loss's chosen learning rate; paired RLO − CE per seed [95% CI], MDE, verdicts", [
         "model", "paper", "lr chosen (CE / RLO)", "CE acc", "RLO acc", "RLO − CE [95% CI]", "MDE", "verdict (acc)",
         "unpaired", f"seeds to detect +{PAPER_GAIN:g}", "CE iters to 90%", "RLO iters to 90%", "verdict (speed)"])
-    for model, _ in depths:
+    for model, _ in cfg["spiral"]:
         seeds = res.get(model)
-        if not seeds:
-            continue
-        chosen = {m: choose(grid, {lr: np.mean([s[(m, lr)]["val"] for s in seeds]) for lr in grid}) for m, _ in METHODS}
-        runs = {m: [s[(m, chosen[m])] for s in seeds] for m, _ in METHODS}
-        acc = {m: [r["acc"] for r in runs[m]] for m in runs}
-        ce, rlo = interval(acc["lr"]), interval(acc["rlo"])
-        budget = len(runs["lr"][0]["curve"]) - 1
-        iters = {m: [first_at(r["curve"], lambda a: a >= 90) for r in runs[m]] for m in runs}
-        speed = {m: reach(iters[m], budget) for m in runs}
-        p = paired(acc["rlo"], acc["lr"])
-        p_speed = paired(iters["rlo"], iters["lr"], higher_is_better=False, budget=budget)
-        need = seeds_needed(PAPER_GAIN, p["sd"])
-        table.rows.append([model, "RLO +1 to +4.3", f"{chosen['lr']:g} / {chosen['rlo']:g}", fmt(ce), fmt(rlo),
-                           *paired_cells(p), verdict(rlo, ce), need or "n/a", speed["lr"][1], speed["rlo"][1],
-                           p_speed["verdict"]])
-        sec.headline.append(headline_row(f"Fig. 2: RLO > CE on the spiral ({model})",
-                                         f"Adam, lr tuned on validation (CE {chosen['lr']:g}, RLO {chosen['rlo']:g})",
-                                         "+1 to +4.3 points", f"{fmt(ce)} vs {fmt(rlo)}", p))
-        path = os.path.join(ctx.out, f"spiral_{model}_boundary.png")
-        if os.path.exists(path):
-            sec.figures.append((path, f"Decision regions of {model} (seed 0, lr 0.01 for both losses), CE and RLO, "
-                                      f"test points on top", command))
+        if seeds:
+            table.rows.append(model_row(cfg, model, seeds, sec))
+            path = os.path.join(ctx.out, f"spiral_{model}_boundary.png")
+            if os.path.exists(path):
+                sec.add_figure(path, f"Decision regions of {model} (seed 0, lr 0.01 for both losses), CE and RLO, "
+                                     f"test points on top")
     sec.tables.append(table)
     sec.notes.append(f"Seeds to detect: the number of seeds a paired t-test (two-sided 5%, 80% power) needs to "
                      f"detect the paper's smallest gain (+{PAPER_GAIN:g} point) at the observed spread of the "
                      f"paired differences.")
     return sec
+
+
+def model_row(cfg, model, seeds, sec):
+    """One net's row at each loss's chosen learning rate (and its headline row)."""
+    grid = list(cfg["lr_grid"])
+    chosen = {m: choose(grid, {lr: np.mean([s[(m, lr)]["val"] for s in seeds]) for lr in grid}) for m, _ in METHODS}
+    runs = {m: [s[(m, chosen[m])] for s in seeds] for m, _ in METHODS}
+    acc = {m: [r["acc"] for r in runs[m]] for m in runs}
+    ce, rlo = interval(acc["lr"]), interval(acc["rlo"])
+    budget = len(runs["lr"][0]["curve"]) - 1
+    iters = {m: [first_at(r["curve"], lambda a: a >= 90) for r in runs[m]] for m in runs}
+    speed = {m: reach(iters[m], budget) for m in runs}
+    p = paired(acc["rlo"], acc["lr"])
+    p_speed = paired(iters["rlo"], iters["lr"], higher_is_better=False, budget=budget)
+    need = seeds_needed(PAPER_GAIN, p["sd"])
+    sec.add_headline(f"Fig. 2: RLO > CE on the spiral ({model})",
+                     f"Adam, lr tuned on validation (CE {chosen['lr']:g}, RLO {chosen['rlo']:g})",
+                     "+1 to +4.3 points", f"{fmt(ce)} vs {fmt(rlo)}", p)
+    return [model, "RLO +1 to +4.3", f"{chosen['lr']:g} / {chosen['rlo']:g}", fmt(ce), fmt(rlo),
+            *comparison_cells(p, rlo, ce), need or "n/a", speed["lr"][1], speed["rlo"][1], p_speed["verdict"]]

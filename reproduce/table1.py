@@ -1,13 +1,10 @@
 """Table 1: rooted logistic regression vs logistic regression on the real UCI sets, with nested k selection
 and SPECTF's official split."""
-import os
-
 import numpy as np
 
-
 from .common import UCI, fold, pyplot, save_figure, uci_args, uci_present
-from .report import Section, Table, headline_row
-from .stats import fmt, interval, mcnemar, paired, paired_cells, seeds_needed, verdict
+from .report import Section, Table, comparison_cells
+from .stats import fmt, interval, mcnemar, paired, paired_cells, seeds_needed
 
 TITLE = "Table 1: rooted logistic regression vs logistic regression on the UCI sets"
 FULL = dict(iters=200, lr=0.01, ks=(2, 3, 4, 5, 6, 8, 10, 12, 15, 20), inner_folds=5)
@@ -56,21 +53,40 @@ def tasks(cfg, ctx):
     return out
 
 
+CLAIM = "RLO(k) reaches a higher test accuracy than LR (paper Table 1, 5-fold CV)."
+
+
+def setup(cfg):
+    return (f"Linear model from w = 0, features standardised on each training fold, full-batch GD, lr "
+            f"{cfg['lr']:g}, {cfg['iters']} iterations (the settings of regression.py), {cfg['seeds']}-fold "
+            f"stratified CV (shuffle seed 0); LR and RLO share each fold, so the paired difference is per "
+            f"fold. k grid {', '.join(f'{k:g}' for k in cfg['ks'])} (plus the paper's k). Three ways to pick "
+            f"k: the paper's k; the k with the best mean test accuracy over the test folds (how the paper "
+            f"picks it: optimistic, since the test folds choose it); nested: on each outer fold, the k with "
+            f"the best mean accuracy over {cfg['inner_folds']}-fold CV inside the training part only, then "
+            f"tested on the outer fold (unbiased). Data: the original UCI files in ../shared/data/uci (Wine: "
+            f"scikit-learn's copy). GD has no learning rate to tune per loss here: both losses use the "
+            f"paper's setting.")
+
+
 def report(cfg, res, ctx, command):
+    sec = Section("table1", TITLE, CLAIM, setup(cfg), command)
+    sec.tables.append(cv_table(cfg, res, sec))
+    official = res.get(("spectf", "official"))
+    if official:
+        sec.tables.append(official_split_table(cfg, official, sec))
+    present = [d for d in UCI if (d, "cv") in res]
+    if present:
+        sec.add_figure(accuracy_figure(res, present, ctx.out),
+                       "Test accuracy against k (mean ± 95% CI over the folds), LR and the paper's numbers")
+    return sec
+
+
+def cv_table(cfg, res, sec):
+    """One row per data set: LR and RLO at the paper's, the test-picked and the nested k, over the CV folds."""
     import regression
 
     n = cfg["seeds"]
-    sec = Section("table1", TITLE, "RLO(k) reaches a higher test accuracy than LR (paper Table 1, 5-fold CV).",
-                  f"Linear model from w = 0, features standardised on each training fold, full-batch GD, lr "
-                  f"{cfg['lr']:g}, {cfg['iters']} iterations (the settings of regression.py), {n}-fold "
-                  f"stratified CV (shuffle seed 0); LR and RLO share each fold, so the paired difference is per "
-                  f"fold. k grid {', '.join(f'{k:g}' for k in cfg['ks'])} (plus the paper's k). Three ways to pick "
-                  f"k: the paper's k; the k with the best mean test accuracy over the test folds (how the paper "
-                  f"picks it: optimistic, since the test folds choose it); nested: on each outer fold, the k with "
-                  f"the best mean accuracy over {cfg['inner_folds']}-fold CV inside the training part only, then "
-                  f"tested on the outer fold (unbiased). Data: the original UCI files in ../shared/data/uci (Wine: "
-                  f"scikit-learn's copy). GD has no learning rate to tune per loss here: both losses use the "
-                  f"paper's setting.", command)
     table = Table("Test accuracy (%), mean ± 95% CI over the CV folds; paired RLO − LR per fold [95% CI], its "
                   "minimum detectable effect (MDE) and the paired verdict; unpaired verdict beside it", [
         "data set", "paper LR", "paper RLO (k)", "our LR", "our RLO, paper's k", "RLO − LR [95% CI]", "MDE",
@@ -92,56 +108,57 @@ def report(cfg, res, ctx, command):
         ks = ", ".join(f"{f['k_nested']:g}" for f in folds)
         pa, pn = paired(rlo_v, lr_v), paired(nest_v, lr_v)
         need = seeds_needed(p_rlo - p_lr, pa["sd"])
-        table.rows.append([dataset, f"{p_lr}", f"{p_rlo} ({p_k})", fmt(lr), fmt(rlo_p), *paired_cells(pa),
-                           verdict(rlo_p, lr), f"{fmt(rlo_t)} (k={k_test:g})", f"{fmt(nested)} (k: {ks})",
-                           *paired_cells(pn), f"{need} (gain {p_rlo - p_lr:+.2f}, sd {pa['sd']:.2f})"
-                           if need else "n/a"])
-        sec.headline.append(headline_row(f"Table 1: RLO > LR ({dataset})", f"{n}-fold CV, paper's k={p_k}",
-                                         f"{p_lr} vs {p_rlo}", f"{fmt(lr)} vs {fmt(rlo_p)}", pa))
-        sec.headline.append(headline_row(f"Table 1: RLO > LR ({dataset}, nested k)", f"{n}-fold CV, k chosen "
-                                         f"inside each training fold", f"{p_lr} vs {p_rlo}",
-                                         f"{fmt(lr)} vs {fmt(nested)}", pn))
-    sec.tables.append(table)
-    official = res.get(("spectf", "official"))
-    if official:
-        (f,) = official
-        n_test = f["n_test"]
-        lr = interval([f["lr"]], n=n_test)
-        rows = []
-        for name, k in (("RLO k=20 (the paper's k)", 20.0), (f"RLO nested k={f['k_nested']:g} ({cfg['inner_folds']}"
-                                                             f"-fold CV on the 80 training rows)", f["k_nested"])):
-            m = mcnemar(f["right"]["rlo"][k], f["right"]["lr"])
-            rows.append([name, fmt(interval([f["rlo"][k]], n=n_test)), f"{m['b']} / {m['c']}", f"{m['p']:.3g}",
-                         *paired_cells(m), verdict(interval([f["rlo"][k]], n=n_test), lr)])
-            if k == 20.0:
-                sec.headline.append(headline_row("Table 1: RLO > LR (spectf, UCI's own split)", "one split, McNemar on "
-                                                 f"the {n_test} test rows", "80.49 vs 84.0",
-                                                 f"{fmt(lr)} vs {fmt(interval([f['rlo'][k]], n=n_test))}", m))
-        sec.tables.append(Table(f"SPECTF, UCI's own split (train on SPECTF.train, 80 rows; test on SPECTF.test, "
-                                f"{n_test} rows); one deterministic run: binomial 95% interval of each accuracy, "
-                                f"exact McNemar test on the {n_test} shared test rows for the paired verdict", [
-            "model", "test accuracy (%)", "rows only RLO / only LR gets right", "McNemar p", "RLO − LR [95% CI]",
-            "MDE", "verdict", "unpaired"], [["LR", fmt(lr), "", "", "", "", "(baseline)", ""], *rows]))
-    present = [d for d in UCI if (d, "cv") in res]
-    if present:
-        plt = pyplot()
-        fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.6), squeeze=False)
-        for ax, dataset in zip(axes[0], present):
-            folds = res[(dataset, "cv")]
-            ks = sorted(folds[0]["rlo"])
-            cis = [interval([f["rlo"][k] for f in folds]) for k in ks]
-            ax.errorbar(ks, [c[1] for c in cis], yerr=[(c[2] - c[0]) / 2 for c in cis], fmt="o-", color="tab:red",
-                        capsize=3, label="our RLO(k)")
-            lo, mean, hi = interval([f["lr"] for f in folds])
-            ax.axhspan(lo, hi, color="tab:blue", alpha=0.2)
-            ax.axhline(mean, color="tab:blue", label="our LR (band: 95% CI)")
-            p_lr, p_k, p_rlo = regression.PAPER[dataset]
-            ax.plot([p_k], [p_rlo], "k*", markersize=10, label="paper RLO")
-            ax.axhline(p_lr, color="k", ls=":", label="paper LR")
-            ax.set(xlabel="k", ylabel="test accuracy (%)", title=dataset, xscale="log")
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        path = save_figure(fig, ctx.out, "table1_accuracy_vs_k.png")
-        sec.figures.append((path, "Test accuracy against k (mean ± 95% CI over the folds), LR and the paper's numbers",
-                            command))
-    return sec
+        table.rows.append([dataset, f"{p_lr}", f"{p_rlo} ({p_k})", fmt(lr), fmt(rlo_p),
+                           *comparison_cells(pa, rlo_p, lr),
+                           f"{fmt(rlo_t)} (k={k_test:g})", f"{fmt(nested)} (k: {ks})", *paired_cells(pn),
+                           f"{need} (gain {p_rlo - p_lr:+.2f}, sd {pa['sd']:.2f})" if need else "n/a"])
+        sec.add_headline(f"Table 1: RLO > LR ({dataset})", f"{n}-fold CV, paper's k={p_k}", f"{p_lr} vs {p_rlo}",
+                         f"{fmt(lr)} vs {fmt(rlo_p)}", pa)
+        sec.add_headline(f"Table 1: RLO > LR ({dataset}, nested k)", f"{n}-fold CV, k chosen inside each training "
+                         f"fold", f"{p_lr} vs {p_rlo}", f"{fmt(lr)} vs {fmt(nested)}", pn)
+    return table
+
+
+def official_split_table(cfg, official, sec):
+    """SPECTF's own train/test split: one deterministic run, McNemar on the shared test rows."""
+    (f,) = official
+    n_test = f["n_test"]
+    lr = interval([f["lr"]], n=n_test)
+    rows = []
+    for name, k in (("RLO k=20 (the paper's k)", 20.0), (f"RLO nested k={f['k_nested']:g} ({cfg['inner_folds']}"
+                                                         f"-fold CV on the 80 training rows)", f["k_nested"])):
+        m = mcnemar(f["right"]["rlo"][k], f["right"]["lr"])
+        rlo = interval([f["rlo"][k]], n=n_test)
+        rows.append([name, fmt(rlo), f"{m['b']} / {m['c']}", f"{m['p']:.3g}", *comparison_cells(m, rlo, lr)])
+        if k == 20.0:
+            sec.add_headline("Table 1: RLO > LR (spectf, UCI's own split)", f"one split, McNemar on the {n_test} "
+                             f"test rows", "80.49 vs 84.0", f"{fmt(lr)} vs {fmt(rlo)}", m)
+    return Table(f"SPECTF, UCI's own split (train on SPECTF.train, 80 rows; test on SPECTF.test, {n_test} rows); "
+                 f"one deterministic run: binomial 95% interval of each accuracy, exact McNemar test on the "
+                 f"{n_test} shared test rows for the paired verdict", [
+        "model", "test accuracy (%)", "rows only RLO / only LR gets right", "McNemar p", "RLO − LR [95% CI]",
+        "MDE", "verdict", "unpaired"], [["LR", fmt(lr), "", "", "", "", "(baseline)", ""], *rows])
+
+
+def accuracy_figure(res, present, out):
+    """Test accuracy against k per data set, with LR's band and the paper's points; its path."""
+    import regression
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.6), squeeze=False)
+    for ax, dataset in zip(axes[0], present):
+        folds = res[(dataset, "cv")]
+        ks = sorted(folds[0]["rlo"])
+        cis = [interval([f["rlo"][k] for f in folds]) for k in ks]
+        ax.errorbar(ks, [c[1] for c in cis], yerr=[(c[2] - c[0]) / 2 for c in cis], fmt="o-", color="tab:red",
+                    capsize=3, label="our RLO(k)")
+        lo, mean, hi = interval([f["lr"] for f in folds])
+        ax.axhspan(lo, hi, color="tab:blue", alpha=0.2)
+        ax.axhline(mean, color="tab:blue", label="our LR (band: 95% CI)")
+        p_lr, p_k, p_rlo = regression.PAPER[dataset]
+        ax.plot([p_k], [p_rlo], "k*", markersize=10, label="paper RLO")
+        ax.axhline(p_lr, color="k", ls=":", label="paper LR")
+        ax.set(xlabel="k", ylabel="test accuracy (%)", title=dataset, xscale="log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    return save_figure(fig, out, "table1_accuracy_vs_k.png")

@@ -1,0 +1,80 @@
+"""lm/ imports one way, bottom to top: its modules' imports of each other (module-level and inside
+functions alike) form no circle, lm.checkpoint imports none of them, and every module imports on its own in
+a fresh interpreter, without the package's __init__ (which imports them all) having run first."""
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LM = os.path.join(ROOT, "lm")
+MODULES = sorted(f[:-3] for f in os.listdir(LM) if f.endswith(".py") and f != "__init__.py")
+
+
+def lm_imports(module):
+    """The lm modules that lm/<module>.py imports anywhere in its code ("__init__" for the package itself)."""
+    with open(os.path.join(LM, f"{module}.py")) as f:
+        tree = ast.parse(f.read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name == "lm" or a.name.startswith("lm.")]
+            found |= {n.split(".")[1] if "." in n else "__init__" for n in names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 1 or node.module == "lm" or (node.module or "").startswith("lm."):
+                target = (node.module or "").removeprefix("lm.").removeprefix("lm") if node.level == 0 else node.module
+                if target:
+                    found.add(target.split(".")[0])
+                else:  # from . import a, b / from lm import a, b: submodules or names of __init__
+                    found |= {a.name if a.name in MODULES else "__init__" for a in node.names}
+    return found
+
+
+GRAPH = {m: lm_imports(m) for m in MODULES}
+
+
+def closure(module):
+    seen, todo = set(), [module]
+    while todo:
+        for dep in GRAPH.get(todo.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_the_lm_import_graph_has_no_circle():
+    order, done = [], set()
+    while len(done) < len(GRAPH):
+        ready = [m for m in GRAPH if m not in done and GRAPH[m] <= done]
+        left = {m: sorted(GRAPH[m]) for m in GRAPH if m not in done}
+        assert ready, f"import circle among {sorted(left)}: {left}"
+        done.update(ready)
+        order += sorted(ready)
+    assert all("__init__" not in deps for deps in GRAPH.values())  # nothing inside lm/ imports the whole package
+    assert GRAPH["checkpoint"] == set()  # the bottom layer
+    assert closure("load") >= {"checkpoint", "hf_quantizer", "quantized", "gguf", "llama2c"}
+
+
+# Imports lm.<argv[1]> with a bare `lm` package (its __init__ not run) and prints the lm modules loaded.
+ISOLATED = """
+import importlib, json, sys, types
+package = types.ModuleType("lm")
+package.__path__ = [sys.argv[2]]
+sys.modules["lm"] = package
+importlib.import_module("lm." + sys.argv[1])
+print(json.dumps(sorted(m[3:] for m in sys.modules if m.startswith("lm."))))
+"""
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_each_lm_module_imports_alone_in_a_fresh_interpreter(module):
+    proc = subprocess.run([sys.executable, "-c", ISOLATED, module, LM], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    # what it loaded is what the import graph says it may load (function-level imports run later, if ever)
+    assert module in loaded and loaded - {module} <= closure(module), loaded
