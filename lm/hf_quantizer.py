@@ -48,7 +48,7 @@ class RloQuantizationConfig(QuantizationConfigMixin):
 @contextlib.contextmanager
 def _float32_on_cpu():
     """transformers builds the model on the meta device in the requested dtype; a QuantLinear regenerates
-    its rotations from seeds (real tensors) and keeps float32 scales."""
+    its rotations from seeds (real tensors) and holds its scales in float32 (whatever dtype they were stored in)."""
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:

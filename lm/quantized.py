@@ -7,9 +7,10 @@ A directory written by `save_quantized` holds
   "transformers_weights" set to a sentence that stops class-level loads of plain transformers
   (`lm.checkpoint`);
 - `rlo_loader.py` (a copy of `lm/rlo_loader.py`): what lets transformers load the directory (see there);
-- `model.safetensors`: per quantized linear only its packed codes, float32 scales (and zero points,
-  in_scale/out_scale, bias), never a dense copy of the weight; every other tensor (embeddings, norms, an
-  unquantized head) in `stored_dtype` (float16 unless asked). Tied tensors are stored once;
+- `model.safetensors`: per quantized linear only its packed codes and zero points (exact), its scales
+  (in_scale/out_scale, bias) in `stored_dtype`, never a dense copy of the weight; every other tensor
+  (embeddings, norms, an unquantized head) in `stored_dtype` too (float16 unless asked). Tied tensors are
+  stored once;
 - the tokenizer files.
 
 `quantization_config` = {"quant_method": "rlo", "format": FORMAT, "method", "wbits", "options",
@@ -86,18 +87,21 @@ def quantization_specs(model):
 
 
 def _unquantized_names(model):
-    """Names of the state dict's floating-point tensors outside the quantized layers (what `stored_dtype` applies to)."""
+    """Names of the state dict's floating-point tensors other than the quantized layers' frozen code buffers
+    (codes and zero points, kept exact): what `stored_dtype` applies to. A quantized layer's scales are among
+    them: 16 bits change a 2-bit weight by a relative 5e-4 (float16) and halve their bytes."""
     from quant.embedding import QuantEmbedding
     from quant.linear import QuantLinear
 
     exact = {f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))
-             for k in m.state_dict()}
+             for k, _ in m.named_buffers()}
     return {k for k, t in model.state_dict().items() if t.is_floating_point() and k not in exact}
 
 
 def packed_tensors(model, dtype=torch.float16):
-    """The tensors a packed checkpoint stores: each quantized layer's own (codes, float32 scales) as they are,
-    every other floating-point tensor (embeddings, norms, an unquantized head) in `dtype`, tied tensors once."""
+    """The tensors a packed checkpoint stores: the quantized layers' codes and zero points as they are, every
+    other floating-point tensor (their scales, embeddings, norms, an unquantized head) in `dtype`, tied tensors
+    once."""
     cast = _unquantized_names(model)
     tensors, seen = {}, set()
     for name, t in model.state_dict().items():

@@ -110,7 +110,12 @@ def test_tensors_outside_the_quantized_layers_are_stored_in_16_bit(saved):
     dtypes = stored_dtypes(saved["plain"])
     assert dtypes["model.embed_tokens.weight"] == "F16" and dtypes["model.norm.weight"] == "F16"
     assert "lm_head.weight" not in dtypes  # tied: stored once
-    assert dtypes["model.layers.0.self_attn.q_proj.scale"] == "F32"  # a quantized layer's own, as it is
+    assert dtypes["model.layers.0.self_attn.q_proj.scale"] == "F16"  # a quantized layer's scales too
+    assert dtypes["model.layers.0.self_attn.q_proj.codes0"] == "I16"  # its codes as they are
+    zeros = {k: v for k, v in stored_dtypes(saved["embed8"]).items() if k.endswith(".zero")}
+    assert zeros and set(zeros.values()) == {"F32"}  # grid zero points stay exact
+    loaded, _ = lm.load_causal_lm(saved["plain"])
+    assert loaded.model.layers[0].self_attn.q_proj.scale.dtype == torch.float32
     assert stored_dtypes(saved["fp32"])["model.embed_tokens.weight"] == "F32"
     config = json.load(open(os.path.join(saved["plain"], "config.json")))
     assert config["quantization_config"]["stored_dtype"] == "float16"
