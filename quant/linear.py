@@ -122,19 +122,30 @@ class QuantLinear(nn.Module):
         if y is not None:
             return y
         shape = x.shape
-        z = self.rotate_in(x.reshape(-1, self.in_features))
+        x = x.reshape(-1, self.in_features)
+        if x.shape[0] >= min(self.spec["padded"]):
+            # at least as many tokens as the weight's shorter side: rotating the weight once costs less than
+            # rotating every token (training and calibration batches)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.nn.functional.linear(x, self.dense_weight().to(x.dtype), bias).reshape(*shape[:-1], -1)
+        z = self.rotate_in(x)
         t = torch.cat([z @ self.processed_weight(r0, r1).to(z.dtype).T for r0, r1 in self._chunks()], 1)
         return self.rotate_out(t).reshape(*shape[:-1], self.out_features)
+
+    def dense_weight(self, dtype=torch.float32):
+        """The dense (out, in) weight this layer applies, out_scale * (U^T W_p V) * in_scale, computed in
+        `dtype` and differentiable in the scales."""
+        W = self.proc.unweight(self.processed_weight().to(dtype))
+        if self.in_scale is not None:
+            W = W * self.in_scale.to(dtype)
+        if self.out_scale is not None:
+            W = W * self.out_scale.to(dtype)[:, None]
+        return W
 
     @torch.no_grad()
     def dequantize(self):
         """The dense (out, in) float32 weight this layer applies (for checks and export)."""
-        W = self.proc.unweight(self.processed_weight().double()).float()
-        if self.in_scale is not None:
-            W = W * self.in_scale.float()
-        if self.out_scale is not None:
-            W = W * self.out_scale.float()[:, None]
-        return W
+        return self.dense_weight(torch.float64).float()
 
     def extra_repr(self):
         s = self.spec

@@ -127,6 +127,31 @@ def test_every_entry_is_on_its_grid_and_codes_rebuild_the_weights(wbits, method,
         assert all(len(torch.unique(row)) <= 2 ** wbits for row in u.round())
 
 
+@pytest.mark.parametrize("method", ["ldlqRG", "e8p"])
+def test_many_tokens_rotate_the_weight_once_with_the_same_values_and_gradients(method):
+    """At least min(padded rows, cols) tokens run as one matmul with the rotated dense weight instead of
+    rotating every token: the same outputs, and the same gradients for every trained scale."""
+    W, H = weight(24, 40, 7), hessian(40, 7)
+    layer = quant.QuantLinear.from_result(quant.quantize_layer(W, H, 2, method, True, seed=2), torch.randn(24))
+    layer.add_channel_scales()
+    rows, cols = layer.spec["padded"]
+    x = torch.randn(3, min(rows, cols), 40)
+    out = {}
+    for path in ("weight", "tokens"):
+        layer.zero_grad()
+        if path == "weight":
+            y = layer(x)
+        else:
+            flat = x.reshape(-1, 40)
+            y = layer.rotate_out(layer.rotate_in(flat) @ layer.processed_weight().T).reshape(3, -1, 24)
+        y.square().sum().backward()
+        out[path] = (y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()})
+    torch.testing.assert_close(out["weight"][0], out["tokens"][0], atol=1e-4, rtol=1e-4)
+    assert set(out["weight"][1]) == {"scale", "in_scale", "out_scale", "bias"}
+    for name, grad in out["weight"][1].items():
+        torch.testing.assert_close(grad, out["tokens"][1][name], atol=1e-3, rtol=1e-4)
+
+
 def test_qfn_b_levels_at_2_bits():
     W = weight(20, 30, 4)
     grid = make_grid(W, 2, "b")
