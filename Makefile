@@ -26,7 +26,7 @@ llm-demo: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) reproduce.py --readme README.md
 
-# Every section, table and figure at a tiny size (about 1 min on 2 cores; tests/test_reproduce.py runs it).
+# Every section, table and figure at a tiny size (about 1 min on 2 cores; tests/reproduce/test_reproduce.py runs it).
 reproduce-quick: $(STAMP)
 	$(PY) reproduce.py --quick --out runs/reproduce_quick
 
