@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(items):
 
     A run that holds the `kernel` tests (the whole suite, tests/quant) also starts building the C++ kernels
     now, in a thread beside the tests, instead of inside whichever test needs one first; under pytest-xdist
-    worker gw0 builds one extension and gw1 the other (torch's file lock makes any other user wait)."""
+    worker gw0 builds one extension and gw1 the other (torch's file lock makes any other user wait for it)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if any(item.get_closest_marker("kernel") for item in items):
         _start_kernel_builds()
@@ -55,7 +55,7 @@ def _start_kernel_builds():
 
 
 def pytest_sessionfinish():
-    """A build still running is waited for: a compiler left running past the process would hold the lock."""
+    """A build still running is waited for, not cut off at exit (the next run would build it again)."""
     for build in _builds:
         build.join()
 
