@@ -31,7 +31,8 @@ reproduce-quick: $(STAMP)
 	$(PY) reproduce.py --quick --out runs/reproduce_quick
 
 # One pytest-xdist worker per core (one torch thread each). Each test module runs whole on one worker, so its
-# module-scoped fixtures are built once; modules start in collection order (slow tests first, tests/conftest.py).
+# module-scoped fixtures are built once; modules start in collection order, those with slow tests first
+# (tests/conftest.py, which also starts building the C++ kernels at collection).
 # The 20 slowest tests are listed at the end.
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=20 tests

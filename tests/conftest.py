@@ -27,14 +27,16 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):
-    """`slow` tests first, the order otherwise kept: under pytest-xdist (make test: whole modules per worker,
-    in collection order) the modules that hold them start first, instead of one running alone at the end
-    while the other workers idle. Slow tests use no module-scoped fixture, so moving them builds nothing twice.
+    """The modules that hold `slow` tests first (in collection order), each with its slow tests first, the
+    order otherwise kept: under pytest-xdist (make test: whole modules per worker, in collection order) the
+    longest modules start first, instead of one running alone at the end while the other workers idle. A
+    module's tests stay together, so its module-scoped fixtures are built once also without pytest-xdist.
 
     A run that holds the `kernel` tests (the whole suite, tests/quant) also starts building the C++ kernels
     now, in a thread beside the tests, instead of inside whichever test needs one first; under pytest-xdist
     worker gw0 builds one extension and gw1 the other (torch's file lock makes any other user wait for it)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    rank = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in items if item.get_closest_marker("slow")))}
+    items.sort(key=lambda item: (rank.get(item.path, len(rank)), item.get_closest_marker("slow") is None))
     if any(item.get_closest_marker("kernel") for item in items):
         _start_kernel_builds()
 
@@ -65,12 +67,6 @@ def _restore_thread_count():
     """Scripts called in-process (regression.py, gan.py, --threads) set torch's thread count; the next test
     gets the one thread back."""
     yield
-    torch.set_num_threads(1)
-
-
-@pytest.fixture
-def one_thread():
-    """Every test already runs on one thread (above); kept for modules that ask for it by name."""
     torch.set_num_threads(1)
 
 

@@ -19,11 +19,6 @@ TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% e
             "{% if add_generation_prompt %}<s>assistant:{% endif %}")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Tiny matrices: one thread (see conftest.one_thread)."""
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")

@@ -106,6 +106,7 @@ def test_the_conversion_cli_fails_with_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_smollm2_loads_from_the_shared_gguf():
     if not os.path.isfile(SMOLLM2):

@@ -27,8 +27,6 @@ IDS = list(range(3, 40))
 def packed(tmp_path_factory):
     """{family: packed dir} for every family, 'today': a llama dir in the layout written before class-level
     loads were stopped (no transformers_weights key), and each one's logits from lm.load_causal_lm."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("class_loads")
     tokenizer = train_tokenizer(make_text(20), vocab_size=300)
     data = write_wikitext(str(root / "wikitext"), n_paragraphs=(8, 2, 2))
@@ -52,7 +50,6 @@ def packed(tmp_path_factory):
             model, _ = lm.load_causal_lm(path)
             logits[name] = model(ids).logits
             logits[name + ":base"] = model.base_model(ids).last_hidden_state
-    torch.set_num_threads(threads)
     return {"dirs": dirs, "logits": logits, "root": root}
 
 

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import ft_opt
 import lm
@@ -17,6 +16,7 @@ from quant.e8p import get_codebook
 from quant.linear import QuantLinear
 from quant.model import _layer_inputs, _run, decoder_layers, quantize_model
 from quant.pv import CodeUpdater, apply, propose
+from tests.lm_fixtures import save_tiny_gpt2
 
 CALIB = ["--nsamples", "8", "--seqlen", "32", "--device", "cpu"]
 QFT = ["--seqlen", "32", "--lr", "3e-3", "--warmup-steps", "2", "--micro-bs", "4", "--grad-accum", "2", "--loss", "ce"]
@@ -73,8 +73,7 @@ def test_opt_block_ft_and_e2e_ft_record_what_they_did_and_reload_with_the_same_p
 
 def test_block_ft_bad_options_are_one_line_errors(assets, tmp_path):
     gpt2 = str(tmp_path / "gpt2")
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).save_pretrained(gpt2)
-    lm.load_causal_lm(assets["llama"])[1].save_pretrained(gpt2)
+    save_tiny_gpt2(gpt2, assets["llama"])
     with pytest.raises(UserError, match="--block-ft finetunes inside decoder layers; model family 'gpt2' has none"):
         opt.main([gpt2, "wikitext2", "--data-dir", assets["data"], *CALIB, "--wbits", "2", "--block-ft", "3"])
     for flags, match in [(["--block-ft", "0"], "--block-ft"), (["--block-ft", "3", "--nsamples", "1"], "nsamples >= 2"),

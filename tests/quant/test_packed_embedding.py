@@ -21,11 +21,6 @@ from tests.helpers import OPT_FAST
 FAST = [*OPT_FAST, "--proxy_only"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Tiny matrices: one thread (see conftest.one_thread)."""
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer(make_text(60))

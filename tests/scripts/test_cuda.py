@@ -13,8 +13,6 @@ two.
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,7 +24,7 @@ import opt
 import quant
 import train
 from engine import read_csv
-from tests.helpers import ROOT, free_port
+from tests.helpers import torchrun_ft_opt
 
 DEVICE = "cuda"
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")]
@@ -188,16 +186,6 @@ def test_packed_model_generates_the_same_text_on_cuda(assets):
     assert opt.generate(gpu_model, tokenizer, "The cat", 8, DEVICE) == cpu_text
 
 
-def torchrun(args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           f"--master_port={free_port()}", "ft_opt.py", *args]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("perplexity after finetuning") == 1  # only rank 0 evaluates and writes
-    return res.stdout
-
-
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_nccl_ranks_equal_one_process_with_the_same_global_batch(assets, mode):
@@ -206,7 +194,7 @@ def test_torchrun_two_nccl_ranks_equal_one_process_with_the_same_global_batch(as
             "--warmup-steps", "2", "--grad-accum", "3", "--epochs", "2", "--device", DEVICE]
     single_out, ranks_out = (str(assets["root"] / f"nccl_{mode}_{n}") for n in ("single", "ranks"))
     single = ft_opt.main([*base, "--micro-bs", "6", "--out", single_out])
-    stdout = torchrun([*base, "--micro-bs", "3", "--out", ranks_out, *(["--fsdp"] if mode == "fsdp" else [])])
+    stdout = torchrun_ft_opt([*base, "--micro-bs", "3", "--out", ranks_out, *(["--fsdp"] if mode == "fsdp" else [])])
     assert ("sharded over 2 processes" in stdout) == (mode == "fsdp")
     ranks = json.load(open(os.path.join(ranks_out, "metrics.json")))
     assert ranks["steps"] == single["steps"] == 6

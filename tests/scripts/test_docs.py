@@ -27,8 +27,6 @@ import shlex
 import subprocess
 import sys
 
-import pytest
-
 from test_commands import CHECKED, LAUNCHERS, REDIRECT, check, load_parse, logical_lines, split_commands
 from tests.helpers import ROOT
 

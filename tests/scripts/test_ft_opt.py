@@ -13,7 +13,7 @@ import ft_opt
 import lm
 from engine import UserError
 from losses import get_loss
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, torchrun_ft_opt
 
 FAST = ["--seqlen", "32", "--lr", "3e-3", "--warmup-steps", "2", "--micro-bs", "4", "--grad-accum", "2", "--epochs", "2"]
 
@@ -203,16 +203,6 @@ def single_process_run(assets):
     return out, ft_opt.main(["--model", assets["opt"], "--data-dir", assets["data"], *TORCHRUN, "--micro-bs", "6", "--out", out])
 
 
-def torchrun(args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "ft_opt.py", *args]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("perplexity after finetuning") == 1  # only rank 0 evaluates and writes
-    return res.stdout
-
-
 def assert_same_run(out, metrics, reference_out, reference):
     assert metrics["steps"] == reference["steps"] == 6
     assert metrics["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
@@ -222,15 +212,17 @@ def assert_same_run(out, metrics, reference_out, reference):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_gloo_processes_equal_one_process_with_the_same_global_batch(assets, single_process_run, mode):
     out = str(assets["root"] / f"torchrun_{mode}")
-    stdout = torchrun(["--model", assets["opt"], "--data-dir", assets["data"], *TORCHRUN, "--micro-bs", "3", "--out", out,
+    stdout = torchrun_ft_opt(["--model", assets["opt"], "--data-dir", assets["data"], *TORCHRUN, "--micro-bs", "3", "--out", out,
                        *(["--fsdp"] if mode == "fsdp" else [])])
     assert ("FSDP: 2 transformer blocks + the rest sharded over 2 processes" in stdout) == (mode == "fsdp")
     assert_same_run(out, json.load(open(os.path.join(out, "metrics.json"))), *single_process_run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_resumes_a_checkpoint(assets, single_process_run, mode, monkeypatch):
     # epoch 1 in one process, killed after its checkpoint; epoch 2 resumed by two processes: the
@@ -246,7 +238,7 @@ def test_torchrun_resumes_a_checkpoint(assets, single_process_run, mode, monkeyp
     monkeypatch.setattr(ft_opt, "atomic_save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         ft_opt.main([*args, "--micro-bs", "6"])
-    stdout = torchrun([*args, "--micro-bs", "3", "--resume", *(["--fsdp"] if mode == "fsdp" else [])])
+    stdout = torchrun_ft_opt([*args, "--micro-bs", "3", "--resume", *(["--fsdp"] if mode == "fsdp" else [])])
     assert "resumed from" in stdout and "after epoch 1" in stdout
     assert_same_run(out, json.load(open(os.path.join(out, "metrics.json"))), *single_process_run)
 

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import lm
 import opt
@@ -15,6 +14,7 @@ import quant
 from engine import UserError
 from quant.model import decoder_layers, quantize_model
 from tests.helpers import OPT_FAST, ROOT, SHARED
+from tests.lm_fixtures import save_tiny_gpt2
 
 
 def run(assets, kind, *flags, save=None):
@@ -175,8 +175,7 @@ def test_bad_option_combinations_fail_before_the_model_is_loaded():
 
 def test_unsupported_family_and_missing_data(assets, tmp_path):
     gpt2 = str(tmp_path / "gpt2")
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).save_pretrained(gpt2)
-    lm.load_causal_lm(assets["opt"])[1].save_pretrained(gpt2)
+    save_tiny_gpt2(gpt2, assets["opt"])
     with pytest.raises(UserError, match="model family 'gpt2' is not supported"):
         opt.main([gpt2, "wikitext2", "--data-dir", assets["data"], *OPT_FAST, "--wbits", "2"])
     with pytest.raises(UserError, match="ptb"):
