@@ -151,6 +151,7 @@ def test_codebook_mistakes_are_user_errors():
         cb.unpack({"codes0": torch.zeros(3, dtype=torch.int16)})
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     X = gaussian(4000, seed=4)
