@@ -26,12 +26,13 @@ llm-demo: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) reproduce.py --readme README.md
 
-# Every section, table and figure at a tiny size (about 1 min on 2 cores; tests/test_reproduce.py runs it).
+# Every section, table and figure at a tiny size (about 1 min on 2 cores; tests/reproduce/test_reproduce.py runs it).
 reproduce-quick: $(STAMP)
 	$(PY) reproduce.py --quick --out runs/reproduce_quick
 
 # One pytest-xdist worker per core (one torch thread each). Each test module runs whole on one worker, so its
-# module-scoped fixtures are built once; modules start in collection order (slow tests first, tests/conftest.py).
+# module-scoped fixtures are built once; modules start in collection order, those with slow tests first
+# (tests/conftest.py, which also starts building the C++ kernels at collection).
 # The 20 slowest tests are listed at the end.
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=20 tests

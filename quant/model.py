@@ -28,7 +28,7 @@ from .linear import QuantLinear
 Family = namedtuple("Family", "layers covers")  # path of the decoder layer list; the models it covers
 
 # The decoder-only families (Hugging Face `model_type`) whose decoder layers hold their projections as
-# nn.Linear, each tested on a tiny random config (tests/test_families.py). Mixture-of-experts families
+# nn.Linear, each tested on a tiny random config (tests/quant/test_families.py). Mixture-of-experts families
 # (mixtral, qwen3_moe) are left out: their experts are fused 3-D parameters, not nn.Linear.
 FAMILIES = {
     "opt": Family("model.decoder.layers", "OPT"),

@@ -3,6 +3,7 @@ models and data files that many modules read (session fixtures, built once per p
 pytest-xdist once per worker)."""
 import os
 import sys
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -25,15 +26,40 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs for tens of seconds on 2 cores; started first (see below)")
-
-
 def pytest_collection_modifyitems(items):
-    """`slow` tests first, the order otherwise kept: under pytest-xdist (make test: whole modules per worker,
-    in collection order) the modules that hold them start first, instead of one running alone at the end
-    while the other workers idle. Slow tests use no module-scoped fixture, so moving them builds nothing twice."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The modules that hold `slow` tests first (in collection order), each with its slow tests first, the
+    order otherwise kept: under pytest-xdist (make test: whole modules per worker, in collection order) the
+    longest modules start first, instead of one running alone at the end while the other workers idle. A
+    module's tests stay together, so its module-scoped fixtures are built once also without pytest-xdist.
+
+    A run that holds the `kernel` tests (the whole suite, tests/quant) also starts building the C++ kernels
+    now, in a thread beside the tests, instead of inside whichever test needs one first; under pytest-xdist
+    worker gw0 builds one extension and gw1 the other (torch's file lock makes any other user wait for it)."""
+    rank = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in items if item.get_closest_marker("slow")))}
+    items.sort(key=lambda item: (rank.get(item.path, len(rank)), item.get_closest_marker("slow") is None))
+    if any(item.get_closest_marker("kernel") for item in items):
+        _start_kernel_builds()
+
+
+_builds = []
+
+
+def _start_kernel_builds():
+    from quant import kernels
+
+    if not kernels.ENABLED:
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    names = {"gw0": ["packed"], "gw1": ["trellis"]}.get(worker, [] if worker else list(kernels.SOURCES))
+    for name in names:
+        _builds.append(threading.Thread(target=kernels.extension, args=(name,), daemon=True))
+        _builds[-1].start()
+
+
+def pytest_sessionfinish():
+    """A build still running is waited for, not cut off at exit (the next run would build it again)."""
+    for build in _builds:
+        build.join()
 
 
 @pytest.fixture(autouse=True)
@@ -41,12 +67,6 @@ def _restore_thread_count():
     """Scripts called in-process (regression.py, gan.py, --threads) set torch's thread count; the next test
     gets the one thread back."""
     yield
-    torch.set_num_threads(1)
-
-
-@pytest.fixture
-def one_thread():
-    """Every test already runs on one thread (above); kept for modules that ask for it by name."""
     torch.set_num_threads(1)
 
 
@@ -78,3 +98,9 @@ def tiny_llama_dir(tmp_path_factory):
 def tiny_lm_assets(tiny_opt_dir, tiny_llama_dir, wikitext_dir):
     """{'opt', 'llama', 'data'}: the three fixtures above, in the dict shape the LM test modules use."""
     return {"opt": tiny_opt_dir, "llama": tiny_llama_dir, "data": wikitext_dir}
+
+
+@pytest.fixture(scope="module")
+def assets(tiny_lm_assets, tmp_path_factory, request):
+    """tiny_lm_assets plus 'root': a folder of the module's own for what its tests write."""
+    return dict(tiny_lm_assets, root=tmp_path_factory.mktemp(request.module.__name__))

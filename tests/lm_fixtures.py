@@ -164,3 +164,13 @@ def tiny_tied_llama(tokenizer, seed=0):
     model.config.tie_word_embeddings = True
     model.lm_head.weight = model.model.embed_tokens.weight
     return model
+
+
+def save_tiny_gpt2(directory, tokenizer_from):
+    """A random 1-layer GPT-2 (a family quant.model does not support) with the tokenizer of the checkpoint
+    `tokenizer_from`, saved in `directory`."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(directory)
+    return directory

@@ -18,7 +18,7 @@ Families: `grid` (scalar affine grids, QuIP's qfn a/b), E8P and its residual for
 name (`Method.codebook`), plus `codebook_options` the family reads.
 
 Adding a codebook is one file plus one line of CODEBOOKS. E.g. a ternary codebook with one scale per row
-(tests/test_codebooks.py has it complete):
+(tests/quant/test_codebooks.py has it complete):
 
     class Ternary(Codebook):
         name = "ternary"

@@ -10,14 +10,15 @@ where it does not apply (another device or dtype, more tokens, gradients needed,
 `kernel_layout`) and QuantLinear's torch path runs: more tokens amortize decoding a block of weights
 into a matmul.
 
-The extension is built on first use with torch.utils.cpp_extension (ninja, a C++ compiler; about a
-minute) into torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),
+The extension is built on first use with torch.utils.cpp_extension (ninja, a C++ compiler; about half a
+minute of one core) into torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),
 once per CPU capability (-mavx2 -mfma where torch reports AVX2 or AVX512), and reused afterwards.
 RLO_NO_KERNEL=1 (read at import) disables it; a failed build warns once and leaves the torch path.
 `extension("trellis")` is the second extension, `trellis.cpp`: the Viterbi search of quant.trellis
 (called from `Trellis.viterbi`), built and disabled the same way.
 """
 import os
+import threading
 import warnings
 import weakref
 
@@ -32,18 +33,20 @@ SOURCES = {"packed": ("packed.cpp", "packed layers run the slower torch path"),
            "trellis": ("trellis.cpp", "the trellis Viterbi search runs the slower torch path")}
 ENABLED = os.environ.get("RLO_NO_KERNEL", "") in ("", "0")  # read once at import; tests toggle this flag
 _built = {}
+_locks = {name: threading.Lock() for name in SOURCES}  # one build per extension when threads race
 _plans = weakref.WeakKeyDictionary()  # layer -> its extension Plan, or None where the kernel cannot run it
 
 
 def extension(name="packed"):
     """The built extension module `name` (SOURCES); None if its build failed (warned once)."""
-    if name not in _built:
-        ext = _build(name)
-        if ext is not None and name == "packed":
-            from ..e8p import _ABS_ODD, E8_1BIT, E8P_ABS
-            ext.set_tables(E8P_ABS.float(), _ABS_ODD, E8_1BIT.float())
-        _built[name] = ext
-    return _built[name]
+    with _locks[name]:
+        if name not in _built:
+            ext = _build(name)
+            if ext is not None and name == "packed":
+                from ..e8p import _ABS_ODD, E8_1BIT, E8P_ABS
+                ext.set_tables(E8P_ABS.float(), _ABS_ODD, E8_1BIT.float())
+            _built[name] = ext
+        return _built[name]
 
 
 def _build(name):

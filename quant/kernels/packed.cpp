@@ -5,7 +5,7 @@
 //
 // Vectors are GCC/Clang vector extensions of 8 floats: one E8P codeword per vector. Built with -mavx2
 // -mfma they compile to AVX2 ymm code (FMA, variable shifts); without, to SSE2 or scalar code.
-#include <torch/extension.h>
+#include <torch/python.h>  // not torch/extension.h: its C++ frontend (nn, optim, ...) compiles longer than this file
 #include <ATen/Parallel.h>
 
 #include <cmath>

@@ -18,7 +18,7 @@
 //
 // Vectors are GCC/Clang vector extensions of 16 floats with -mavx512f, else 8 (AVX2 + FMA with -mavx2
 // -mfma, else SSE2 code); trellises with fewer than W groups (tiny L) run the same code on scalars.
-#include <torch/extension.h>
+#include <torch/python.h>  // not torch/extension.h: its C++ frontend (nn, optim, ...) compiles longer than this file
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
