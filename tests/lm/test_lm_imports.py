@@ -1,6 +1,6 @@
 """lm/ imports one way, bottom to top: its modules' imports of each other (module-level and inside
-functions alike) form no circle, lm.checkpoint imports none of them, and every module imports on its own in
-a fresh interpreter, without the package's __init__ (which imports them all) having run first."""
+functions alike) form no circle, lm.checkpoint imports none of them, and every module imports on its own (a
+fresh copy of the repo's modules), without the package's __init__ (which imports them all) having run first."""
 import ast
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 LM = os.path.join(ROOT, "lm")
 MODULES = sorted(f[:-3] for f in os.listdir(LM) if f.endswith(".py") and f != "__init__.py")
 
@@ -59,22 +59,47 @@ def test_the_lm_import_graph_has_no_circle():
     assert closure("load") >= {"checkpoint", "hf_quantizer", "quantized", "gguf", "llama2c"}
 
 
-# Imports lm.<argv[1]> with a bare `lm` package (its __init__ not run) and prints the lm modules loaded.
+# For each module named in argv[3:]: forget every module of the repo (argv[1]; torch and transformers stay
+# loaded, which is what makes one interpreter affordable), import lm.<module> under a bare `lm` package (its
+# __init__ not run) and record the lm modules that got loaded, or the error.
 ISOLATED = """
-import importlib, json, sys, types
-package = types.ModuleType("lm")
-package.__path__ = [sys.argv[2]]
-sys.modules["lm"] = package
-importlib.import_module("lm." + sys.argv[1])
-print(json.dumps(sorted(m[3:] for m in sys.modules if m.startswith("lm."))))
+import importlib, json, os, sys, traceback, types
+root, path = sys.argv[1], sys.argv[2]
+venv = os.path.realpath(sys.prefix) + os.sep  # a virtual environment inside the repo holds torch: kept
+
+
+def ours(mod):
+    file = os.path.realpath(getattr(mod, "__file__", None) or "/")
+    return file.startswith(root + os.sep) and not file.startswith(venv)
+
+
+loaded = {}
+for module in sys.argv[3:]:
+    for name in [m for m, mod in sys.modules.items() if m == "lm" or m.startswith("lm.") or ours(mod)]:
+        del sys.modules[name]
+    package = types.ModuleType("lm")
+    package.__path__ = [path]
+    sys.modules["lm"] = package
+    try:
+        importlib.import_module("lm." + module)
+        loaded[module] = sorted(m[3:] for m in sys.modules if m.startswith("lm."))
+    except Exception:
+        loaded[module] = traceback.format_exc()
+print(json.dumps(loaded))
 """
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_each_lm_module_imports_alone_in_a_fresh_interpreter(module):
-    proc = subprocess.run([sys.executable, "-c", ISOLATED, module, LM], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+@pytest.fixture(scope="module")
+def isolated_imports():
+    proc = subprocess.run([sys.executable, "-c", ISOLATED, os.path.realpath(ROOT), LM, *MODULES], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_each_lm_module_imports_alone(isolated_imports, module):
+    loaded = isolated_imports[module]
+    assert isinstance(loaded, list), loaded  # else the traceback of its import
     # what it loaded is what the import graph says it may load (function-level imports run later, if ever)
-    assert module in loaded and loaded - {module} <= closure(module), loaded
+    assert module in loaded and set(loaded) - {module} <= closure(module), loaded
