@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from engine import ArgumentParser, UserError, atomic_save, atomic_write_text
 
 from . import SECTIONS
-from .common import SHARED_UCI
+from .common import SHARED_UCI, SHARED_VISION
 from .report import headline_table, markdown, update_readme
 
 FORMAT = 2  # of the cached results: a cache of another format (an older reproduce.py) is never read
@@ -84,6 +84,8 @@ def parse_args(argv):
                                                  "folders; the report holds every section found here (default "
                                                  "runs/reproduce, or OUT/cache with --quick)")
     p.add_argument("--data-dir", default=SHARED_UCI, help="UCI files (default ../shared/data/uci)")
+    p.add_argument("--vision-dir", default=SHARED_VISION, help="image data sets in train.py's layouts: "
+                   "FashionMNIST/raw/ (default ../shared/data/vision)")
     p.add_argument("--cifar-dir", default="data", help="where train.py would find CIFAR (only reported)")
     args = p.parse_args(argv)
     unknown = [s for s in args.sections if s not in SECTIONS]
@@ -111,14 +113,15 @@ def load_cache(path):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    ctx = SimpleNamespace(data_dir=args.data_dir, cache=args.cache, out=args.out, cifar_note=cifar_note(args.cifar_dir))
+    ctx = SimpleNamespace(data_dir=args.data_dir, vision_dir=args.vision_dir, cache=args.cache, out=args.out,
+                          cifar_note=cifar_note(args.cifar_dir))
     start = time.time()
     tasks, cfgs = {}, {}
     for name in args.sections:
         cfgs[name] = config(SECTIONS[name], args)
         tasks.update({(name, key, index): job for (key, index), job in SECTIONS[name].tasks(cfgs[name], ctx).items()})
     # The pool takes tasks in submission order: the longest sections first, so no process idles at the end.
-    longest = ("llm", "digits", "gan")
+    longest = ("llm", "fashion", "digits", "gan")
     tasks = {key: tasks[key] for key in sorted(tasks, key=lambda t: longest.index(t[0]) if t[0] in longest else 3)}
     print(f"reproduce: {len(tasks)} runs in {args.jobs} processes ({', '.join(args.sections)})", flush=True)
     results, seconds = run_tasks(tasks, args.jobs) if tasks else ({}, {})

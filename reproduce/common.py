@@ -9,6 +9,7 @@ from engine import UserError, atomic_savefig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_UCI = os.path.join(ROOT, "..", "shared", "data", "uci")
+SHARED_VISION = os.path.join(ROOT, "..", "shared", "data", "vision")
 UCI = ("wine", "ionosphere", "madelon", "spectf")
 
 

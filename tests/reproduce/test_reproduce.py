@@ -240,7 +240,7 @@ def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (out / "REPRODUCTION.md").read_text()
     titles = re.findall(r"^## \d+\. (.+)$", text, flags=re.M)
-    assert titles == [m.TITLE for m in reproduce.SECTIONS.values()] and len(titles) == 7
+    assert titles == [m.TITLE for m in reproduce.SECTIONS.values()] and len(titles) == 8
     assert "## Verdict rule" in text and "noncentral t" in text  # the rule, stated once
     body = text.split("## Headline", 1)[1]
     headline = body.split(report.HEADLINE_START, 1)[1].split(report.HEADLINE_END, 1)[0]
@@ -249,8 +249,10 @@ def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
     assert {c[-1] for c in cells} <= {"reproduced", "not reproduced", "inconclusive", "pending"}
     assert all(c[4] in ("2", "187") for c in cells if c[-1] != "pending")  # n: 2 quick seeds, SPECTF's test rows
     sections = body.split("\n## ")[1:]
-    expected_tables = {"Table 1": 2, "Figure 1": 1, "Lemma 2": 1, "Figure 2": 1, "Deep nets": 3, "GAN": 2, "LLM": 1}
-    expected_figures = {"Table 1": 1, "Figure 1": 1, "Lemma 2": 0, "Figure 2": 3, "Deep nets": 1, "GAN": 2, "LLM": 0}
+    expected_tables = {"Table 1": 2, "Figure 1": 1, "Lemma 2": 1, "Figure 2": 1, "Deep nets": 3, "Fashion-MNIST": 3,
+                       "GAN": 2, "LLM": 1}
+    expected_figures = {"Table 1": 1, "Figure 1": 1, "Lemma 2": 0, "Figure 2": 3, "Deep nets": 1, "Fashion-MNIST": 1,
+                        "GAN": 2, "LLM": 0}
     for section, (name, n_tables) in zip(sections, expected_tables.items()):
         assert name in section.splitlines()[0]
         assert "**Command:** `python reproduce.py --quick --sections" in section
@@ -264,13 +266,14 @@ def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
     table1 = sections[0].split("| data set |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
     assert [row.split("|")[1].strip() for row in table1] == list(UCI)
     assert all(re.search(r"\d+\.\d\d ± \d+\.\d\d", row) for row in table1)
-    assert "lr chosen" in sections[4] and "Mean validation W1" in sections[5]
+    assert "lr chosen" in sections[4] and "lr chosen" in sections[5] and "Mean validation W1" in sections[6]
     assert "not run in quick mode" in sections[-1]
-    runs = out / "cache" / "runs" / "digits"
-    for run in os.listdir(runs):  # train.py runs keep their metrics, not their checkpoints
-        files = set(os.listdir(runs / run))
-        assert "metrics.csv" in files and not files & {"last.pt", "best.pt"}
-    assert sorted(os.listdir(out / "cache")) == sorted([f"{s}.pt" for s in reproduce.SECTIONS] + ["runs"])
+    for runs in (out / "cache" / "runs" / "digits", out / "cache" / "runs" / "fashion"):
+        for run in os.listdir(runs):  # train.py runs keep their metrics, not their checkpoints
+            files = set(os.listdir(runs / run))
+            assert "metrics.csv" in files and not files & {"last.pt", "best.pt"}
+    assert sorted(os.listdir(out / "cache")) == sorted([f"{s}.pt" for s in reproduce.SECTIONS] +
+                                                       ["runs", "fashion_generated"])
     # A rerun of one section (here through `python -m reproduce`) rewrites the report with all of them.
     proc = subprocess.run([sys.executable, "-m", "reproduce", *quick[2:], "--sections", "spiral", "--jobs", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
