@@ -112,6 +112,7 @@ class Codebook(ABC):
     # --- C++ kernel ---------------------------------------------------------------------------------
 
     def kernel_layout(self, layer):
-        """(codec id, wbits, groupsize, code bits, stage scales) of the decode kernel `quant/kernels/packed.cpp`,
-        or None where it has no decoder for this layer (the torch path runs)."""
+        """(codec id, wbits, groupsize, code bits, stage scales, values) of the decode kernel
+        `quant/kernels/packed.cpp` (values: a table of code values or None), or None where it has no decoder
+        for this layer (the torch path runs)."""
         return None

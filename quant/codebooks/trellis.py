@@ -129,6 +129,12 @@ class TrellisCodebook(Codebook):
         t0, t1 = self._tiles(layer, r0, r1)
         layer.codes[t0:t1] = codes
 
+    def kernel_layout(self, layer):
+        tr, tile_rows = self.trellis(layer.spec["trellis"]), layer.spec["tile"][0]
+        if tr.V != 1:  # the kernel reads one value per state (1mad, 3inst)
+            return None
+        return 2, tr.k, tile_rows, [tr.L, tr.T], [], tr.table[:, 0]
+
     def group_size(self, spec):
         return self.trellis(spec["trellis"]).T
 

@@ -27,9 +27,9 @@ from ..incoherence import Butterfly, RandomHadamard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_TOKENS = 16
-# extension name -> (source, what runs instead where it cannot be built)
-SOURCES = {"packed": ("packed.cpp", "packed layers run the slower torch path"),
-           "trellis": ("trellis.cpp", "the trellis Viterbi search runs the slower torch path")}
+# extension name -> (sources, what runs instead where it cannot be built)
+SOURCES = {"packed": (("packed.cpp", "decode.cpp"), "packed layers and generation run the slower torch path"),
+           "trellis": (("trellis.cpp",), "the trellis Viterbi search runs the slower torch path")}
 ENABLED = os.environ.get("RLO_NO_KERNEL", "") in ("", "0")  # read once at import; tests toggle this flag
 _built = {}
 _plans = weakref.WeakKeyDictionary()  # layer -> its extension Plan, or None where the kernel cannot run it
@@ -49,14 +49,15 @@ def extension(name="packed"):
 def _build(name):
     from torch.utils.cpp_extension import load
 
-    source, fallback = SOURCES[name]
+    sources, fallback = SOURCES[name]
     capability = torch.backends.cpu.get_cpu_capability()
     simd = ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
-    if name == "trellis" and capability == "AVX512":  # 16-float vectors: twice the states per instruction
+    if capability == "AVX512":  # 16-float vectors: the trellis states, the decode loop's dense matvecs
         simd.append("-mavx512f")
+    source = " and ".join(sources)
     try:
         # -fopenmp: at::parallel_for is inline OpenMP code; compiled without it, it runs on one thread
-        ext = load(name=f"rlo_{name}_{capability.lower()}", sources=[os.path.join(HERE, source)],
+        ext = load(name=f"rlo_{name}_{capability.lower()}", sources=[os.path.join(HERE, s) for s in sources],
                    extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp", *simd], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler or ninja, a read-only cache, ...
         lines = str(e).strip().splitlines() or [type(e).__name__]
@@ -91,7 +92,19 @@ def _plan(layer):
     if ext is None:
         return None
     rows, cols = layer.spec["padded"]
-    return ext.Plan(rows, cols, layer.in_features, layer.out_features, *layout, *v, *u)
+    *layout, values = layout
+    values = torch.empty(0) if values is None else values
+    return ext.Plan(rows, cols, layer.in_features, layer.out_features, *layout, values, *v, *u)
+
+
+def plan(layer):
+    """The layer's Plan (built once per layer), or None where the kernel cannot run it or is disabled."""
+    if not ENABLED:
+        return None
+    p = _plans.get(layer, False)
+    if p is False:
+        p = _plans[layer] = _plan(layer)
+    return p
 
 
 def forward(layer, x):
@@ -100,7 +113,5 @@ def forward(layer, x):
             or x.shape[-1] != layer.in_features or not 0 < x.numel() <= MAX_TOKENS * layer.in_features
             or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())))):
         return None
-    plan = _plans.get(layer, False)
-    if plan is False:
-        plan = _plans[layer] = _plan(layer)
-    return None if plan is None else plan(x, layer._parameters, layer._buffers)
+    p = plan(layer)
+    return None if p is None else p(x, layer._parameters, layer._buffers)
