@@ -109,6 +109,7 @@ def _sampler(model, ids, temperature, top_p):
     if temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(temperature))
     top_k = getattr(model.generation_config, "top_k", None)
+    top_k = 50 if top_k is None else top_k  # generate's default where the config leaves it unset
     if top_k:
         warpers.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
