@@ -5,13 +5,16 @@ values into a preallocated cache, then calls `quant/kernels/decode.cpp` once per
 (dense or a quantized `QuantEmbedding`), every decoder layer (RMSNorm, RoPE, grouped-query attention over
 the cache, SwiGLU, residuals), the final norm, the LM head and the greedy argmax, without Python or torch
 ops between them. Packed linears run the same `quant.kernels` Plans that `QuantLinear` calls, on the layer's
-own buffers; dense ones a float32 matvec over the float32 (or bfloat16) weights. Sampling stays in Python,
-over the step's logits, with transformers' warpers (temperature, top-k, top-p) in `generate`'s order.
+own buffers; dense ones a float32 matvec over their weights, read as float16 or bfloat16 where that holds
+every value exactly (`compact`). Sampling stays in Python, over the step's logits, with transformers'
+warpers (temperature, top-k, top-p) in `generate`'s order.
 
 Where it does not apply (another family or layout, a codebook without a kernel decoder, a generation
 config with other logits processors, a GPU) `why_not` says why, and where the extension is disabled or
 cannot be built `available()` is false; `lm.generate` then uses transformers' `generate`.
 """
+import weakref
+
 import torch
 from torch import nn
 
@@ -85,6 +88,29 @@ def why_not(model, total_len=0):
     return _linear_reason("lm_head", model.lm_head)
 
 
+_COMPACT = {}  # id of a float32 weight -> (weak reference to it, its version, its compact copy)
+
+
+def compact(weight):
+    """A float32 weight as float16 or bfloat16 where every value converts exactly (a packed directory's
+    unquantized tensors are stored in float16): the same products at half the bytes. Kept per weight and
+    rebuilt when the weight changes in place."""
+    if weight.dtype != torch.float32:
+        return weight.detach()
+    known = _COMPACT.get(id(weight))
+    if known is not None and known[0]() is weight and known[1] == weight._version:
+        return known[2]
+    w = small = weight.detach()
+    for dtype in (torch.float16, torch.bfloat16):
+        # the first row rejects most weights that do not convert before the whole tensor is converted
+        if torch.equal(w[:1].to(dtype).float(), w[:1]) and torch.equal((candidate := w.to(dtype)).float(), w):
+            small = candidate
+            break
+    key = id(weight)
+    _COMPACT[key] = (weakref.ref(weight, lambda _: _COMPACT.pop(key, None)), weight._version, small)
+    return small
+
+
 def _empty(t):
     return torch.empty(0) if t is None else t.detach()
 
@@ -119,13 +145,13 @@ class FastDecoder:
             self.ext.set_grid_embedding(t.codes, t.scale.detach(), t.zero, t.spec["wbits"], t.spec["groupsize"],
                                         _empty(t.in_scale), _empty(t.out_scale))
         else:
-            self.ext.set_embedding(emb.weight.detach())
+            self.ext.set_embedding(compact(emb.weight))
 
     def _set_linear(self, slot, module):
         if isinstance(module, QuantLinear):
             self.ext.set_packed(slot, kernels.plan(module), module._parameters, module._buffers)
         else:
-            self.ext.set_dense(slot, module.weight.detach(), _empty(module.bias))
+            self.ext.set_dense(slot, compact(module.weight), _empty(module.bias))
 
     @torch.no_grad()
     def prefill(self, ids):

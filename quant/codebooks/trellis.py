@@ -133,7 +133,8 @@ class TrellisCodebook(Codebook):
         tr, tile_rows = self.trellis(layer.spec["trellis"]), layer.spec["tile"][0]
         if tr.V != 1:  # the kernel reads one value per state (1mad, 3inst)
             return None
-        return 2, tr.k, tile_rows, [tr.L, tr.T], [], tr.table[:, 0]
+        # 1MAD's 1 / RMS: the kernel computes its values from the states (where that is exact)
+        return 2, tr.k, tile_rows, [tr.L, tr.T], [1 / tr.rms] if tr.code == "1mad" else [], tr.table[:, 0]
 
     def group_size(self, spec):
         return self.trellis(spec["trellis"]).T

@@ -1,7 +1,7 @@
 // One decoding step of a Llama-style decoder (Llama, SmolLM2, Mistral, Qwen2: RMSNorm, RoPE, grouped-query
 // attention, SwiGLU MLP, pre-norm residuals) in one call: the token's embedding, every layer against a
 // preallocated KV cache, the final norm, the LM head and the greedy argmax. Packed linears run their Plan
-// (packed.cpp) on the weights' own buffers; dense ones a float32 (or bfloat16-weight) matvec. lm/decode.py
+// (packed.cpp) on the weights' own buffers; dense ones a matvec over float32, float16 or bfloat16 weights. lm/decode.py
 // checks the model, fills the cache from a batched prefill and drives it.
 //
 // The numerics follow transformers' eager forward in float32: RMSNorm as x * rsqrt(mean(x^2) + eps) * w, the
@@ -11,6 +11,7 @@
 #include "packed.h"
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <chrono>
 #include <cmath>
@@ -31,6 +32,16 @@ static inline v16f load16(const at::BFloat16* p) {  // bfloat16 is the high half
   v16h h;
   std::memcpy(&h, p, sizeof h);
   return (v16f)(__builtin_convertvector(h, v16u) << 16);
+}
+
+static inline v16f load16(const at::Half* p) {
+#if defined(__AVX512F__)
+  return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#else
+  v16f v;
+  for (int i = 0; i < 16; ++i) v[i] = (float)p[i];
+  return v;
+#endif
 }
 
 static inline float hsum16(v16f v) {
@@ -71,19 +82,26 @@ static void matvec(const Wt* W, const float* x, float* y, int64_t rows, int64_t 
 struct Linear {
   const Plan* plan = nullptr;
   PlanTensors tensors;
-  torch::Tensor weight, bias;  // dense: (out, in) float32 or bfloat16, optional float32 bias
+  torch::Tensor weight, bias;  // dense: (out, in) float32, float16 or bfloat16, optional float32 bias
   int64_t in = 0, out = 0;
 
   void operator()(const float* x, float* y) const {
-    if (plan != nullptr) {
+    const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    if (plan != nullptr)
       plan->apply(tensors, x, 1, y);
-    } else if (weight.scalar_type() == torch::kBFloat16) {
-      matvec(weight.data_ptr<at::BFloat16>(), x, y, out, in, bias.defined() ? bias.data_ptr<float>() : nullptr);
-    } else {
-      matvec(weight.data_ptr<float>(), x, y, out, in, bias.defined() ? bias.data_ptr<float>() : nullptr);
-    }
+    else if (weight.scalar_type() == torch::kBFloat16)
+      matvec(weight.data_ptr<at::BFloat16>(), x, y, out, in, b);
+    else if (weight.scalar_type() == torch::kHalf)
+      matvec(weight.data_ptr<at::Half>(), x, y, out, in, b);
+    else
+      matvec(weight.data_ptr<float>(), x, y, out, in, b);
   }
 };
+
+static bool floating(const torch::Tensor& t) {
+  const auto d = t.scalar_type();
+  return d == torch::kFloat32 || d == torch::kHalf || d == torch::kBFloat16;
+}
 
 enum Part { MATMUL, ATTENTION, HEAD, OTHER, PARTS };
 
@@ -131,8 +149,7 @@ struct Decoder {
   }
 
   void set_dense(int64_t slot, torch::Tensor weight, torch::Tensor bias) {
-    TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == torch::kFloat32 || weight.scalar_type() == torch::kBFloat16),
-                "dense weights: 2-D float32 or bfloat16");
+    TORCH_CHECK(weight.dim() == 2 && floating(weight), "dense weights: 2-D float32, float16 or bfloat16");
     check_slot(slot, weight.size(1), weight.size(0));
     Linear& l = lin[slot];
     l.plan = nullptr, l.weight = weight.contiguous(), l.in = weight.size(1), l.out = weight.size(0);
@@ -152,8 +169,8 @@ struct Decoder {
   }
 
   void set_embedding(torch::Tensor table) {
-    TORCH_CHECK(table.dim() == 2 && table.size(0) == vocab && table.size(1) == hidden &&
-                (table.scalar_type() == torch::kFloat32 || table.scalar_type() == torch::kBFloat16), "embedding table");
+    TORCH_CHECK(table.dim() == 2 && table.size(0) == vocab && table.size(1) == hidden && floating(table),
+                "embedding table");
     embed = table.contiguous(), e_bits = 0;
   }
 
@@ -184,6 +201,9 @@ struct Decoder {
     if (e_bits == 0) {
       if (embed.scalar_type() == torch::kBFloat16) {
         const at::BFloat16* row = embed.data_ptr<at::BFloat16>() + token * hidden;
+        for (int64_t i = 0; i < hidden; ++i) xp[i] = (float)row[i];
+      } else if (embed.scalar_type() == torch::kHalf) {
+        const at::Half* row = embed.data_ptr<at::Half>() + token * hidden;
         for (int64_t i = 0; i < hidden; ++i) xp[i] = (float)row[i];
       } else {
         std::memcpy(xp, embed.data_ptr<float>() + token * hidden, hidden * sizeof(float));

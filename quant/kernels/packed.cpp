@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -217,12 +218,45 @@ struct VectorRows {
 
 // ---- trellis tiles (quant/codebooks/trellis.py, V = 1 codes): weight i of a tile is values[state_i], state_i
 // the L-bit window of the tile's circular big-endian bitstream that ends (i + 1) k bits in. A tile row is 16
-// weights; each half of 8 reads one 64-bit window that starts 16 bits before its first weight's k bits.
+// weights, one vector; each half of 8 reads one 64-bit window that starts 16 bits before its first weight's
+// k bits. The 1MAD code is computed from the state (an LCG, the sum of its 4 bytes, times 1 / RMS as a
+// float pair: exact, the Plan checks every state against the table); other codes gather from the table.
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint64_t v8q __attribute__((vector_size(64)));
+
+static inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+struct Mad {  // quant.trellis' 1MAD: (sum of the bytes of 34038481 s + 76625530 - 510) / RMS
+  float hi = 0, lo = 0;  // 1 / RMS = hi + lo
+  inline float value(uint32_t s) const {
+    const uint32_t x = s * 34038481u + 76625530u;
+    const float y = (float)(int32_t)((x & 255) + (x >> 8 & 255) + (x >> 16 & 255) + (x >> 24) - 510);
+    return std::fma(y, hi, y * lo);
+  }
+  inline v16f value(v16u s) const {
+    const v16u x = s * 34038481u + 76625530u;
+    const v16u pairs = (x & 0x00ff00ffu) + (x >> 8 & 0x00ff00ffu);
+    const v16f y = __builtin_convertvector((v16i)((pairs & 0xffffu) + (pairs >> 16)) - 510, v16f);
+#if defined(__AVX512F__)
+    return (v16f)_mm512_fmadd_ps((__m512)y, _mm512_set1_ps(hi), (__m512)(y * lo));
+#else
+    v16f v;
+    for (int i = 0; i < 16; ++i) v[i] = std::fma(y[i], hi, y[i] * lo);
+    return v;
+#endif
+  }
+};
 
 struct TrellisRows {
   const float* z; int64_t zs, T; float* y; int64_t ys;
   const uint8_t* codes; int64_t nbytes, nblk, tile_rows, k, L; const float* values; const float* scale;
+  const Mad* mad;  // null: gather from values
   int64_t r;
 
   inline uint64_t window(const uint8_t* s, int64_t q) const {  // 64 stream bits from bit q - 16, circular
@@ -237,33 +271,78 @@ struct TrellisRows {
     return w;
   }
 
-  inline v8f half(const uint8_t* s, int64_t q, v8q shifts, uint64_t mask) const {
-    v8q st = (((v8q){} + window(s, q)) >> shifts) & mask;
-    v8i idx = __builtin_convertvector(st, v8i);
-#if defined(__AVX2__)
-    __m256i i;
-    std::memcpy(&i, &idx, sizeof i);
-    return (v8f)_mm256_i32gather_ps(values, i, 4);
+  // States of the 16 weights from stream bit q: lane j is bits [p, p + L) of the 64 stream bits from q - 16
+  // (first bit most significant), p = 16 + (j + 1) k - L, read as `Lanes` sets up.
+  struct Lanes {
+    v8q shifts;  // two 64-bit windows, 8 lanes each
+#if defined(__AVX512F__)
+    __m512i word, right;  // k <= 3: one window; per lane, the 32-bit word that holds its bits and the shift
+#endif
+    Lanes(int64_t k) {
+      for (int j = 0; j < 8; ++j) shifts[j] = 64 - 16 - (j + 1) * k;
+#if defined(__AVX512F__)
+      alignas(64) int32_t w[16], r[16];
+      for (int j = 0; j < 16; ++j) {  // words: 0 = bits 32-63, 1 = bits 0-31, 2 = bits 16-47
+        const int p = (int)((j + 1) * k);
+        w[j] = p + 16 <= 32 ? 1 : p + 16 <= 48 ? 2 : 0;
+        r[j] = (w[j] == 1 ? 32 : w[j] == 2 ? 48 : 64) - 16 - p;
+      }
+      word = _mm512_load_si512(w), right = _mm512_load_si512(r);
+#endif
+    }
+  };
+
+  inline v16u states(const uint8_t* s, int64_t q, const Lanes& lanes, uint64_t mask) const {
+#if defined(__AVX512F__)
+    if (k <= 3) {  // 16 + 16 k <= 64: one window, its three 32-bit words permuted into the lanes
+      const uint64_t w = window(s, q);
+      const __m128i words = _mm_insert_epi32(_mm_cvtsi64_si128((long long)w), (int)(uint32_t)(w >> 16), 2);
+      const __m512i st = _mm512_and_si512(
+          _mm512_srlv_epi32(_mm512_permutexvar_epi32(lanes.word, _mm512_castsi128_si512(words)), lanes.right),
+          _mm512_set1_epi32((int)mask));
+      v16u out;
+      std::memcpy(&out, &st, sizeof out);
+      return out;
+    }
+#endif
+    const v8q lo = (((v8q){} + window(s, q)) >> lanes.shifts) & mask;
+    const v8q hi = (((v8q){} + window(s, q + 8 * k)) >> lanes.shifts) & mask;
+    return __builtin_shufflevector(__builtin_convertvector(lo, v8u), __builtin_convertvector(hi, v8u), 0, 1, 2, 3, 4,
+                                   5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+
+  inline v16f row16(const uint8_t* s, int64_t q, const Lanes& lanes, uint64_t mask) const {  // 16 weights
+    const v16u st = states(s, q, lanes, mask);
+    if (mad != nullptr) return mad->value(st);
+#if defined(__AVX512F__)
+    __m512i i;
+    std::memcpy(&i, &st, sizeof i);
+    return (v16f)_mm512_i32gather_ps(i, values, 4);
 #else
-    return (v8f){values[idx[0]], values[idx[1]], values[idx[2]], values[idx[3]],
-                 values[idx[4]], values[idx[5]], values[idx[6]], values[idx[7]]};
+    v16f v;
+    for (int j = 0; j < 16; ++j) v[j] = values[st[j]];
+    return v;
 #endif
   }
 
   template <int NT>
   void go(int64_t t0) const {
     const float* zt = z + t0 * zs;
-    const int64_t i0 = (r % tile_rows) * 16;
+    const int64_t q0 = (r % tile_rows) * 16 * k;
     const uint8_t* tiles = codes + (r / tile_rows) * nblk * nbytes;
-    v8q shifts;
-    for (int j = 0; j < 8; ++j) shifts[j] = 64 - 16 - (j + 1) * k;
+    const Lanes lanes(k);
     const uint64_t mask = (1ull << L) - 1;
-    RowAcc<NT, unroll<NT>()> acc;
-    // block b of 8 columns: half b % 2 of tile row (r, b / 2)
-    acc.run(zt, zs, 0, 2 * nblk, [&](int64_t b) {
-      return half(tiles + (b >> 1) * nbytes, (i0 + 8 * (b & 1)) * k, shifts, mask);
-    });
-    for (int t = 0; t < NT; ++t) y[(t0 + t) * ys + r] = acc.sum(t) * scale[r];
+    v16f acc[NT][2] = {};
+    for (int64_t b = 0; b < nblk; ++b) {  // tile row (r, b): columns 16 b .. 16 b + 15
+      const v16f w = row16(tiles + b * nbytes, q0, lanes, mask);
+      for (int t = 0; t < NT; ++t) acc[t][b & 1] += w * load16(zt + t * zs + 16 * b);
+    }
+    for (int t = 0; t < NT; ++t) {
+      const v16f a = acc[t][0] + acc[t][1];
+      float sum = 0;
+      for (int i = 0; i < 16; ++i) sum += a[i];
+      y[(t0 + t) * ys + r] = sum * scale[r];
+    }
   }
 };
 
@@ -408,6 +487,13 @@ Plan::Plan(int64_t rows_, int64_t cols_, int64_t in_, int64_t out_, int64_t code
                 groupsize * 16 == stage_bits[1] && rows % groupsize == 0 && cols % 16 == 0 &&
                 values_.numel() == (int64_t(1) << stage_bits[0]), "trellis layout");
     values = values_.to(torch::kFloat32).contiguous();
+    if (stage_scales.size() == 1) {  // 1MAD with 1 / RMS: computed in the kernel where it is exact
+      mad_hi = (float)stage_scales[0], mad_lo = (float)(stage_scales[0] - (double)mad_hi);
+      const Mad mad{mad_hi, mad_lo};
+      const float* v = values.data_ptr<float>();
+      inline_mad = true;
+      for (int64_t st = 0; st < values.numel() && inline_mad; ++st) inline_mad = mad.value((uint32_t)st) == v[st];
+    }
   }
   TORCH_CHECK(in_features <= cols && out_features <= rows, "shapes");
   for (size_t i = 0; i < stage_bits.size(); ++i) stage_keys.emplace_back("codes" + std::to_string(i));
@@ -478,8 +564,9 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
       for (g.r = r0; g.r < r1; ++g.r) token_tiles(T, g);
     });
   } else {
+    const Mad mad{mad_hi, mad_lo};
     TrellisRows v{zp, cols, T, tp, rows, w.codes.data_ptr<uint8_t>(), w.codes.size(2), cols / 16, groupsize, wbits,
-                  stage_bits[0], values.data_ptr<float>(), sp, 0};
+                  stage_bits[0], values.data_ptr<float>(), sp, inline_mad ? &mad : nullptr, 0};
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       TrellisRows g = v;
       for (g.r = r0; g.r < r1; ++g.r) token_tiles(T, g);

@@ -39,6 +39,10 @@ struct Plan {
   std::vector<double> stage_scales;
   std::vector<py::str> stage_keys;  // "codes0", "codes1", ...
   torch::Tensor values;             // trellis: the code's value of each state
+  // trellis 1MAD (stage_scales = [1 / RMS]): 1 / RMS as a float pair, and whether computing the code from
+  // the state gives `values` exactly (else the kernel gathers from them)
+  float mad_hi = 0, mad_lo = 0;
+  bool inline_mad = false;
   Rotation V, U;
 
   Plan(int64_t rows_, int64_t cols_, int64_t in_, int64_t out_, int64_t codec_, int64_t wbits_, int64_t groupsize_,
