@@ -241,8 +241,15 @@ struct Mad {  // quant.trellis' 1MAD: (sum of the bytes of 34038481 s + 76625530
   }
   inline v16f value(v16u s) const {
     const v16u x = s * 34038481u + 76625530u;
+#if defined(__AVX512BW__)  // byte pairs, then pairs of pairs, summed by two multiply-adds with ones
+    __m512i xi;
+    std::memcpy(&xi, &x, sizeof xi);
+    const __m512i bytes = _mm512_madd_epi16(_mm512_maddubs_epi16(xi, _mm512_set1_epi8(1)), _mm512_set1_epi16(1));
+    const v16f y = (v16f)_mm512_cvtepi32_ps(_mm512_sub_epi32(bytes, _mm512_set1_epi32(510)));
+#else
     const v16u pairs = (x & 0x00ff00ffu) + (x >> 8 & 0x00ff00ffu);
     const v16f y = __builtin_convertvector((v16i)((pairs & 0xffffu) + (pairs >> 16)) - 510, v16f);
+#endif
 #if defined(__AVX512F__)
     return (v16f)_mm512_fmadd_ps((__m512)y, _mm512_set1_ps(hi), (__m512)(y * lo));
 #else
@@ -253,44 +260,51 @@ struct Mad {  // quant.trellis' 1MAD: (sum of the bytes of 34038481 s + 76625530
   }
 };
 
+// States of 16 weights from stream bit q: lane j is bits [p, p + L) of the 64 stream bits from q - 16 (first
+// bit most significant), p = 16 + (j + 1) k - L.
+struct Lanes {
+  v8q shifts;  // two 64-bit windows, 8 lanes each
+#if defined(__AVX512F__)
+  __m512i word, right;  // k <= 3: one window; per lane, the 32-bit word that holds its bits and the shift
+#endif
+  Lanes(int64_t k) {
+    for (int j = 0; j < 8; ++j) shifts[j] = 64 - 16 - (j + 1) * k;
+#if defined(__AVX512F__)
+    alignas(64) int32_t w[16], r[16];
+    for (int j = 0; j < 16; ++j) {  // words: 0 = bits 32-63, 1 = bits 0-31, 2 = bits 16-47
+      const int p = (int)((j + 1) * k);
+      w[j] = p + 16 <= 32 ? 1 : p + 16 <= 48 ? 2 : 0;
+      r[j] = (w[j] == 1 ? 32 : w[j] == 2 ? 48 : 64) - 16 - p;
+    }
+    word = _mm512_load_si512(w), right = _mm512_load_si512(r);
+#endif
+  }
+};
+
 struct TrellisRows {
   const float* z; int64_t zs, T; float* y; int64_t ys;
   const uint8_t* codes; int64_t nbytes, nblk, tile_rows, k, L; const float* values; const float* scale;
   const Mad* mad;  // null: gather from values
+  const Lanes* lanes;
   int64_t r;
 
-  inline uint64_t window(const uint8_t* s, int64_t q) const {  // 64 stream bits from bit q - 16, circular
-    int64_t b0 = q / 8 - 2;
+  static inline uint64_t load_be(const uint8_t* p) {
     uint64_t w;
-    if (b0 >= 0 && b0 + 8 <= nbytes) {
-      std::memcpy(&w, s + b0, 8);
-      return __builtin_bswap64(w);
-    }
-    w = 0;
-    for (int64_t j = 0; j < 8; ++j) w = w << 8 | s[((b0 + j) % nbytes + nbytes) % nbytes];
-    return w;
+    std::memcpy(&w, p, 8);
+    return __builtin_bswap64(w);
   }
 
-  // States of the 16 weights from stream bit q: lane j is bits [p, p + L) of the 64 stream bits from q - 16
-  // (first bit most significant), p = 16 + (j + 1) k - L, read as `Lanes` sets up.
-  struct Lanes {
-    v8q shifts;  // two 64-bit windows, 8 lanes each
-#if defined(__AVX512F__)
-    __m512i word, right;  // k <= 3: one window; per lane, the 32-bit word that holds its bits and the shift
-#endif
-    Lanes(int64_t k) {
-      for (int j = 0; j < 8; ++j) shifts[j] = 64 - 16 - (j + 1) * k;
-#if defined(__AVX512F__)
-      alignas(64) int32_t w[16], r[16];
-      for (int j = 0; j < 16; ++j) {  // words: 0 = bits 32-63, 1 = bits 0-31, 2 = bits 16-47
-        const int p = (int)((j + 1) * k);
-        w[j] = p + 16 <= 32 ? 1 : p + 16 <= 48 ? 2 : 0;
-        r[j] = (w[j] == 1 ? 32 : w[j] == 2 ? 48 : 64) - 16 - p;
-      }
-      word = _mm512_load_si512(w), right = _mm512_load_si512(r);
-#endif
-    }
-  };
+  // 64 stream bits from bit q - 16, the first most significant; the stream is circular (nbytes >= 8)
+  inline uint64_t window(const uint8_t* s, int64_t q) const {
+    const int64_t b0 = q / 8 - 2;
+    if (b0 >= 0 && b0 + 8 <= nbytes) return load_be(s + b0);
+    if (b0 < 0)  // a tile's first row: the stream's last 2 bytes, then its first 6
+      return (uint64_t)s[nbytes - 2] << 56 | (uint64_t)s[nbytes - 1] << 48 | load_be(s) >> 16;
+    const int64_t e = 8 * (b0 + 8 - nbytes);  // its last row: the bits past the end come from the start
+    return load_be(s + nbytes - 8) << e | load_be(s) >> (64 - e);
+  }
+
+  // The states of 16 weights from stream bit q (Lanes).
 
   inline v16u states(const uint8_t* s, int64_t q, const Lanes& lanes, uint64_t mask) const {
 #if defined(__AVX512F__)
@@ -330,13 +344,15 @@ struct TrellisRows {
     const float* zt = z + t0 * zs;
     const int64_t q0 = (r % tile_rows) * 16 * k;
     const uint8_t* tiles = codes + (r / tile_rows) * nblk * nbytes;
-    const Lanes lanes(k);
     const uint64_t mask = (1ull << L) - 1;
     v16f acc[NT][2] = {};
-    for (int64_t b = 0; b < nblk; ++b) {  // tile row (r, b): columns 16 b .. 16 b + 15
-      const v16f w = row16(tiles + b * nbytes, q0, lanes, mask);
-      for (int t = 0; t < NT; ++t) acc[t][b & 1] += w * load16(zt + t * zs + 16 * b);
-    }
+    auto block = [&](int64_t b, int u) {  // tile row (r, b): columns 16 b .. 16 b + 15
+      const v16f w = row16(tiles + b * nbytes, q0, *lanes, mask);
+      for (int t = 0; t < NT; ++t) acc[t][u] += w * load16(zt + t * zs + 16 * b);
+    };
+    int64_t b = 0;
+    for (; b + 2 <= nblk; b += 2) block(b, 0), block(b + 1, 1);  // constant indices: accumulators in registers
+    if (b < nblk) block(b, 0);
     for (int t = 0; t < NT; ++t) {
       const v16f a = acc[t][0] + acc[t][1];
       float sum = 0;
@@ -484,6 +500,7 @@ Plan::Plan(int64_t rows_, int64_t cols_, int64_t in_, int64_t out_, int64_t code
   TORCH_CHECK(codec != 1 || (cols % 8 == 0 && stage_bits.size() == stage_scales.size()), "vector codebook layout");
   if (codec == 2) {  // stage_bits = [L, T], groupsize = tile rows
     TORCH_CHECK(stage_bits.size() == 2 && stage_bits[0] <= 16 && wbits >= 1 && wbits <= 6 && groupsize > 0 &&
+                stage_bits[1] * wbits >= 64 &&
                 groupsize * 16 == stage_bits[1] && rows % groupsize == 0 && cols % 16 == 0 &&
                 values_.numel() == (int64_t(1) << stage_bits[0]), "trellis layout");
     values = values_.to(torch::kFloat32).contiguous();
@@ -565,8 +582,9 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
     });
   } else {
     const Mad mad{mad_hi, mad_lo};
+    const Lanes lanes(wbits);
     TrellisRows v{zp, cols, T, tp, rows, w.codes.data_ptr<uint8_t>(), w.codes.size(2), cols / 16, groupsize, wbits,
-                  stage_bits[0], values.data_ptr<float>(), sp, inline_mad ? &mad : nullptr, 0};
+                  stage_bits[0], values.data_ptr<float>(), sp, inline_mad ? &mad : nullptr, &lanes, 0};
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       TrellisRows g = v;
       for (g.r = r0; g.r < r1; ++g.r) token_tiles(T, g);
@@ -605,6 +623,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, std::vector<int64_t>,
                     std::vector<double>, torch::Tensor, int64_t, std::vector<torch::Tensor>, int64_t,
                     std::vector<torch::Tensor>>())
-      .def("__call__", &Plan::operator());
+      .def("__call__", &Plan::operator())
+      .def_readonly("inline_mad", &Plan::inline_mad);
   register_decode(m);
 }
