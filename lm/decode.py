@@ -50,13 +50,13 @@ def available():
 
 
 def why_not(model, total_len=0):
-    """None if the fast path runs `model` for `total_len` positions, else the reason (a phrase); asks
-    `available()` first."""
+    """None if the fast path runs `model` for `total_len` positions, else the reason (a phrase). Ask
+    `available()` first: without the extension no packed layer has a decoder."""
     config = model.config
     if config.model_type not in FAMILIES:
         return f"it runs the {', '.join(FAMILIES)} families, not {config.model_type!r}"
     if any(p.device.type != "cpu" for p in model.parameters()):
-        return "it runs on the CPU"
+        return "the model is not on the CPU, where the loop runs"
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None or getattr(inner, "norm", None) is None or getattr(model, "lm_head", None) is None:

@@ -2,9 +2,11 @@
 
 `forward(layer, x)` computes layer(x) in one call of `packed.cpp`: the activations' rotations (the
 randomized Hadamard transform as an FWHT, O(n log n); kron/butterfly from their small factors), and a
-matmul that decodes the packed codes in registers inside the dot products (scalar grids of 2-4 bits with
-their scales and zero points; E8P from its 256-entry table, sign bits and shift, and the residual stages
-of e8p_rvq3/e8p_rvq4), threaded over output rows (`at::parallel_for`, torch's thread count). One call per
+matmul that decodes the packed codes in registers inside the dot products (scalar grids of 2-4 and 8 bits
+with their scales and zero points; E8P from its 256-entry table, sign bits and shift, and the residual
+stages of e8p_rvq3/e8p_rvq4; trellis tiles of one-value codes, 1MAD computed from the state), threaded
+over output rows (`at::parallel_for`, torch's thread count). `decode.cpp`, in the same extension, is
+`lm.decode`'s whole-model decode loop over these plans (`plan(layer)`). One call per
 layer matters as much as the matmul on small models, where per-op overhead dominates. It returns None
 where it does not apply (another device or dtype, more tokens, gradients needed, a codebook without a
 `kernel_layout`) and QuantLinear's torch path runs: more tokens amortize decoding a block of weights
