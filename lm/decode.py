@@ -13,6 +13,7 @@ Where it does not apply (another family or layout, a codebook without a kernel d
 config with other logits processors, a GPU) `why_not` says why, and where the extension is disabled or
 cannot be built `available()` is false; `lm.generate` then uses transformers' `generate`.
 """
+import inspect
 import weakref
 
 import torch
@@ -128,6 +129,8 @@ class FastDecoder:
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)  # the model's own tables
         ext = kernels.extension()
         self.model, self.max_len = model, max_len
+        self.packed = any(isinstance(m, QuantLinear) for m in model.modules())
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.vocab = model.lm_head.out_features
         self.ext = ext.Decoder(len(inner.layers), c.hidden_size, heads, kv_heads, head_dim, c.intermediate_size,
                                self.vocab, max_len, float(c.rms_norm_eps), float(attn.scaling), cos[0], sin[0])
@@ -156,9 +159,16 @@ class FastDecoder:
     @torch.no_grad()
     def prefill(self, ids):
         """Runs the prompt `ids` (1, T) through the model's batched forward and fills the cache with its
-        keys and values; returns the last position's logits (vocab,) float32."""
-        out = self.model(ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        keys and values; returns the last position's logits (vocab,) float32. A packed model's prompt goes
+        in chunks of `quant.kernels.MAX_TOKENS` tokens: its layers then run the C++ kernel, which decodes
+        each weight once per 8 tokens in registers, instead of decoding whole weights in torch."""
+        step = kernels.MAX_TOKENS if self.packed else ids.shape[1]
+        cache = None
+        for start in range(0, ids.shape[1], step):
+            chunk = ids[:, start:start + step]
+            out = self.model(chunk, attention_mask=torch.ones(1, start + chunk.shape[1], dtype=ids.dtype),
+                             use_cache=True, logits_to_keep=1, **({} if cache is None else {self.cache_arg: cache}))
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
         for i, layer in enumerate(cache.layers):
             self.ext.set_cache(i, layer.keys[0].float(), layer.values[0].float())
         return out.logits[0, -1].float()

@@ -51,9 +51,12 @@ def prompt(tokenizer, text="The cat sees the dog and"):
     return lm.encode(tokenizer, text)[None]
 
 
-def check_greedy(model, tokenizer):
+LONG = "The cat sees the dog and the dog sees the bird, then the bird sees the cat and all of them run home"
+
+
+def check_greedy(model, tokenizer, text="The cat sees the dog and"):
     assert fast.why_not(model) is None
-    ids = prompt(tokenizer)
+    ids = prompt(tokenizer, text)
     new, _, _ = lm_generate.generate(model, tokenizer, ids, NEW, runtime="fast")
     assert new.tolist() == reference(model, ids).tolist()
 
@@ -81,6 +84,8 @@ def test_packed_greedy_is_generates(method, bits, tokenizer, calib):
     model = tiny_model("llama", tokenizer)
     quantize_model(model, calib, "cpu", bits, method, seed=0, incoherence=method != "ldlqRG")
     check_greedy(model, tokenizer)
+    assert prompt(tokenizer, LONG).shape[1] > kernels.MAX_TOKENS  # a prefill of several kernel-sized chunks
+    check_greedy(model, tokenizer, LONG)
 
 
 def test_packed_qwen2(tokenizer, calib):
