@@ -1,7 +1,7 @@
 """Whole-model CPU decoding of Llama-style causal LMs (Llama, SmolLM2, Mistral, Qwen2) in C++, dense or packed.
 
-`lm.generate` runs the prompt through the model's own batched forward once (prefill), copies its keys and
-values into a preallocated cache, then calls `quant/kernels/decode.cpp` once per new token: the embedding
+`lm.generate` runs the prompt through the model's own batched forward (prefill), copies its keys and values
+into a preallocated cache, then calls `quant/kernels/decode.cpp` once per new token: the embedding
 (dense or a quantized `QuantEmbedding`), every decoder layer (RMSNorm, RoPE, grouped-query attention over
 the cache, SwiGLU, residuals), the final norm, the LM head and the greedy argmax, without Python or torch
 ops between them. Packed linears run the same `quant.kernels` Plans that `QuantLinear` calls, on the layer's
@@ -129,7 +129,7 @@ class FastDecoder:
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)  # the model's own tables
         ext = kernels.extension()
         self.model, self.max_len = model, max_len
-        self.packed = any(isinstance(m, QuantLinear) for m in model.modules())
+        self.chunked = any(isinstance(m, QuantLinear) and m.codebook.costly_decode for m in model.modules())
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.vocab = model.lm_head.out_features
         self.ext = ext.Decoder(len(inner.layers), c.hidden_size, heads, kv_heads, head_dim, c.intermediate_size,
@@ -159,10 +159,11 @@ class FastDecoder:
     @torch.no_grad()
     def prefill(self, ids):
         """Runs the prompt `ids` (1, T) through the model's batched forward and fills the cache with its
-        keys and values; returns the last position's logits (vocab,) float32. A packed model's prompt goes
-        in chunks of `quant.kernels.MAX_TOKENS` tokens: its layers then run the C++ kernel, which decodes
-        each weight once per 8 tokens in registers, instead of decoding whole weights in torch."""
-        step = kernels.MAX_TOKENS if self.packed else ids.shape[1]
+        keys and values; returns the last position's logits (vocab,) float32. Where a codebook's torch
+        decode is costly (`costly_decode`: the trellis) the prompt goes in chunks of `quant.kernels.MAX_TOKENS`
+        tokens, so that those layers run the C++ kernel (one decode of each weight per 8 tokens, in
+        registers) instead of decoding whole weights in torch."""
+        step = kernels.MAX_TOKENS if self.chunked else ids.shape[1]
         cache = None
         for start in range(0, ids.shape[1], step):
             chunk = ids[:, start:start + step]

@@ -84,7 +84,7 @@ def test_packed_greedy_is_generates(method, bits, tokenizer, calib):
     model = tiny_model("llama", tokenizer)
     quantize_model(model, calib, "cpu", bits, method, seed=0, incoherence=method != "ldlqRG")
     check_greedy(model, tokenizer)
-    assert prompt(tokenizer, LONG).shape[1] > kernels.MAX_TOKENS  # a prefill of several kernel-sized chunks
+    assert prompt(tokenizer, LONG).shape[1] > kernels.MAX_TOKENS  # trellis: a prefill of several kernel-sized chunks
     check_greedy(model, tokenizer, LONG)
 
 

@@ -40,6 +40,8 @@ class Codebook(ABC):
     trainable = ("scale",)  # tensors of `shapes` that are nn.Parameters (the rest are frozen buffers)
     scalar_options = False  # takes the scalar methods' qfn, groupsize, greedy passes and unbiased rounding
     costly_encode = False  # an encode costs a search: code updates search only the most promising groups
+    # decoding whole weights in torch costs more than the C++ kernel's passes over a prompt in 16-token chunks
+    costly_decode = False
 
     # --- quantization -------------------------------------------------------------------------------
 

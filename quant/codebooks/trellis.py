@@ -45,6 +45,7 @@ def trellis_quantize(W, H, trellis, blocksize=128):
 class TrellisCodebook(Codebook):
     name = "trellis"
     costly_encode = True
+    costly_decode = True
 
     def __init__(self):
         self._trellises = {}  # one Trellis (its code table) per option set
