@@ -44,10 +44,14 @@ static inline v16f load16(const at::Half* p) {
 #endif
 }
 
-static inline float hsum16(v16f v) {
-  float s = 0;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+static inline float hsum16(v16f v) {  // a tree of halves: 4 dependent adds, not 15 (once per row of the head)
+  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
 // y[r] = W[r] . x (+ bias[r]) for W (rows, cols) row-major: 4 rows at a time, two accumulators each, so that
