@@ -1,5 +1,5 @@
 """Generate text with any model `lm.load_causal_lm` reads (dense or packed directories, GGUF files, hub
-names, llama2.c files), through transformers' `generate`, and report prefill and decode speed.
+names, llama2.c files), and report prefill and decode speed.
 
     python -m lm.generate runs/q2 "The history of Rome" --max-new-tokens 64
     python -m lm.generate ../shared/data/models/smollm2-135m-instruct --chat          # interactive chat
@@ -10,6 +10,11 @@ with --chat it goes through the model's chat template, and without a prompt --ch
 input until an empty line or end of input, keeping the conversation. The last line gives the prompt
 (prefill) and generated (decode) tokens per second: prefill is timed to the first new token, decode over
 the tokens after it.
+
+Llama, Mistral and Qwen2 models (dense or packed) decode through `lm.decode`'s C++ loop by default
+(--runtime auto), one call per token; other models, and any model with --runtime hf, through transformers'
+`generate`. --runtime fast insists on the C++ loop: a model it cannot run is an error, and where the C++
+extension is disabled or cannot be built one line says so and `generate` runs.
 """
 import os
 import sys
@@ -19,8 +24,11 @@ import torch
 
 from engine import ArgumentParser, UserError, cli
 
+from . import decode as fast
 from .load import load_causal_lm, model_max_positions
 from .text import encode
+
+RUNTIMES = ("auto", "fast", "hf")
 
 
 class _Clock:
@@ -48,13 +56,32 @@ def prompt_ids(tokenizer, prompt, chat=None):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=0):
-    """(new token ids (n,), prefill seconds, decode seconds) of `model.generate` continuing `ids` (1, T):
-    greedy for temperature 0, else sampling with `temperature` and nucleus `top_p`, seeded."""
+def generate(model, tokenizer, ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, runtime="auto"):
+    """(new token ids (n,), prefill seconds, decode seconds) continuing `ids` (1, T): greedy for temperature
+    0, else sampling with `temperature`, nucleus `top_p` and the generation config's top-k, seeded. `runtime`
+    (RUNTIMES): the C++ decode loop where it applies ("auto"), that loop or an error ("fast"), or
+    transformers' `generate` ("hf")."""
     limit = model_max_positions(model)
     if ids.shape[1] + max_new_tokens > limit:
         raise UserError(f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens {max_new_tokens} exceed the "
                         f"model's {limit} positions")
+    if runtime not in RUNTIMES:
+        raise UserError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime != "hf":
+        if not fast.available():
+            if runtime == "fast":
+                print("note: --runtime fast: the C++ extension is disabled or could not be built; "
+                      "decoding with transformers' generate", file=sys.stderr)
+        else:
+            reason = fast.why_not(model, ids.shape[1] + max_new_tokens)
+            if reason is None:
+                return _fast_generate(model, ids.cpu(), max_new_tokens, temperature, top_p, seed)
+            if runtime == "fast":
+                raise UserError(f"--runtime fast cannot run this model: {reason} (--runtime hf runs it)")
+    return _hf_generate(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed)
+
+
+def _hf_generate(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed):
     device = next(model.parameters()).device
     ids = ids.to(device)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
@@ -69,6 +96,45 @@ def generate(model, tokenizer, ids, max_new_tokens, temperature=0.0, top_p=1.0, 
     prefill = (token_times[0] if token_times else time.perf_counter()) - start
     decode = token_times[-1] - token_times[0] if len(token_times) > 1 else 0.0
     return new, prefill, decode
+
+
+def _sampler(model, ids, temperature, top_p):
+    """next token id from (vocab,) logits: argmax, or a draw after transformers' warpers in `generate`'s
+    order (temperature, the generation config's top-k, top-p)."""
+    if temperature == 0:
+        return lambda logits: int(logits.argmax())
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    top_k = getattr(model.generation_config, "top_k", None)
+    top_k = 50 if top_k is None else top_k  # generate's default where the config leaves it unset
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return lambda logits: int(torch.multinomial(torch.softmax(warpers(ids, logits[None].clone()), -1), 1))
+
+
+def _fast_generate(model, ids, max_new_tokens, temperature, top_p, seed):
+    """`generate` through `lm.decode.FastDecoder`: a batched prefill, then one C++ call per token, stopping
+    after an end-of-sequence token as `generate` does."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    pick = _sampler(model, ids, temperature, top_p)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    decoder = fast.FastDecoder(model, ids.shape[1] + max_new_tokens)
+    token = pick(decoder.prefill(ids))
+    first = time.perf_counter()
+    new, pos = [token], ids.shape[1]
+    while len(new) < max_new_tokens and token not in eos:
+        greedy = decoder.step(token, pos)
+        token = greedy if temperature == 0 else pick(decoder.logits)
+        new.append(token)
+        pos += 1
+    return torch.tensor(new, dtype=ids.dtype), first - start, time.perf_counter() - first if len(new) > 1 else 0.0
 
 
 def speed_line(n_prompt, n_new, prefill, decode):
@@ -89,6 +155,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the dense tensors")
+    p.add_argument("--runtime", default="auto", choices=RUNTIMES,
+                   help="auto: the C++ decode loop for Llama/Mistral/Qwen2 models, else transformers' generate; "
+                        "fast: the C++ loop or an error; hf: transformers' generate")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -107,7 +176,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_causal_lm(args.model, dtype=getattr(torch, args.dtype))
-    options = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    options = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, runtime=args.runtime)
     if not args.chat:
         ids = prompt_ids(tokenizer, args.prompt)
         new, prefill, decode = generate(model, tokenizer, ids, args.max_new_tokens, **options)

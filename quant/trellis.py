@@ -139,8 +139,8 @@ class Trellis:
         states = torch.arange(1 << L, dtype=torch.int64)
         code_of = {"1mad": _code_1mad, "3inst": _code_3inst, "hyb": lambda st: _code_hyb(st, L, hyb_q)}
         table = code_of[code](states)
-        table = table / table.square().mean().sqrt()
-        self.table = table.float()  # (2^L, V), RMS 1
+        self.rms = float(table.square().mean().sqrt())  # the code's RMS before normalization
+        self.table = (table / self.rms).float()  # (2^L, V), RMS 1
         self.input_rms = INPUT_RMS[code][k]
         self._cast = {}
 

@@ -11,7 +11,8 @@ sides of its codes (the abstract base is `base.Codebook`):
   the parameters);
 - code updates (`quant.pv`): `codes`, `encode`, `set_codes`, `group_size`, `group_rows`, `group_view`,
   `encode_groups`, `costly_encode`;
-- the C++ decode kernel (`quant.kernels`): `kernel_layout(layer)`, None where it has no decoder.
+- the C++ decode kernel (`quant.kernels`): `kernel_layout(layer)`, None where it has no decoder;
+  `costly_decode` (`lm.decode` prefills through the kernel).
 
 Families: `grid` (scalar affine grids, QuIP's qfn a/b), E8P and its residual forms (`e8p`, `e8p_rvq3`,
 `e8p_rvq4`: QuIP#), `trellis` (QTIP). A method of `quant.methods.TABLE` names its family by registry

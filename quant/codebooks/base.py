@@ -40,6 +40,8 @@ class Codebook(ABC):
     trainable = ("scale",)  # tensors of `shapes` that are nn.Parameters (the rest are frozen buffers)
     scalar_options = False  # takes the scalar methods' qfn, groupsize, greedy passes and unbiased rounding
     costly_encode = False  # an encode costs a search: code updates search only the most promising groups
+    # decoding whole weights in torch costs more than the C++ kernel's passes over a prompt in 16-token chunks
+    costly_decode = False
 
     # --- quantization -------------------------------------------------------------------------------
 
@@ -112,6 +114,7 @@ class Codebook(ABC):
     # --- C++ kernel ---------------------------------------------------------------------------------
 
     def kernel_layout(self, layer):
-        """(codec id, wbits, groupsize, code bits, stage scales) of the decode kernel `quant/kernels/packed.cpp`,
-        or None where it has no decoder for this layer (the torch path runs)."""
+        """(codec id, wbits, groupsize, code bits, stage scales, values) of the decode kernel
+        `quant/kernels/packed.cpp` (values: a table of code values or None), or None where it has no decoder
+        for this layer (the torch path runs)."""
         return None

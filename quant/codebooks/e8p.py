@@ -83,4 +83,4 @@ class E8PCodebook(Codebook):
             getattr(layer, name)[r0:r1] = t.reshape(r1 - r0, -1)
 
     def kernel_layout(self, layer):
-        return 1, layer.spec["wbits"], -1, list(self.lattice.code_bits), [float(m) for m in self.lattice.stage_scales]
+        return 1, layer.spec["wbits"], -1, list(self.lattice.code_bits), [float(m) for m in self.lattice.stage_scales], None

@@ -95,6 +95,6 @@ class GridCodebook(Codebook):
 
     def kernel_layout(self, layer):
         spec = layer.spec
-        if not 2 <= spec["wbits"] <= 4:  # 8-bit tables (quantized heads) take the torch path
+        if spec["wbits"] not in (2, 3, 4, 8):
             return None
-        return 0, spec["wbits"], spec["groupsize"], [], []
+        return 0, spec["wbits"], spec["groupsize"], [], [], None

@@ -45,6 +45,7 @@ def trellis_quantize(W, H, trellis, blocksize=128):
 class TrellisCodebook(Codebook):
     name = "trellis"
     costly_encode = True
+    costly_decode = True
 
     def __init__(self):
         self._trellises = {}  # one Trellis (its code table) per option set
@@ -128,6 +129,13 @@ class TrellisCodebook(Codebook):
     def set_codes(self, layer, codes, r0, r1):
         t0, t1 = self._tiles(layer, r0, r1)
         layer.codes[t0:t1] = codes
+
+    def kernel_layout(self, layer):
+        tr, tile_rows = self.trellis(layer.spec["trellis"]), layer.spec["tile"][0]
+        if tr.V != 1 or tr.T * tr.k < 64:  # the kernel reads one value per state (1mad, 3inst), 8-byte streams
+            return None
+        # 1MAD's 1 / RMS: the kernel computes its values from the states (where that is exact)
+        return 2, tr.k, tile_rows, [tr.L, tr.T], [1 / tr.rms] if tr.code == "1mad" else [], tr.table[:, 0]
 
     def group_size(self, spec):
         return self.trellis(spec["trellis"]).T

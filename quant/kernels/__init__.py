@@ -2,9 +2,11 @@
 
 `forward(layer, x)` computes layer(x) in one call of `packed.cpp`: the activations' rotations (the
 randomized Hadamard transform as an FWHT, O(n log n); kron/butterfly from their small factors), and a
-matmul that decodes the packed codes in registers inside the dot products (scalar grids of 2-4 bits with
-their scales and zero points; E8P from its 256-entry table, sign bits and shift, and the residual stages
-of e8p_rvq3/e8p_rvq4), threaded over output rows (`at::parallel_for`, torch's thread count). One call per
+matmul that decodes the packed codes in registers inside the dot products (scalar grids of 2-4 and 8 bits
+with their scales and zero points; E8P from its 256-entry table, sign bits and shift, and the residual
+stages of e8p_rvq3/e8p_rvq4; trellis tiles of one-value codes, 1MAD computed from the state), threaded
+over output rows (`at::parallel_for`, torch's thread count). `decode.cpp`, in the same extension, is
+`lm.decode`'s whole-model decode loop over these plans (`plan(layer)`). One call per
 layer matters as much as the matmul on small models, where per-op overhead dominates. It returns None
 where it does not apply (another device or dtype, more tokens, gradients needed, a codebook without a
 `kernel_layout`) and QuantLinear's torch path runs: more tokens amortize decoding a block of weights
@@ -28,9 +30,9 @@ from ..incoherence import Butterfly, RandomHadamard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_TOKENS = 16
-# extension name -> (source, what runs instead where it cannot be built)
-SOURCES = {"packed": ("packed.cpp", "packed layers run the slower torch path"),
-           "trellis": ("trellis.cpp", "the trellis Viterbi search runs the slower torch path")}
+# extension name -> (sources, what runs instead where it cannot be built)
+SOURCES = {"packed": (("packed.cpp", "decode.cpp"), "packed layers and generation run the slower torch path"),
+           "trellis": (("trellis.cpp",), "the trellis Viterbi search runs the slower torch path")}
 ENABLED = os.environ.get("RLO_NO_KERNEL", "") in ("", "0")  # read once at import; tests toggle this flag
 _built = {}
 _locks = {name: threading.Lock() for name in SOURCES}  # one build per extension when threads race
@@ -52,14 +54,15 @@ def extension(name="packed"):
 def _build(name):
     from torch.utils.cpp_extension import load
 
-    source, fallback = SOURCES[name]
+    sources, fallback = SOURCES[name]
     capability = torch.backends.cpu.get_cpu_capability()
     simd = ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
-    if name == "trellis" and capability == "AVX512":  # 16-float vectors: twice the states per instruction
-        simd.append("-mavx512f")
+    if capability == "AVX512":  # 16-float vectors (trellis states and codes, dense matvecs); torch's AVX512 has BW
+        simd += ["-mavx512f", "-mavx512bw"]
+    source = " and ".join(sources)
     try:
         # -fopenmp: at::parallel_for is inline OpenMP code; compiled without it, it runs on one thread
-        ext = load(name=f"rlo_{name}_{capability.lower()}", sources=[os.path.join(HERE, source)],
+        ext = load(name=f"rlo_{name}_{capability.lower()}", sources=[os.path.join(HERE, s) for s in sources],
                    extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp", *simd], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler or ninja, a read-only cache, ...
         lines = str(e).strip().splitlines() or [type(e).__name__]
@@ -94,7 +97,19 @@ def _plan(layer):
     if ext is None:
         return None
     rows, cols = layer.spec["padded"]
-    return ext.Plan(rows, cols, layer.in_features, layer.out_features, *layout, *v, *u)
+    *layout, values = layout
+    values = torch.empty(0) if values is None else values
+    return ext.Plan(rows, cols, layer.in_features, layer.out_features, *layout, values, *v, *u)
+
+
+def plan(layer):
+    """The layer's Plan (built once per layer), or None where the kernel cannot run it or is disabled."""
+    if not ENABLED:
+        return None
+    p = _plans.get(layer, False)
+    if p is False:
+        p = _plans[layer] = _plan(layer)
+    return p
 
 
 def forward(layer, x):
@@ -103,7 +118,5 @@ def forward(layer, x):
             or x.shape[-1] != layer.in_features or not 0 < x.numel() <= MAX_TOKENS * layer.in_features
             or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())))):
         return None
-    plan = _plans.get(layer, False)
-    if plan is False:
-        plan = _plans[layer] = _plan(layer)
-    return None if plan is None else plan(x, layer._parameters, layer._buffers)
+    p = plan(layer)
+    return None if p is None else p(x, layer._parameters, layer._buffers)

@@ -5,9 +5,12 @@
 //
 // Vectors are GCC/Clang vector extensions of 8 floats: one E8P codeword per vector. Built with -mavx2
 // -mfma they compile to AVX2 ymm code (FMA, variable shifts); without, to SSE2 or scalar code.
-#include <torch/python.h>  // not torch/extension.h: its C++ frontend (nn, optim, ...) compiles longer than this file
-#include <ATen/Parallel.h>
+#include "packed.h"
 
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -119,7 +122,7 @@ static void token_tiles(int64_t T, const F& f) {
 
 // ---- scalar grids: value = scale * (code - zero), codes of W bits little-endian in each row's bytes, so
 // 8 codes are W whole bytes. Per group a 2^W-entry table of the values (the torch path's floats exactly)
-// turns codes into weights with one vector permute.
+// turns codes into weights with one vector permute; 8-bit codes (quantized heads) are converted directly.
 template <int W>
 struct GridRows {
   const float* z; int64_t zs, T; float* y; int64_t ys;
@@ -148,16 +151,23 @@ struct GridRows {
       int64_t bpg = groups == 1 ? nb : groupsize / 8;
       for (int64_t g = 0, b0 = 0; b0 < nb; ++g, b0 += bpg) {
         alignas(32) float table[16] = {};
-        for (int q = 0; q < (1 << W); ++q) table[q] = ((float)q - ze[g]) * sc[g];
+        if constexpr (W < 8)
+          for (int q = 0; q < (1 << W); ++q) table[q] = ((float)q - ze[g]) * sc[g];
         const v8f lo = load8(table), hi = load8(table + 8);
         acc.run(zt, zs, b0, std::min(nb, b0 + bpg), [&](int64_t b) {
-          uint32_t word = 0;
-          std::memcpy(&word, row + b * W, W);
-          v8i q = (v8i)((((v8u){} + word) >> shifts) & ((1u << W) - 1));
-          if constexpr (W == 4)
-            return __builtin_shuffle(lo, hi, q);
-          else
-            return __builtin_shuffle(lo, q);
+          if constexpr (W == 8) {  // bytes: the code itself, no table
+            const uint8_t* q = row + 8 * b;
+            v8f c = {(float)q[0], (float)q[1], (float)q[2], (float)q[3], (float)q[4], (float)q[5], (float)q[6], (float)q[7]};
+            return (c - ze[g]) * sc[g];
+          } else {
+            uint32_t word = 0;
+            std::memcpy(&word, row + b * W, W);
+            v8i q = (v8i)((((v8u){} + word) >> shifts) & ((1u << W) - 1));
+            if constexpr (W == 4)
+              return __builtin_shuffle(lo, hi, q);
+            else
+              return __builtin_shuffle(lo, q);
+          }
         });
       }
       for (int t = 0; t < NT; ++t) out[t] = acc.sum(t);
@@ -203,6 +213,152 @@ struct VectorRows {
       for (int t = 0; t < NT; ++t) out[t] += acc.sum(t) / (float)stage_scales[i];
     }
     for (int t = 0; t < NT; ++t) y[(t0 + t) * ys + r] = out[t] * scale[r];
+  }
+};
+
+// ---- trellis tiles (quant/codebooks/trellis.py, V = 1 codes): weight i of a tile is values[state_i], state_i
+// the L-bit window of the tile's circular big-endian bitstream that ends (i + 1) k bits in. A tile row is 16
+// weights, one vector; each half of 8 reads one 64-bit window that starts 16 bits before its first weight's
+// k bits. The 1MAD code is computed from the state (an LCG, the sum of its 4 bytes, times 1 / RMS as a
+// float pair: exact, the Plan checks every state against the table); other codes gather from the table.
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint64_t v8q __attribute__((vector_size(64)));
+
+static inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+struct Mad {  // quant.trellis' 1MAD: (sum of the bytes of 34038481 s + 76625530 - 510) / RMS
+  float hi = 0, lo = 0;  // 1 / RMS = hi + lo
+  inline float value(uint32_t s) const {
+    const uint32_t x = s * 34038481u + 76625530u;
+    const float y = (float)(int32_t)((x & 255) + (x >> 8 & 255) + (x >> 16 & 255) + (x >> 24) - 510);
+    return std::fma(y, hi, y * lo);
+  }
+  inline v16f value(v16u s) const {
+    const v16u x = s * 34038481u + 76625530u;
+#if defined(__AVX512BW__)  // byte pairs, then pairs of pairs, summed by two multiply-adds with ones
+    __m512i xi;
+    std::memcpy(&xi, &x, sizeof xi);
+    const __m512i bytes = _mm512_madd_epi16(_mm512_maddubs_epi16(xi, _mm512_set1_epi8(1)), _mm512_set1_epi16(1));
+    const v16f y = (v16f)_mm512_cvtepi32_ps(_mm512_sub_epi32(bytes, _mm512_set1_epi32(510)));
+#else
+    const v16u pairs = (x & 0x00ff00ffu) + (x >> 8 & 0x00ff00ffu);
+    const v16f y = __builtin_convertvector((v16i)((pairs & 0xffffu) + (pairs >> 16)) - 510, v16f);
+#endif
+#if defined(__AVX512F__)
+    return (v16f)_mm512_fmadd_ps((__m512)y, _mm512_set1_ps(hi), (__m512)(y * lo));
+#else
+    v16f v;
+    for (int i = 0; i < 16; ++i) v[i] = std::fma(y[i], hi, y[i] * lo);
+    return v;
+#endif
+  }
+};
+
+// States of 16 weights from stream bit q: lane j is bits [p, p + L) of the 64 stream bits from q - 16 (first
+// bit most significant), p = 16 + (j + 1) k - L.
+struct Lanes {
+  v8q shifts;  // two 64-bit windows, 8 lanes each
+#if defined(__AVX512F__)
+  __m512i word, right;  // k <= 3: one window; per lane, the 32-bit word that holds its bits and the shift
+#endif
+  Lanes(int64_t k) {
+    for (int j = 0; j < 8; ++j) shifts[j] = 64 - 16 - (j + 1) * k;
+#if defined(__AVX512F__)
+    alignas(64) int32_t w[16], r[16];
+    for (int j = 0; j < 16; ++j) {  // words: 0 = bits 32-63, 1 = bits 0-31, 2 = bits 16-47
+      const int p = (int)((j + 1) * k);
+      w[j] = p + 16 <= 32 ? 1 : p + 16 <= 48 ? 2 : 0;
+      r[j] = (w[j] == 1 ? 32 : w[j] == 2 ? 48 : 64) - 16 - p;
+    }
+    word = _mm512_load_si512(w), right = _mm512_load_si512(r);
+#endif
+  }
+};
+
+struct TrellisRows {
+  const float* z; int64_t zs, T; float* y; int64_t ys;
+  const uint8_t* codes; int64_t nbytes, nblk, tile_rows, k, L; const float* values; const float* scale;
+  const Mad* mad;  // null: gather from values
+  const Lanes* lanes;
+  int64_t r;
+
+  static inline uint64_t load_be(const uint8_t* p) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    return __builtin_bswap64(w);
+  }
+
+  // 64 stream bits from bit q - 16, the first most significant; the stream is circular (nbytes >= 8)
+  inline uint64_t window(const uint8_t* s, int64_t q) const {
+    const int64_t b0 = q / 8 - 2;
+    if (b0 >= 0 && b0 + 8 <= nbytes) return load_be(s + b0);
+    if (b0 < 0)  // a tile's first row: the stream's last 2 bytes, then its first 6
+      return (uint64_t)s[nbytes - 2] << 56 | (uint64_t)s[nbytes - 1] << 48 | load_be(s) >> 16;
+    const int64_t e = 8 * (b0 + 8 - nbytes);  // its last row: the bits past the end come from the start
+    return load_be(s + nbytes - 8) << e | load_be(s) >> (64 - e);
+  }
+
+  // The states of 16 weights from stream bit q (Lanes).
+
+  inline v16u states(const uint8_t* s, int64_t q, const Lanes& lanes, uint64_t mask) const {
+#if defined(__AVX512F__)
+    if (k <= 3) {  // 16 + 16 k <= 64: one window, its three 32-bit words permuted into the lanes
+      const uint64_t w = window(s, q);
+      const __m128i words = _mm_insert_epi32(_mm_cvtsi64_si128((long long)w), (int)(uint32_t)(w >> 16), 2);
+      const __m512i st = _mm512_and_si512(
+          _mm512_srlv_epi32(_mm512_permutexvar_epi32(lanes.word, _mm512_castsi128_si512(words)), lanes.right),
+          _mm512_set1_epi32((int)mask));
+      v16u out;
+      std::memcpy(&out, &st, sizeof out);
+      return out;
+    }
+#endif
+    const v8q lo = (((v8q){} + window(s, q)) >> lanes.shifts) & mask;
+    const v8q hi = (((v8q){} + window(s, q + 8 * k)) >> lanes.shifts) & mask;
+    return __builtin_shufflevector(__builtin_convertvector(lo, v8u), __builtin_convertvector(hi, v8u), 0, 1, 2, 3, 4,
+                                   5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+
+  inline v16f row16(const uint8_t* s, int64_t q, const Lanes& lanes, uint64_t mask) const {  // 16 weights
+    const v16u st = states(s, q, lanes, mask);
+    if (mad != nullptr) return mad->value(st);
+#if defined(__AVX512F__)
+    __m512i i;
+    std::memcpy(&i, &st, sizeof i);
+    return (v16f)_mm512_i32gather_ps(i, values, 4);
+#else
+    v16f v;
+    for (int j = 0; j < 16; ++j) v[j] = values[st[j]];
+    return v;
+#endif
+  }
+
+  template <int NT>
+  void go(int64_t t0) const {
+    const float* zt = z + t0 * zs;
+    const int64_t q0 = (r % tile_rows) * 16 * k;
+    const uint8_t* tiles = codes + (r / tile_rows) * nblk * nbytes;
+    const uint64_t mask = (1ull << L) - 1;
+    v16f acc[NT][2] = {};
+    auto block = [&](int64_t b, int u) {  // tile row (r, b): columns 16 b .. 16 b + 15
+      const v16f w = row16(tiles + b * nbytes, q0, *lanes, mask);
+      for (int t = 0; t < NT; ++t) acc[t][u] += w * load16(zt + t * zs + 16 * b);
+    };
+    int64_t b = 0;
+    for (; b + 2 <= nblk; b += 2) block(b, 0), block(b + 1, 1);  // constant indices: accumulators in registers
+    if (b < nblk) block(b, 0);
+    for (int t = 0; t < NT; ++t) {
+      const v16f a = acc[t][0] + acc[t][1];
+      float sum = 0;
+      for (int i = 0; i < 16; ++i) sum += a[i];
+      y[(t0 + t) * ys + r] = sum * scale[r];
+    }
   }
 };
 
@@ -255,77 +411,67 @@ static float* scratch(std::vector<float>& v, size_t n) {  // thread-local buffer
   return v.data();
 }
 
-struct Rotation {
-  int64_t kind = 0, n = 0;  // 0: none, 1: hadamard, 2: butterfly (kron is its one-factor case)
-  // hadamard: R = (H_2^a kron H_m) diag(signs) / sqrt(n), index i = i2 * m + im; H = H_m / sqrt(m) or none
-  torch::Tensor signs, H, Ht;
-  // butterfly: R = P_out B A P_in on the (p1, p2) view; A (1 or p2, p1, p1) on the p1 axis, B (1 or p1, p2, p2)
-  // on the p2 axis; kept with their transposes (small_matvec takes M^T to apply M)
-  torch::Tensor A, At, B, Bt, p_in, p_out, inv_in, inv_out;
-
-  Rotation() = default;
-  Rotation(int64_t kind_, int64_t n_, std::vector<torch::Tensor> t) : kind(kind_), n(n_) {
-    auto f = [](const torch::Tensor& x) { return x.numel() ? x.to(torch::kFloat32).contiguous() : torch::Tensor(); };
-    auto i = [](const torch::Tensor& x) { return x.numel() ? x.to(torch::kInt64).contiguous() : torch::Tensor(); };
-    auto tr = [](const torch::Tensor& x) { return x.defined() ? x.transpose(-1, -2).contiguous() : x; };
-    if (kind == 1) {
-      TORCH_CHECK(t.size() == 2 && t[0].numel() == n, "hadamard: signs, H_m");
-      signs = f(t[0]), H = f(t[1]), Ht = tr(H);
-      TORCH_CHECK(!H.defined() || (H.dim() == 2 && n % H.size(0) == 0), "hadamard factor shape");
-    } else if (kind == 2) {
-      TORCH_CHECK(t.size() == 4, "butterfly: A, B, p_in, p_out");
-      A = f(t[0]), B = f(t[1]), p_in = i(t[2]), p_out = i(t[3]), At = tr(A), Bt = tr(B);
-      TORCH_CHECK(A.dim() == 3 && B.dim() == 3 && A.size(1) * B.size(1) == n, "butterfly factor shapes");
-      if (p_in.defined()) inv_in = torch::argsort(p_in);
-      if (p_out.defined()) inv_out = torch::argsort(p_out);
-    }
+Rotation::Rotation(int64_t kind_, int64_t n_, std::vector<torch::Tensor> t) : kind(kind_), n(n_) {
+  auto f = [](const torch::Tensor& x) { return x.numel() ? x.to(torch::kFloat32).contiguous() : torch::Tensor(); };
+  auto i = [](const torch::Tensor& x) { return x.numel() ? x.to(torch::kInt64).contiguous() : torch::Tensor(); };
+  auto tr = [](const torch::Tensor& x) { return x.defined() ? x.transpose(-1, -2).contiguous() : x; };
+  if (kind == 1) {
+    TORCH_CHECK(t.size() == 2 && t[0].numel() == n, "hadamard: signs, H_m");
+    signs = f(t[0]), H = f(t[1]), Ht = tr(H);
+    TORCH_CHECK(!H.defined() || (H.dim() == 2 && n % H.size(0) == 0), "hadamard factor shape");
+  } else if (kind == 2) {
+    TORCH_CHECK(t.size() == 4, "butterfly: A, B, p_in, p_out");
+    A = f(t[0]), B = f(t[1]), p_in = i(t[2]), p_out = i(t[3]), At = tr(A), Bt = tr(B);
+    TORCH_CHECK(A.dim() == 3 && B.dim() == 3 && A.size(1) * B.size(1) == n, "butterfly factor shapes");
+    if (p_in.defined()) inv_in = torch::argsort(p_in);
+    if (p_out.defined()) inv_out = torch::argsort(p_out);
   }
+}
 
-  void apply(float* v, int64_t T, bool transpose) const {
-    if (kind == 0) return;
-    thread_local std::vector<float> tmp_buf;
-    float* tmp = scratch(tmp_buf, 2 * n);  // a work row and a permutation buffer
-    for (int64_t t = 0; t < T; ++t) {
-      if (kind == 1)
-        hadamard(v + t * n, transpose, tmp);
-      else
-        butterfly(v + t * n, transpose, tmp, tmp + n);
-    }
+void Rotation::apply(float* v, int64_t T, bool transpose) const {
+  if (kind == 0) return;
+  thread_local std::vector<float> tmp_buf;
+  float* tmp = scratch(tmp_buf, 2 * n);  // a work row and a permutation buffer
+  for (int64_t t = 0; t < T; ++t) {
+    if (kind == 1)
+      hadamard(v + t * n, transpose, tmp);
+    else
+      butterfly(v + t * n, transpose, tmp, tmp + n);
   }
+}
 
-  void hadamard(float* x, bool transpose, float* tmp) const {
-    const float* s = signs.data_ptr<float>();
-    const int64_t m = H.defined() ? H.size(0) : 1, k2 = n / m;
-    if (!transpose) for (int64_t i = 0; i < n; ++i) x[i] *= s[i];
-    if (transpose && m > 1) for (int64_t i = 0; i < k2; ++i) small_matvec(x + i * m, m, 1, H.data_ptr<float>(), tmp);
-    fwht(x, k2, m);
-    if (!transpose && m > 1) for (int64_t i = 0; i < k2; ++i) small_matvec(x + i * m, m, 1, Ht.data_ptr<float>(), tmp);
-    if (transpose) for (int64_t i = 0; i < n; ++i) x[i] *= s[i];
-  }
+void Rotation::hadamard(float* x, bool transpose, float* tmp) const {
+  const float* s = signs.data_ptr<float>();
+  const int64_t m = H.defined() ? H.size(0) : 1, k2 = n / m;
+  if (!transpose) for (int64_t i = 0; i < n; ++i) x[i] *= s[i];
+  if (transpose && m > 1) for (int64_t i = 0; i < k2; ++i) small_matvec(x + i * m, m, 1, H.data_ptr<float>(), tmp);
+  fwht(x, k2, m);
+  if (!transpose && m > 1) for (int64_t i = 0; i < k2; ++i) small_matvec(x + i * m, m, 1, Ht.data_ptr<float>(), tmp);
+  if (transpose) for (int64_t i = 0; i < n; ++i) x[i] *= s[i];
+}
 
-  void butterfly(float* x, bool transpose, float* tmp, float* buf) const {
-    const int64_t p1 = A.size(1), p2 = B.size(1);
-    // R applies A then B (each given to small_matvec transposed); R^T applies B^T then A^T.
-    const float *a = (transpose ? A : At).data_ptr<float>(), *b = (transpose ? B : Bt).data_ptr<float>();
-    auto step_a = [&] {  // each p2 fibre j: x[:, j] <- A_j x[:, j]
-      for (int64_t j = 0; j < p2; ++j) small_matvec(x + j, p1, p2, a + (A.size(0) > 1 ? j : 0) * p1 * p1, tmp);
-    };
-    auto step_b = [&] {  // each p1 fibre i: x[i, :] <- B_i x[i, :]
-      for (int64_t i = 0; i < p1; ++i) small_matvec(x + i * p2, p2, 1, b + (B.size(0) > 1 ? i : 0) * p2 * p2, tmp);
-    };
-    if (!transpose) {
-      if (p_in.defined()) permute(x, n, p_in, buf);
-      step_a();
-      step_b();
-      if (p_out.defined()) permute(x, n, p_out, buf);
-    } else {
-      if (inv_out.defined()) permute(x, n, inv_out, buf);
-      step_b();
-      step_a();
-      if (inv_in.defined()) permute(x, n, inv_in, buf);
-    }
+void Rotation::butterfly(float* x, bool transpose, float* tmp, float* buf) const {
+  const int64_t p1 = A.size(1), p2 = B.size(1);
+  // R applies A then B (each given to small_matvec transposed); R^T applies B^T then A^T.
+  const float *a = (transpose ? A : At).data_ptr<float>(), *b = (transpose ? B : Bt).data_ptr<float>();
+  auto step_a = [&] {  // each p2 fibre j: x[:, j] <- A_j x[:, j]
+    for (int64_t j = 0; j < p2; ++j) small_matvec(x + j, p1, p2, a + (A.size(0) > 1 ? j : 0) * p1 * p1, tmp);
+  };
+  auto step_b = [&] {  // each p1 fibre i: x[i, :] <- B_i x[i, :]
+    for (int64_t i = 0; i < p1; ++i) small_matvec(x + i * p2, p2, 1, b + (B.size(0) > 1 ? i : 0) * p2 * p2, tmp);
+  };
+  if (!transpose) {
+    if (p_in.defined()) permute(x, n, p_in, buf);
+    step_a();
+    step_b();
+    if (p_out.defined()) permute(x, n, p_out, buf);
+  } else {
+    if (inv_out.defined()) permute(x, n, inv_out, buf);
+    step_b();
+    step_a();
+    if (inv_in.defined()) permute(x, n, inv_in, buf);
   }
-};
+}
 
 // Per-call glue stays off torch's dispatcher where it can: on tiny layers it costs more than the matmul.
 static torch::Tensor lookup(const py::dict& d, const py::str& key) {
@@ -343,109 +489,141 @@ static torch::Tensor f32(const torch::Tensor& t) {  // no copy for the usual con
 
 static const float* ptr(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-// One QuantLinear's static layout. Called with x (T, in_features) float32 and the layer's _parameters and
-// _buffers (looked up on every call, so that finetuned scales or moved buffers are always the current ones):
-// y = out_scale * (U^T W_p V (in_scale * x)) + bias. codec 0: grid (buffer "codes", uint8 rows; "scale" and
-// "zero" (R, groups), R = 1 or rows); codec 1: lattice stages (buffers "codes0", ... int16 or uint8; "scale"
-// (rows, 1)).
-struct Plan {
-  int64_t rows, cols, in_features, out_features, codec, wbits, groupsize;
-  std::vector<int64_t> stage_bits;
-  std::vector<double> stage_scales;
-  std::vector<py::str> stage_keys;  // "codes0", "codes1", ...
-  Rotation V, U;
-
-  Plan(int64_t rows_, int64_t cols_, int64_t in_, int64_t out_, int64_t codec_, int64_t wbits_, int64_t groupsize_,
-       std::vector<int64_t> stage_bits_, std::vector<double> stage_scales_, int64_t v_kind,
-       std::vector<torch::Tensor> v_factors, int64_t u_kind, std::vector<torch::Tensor> u_factors)
-      : rows(rows_), cols(cols_), in_features(in_), out_features(out_), codec(codec_), wbits(wbits_),
-        groupsize(groupsize_), stage_bits(stage_bits_), stage_scales(stage_scales_), V(v_kind, cols_, v_factors),
-        U(u_kind, rows_, u_factors) {
-    TORCH_CHECK(tables_set, "set_tables first");
-    TORCH_CHECK(codec != 0 || (wbits >= 2 && wbits <= 4), "grid codes of 2-4 bits");
-    TORCH_CHECK(codec != 1 || (cols % 8 == 0 && stage_bits.size() == stage_scales.size()), "vector codebook layout");
-    TORCH_CHECK(in_features <= cols && out_features <= rows, "shapes");
-    for (size_t i = 0; i < stage_bits.size(); ++i) stage_keys.emplace_back("codes" + std::to_string(i));
-  }
-
-  torch::Tensor operator()(torch::Tensor x, py::dict params, py::dict buffers) const {
-    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
-                "x: (..., in_features) float32 on the CPU");
-    x = dense(x);
-    // interned once and never freed (a static py::object would be released after the interpreter ends)
-    static const py::str &k_in = *new py::str("in_scale"), &k_out = *new py::str("out_scale"),
-                         &k_bias = *new py::str("bias"), &k_scale = *new py::str("scale"),
-                         &k_codes = *new py::str("codes"), &k_zero = *new py::str("zero");
-    const int64_t T = x.numel() / in_features;
-    torch::Tensor in_scale = f32(lookup(params, k_in)), out_scale = f32(lookup(params, k_out)),
-                  bias = f32(lookup(params, k_bias)), scale = f32(lookup(params, k_scale));
-    TORCH_CHECK(scale.defined(), "scale");
-    const float *isp = ptr(in_scale), *osp = ptr(out_scale), *bp = ptr(bias), *sp = ptr(scale);
-
-    thread_local std::vector<float> zbuf, tbuf;
-    float *zp = scratch(zbuf, T * cols), *tp = scratch(tbuf, T * rows);
-    std::fill(zp, zp + T * cols, 0.0f);
-    const float* xp = x.data_ptr<float>();
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t i = 0; i < in_features; ++i) {
-        const float v = xp[t * in_features + i];
-        zp[t * cols + i] = isp ? v * isp[i] : v;
-      }
-    V.apply(zp, T, false);
-
-    const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, cols * T));
-    if (codec == 0) {
-      torch::Tensor codes = dense(lookup(buffers, k_codes)), zero = f32(lookup(buffers, k_zero));
-      TORCH_CHECK(codes.defined() && codes.scalar_type() == torch::kUInt8 && codes.dim() == 2 &&
-                  codes.size(0) == rows && codes.size(1) == (cols * wbits + 7) / 8, "grid codes");
-      TORCH_CHECK(zero.defined() && zero.sizes() == scale.sizes() && scale.dim() == 2, "grid scale / zero");
-      const uint8_t* cp = codes.data_ptr<uint8_t>();
-      const float* zr = ptr(zero);
-      const int64_t nbytes = codes.size(1), ss = scale.size(0) > 1 ? scale.size(1) : 0, groups = scale.size(1);
-      auto run = [&](auto w) {
-        using G = decltype(w);
-        grid_matmul(G{zp, cols, T, tp, rows, cp, nbytes, cols, sp, zr, ss, groups, groupsize, 0}, rows, grain);
-      };
-      if (wbits == 2) run(GridRows<2>{});
-      if (wbits == 3) run(GridRows<3>{});
-      if (wbits == 4) run(GridRows<4>{});
-    } else {
-      VectorRows v{zp, cols, T, tp, rows, {}, stage_bits, stage_scales, cols / 8, sp, 0};
-      TORCH_CHECK(scale.numel() == rows, "vector codebook scale");
-      std::vector<torch::Tensor> held;  // keeps contiguous copies (if any) alive
-      for (size_t i = 0; i < stage_bits.size(); ++i) {
-        torch::Tensor c = dense(lookup(buffers, stage_keys[i]));
-        TORCH_CHECK(c.defined() && c.dim() == 2 && c.size(0) == rows && c.size(1) == cols / 8 &&
-                    c.element_size() * 8 == stage_bits[i], "vector codes");
-        held.push_back(c);
-        v.codes.push_back(c.data_ptr());
-      }
-      at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-        VectorRows w = v;
-        for (w.r = r0; w.r < r1; ++w.r) token_tiles(T, w);
-      });
+Plan::Plan(int64_t rows_, int64_t cols_, int64_t in_, int64_t out_, int64_t codec_, int64_t wbits_, int64_t groupsize_,
+           std::vector<int64_t> stage_bits_, std::vector<double> stage_scales_, torch::Tensor values_, int64_t v_kind,
+           std::vector<torch::Tensor> v_factors, int64_t u_kind, std::vector<torch::Tensor> u_factors)
+    : rows(rows_), cols(cols_), in_features(in_), out_features(out_), codec(codec_), wbits(wbits_),
+      groupsize(groupsize_), stage_bits(stage_bits_), stage_scales(stage_scales_), V(v_kind, cols_, v_factors),
+      U(u_kind, rows_, u_factors) {
+  TORCH_CHECK(tables_set, "set_tables first");
+  TORCH_CHECK(codec != 0 || (wbits >= 2 && wbits <= 4) || wbits == 8, "grid codes of 2-4 or 8 bits");
+  TORCH_CHECK(codec != 1 || (cols % 8 == 0 && stage_bits.size() == stage_scales.size()), "vector codebook layout");
+  if (codec == 2) {  // stage_bits = [L, T], groupsize = tile rows
+    TORCH_CHECK(stage_bits.size() == 2 && stage_bits[0] <= 16 && wbits >= 1 && wbits <= 6 && groupsize > 0 &&
+                stage_bits[1] * wbits >= 64 &&
+                groupsize * 16 == stage_bits[1] && rows % groupsize == 0 && cols % 16 == 0 &&
+                values_.numel() == (int64_t(1) << stage_bits[0]), "trellis layout");
+    values = values_.to(torch::kFloat32).contiguous();
+    if (stage_scales.size() == 1) {  // 1MAD with 1 / RMS: computed in the kernel where it is exact
+      mad_hi = (float)stage_scales[0], mad_lo = (float)(stage_scales[0] - (double)mad_hi);
+      const Mad mad{mad_hi, mad_lo};
+      const float* v = values.data_ptr<float>();
+      inline_mad = true;
+      for (int64_t st = 0; st < values.numel() && inline_mad; ++st) inline_mad = mad.value((uint32_t)st) == v[st];
     }
-    U.apply(tp, T, true);
-
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = out_features;
-    auto y = torch::empty(shape, x.options());
-    float* op = y.data_ptr<float>();
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t i = 0; i < out_features; ++i) {
-        float v = tp[t * rows + i];
-        if (osp) v *= osp[i];
-        if (bp) v += bp[i];
-        op[t * out_features + i] = v;
-      }
-    return y;
   }
-};
+  TORCH_CHECK(in_features <= cols && out_features <= rows, "shapes");
+  for (size_t i = 0; i < stage_bits.size(); ++i) stage_keys.emplace_back("codes" + std::to_string(i));
+}
+
+PlanTensors Plan::bind(const py::dict& params, const py::dict& buffers) const {
+  // interned once and never freed (a static py::object would be released after the interpreter ends)
+  static const py::str &k_in = *new py::str("in_scale"), &k_out = *new py::str("out_scale"),
+                       &k_bias = *new py::str("bias"), &k_scale = *new py::str("scale"),
+                       &k_codes = *new py::str("codes"), &k_zero = *new py::str("zero");
+  PlanTensors w;
+  w.in_scale = f32(lookup(params, k_in)), w.out_scale = f32(lookup(params, k_out));
+  w.bias = f32(lookup(params, k_bias)), w.scale = f32(lookup(params, k_scale));
+  TORCH_CHECK(w.scale.defined(), "scale");
+  if (codec == 0) {
+    w.codes = dense(lookup(buffers, k_codes)), w.zero = f32(lookup(buffers, k_zero));
+    TORCH_CHECK(w.codes.defined() && w.codes.scalar_type() == torch::kUInt8 && w.codes.dim() == 2 &&
+                w.codes.size(0) == rows && w.codes.size(1) == (cols * wbits + 7) / 8, "grid codes");
+    TORCH_CHECK(w.zero.defined() && w.zero.sizes() == w.scale.sizes() && w.scale.dim() == 2, "grid scale / zero");
+  } else if (codec == 1) {
+    TORCH_CHECK(w.scale.numel() == rows, "vector codebook scale");
+    for (size_t i = 0; i < stage_bits.size(); ++i) {
+      torch::Tensor c = dense(lookup(buffers, stage_keys[i]));
+      TORCH_CHECK(c.defined() && c.dim() == 2 && c.size(0) == rows && c.size(1) == cols / 8 &&
+                  c.element_size() * 8 == stage_bits[i], "vector codes");
+      w.stages.push_back(c);
+    }
+  } else {
+    w.codes = dense(lookup(buffers, k_codes));
+    TORCH_CHECK(w.scale.numel() == rows, "trellis scale");
+    TORCH_CHECK(w.codes.defined() && w.codes.scalar_type() == torch::kUInt8 && w.codes.dim() == 3 &&
+                w.codes.size(0) == rows / groupsize && w.codes.size(1) == cols / 16 &&
+                w.codes.size(2) == stage_bits[1] * wbits / 8, "trellis codes");
+  }
+  return w;
+}
+
+void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) const {
+  const float *isp = ptr(w.in_scale), *osp = ptr(w.out_scale), *bp = ptr(w.bias), *sp = ptr(w.scale);
+  thread_local std::vector<float> zbuf, tbuf;
+  float *zp = scratch(zbuf, T * cols), *tp = scratch(tbuf, T * rows);
+  std::fill(zp, zp + T * cols, 0.0f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < in_features; ++i) {
+      const float v = xp[t * in_features + i];
+      zp[t * cols + i] = isp ? v * isp[i] : v;
+    }
+  V.apply(zp, T, false);
+
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, cols * T));
+  if (codec == 0) {
+    const uint8_t* cp = w.codes.data_ptr<uint8_t>();
+    const float* zr = ptr(w.zero);
+    const int64_t nbytes = w.codes.size(1), ss = w.scale.size(0) > 1 ? w.scale.size(1) : 0, groups = w.scale.size(1);
+    auto run = [&](auto g) {
+      using G = decltype(g);
+      grid_matmul(G{zp, cols, T, tp, rows, cp, nbytes, cols, sp, zr, ss, groups, groupsize, 0}, rows, grain);
+    };
+    if (wbits == 2) run(GridRows<2>{});
+    if (wbits == 3) run(GridRows<3>{});
+    if (wbits == 4) run(GridRows<4>{});
+    if (wbits == 8) run(GridRows<8>{});
+  } else if (codec == 1) {
+    VectorRows v{zp, cols, T, tp, rows, {}, stage_bits, stage_scales, cols / 8, sp, 0};
+    for (const auto& c : w.stages) v.codes.push_back(c.data_ptr());
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      VectorRows g = v;
+      for (g.r = r0; g.r < r1; ++g.r) token_tiles(T, g);
+    });
+  } else {
+    const Mad mad{mad_hi, mad_lo};
+    const Lanes lanes(wbits);
+    TrellisRows v{zp, cols, T, tp, rows, w.codes.data_ptr<uint8_t>(), w.codes.size(2), cols / 16, groupsize, wbits,
+                  stage_bits[0], values.data_ptr<float>(), sp, inline_mad ? &mad : nullptr, &lanes, 0};
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      TrellisRows g = v;
+      for (g.r = r0; g.r < r1; ++g.r) token_tiles(T, g);
+    });
+  }
+  U.apply(tp, T, true);
+
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < out_features; ++i) {
+      float v = tp[t * rows + i];
+      if (osp) v *= osp[i];
+      if (bp) v += bp[i];
+      op[t * out_features + i] = v;
+    }
+}
+
+// Called with x (T, in_features) float32 and the layer's _parameters and _buffers (looked up on every call,
+// so that finetuned scales or moved buffers are always the current ones).
+torch::Tensor Plan::operator()(torch::Tensor x, py::dict params, py::dict buffers) const {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+              "x: (..., in_features) float32 on the CPU");
+  x = dense(x);
+  PlanTensors w = bind(params, buffers);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  auto y = torch::empty(shape, x.options());
+  apply(w, x.data_ptr<float>(), x.numel() / in_features, y.data_ptr<float>());
+  return y;
+}
+
+void register_decode(py::module& m);  // decode.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_tables", &set_tables, "E8P and E8 1-bit tables from quant.e8p");
   py::class_<Plan>(m, "Plan")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, std::vector<int64_t>,
-                    std::vector<double>, int64_t, std::vector<torch::Tensor>, int64_t, std::vector<torch::Tensor>>())
-      .def("__call__", &Plan::operator());
+                    std::vector<double>, torch::Tensor, int64_t, std::vector<torch::Tensor>, int64_t,
+                    std::vector<torch::Tensor>>())
+      .def("__call__", &Plan::operator())
+      .def_readonly("inline_mad", &Plan::inline_mad);
+  register_decode(m);
 }

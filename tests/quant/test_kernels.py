@@ -60,6 +60,12 @@ def vector_spec(rows, cols, name, rotation="hadamard"):
                 stage_scales=list(cb.stage_scales))
 
 
+def trellis_spec(rows, cols, k, code, L=16, T=256):
+    padded = list(quant.Incoherence(rows, cols, None, "hadamard", 3).padded_shape)
+    return dict(codebook="trellis", wbits=k, shape=[rows, cols], padded=padded, rotation="hadamard", seed=3,
+                groupsize=-1, trellis=dict(L=L, V=1, T=T, code=code, k=k), tile=[T // 16, 16])
+
+
 def torch_path(layer, x):
     kernels.ENABLED = False
     try:
@@ -82,12 +88,17 @@ SPECS = [grid_spec(37, 77, w, qfn, gs, rot) for w in (2, 3, 4)
          for qfn, gs, rot in (("a", -1, None), ("b", -1, "hadamard"), ("a", 16, None), ("a", 12, "kron"))]
 SPECS += [grid_spec(20, 44, 2, "b", -1, "butterfly")]
 SPECS += [vector_spec(37, 172, name) for name in ("e8p", "e8p_rvq3", "e8p_rvq4")] + [vector_spec(24, 64, "e8p", None)]
+# trellis: 1MAD computed in the kernel (k = 2, 3: one stream window per 16 weights; 4: two), 3INST gathered from
+# its table, a short sequence (tiles of 4 rows) with fewer state bits
+SPECS += [trellis_spec(32, 48, k, "1mad") for k in (2, 3, 4)] + [trellis_spec(40, 32, 2, "3inst", L=12, T=64)]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s['codebook']}{s['wbits']}-{s.get('qfn', '')}"
                          f"{s.get('groupsize', '')}-{s['rotation']}-{s['shape'][0]}x{s['shape'][1]}")
 def test_kernel_matches_the_torch_path_on_random_codes(ext, spec):
     layer = random_layer(spec, seed=len(str(spec)))
+    if spec["codebook"] == "trellis":  # 1MAD computed from the state, exactly; other codes read the table
+        assert kernels.plan(layer).inline_mad == (spec["trellis"]["code"] == "1mad")
     for tokens in (1, 3, 16):  # 16: two tiles of 8 tokens
         assert_matches(layer, torch.randn(tokens, spec["shape"][1]))
 

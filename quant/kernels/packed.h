@@ -1,0 +1,56 @@
+// What packed.cpp (the QuantLinear kernel) shares with decode.cpp (the decode loop that runs whole models
+// through its Plans): the rotations and a layer's Plan, bound once to the layer's tensors.
+#pragma once
+#include <torch/python.h>  // not torch/extension.h: its C++ frontend (nn, optim, ...) compiles longer than these files
+
+#include <cstdint>
+#include <vector>
+
+struct Rotation {
+  int64_t kind = 0, n = 0;  // 0: none, 1: hadamard, 2: butterfly (kron is its one-factor case)
+  // hadamard: R = (H_2^a kron H_m) diag(signs) / sqrt(n), index i = i2 * m + im; H = H_m / sqrt(m) or none
+  torch::Tensor signs, H, Ht;
+  // butterfly: R = P_out B A P_in on the (p1, p2) view; A (1 or p2, p1, p1) on the p1 axis, B (1 or p1, p2, p2)
+  // on the p2 axis; kept with their transposes (small_matvec takes M^T to apply M)
+  torch::Tensor A, At, B, Bt, p_in, p_out, inv_in, inv_out;
+
+  Rotation() = default;
+  Rotation(int64_t kind_, int64_t n_, std::vector<torch::Tensor> t);
+  void apply(float* v, int64_t T, bool transpose) const;  // in place on each of T vectors of length n
+
+ private:
+  void hadamard(float* x, bool transpose, float* tmp) const;
+  void butterfly(float* x, bool transpose, float* tmp, float* buf) const;
+};
+
+// A layer's tensors as the kernel reads them (contiguous float32 scales; references keep them alive).
+struct PlanTensors {
+  torch::Tensor in_scale, out_scale, bias, scale, zero, codes;
+  std::vector<torch::Tensor> stages;  // lattice codes, one tensor per stage
+};
+
+// One QuantLinear's static layout: y = out_scale * (U^T W_p V (in_scale * x)) + bias. codec 0: grid (buffer
+// "codes", uint8 rows; "scale" and "zero" (R, groups), R = 1 or rows); codec 1: lattice stages (buffers
+// "codes0", ... int16 or uint8; "scale" (rows, 1)); codec 2: trellis tiles (buffer "codes" uint8 (rows / tile
+// rows, cols / 16, T k / 8); "scale" (rows, 1); `values` the code's 2^L values).
+struct Plan {
+  int64_t rows, cols, in_features, out_features, codec, wbits, groupsize;
+  std::vector<int64_t> stage_bits;
+  std::vector<double> stage_scales;
+  std::vector<py::str> stage_keys;  // "codes0", "codes1", ...
+  torch::Tensor values;             // trellis: the code's value of each state
+  // trellis 1MAD (stage_scales = [1 / RMS]): 1 / RMS as a float pair, and whether computing the code from
+  // the state gives `values` exactly (else the kernel gathers from them)
+  float mad_hi = 0, mad_lo = 0;
+  bool inline_mad = false;
+  Rotation V, U;
+
+  Plan(int64_t rows_, int64_t cols_, int64_t in_, int64_t out_, int64_t codec_, int64_t wbits_, int64_t groupsize_,
+       std::vector<int64_t> stage_bits_, std::vector<double> stage_scales_, torch::Tensor values_, int64_t v_kind,
+       std::vector<torch::Tensor> v_factors, int64_t u_kind, std::vector<torch::Tensor> u_factors);
+  // The layer's current tensors (its _parameters and _buffers dicts), checked against the layout.
+  PlanTensors bind(const py::dict& params, const py::dict& buffers) const;
+  // y (T, out_features) <- the layer applied to x (T, in_features); threaded over output rows.
+  void apply(const PlanTensors& w, const float* x, int64_t T, float* y) const;
+  torch::Tensor operator()(torch::Tensor x, py::dict params, py::dict buffers) const;
+};
