@@ -17,11 +17,6 @@ pytestmark = pytest.mark.kernel
 NEW = 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Tiny matrices: one thread (see conftest.one_thread)."""
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer(make_text(60))
