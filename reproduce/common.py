@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from engine import UserError, atomic_savefig
+from engine import UserError, atomic_savefig, read_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_UCI = os.path.join(ROOT, "..", "shared", "data", "uci")
@@ -45,6 +45,20 @@ def quiet(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         yield
+
+
+def train_run(argv):
+    """Run train.py with `argv` (holding --out) quietly; its metrics.csv rows. The checkpoints are removed: the
+    sections keep only the metrics."""
+    import train
+
+    out = argv[argv.index("--out") + 1]
+    with quiet(os.path.join(out, "log.txt")):
+        train.main(argv + ["--overwrite"])
+    for name in ("last.pt", "best.pt"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    return read_csv(os.path.join(out, "metrics.csv"))
 
 
 def uci_args(dataset, data_dir, folds, iters, lr=0.01):

@@ -4,9 +4,7 @@ import os
 
 import numpy as np
 
-from engine import read_csv
-
-from .common import first_at, lr_text, pyplot, quiet, save_figure
+from .common import first_at, lr_text, pyplot, save_figure, train_run
 from .report import Section, Table, comparison_cells
 from .stats import choose, fmt, interval, paired, paired_cells, reach
 
@@ -30,15 +28,7 @@ def argv(cfg, net, net_flags, loss, k, m, lr, seed, out):
 
 def task(argv):
     """One train.py run; its per-epoch validation and test accuracy. The checkpoints are removed."""
-    import train
-
-    out = argv[argv.index("--out") + 1]
-    with quiet(os.path.join(out, "log.txt")):
-        train.main(argv + ["--overwrite"])
-    rows = read_csv(os.path.join(out, "metrics.csv"))
-    for name in ("last.pt", "best.pt"):
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
+    rows = train_run(argv)
     return dict(val_acc=[r["val_acc"] for r in rows], test_acc=[r["test_acc"] for r in rows],
                 seconds=rows[-1]["wall_seconds"])
 

@@ -7,9 +7,9 @@ import platform
 
 import numpy as np
 
-from engine import UserError, atomic_dir, read_csv
+from engine import UserError, atomic_dir
 
-from .common import first_at, lr_text, pyplot, quiet, save_figure
+from .common import first_at, lr_text, pyplot, save_figure, train_run
 from .report import Section, Table, comparison_cells
 from .stats import choose, fmt, interval, paired, reach
 
@@ -86,15 +86,7 @@ def cpu_name():
 def task(argv):
     """One train.py run: its per-epoch validation and test accuracy and cumulative seconds, and the machine.
     The checkpoints are removed."""
-    import train
-
-    out = argv[argv.index("--out") + 1]
-    with quiet(os.path.join(out, "log.txt")):
-        train.main(argv + ["--overwrite"])
-    rows = read_csv(os.path.join(out, "metrics.csv"))
-    for name in ("last.pt", "best.pt"):
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
+    rows = train_run(argv)
     return dict(val_acc=[r["val_acc"] for r in rows], test_acc=[r["test_acc"] for r in rows],
                 seconds=[r["wall_seconds"] for r in rows], cpu=f"{os.cpu_count()}-core {cpu_name()}")
 

@@ -18,15 +18,7 @@
 #include <cstring>
 #include <limits>
 
-typedef float v16f __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-
-static inline v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 static inline v16f load16(const at::BFloat16* p) {  // bfloat16 is the high half of a float32
   v16h h;
@@ -44,7 +36,6 @@ static inline v16f load16(const at::Half* p) {
 #endif
 }
 
-typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 
 static inline float hsum16(v16f v) {  // a tree of halves: 4 dependent adds, not 15 (once per row of the head)

@@ -16,15 +16,8 @@
 #include <cstring>
 #include <vector>
 
-typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
-
-static inline v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 static inline float hsum(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -221,16 +214,8 @@ struct VectorRows {
 // weights, one vector; each half of 8 reads one 64-bit window that starts 16 bits before its first weight's
 // k bits. The 1MAD code is computed from the state (an LCG, the sum of its 4 bytes, times 1 / RMS as a
 // float pair: exact, the Plan checks every state against the table); other codes gather from the table.
-typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint64_t v8q __attribute__((vector_size(64)));
-
-static inline v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 struct Mad {  // quant.trellis' 1MAD: (sum of the bytes of 34038481 s + 76625530 - 510) / RMS
   float hi = 0, lo = 0;  // 1 / RMS = hi + lo

@@ -4,7 +4,25 @@
 #include <torch/python.h>  // not torch/extension.h: its C++ frontend (nn, optim, ...) compiles longer than these files
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
+
+// GCC/Clang vector extensions: 8 and 16 floats (AVX2 ymm / AVX-512 zmm registers where built with them)
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+static inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 
 struct Rotation {
   int64_t kind = 0, n = 0;  // 0: none, 1: hadamard, 2: butterfly (kron is its one-factor case)
