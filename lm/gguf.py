@@ -59,8 +59,9 @@ def check_gguf(path):
 
 def load_gguf(path, dtype=torch.float32, device="cpu"):
     """(model, tokenizer) from the GGUF file `path`: tensors dequantized to `dtype`, the tokenizer built from
-    the file; the model is in eval mode on `device`."""
-    arch = check_gguf(path)
+    the file; the model is in eval mode on `device`. A file transformers cannot load is diagnosed by
+    `check_gguf` only then: parsing a file's metadata (its vocabulary) costs seconds, and transformers
+    parses it three times already."""
     folder, file = os.path.split(os.path.abspath(path))
     kwargs = {DTYPE_KW: dtype}
     if GgufConfig is not None:  # newer transformers can keep GGUF blocks; every tool here wants plain tensors
@@ -69,7 +70,10 @@ def load_gguf(path, dtype=torch.float32, device="cpu"):
         with quiet_hub():
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs)
-    except (OSError, ValueError, KeyError, NotImplementedError) as err:
+    except UserError:
+        raise
+    except Exception as err:  # whatever transformers raised, the user gets the file's diagnosis in one line
+        arch = check_gguf(path)
         raise UserError(f"cannot load GGUF file {path!r} (architecture {arch!r}): {str(err).splitlines()[0]}") from None
     if getattr(model, "hf_quantizer", None) is not None:
         # dense after dequantization: a plain model, which save_pretrained and training accept
