@@ -61,6 +61,20 @@ def train_run(argv):
     return read_csv(os.path.join(out, "metrics.csv"))
 
 
+def train_grid(cfg, ctx, section, losses, task, argv):
+    """The runs of a deep-net section: {((net, loss, k, m, lr), seed): (task, {"argv": ...})} over cfg's nets,
+    learning-rate grid and seeds, each run in its own folder under the cache; argv(net, net_flags, loss, k, m,
+    lr, seed, out) builds a run's train.py arguments."""
+    out = {}
+    for net, flags in cfg["nets"]:
+        for loss, k, m in losses:
+            for lr in cfg["lr_grid"]:
+                for seed in range(cfg["seeds"]):
+                    run = os.path.join(ctx.cache, "runs", section, f"{net}_{loss}_k{k:g}_m{m:g}_lr{lr:g}_seed{seed}")
+                    out[((net, loss, k, m, lr), seed)] = (task, dict(argv=argv(net, flags, loss, k, m, lr, seed, run)))
+    return out
+
+
 def uci_args(dataset, data_dir, folds, iters, lr=0.01):
     import regression
 

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from .common import first_at, lr_text, pyplot, save_figure, train_run
+from .common import first_at, lr_text, pyplot, save_figure, train_grid, train_run
 from .report import Section, Table, comparison_cells
 from .stats import choose, fmt, interval, paired, paired_cells, reach
 
@@ -34,15 +34,7 @@ def task(argv):
 
 
 def tasks(cfg, ctx):
-    out = {}
-    for net, flags in cfg["nets"]:
-        for loss, k, m in LOSSES:
-            for lr in cfg["lr_grid"]:
-                for seed in range(cfg["seeds"]):
-                    run = os.path.join(ctx.cache, "runs", "digits", f"{net}_{loss}_k{k:g}_m{m:g}_lr{lr:g}_seed{seed}")
-                    out[((net, loss, k, m, lr), seed)] = (task, dict(argv=argv(cfg, net, flags, loss, k, m, lr, seed,
-                                                                               run)))
-    return out
+    return train_grid(cfg, ctx, "digits", LOSSES, task, lambda *run: argv(cfg, *run))
 
 
 def label(loss, k, m):

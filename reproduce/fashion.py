@@ -9,7 +9,7 @@ import numpy as np
 
 from engine import UserError, atomic_dir
 
-from .common import first_at, lr_text, pyplot, save_figure, train_run
+from .common import first_at, lr_text, pyplot, save_figure, train_grid, train_run
 from .report import Section, Table, comparison_cells
 from .stats import choose, fmt, interval, paired, reach
 
@@ -93,15 +93,8 @@ def task(argv):
 
 def tasks(cfg, ctx):
     data = data_dir(cfg, ctx)
-    out = {}
-    for net, flags in cfg["nets"]:
-        for loss, k, m in LOSSES:
-            for lr in cfg["lr_grid"]:
-                for seed in range(cfg["seeds"]):
-                    run = os.path.join(ctx.cache, "runs", "fashion", f"{net}_{loss}_k{k:g}_m{m:g}_lr{lr:g}_seed{seed}")
-                    out[((net, loss, k, m, lr), seed)] = (task, dict(argv=argv(cfg, net, flags, loss, k, m, lr, seed,
-                                                                               data, run)))
-    return out
+    return train_grid(cfg, ctx, "fashion", LOSSES, task,
+                      lambda net, flags, loss, k, m, lr, seed, out: argv(cfg, net, flags, loss, k, m, lr, seed, data, out))
 
 
 CLAIM = ("Training with RLO converges faster (fewer epochs to a given accuracy) and reaches a higher final accuracy "
