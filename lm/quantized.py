@@ -86,7 +86,7 @@ def quantization_specs(model):
     return specs
 
 
-def _unquantized_names(model):
+def _stored_dtype_names(model):
     """Names of the state dict's floating-point tensors other than the quantized layers' frozen code buffers
     (codes and zero points, kept exact): what `stored_dtype` applies to. A quantized layer's scales are among
     them: 16 bits change a 2-bit weight by a relative 5e-4 (float16) and halve their bytes."""
@@ -102,7 +102,7 @@ def packed_tensors(model, dtype=torch.float16):
     """The tensors a packed checkpoint stores: the quantized layers' codes and zero points as they are, every
     other floating-point tensor (their scales, embeddings, norms, an unquantized head) in `dtype`, tied tensors
     once."""
-    cast = _unquantized_names(model)
+    cast = _stored_dtype_names(model)
     tensors, seen = {}, set()
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
@@ -119,7 +119,7 @@ def round_to_stored(model, dtype):
     their own dtype: the in-memory model becomes the one its packed file holds, so what is evaluated is
     what is saved."""
     state = model.state_dict()
-    for name in _unquantized_names(model):
+    for name in _stored_dtype_names(model):
         state[name].copy_(state[name].to(STORED_DTYPES[dtype]))
 
 
