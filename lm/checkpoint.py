@@ -1,19 +1,10 @@
 """What a checkpoint is before any model is built: hub names vs local paths (offline checks, quiet hub
 clients, transformers' dtype keyword), and the packed format's names and config.json.
 
-The bottom of lm/: it imports no other lm module, so every loader and writer can import it.
+The bottom of lm/ with `lm.rlo_loader`, the only lm module it imports: every loader and writer can import it.
 
-A packed directory's config.json is written so that transformers never builds the family's model with
-newly initialized linears:
-- model_type "rlo" (the family's own type under "rlo_base_model_type"), so the Auto classes and
-  `pipeline` need `RloConfig`: registered by `import lm`, or imported by the directory's `rlo_loader.py`
-  under `trust_remote_code=True` (the toolkit must be on PYTHONPATH; a copy of `lm/rlo_loader.py`);
-- "transformers_weights" (the weights file transformers reads) set to `PLAIN_LOAD_STOP`, which is no
-  file name: a class-level load (`LlamaForCausalLM.from_pretrained(DIR)`), which reads config.json
-  without the Auto mapping, stops with transformers' ValueError quoting it before any model is built,
-  unless the toolkit is imported (its quantizer drops the key, `lm.hf_quantizer`).
-Either way `RloConfig.from_dict` hands transformers the family's config (LlamaConfig, ...) carrying the
-quantization_config (quant_method "rlo"), and the quantizer of `lm.hf_quantizer` builds the QuantLinears.
+The packed format's config.json keys and `RloConfig` live in `lm.rlo_loader` (a copy of it ships in
+every packed directory, so it imports nothing of the toolkit).
 """
 import contextlib
 import json
@@ -24,9 +15,10 @@ import shutil
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
-from transformers import PretrainedConfig
 
 from engine import UserError
+
+from .rlo_loader import packed_config_dict
 
 # transformers >= 4.56 takes `dtype=`; older releases only know `torch_dtype=`.
 DTYPE_KW = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
@@ -77,14 +69,6 @@ QUANT_METHOD = "rlo"
 WEIGHTS = "model.safetensors"
 LOADER_FILE = "rlo_loader.py"
 STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-MODEL_TYPE = "rlo"
-BASE_KEY = "rlo_base_model_type"
-STOP_KEY = "transformers_weights"
-PLAIN_LOAD_STOP = ("this is a packed low-bit checkpoint of the RLO toolkit, its linear layers are codes that plain "
-                   "transformers would replace by random weights: `import lm` (the toolkit, on PYTHONPATH) before "
-                   "from_pretrained, or load it with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) "
-                   "or lm.load_causal_lm(DIR)")
-LOADER_KEYS = ("auto_map", BASE_KEY, STOP_KEY)  # what the packed config adds to the family's
 
 
 def is_quantized_dir(path):
@@ -95,12 +79,6 @@ def is_quantized_dir(path):
     with open(config) as f:
         qc = json.load(f).get("quantization_config")
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
-
-
-def packed_config_dict(config_dict):
-    """The family model's config.json dict -> the packed checkpoint's (see the module docstring)."""
-    return dict(config_dict, model_type=MODEL_TYPE, auto_map={"AutoConfig": "rlo_loader.RloConfig"},
-                **{BASE_KEY: config_dict["model_type"], STOP_KEY: PLAIN_LOAD_STOP})
 
 
 def write_packed_config(config, quantization_config, directory):
@@ -125,20 +103,3 @@ def stored_shapes(weights):
     except (SafetensorError, OSError) as err:
         raise UserError(f"{weights!r} is not a readable safetensors file ({err})") from None
 
-
-class RloConfig(PretrainedConfig):
-    """model_type "rlo": what the Auto classes map a packed config.json to (registered by `lm.hf_quantizer`,
-    imported by a packed directory's `rlo_loader.py`)."""
-
-    model_type = MODEL_TYPE
-
-    @classmethod
-    def from_dict(cls, config_dict, **kwargs):
-        """The family's config (not an RloConfig) from a packed checkpoint's config.json."""
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        base = {k: v for k, v in config_dict.items() if k not in LOADER_KEYS}
-        if config_dict.get(BASE_KEY) not in CONFIG_MAPPING:
-            raise ValueError(f"packed RLO checkpoint: unknown {BASE_KEY} {config_dict.get(BASE_KEY)!r}")
-        base["model_type"] = config_dict[BASE_KEY]
-        return CONFIG_MAPPING[base["model_type"]].from_dict(base, **kwargs)

@@ -1,6 +1,6 @@
 """The packed format (`lm.quantized`) as a transformers quantization method: importing `lm` registers
 quant_method "rlo" (`register_quantization_config` / `register_quantizer`) and model_type "rlo"
-(`lm.checkpoint.RloConfig`), so that
+(`lm.rlo_loader.RloConfig`), so that
 
     import lm
     model = AutoModelForCausalLM.from_pretrained(PACKED_DIR, dtype=..., device_map=...)
@@ -25,8 +25,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from engine import UserError
 
-from .checkpoint import BASE_KEY, FORMAT, LOADER_KEYS, MODEL_TYPE, QUANT_METHOD, RloConfig, stored_shapes
+from .checkpoint import FORMAT, QUANT_METHOD, stored_shapes
 from .quantized import check_tensors, replace_linears, save_quantized
+from .rlo_loader import BASE_KEY, LOADER_KEYS, MODEL_TYPE, RloConfig
 
 
 class RloQuantizationConfig(QuantizationConfigMixin):

@@ -15,7 +15,7 @@ import torch
 
 import lm
 import opt
-from lm.checkpoint import PLAIN_LOAD_STOP, STOP_KEY
+from lm.rlo_loader import PLAIN_LOAD_STOP, STOP_KEY
 from quant.model import FAMILIES
 from tests.lm_fixtures import make_text, tiny_family, train_tokenizer, write_wikitext
 from tests.helpers import ROOT

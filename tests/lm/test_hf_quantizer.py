@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lm
@@ -134,6 +135,20 @@ def test_directories_of_the_earlier_layout_still_load(packed, tmp_path):
     expected = lm.perplexity(lm.load_causal_lm(packed["llama"])[0], ids, 32)
     assert lm.perplexity(lm.load_causal_lm(old)[0], ids, 32) == expected
     assert lm.perplexity(AutoModelForCausalLM.from_pretrained(old), ids, 32) == expected
+
+
+WRITTEN_BEFORE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "packed_v1")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(WRITTEN_BEFORE)))
+def test_checkpoints_written_by_an_earlier_version_load_to_the_same_logits(name):
+    # tests/lm/packed_v1: files of this format version kept in the repository (tests/lm/write_packed_fixture.py)
+    path = os.path.join(WRITTEN_BEFORE, name)
+    expected = load_file(os.path.join(path, "expected.safetensors"))
+    for model in (lm.load_causal_lm(path)[0], AutoModelForCausalLM.from_pretrained(path)):
+        assert any(isinstance(m, quant.QuantLinear) for m in model.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_a_packed_directory_of_another_format_version_is_refused(packed, tmp_path):
