@@ -113,7 +113,7 @@ def bench(args, name, threads, text_ids):
 
 
 def profile(model, ids, new):
-    """Shares of one greedy decode's time: the C++ parts (decode.cpp's clocks) and the rest (Python)."""
+    """Shares of one greedy decode's time: the C++ parts (decode.h's clocks) and the rest (Python)."""
     import time
 
     decoder = fast.FastDecoder(model, ids.shape[1] + new)

@@ -1,7 +1,7 @@
 """Whole-model CPU decoding of Llama-style causal LMs (Llama, SmolLM2, Mistral, Qwen2) in C++, dense or packed.
 
 `lm.generate` runs the prompt through the model's own batched forward (prefill), copies its keys and values
-into a preallocated cache, then calls `quant/kernels/decode.cpp` once per new token: the embedding
+into a preallocated cache, then calls `quant/kernels/decode.h` once per new token: the embedding
 (dense or a quantized `QuantEmbedding`), every decoder layer (RMSNorm, RoPE, grouped-query attention over
 the cache, SwiGLU, residuals), the final norm, the LM head and the greedy argmax, without Python or torch
 ops between them. Packed linears run the same `quant.kernels` Plans that `QuantLinear` calls, on the layer's
@@ -26,7 +26,7 @@ from quant.linear import QuantLinear
 FAMILIES = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin that depend on the position alone
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-           "mlp.up_proj", "mlp.down_proj")  # the order of decode.cpp's slots
+           "mlp.up_proj", "mlp.down_proj")  # the order of decode.h's slots
 # generation-config fields whose non-default values add logits processors the fast path does not apply
 PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
               "min_new_tokens": None, "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
@@ -117,7 +117,7 @@ def _empty(t):
 
 
 class FastDecoder:
-    """The C++ decoder (`quant/kernels/decode.cpp`) of `model` with a cache of `max_len` positions; check
+    """The C++ decoder (`quant/kernels/decode.h`) of `model` with a cache of `max_len` positions; check
     `why_not(model)` first."""
 
     def __init__(self, model, max_len):

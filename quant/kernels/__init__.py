@@ -5,7 +5,7 @@ randomized Hadamard transform as an FWHT, O(n log n); kron/butterfly from their 
 matmul that decodes the packed codes in registers inside the dot products (scalar grids of 2-4 and 8 bits
 with their scales and zero points; E8P from its 256-entry table, sign bits and shift, and the residual
 stages of e8p_rvq3/e8p_rvq4; trellis tiles of one-value codes, 1MAD computed from the state), threaded
-over output rows (`at::parallel_for`, torch's thread count). `decode.cpp`, in the same extension, is
+over output rows (`at::parallel_for`, torch's thread count). `decode.h`, compiled with it, is
 `lm.decode`'s whole-model decode loop over these plans (`plan(layer)`). One call per
 layer matters as much as the matmul on small models, where per-op overhead dominates. It returns None
 where it does not apply (another device or dtype, more tokens, gradients needed, a codebook without a
@@ -31,7 +31,7 @@ from ..incoherence import Butterfly, RandomHadamard
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_TOKENS = 16
 # extension name -> (sources, what runs instead where it cannot be built)
-SOURCES = {"packed": (("packed.cpp", "decode.cpp"), "packed layers and generation run the slower torch path"),
+SOURCES = {"packed": (("packed.cpp",), "packed layers and generation run the slower torch path"),
            "trellis": (("trellis.cpp",), "the trellis Viterbi search runs the slower torch path")}
 ENABLED = os.environ.get("RLO_NO_KERNEL", "") in ("", "0")  # read once at import; tests toggle this flag
 _built = {}

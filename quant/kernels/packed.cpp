@@ -6,6 +6,7 @@
 // Vectors are GCC/Clang vector extensions of 8 floats: one E8P codeword per vector. Built with -mavx2
 // -mfma they compile to AVX2 ymm code (FMA, variable shifts); without, to SSE2 or scalar code.
 #include "packed.h"
+#include "decode.h"
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -600,7 +601,6 @@ torch::Tensor Plan::operator()(torch::Tensor x, py::dict params, py::dict buffer
   return y;
 }
 
-void register_decode(py::module& m);  // decode.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_tables", &set_tables, "E8P and E8 1-bit tables from quant.e8p");

@@ -1,4 +1,4 @@
-// What packed.cpp (the QuantLinear kernel) shares with decode.cpp (the decode loop that runs whole models
+// What packed.cpp (the QuantLinear kernel) shares with decode.h (the decode loop that runs whole models
 // through its Plans): the rotations and a layer's Plan, bound once to the layer's tensors.
 #pragma once
 #include <torch/python.h>  // not torch/extension.h: its C++ frontend (nn, optim, ...) compiles longer than these files

@@ -8,6 +8,10 @@
 // model's own rotary cos/sin table (given, so every RoPE variant transformers computes is covered), softmax
 // over scaled q.k in float32, silu(gate) * up. Sums run in another order than torch's, so logits agree to
 // rounding, not bit for bit.
+//
+// A header of packed.cpp, not a second source file: the extension compiles as one unit, as torch's Python
+// headers, which both need, take most of a unit's build time.
+#pragma once
 #include "packed.h"
 
 #include <ATen/Parallel.h>
