@@ -17,7 +17,7 @@ minute of one core) into torch's extension cache (TORCH_EXTENSIONS_DIR, by defau
 once per CPU capability (-mavx2 -mfma where torch reports AVX2 or AVX512), and reused afterwards.
 RLO_NO_KERNEL=1 (read at import) disables it; a failed build warns once and leaves the torch path.
 `extension("trellis")` is the second extension, `trellis.cpp`: the Viterbi search of quant.trellis
-(called from `Trellis.viterbi`), built and disabled the same way.
+(called from `Trellis.viterbi`) as the operator torch.ops.rlo_trellis.viterbi, built and disabled the same way.
 """
 import os
 import threading
@@ -30,9 +30,10 @@ from ..incoherence import Butterfly, RandomHadamard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_TOKENS = 16
-# extension name -> (sources, what runs instead where it cannot be built)
-SOURCES = {"packed": (("packed.cpp",), "packed layers and generation run the slower torch path"),
-           "trellis": (("trellis.cpp",), "the trellis Viterbi search runs the slower torch path")}
+# extension name -> (sources, its torch.ops namespace (None: a Python module), what runs instead where it
+# cannot be built)
+SOURCES = {"packed": (("packed.cpp",), None, "packed layers and generation run the slower torch path"),
+           "trellis": (("trellis.cpp",), "rlo_trellis", "the trellis Viterbi search runs the slower torch path")}
 ENABLED = os.environ.get("RLO_NO_KERNEL", "") in ("", "0")  # read once at import; tests toggle this flag
 _built = {}
 _locks = {name: threading.Lock() for name in SOURCES}  # one build per extension when threads race
@@ -40,7 +41,8 @@ _plans = weakref.WeakKeyDictionary()  # layer -> its extension Plan, or None whe
 
 
 def extension(name="packed"):
-    """The built extension module `name` (SOURCES); None if its build failed (warned once)."""
+    """The built extension `name` (SOURCES): its Python module, or its torch.ops namespace; None if its build
+    failed (warned once)."""
     with _locks[name]:
         if name not in _built:
             ext = _build(name)
@@ -54,7 +56,7 @@ def extension(name="packed"):
 def _build(name):
     from torch.utils.cpp_extension import load
 
-    sources, fallback = SOURCES[name]
+    sources, ops, fallback = SOURCES[name]
     capability = torch.backends.cpu.get_cpu_capability()
     simd = ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
     if capability == "AVX512":  # 16-float vectors (trellis states and codes, dense matvecs); torch's AVX512 has BW
@@ -63,14 +65,15 @@ def _build(name):
     try:
         # -fopenmp: at::parallel_for is inline OpenMP code; compiled without it, it runs on one thread
         ext = load(name=f"rlo_{name}_{capability.lower()}", sources=[os.path.join(HERE, s) for s in sources],
-                   extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp", *simd], extra_ldflags=["-fopenmp"])
+                   extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp", *simd], extra_ldflags=["-fopenmp"],
+                   is_python_module=ops is None)
     except Exception as e:  # no compiler or ninja, a read-only cache, ...
         lines = str(e).strip().splitlines() or [type(e).__name__]
         reason = next((line for line in lines if "error" in line.lower()), lines[-1]).strip()
         warnings.warn(f"quant.kernels: the C++ kernel {source} could not be built ({reason}); {fallback} "
                       "(RLO_NO_KERNEL=1 skips the build)", stacklevel=4)
         return None
-    return ext
+    return ext if ops is None else getattr(torch.ops, ops)
 
 
 def _rotation(rot):

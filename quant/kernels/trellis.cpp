@@ -18,8 +18,11 @@
 //
 // Vectors are GCC/Clang vector extensions of 16 floats with -mavx512f, else 8 (AVX2 + FMA with -mavx2
 // -mfma, else SSE2 code); trellises with fewer than W groups (tiny L) run the same code on scalars.
-#include <torch/python.h>  // not torch/extension.h: its C++ frontend (nn, optim, ...) compiles longer than this file
+// Registered as the operator torch.ops.rlo_trellis.viterbi (no Python bindings: torch's Python headers would
+// take most of the build time).
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 #include <immintrin.h>
 
 #include <cmath>
@@ -243,18 +246,18 @@ static void run(const Trellis& tr, const float* X, const int64_t* overlap, int64
 
 // Trellis.viterbi: X (n, steps V) float32, table (2^L, V) float32, norms (2^L,) float32, overlap (n,) int64
 // or empty (free start and end) -> states (n, steps) int64.
-torch::Tensor viterbi(torch::Tensor X, torch::Tensor table, torch::Tensor norms, int64_t L, int64_t kv,
-                      torch::Tensor overlap, int64_t group) {
-  TORCH_CHECK(X.dim() == 2 && X.scalar_type() == torch::kFloat32 && X.is_contiguous(), "X: contiguous float32 (n, m V)");
-  TORCH_CHECK(table.dim() == 2 && table.size(0) == (int64_t(1) << L) && table.scalar_type() == torch::kFloat32
+at::Tensor viterbi(at::Tensor X, at::Tensor table, at::Tensor norms, int64_t L, int64_t kv,
+                      at::Tensor overlap, int64_t group) {
+  TORCH_CHECK(X.dim() == 2 && X.scalar_type() == at::kFloat && X.is_contiguous(), "X: contiguous float32 (n, m V)");
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == (int64_t(1) << L) && table.scalar_type() == at::kFloat
               && table.is_contiguous(), "table: contiguous float32 (2^L, V)");
-  TORCH_CHECK(norms.numel() == table.size(0) && norms.scalar_type() == torch::kFloat32 && norms.is_contiguous(),
+  TORCH_CHECK(norms.numel() == table.size(0) && norms.scalar_type() == at::kFloat && norms.is_contiguous(),
               "norms: contiguous float32 (2^L,)");
   const int V = table.size(1);
   TORCH_CHECK((V == 1 || V == 2) && kv >= 1 && 2 * kv <= L && L <= 24 && X.size(1) % V == 0, "trellis shape");
   const int64_t n = X.size(0);
   const bool constrained = overlap.numel() > 0;
-  TORCH_CHECK(!constrained || (overlap.numel() == n && overlap.scalar_type() == torch::kInt64 && overlap.is_contiguous()),
+  TORCH_CHECK(!constrained || (overlap.numel() == n && overlap.scalar_type() == at::kLong && overlap.is_contiguous()),
               "overlap: contiguous int64 (n,) or empty");
   Trellis tr{int(L), int(kv), int(X.size(1) / V), int64_t(1) << (L - kv), int64_t(1) << kv,
              table.data_ptr<float>(), norms.data_ptr<float>()};
@@ -262,7 +265,7 @@ torch::Tensor viterbi(torch::Tensor X, torch::Tensor table, torch::Tensor norms,
     const int64_t* o = overlap.data_ptr<int64_t>();
     for (int64_t i = 0; i < n; ++i) TORCH_CHECK(o[i] >= 0 && o[i] < tr.nb, "overlap out of range");
   }
-  auto out = torch::empty({n, tr.steps}, torch::kInt64);
+  auto out = at::empty({n, tr.steps}, at::kLong);
   if (!n || !tr.steps) return out;
   const float* x = X.data_ptr<float>();
   const int64_t* o = constrained ? overlap.data_ptr<int64_t>() : nullptr;
@@ -278,6 +281,5 @@ torch::Tensor viterbi(torch::Tensor X, torch::Tensor table, torch::Tensor norms,
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("viterbi", &viterbi, "Trellis.viterbi (quant/trellis.py): best state paths of S sequences at a time");
-}
+// Trellis.viterbi (quant/trellis.py): best state paths of S sequences at a time
+TORCH_LIBRARY(rlo_trellis, m) { m.def("viterbi", &viterbi); }

@@ -20,7 +20,7 @@ def test_real_stories260K_recovers_in_quantized_space_for_ce_and_rlo(tmp_path):
         pytest.skip("../shared/data/models/stories260K or text/wikitext-2-raw absent: the real-model check "
                     "needs the team's shared data beside the repo")
     rows = llm_pipeline.main(["--wbits", "2", "--seqlen", "128", "--eval-seqlen", "256",
-                              "--eval-windows", "8", "--nsamples", "16", "--ft-steps", "10", "--qft-steps", "30",
+                              "--eval-windows", "4", "--nsamples", "8", "--ft-steps", "5", "--qft-steps", "8",
                               "--lr", "1e-3", "--qft-lr", "3e-3", "--threads", "1", "--out", str(tmp_path / "run")])
     assert {(r["loss"], r["quant"], r["wbits"]) for r in rows} == {
         (l, q, 2) for l in ("ce", "root") for q in ("ldlqRG", "e8p")}
