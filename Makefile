@@ -23,7 +23,8 @@ llm-demo: $(STAMP)
 # Every claim of both papers re-run with seeds, paired verdicts and their power: REPRODUCTION.md +
 # reproduction/ (and the headline quoted in README.md); 55 core-minutes measured for the non-LLM sections
 # before Fashion-MNIST (estimated at about 100 more; its section states its measured time), plus the 5-seed
-# LLM pipeline (run into runs/reproduce/llm unless its results.csv holds the seeds).
+# LLM pipeline (run into reproduction/cache/llm unless its results.csv holds the seeds). Raw results are
+# cached in reproduction/cache as each section ends, so a rerun resumes.
 reproduce: $(STAMP)
 	$(PY) reproduce.py --readme README.md
 

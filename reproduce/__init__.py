@@ -8,8 +8,9 @@ and their power, a computed verdict per row, in one report (REPRODUCTION.md, fig
 
 A section is one module of this package with TITLE, FULL and QUICK (its sizes), tasks(cfg, ctx) ->
 {(key, index): (function, kwargs)} (its independent runs, which go to --jobs processes) and report(cfg,
-results, ctx, command) -> report.Section (tables, figures, headline rows); adding a section is one module
-and one line in SECTIONS. Shared code: stats.py (intervals, the paired rule, power, the validation-only
+results, ctx, command) -> report.Section (tables, figures, headline rows), and its method text, the claim and
+the setup with {fields} the module fills, in methods/<key>.md; adding a section is one module, its methods
+file and one line in SECTIONS. Shared code: stats.py (intervals, the paired rule, power, the validation-only
 choice) and report.py (markdown, the README headline block, and what every section's tables share: the
 cells of a comparison row, headline rows and figures added to a Section).
 """

@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from types import SimpleNamespace
 
 from engine import ArgumentParser, UserError, atomic_save, atomic_write_text
@@ -29,19 +29,27 @@ def _timed_call(fn, kwargs):
     return fn(**kwargs), time.time() - start
 
 
-def run_tasks(tasks, jobs):
-    """Run every task {(section, key, index): (fn, kwargs)} in `jobs` processes; {key: result}, and the
-    summed task seconds per section."""
+def run_tasks(tasks, jobs, section_done):
+    """Run every task {(section, key, index): (fn, kwargs)} in `jobs` processes; {key: result}. As soon as a
+    section's last task ends, section_done(section, results, seconds) gets the results so far and that
+    section's summed task seconds (a run cut off later keeps the sections it finished)."""
     results, seconds = {}, {}
+    left = {}
+    for key in tasks:
+        left[key[0]] = left.get(key[0], 0) + 1
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that already holds torch's threads
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker) as pool:
         futures = {pool.submit(_timed_call, fn, kwargs): key for key, (fn, kwargs) in tasks.items()}
-        for future, key in futures.items():
+        for future in as_completed(futures):
+            key = futures[future]
             value, took = future.result()
             results[key] = value
             seconds[key[0]] = seconds.get(key[0], 0.0) + took
             print(f"  done {key[0]} {key[1]} {key[2]} ({took:.0f}s)", flush=True)
-    return results, seconds
+            left[key[0]] -= 1
+            if not left[key[0]]:
+                section_done(key[0], results, seconds[key[0]])
+    return results
 
 
 def group(results, section):
@@ -82,7 +90,8 @@ def parse_args(argv):
     p.add_argument("--readme", default=None, help="also update the headline table quoted in this README")
     p.add_argument("--cache", default=None, help="each section's raw results, train.py and llm_pipeline.py run "
                                                  "folders; the report holds every section found here (default "
-                                                 "runs/reproduce, or OUT/cache with --quick)")
+                                                 "reproduction/cache, kept in the repository, or OUT/cache with "
+                                                 "--quick)")
     p.add_argument("--data-dir", default=SHARED_UCI, help="UCI files (default ../shared/data/uci)")
     p.add_argument("--vision-dir", default=SHARED_VISION, help="image data sets in train.py's layouts: "
                    "FashionMNIST/raw/ (default ../shared/data/vision)")
@@ -98,7 +107,7 @@ def parse_args(argv):
     if args.report is None:
         args.report = os.path.join(args.out, "REPRODUCTION.md") if args.quick else "REPRODUCTION.md"
     if args.cache is None:
-        args.cache = os.path.join(args.out, "cache") if args.quick else os.path.join("runs", "reproduce")
+        args.cache = os.path.join(args.out, "cache") if args.quick else os.path.join("reproduction", "cache")
     words = argv if argv is not None else sys.argv[1:]
     args.command = "python reproduce.py " + " ".join(shlex.quote(a) for a in words)
     return args
@@ -124,11 +133,16 @@ def main(argv=None):
     longest = ("llm", "fashion", "digits", "gan")
     tasks = {key: tasks[key] for key in sorted(tasks, key=lambda t: longest.index(t[0]) if t[0] in longest else 3)}
     print(f"reproduce: {len(tasks)} runs in {args.jobs} processes ({', '.join(args.sections)})", flush=True)
-    results, seconds = run_tasks(tasks, args.jobs) if tasks else ({}, {})
-    for name in args.sections:  # each section's raw results, so a later --sections run keeps the others
+
+    def save(name, results, seconds):  # a section's raw results, so a later --sections run keeps the others
         atomic_save(dict(format=FORMAT, quick=args.quick, cfg=cfgs[name], results=group(results, name),
-                         seconds=seconds.get(name, 0.0), date=datetime.date.today().isoformat(),
-                         command=args.command), os.path.join(args.cache, f"{name}.pt"))
+                         seconds=seconds, date=datetime.date.today().isoformat(), command=args.command),
+                    os.path.join(args.cache, f"{name}.pt"))
+
+    if tasks:
+        run_tasks(tasks, args.jobs, save)
+    for name in set(args.sections) - {key[0] for key in tasks}:  # sections without runs (llm in quick mode)
+        save(name, {}, 0.0)
     sections, provenance = [], []
     for name, module in SECTIONS.items():
         path = os.path.join(args.cache, f"{name}.pt")

@@ -1,6 +1,6 @@
 """Lemma 2: condition numbers of the LR and RLO risk Hessians at matched points."""
 from .common import UCI, fold, uci_args, uci_present
-from .report import Section, Table, comparison_cells
+from .report import Section, Table, comparison_cells, method
 from .stats import fmt_g, interval, paired
 
 TITLE = "Lemma 2: conditioning of the RLO and LR risks"
@@ -45,24 +45,11 @@ def tasks(cfg, ctx):
             for d in uci_present(ctx.data_dir) for i in range(cfg["seeds"])}
 
 
-CLAIM = "The RLO risk's Hessian is better conditioned than the LR risk's (a smaller condition number)."
 POINTS = (("zero", "w = 0"), ("at_lr", "LR optimum (same w)"), ("own", "each at its own optimum"))
 
 
-def setup(cfg):
-    return (f"Risks on each standardised training fold of Table 1 (RLO at the paper's k). The optima are "
-            f"those of each risk plus {cfg['cond_l2']:g}/2 ||w||^2 on the weights, so that they are finite "
-            f"also on separable data (Wine), found by L-BFGS (the largest gradient norm left is reported "
-            f"below); the condition numbers are those of the risks' own Hessians (without the ridge, which "
-            f"would favour the risk with the smaller curvature) at those points. Hessians by autograd, "
-            f"eigenvalues on the identifiable subspace (directions that change some logit difference; "
-            f"constant features and the softmax shift are excluded). Three matched points: w = 0, the LR "
-            f"optimum (both Hessians at the same w), and each risk at its own optimum. Paired over the "
-            f"training folds (positive: RLO's κ is smaller).")
-
-
 def report(cfg, res, ctx, command):
-    sec = Section("conditioning", TITLE, CLAIM, setup(cfg), command)
+    sec = Section("conditioning", TITLE, *method("conditioning", cond_l2=cfg["cond_l2"]), command)
     table = Table("Condition number λmax/λmin (mean ± 95% CI over folds); paired κ(LR) − κ(RLO) per fold "
                   "[95% CI], MDE and verdict on \"RLO's is smaller\"", [
         "data set (k)", "point", "LR", "RLO", "κ(LR) − κ(RLO) [95% CI]", "MDE", "verdict", "unpaired"])

@@ -4,7 +4,7 @@ import copy
 import numpy as np
 
 from .common import UCI, first_at, fold, pyplot, save_figure, uci_args, uci_present
-from .report import Section, Table, comparison_cells
+from .report import Section, Table, comparison_cells, method
 from .stats import paired, reach
 
 TITLE = "Figure 1: convergence of GD on LR and RLO, with the step-size control"
@@ -58,26 +58,11 @@ def tasks(cfg, ctx):
             for d in uci_present(ctx.data_dir) for i in range(cfg["seeds"])}
 
 
-CLAIM = ("RLO converges faster than LR. Control: at w = 0 the gradient of RLO is C^(1/k) times LR's (C classes: "
-         "d/dz k(1+e^-z)^(1/k) = 2^(1/k) d/dz log(1+e^-z) at z = 0, and k(p^(-1/k) - 1) has d/d log p = -p^(-1/k) = "
-         "-C^(1/k) at p = 1/C), so part of any speed-up may be a larger effective step; LR run with its step "
-         "multiplied by C^(1/k) separates the two.")
-
-
-def setup(cfg):
-    return (f"Same models and folds as Table 1, RLO at the paper's k, GD lr {cfg['lr']:g} (and "
-            f"{cfg['lr']:g} x C^(1/k) for the control), up to {cfg['conv_iters']} iterations. Loss level q: the "
-            f"iteration where the method's own training objective has covered a fraction q of the way "
-            f"from its value at w = 0 to its minimum (found by L-BFGS on the same fold), q = "
-            f"{', '.join(f'{q:.0%}' for q in LEVELS['loss'])}. Accuracy level q: the iteration where the "
-            f"training accuracy has covered a fraction q of the way from its value at w = 0 to the training "
-            f"accuracy of the LR optimum (one fixed target for all three runs), q = "
-            f"{', '.join(f'{q:.0%}' for q in LEVELS['acc'])}. Paired differences per training fold "
-            f"(positive: RLO needs fewer iterations); a level never reached follows the censored rule.")
-
-
 def report(cfg, res, ctx, command):
-    sec = Section("convergence", TITLE, CLAIM, setup(cfg), command)
+    sec = Section("convergence", TITLE, *method(
+        "convergence", lr=cfg["lr"], conv_iters=cfg["conv_iters"],
+        loss_levels=", ".join(f"{q:.0%}" for q in LEVELS["loss"]), acc_levels=", ".join(f"{q:.0%}" for q in LEVELS["acc"])),
+        command)
     table = Table("Iterations to reach each level (mean ± 95% CI over folds); paired differences (baseline − RLO "
                   "iterations per fold [95% CI]), MDE and verdicts on \"RLO needs fewer iterations\" against LR "
                   "and against the step-scaled LR", [

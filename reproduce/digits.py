@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from .common import first_at, lr_text, pyplot, save_figure, train_grid, train_run
-from .report import Section, Table, comparison_cells
+from .report import Section, Table, comparison_cells, method
 from .stats import choose, fmt, interval, paired, paired_cells, reach
 
 TITLE = "Deep nets: CE vs focal vs RLO on real handwritten digits"
@@ -49,30 +49,12 @@ def choose_lr(cfg, res, net, loss, k, m):
     return lr, res[(net, loss, k, m, lr)]
 
 
-CLAIM = ("Training with RLO converges faster (fewer epochs to a given test accuracy) and reaches a higher final "
-         "accuracy than CE (paper: CIFAR-10/100, Tiny-ImageNet, Food-101 with ResNets and ViTs).")
-
-
-def setup(cfg):
-    sizes = ", ".join(f"{net} {e} epochs at batch {cfg['bs'][net]}" for net, e in cfg["epochs"].items())
-    return (f"`train.py --dataset digits`: scikit-learn's 1797 real 8x8 digits, upscaled to "
-            f"{cfg['size']}x{cfg['size']}, first 1437 train / last 360 test, no augmentation; the last "
-            f"{cfg['val_split']} training images are held out as validation (`--val-split`), every run "
-            f"trains on the other {1437 - cfg['val_split']}. AdamW (wd 0.01), cosine schedule, {sizes}; bf16 "
-            f"autocast on CPU, {cfg['seeds']} seeds (initialisation and shuffling, shared by every loss)"
-            + (f", at most {cfg['max_steps']} steps per epoch" if cfg["max_steps"] else "")
-            + f". Tuning: every loss gets the same learning-rate grid {lr_text(cfg['lr_grid'])} at the same "
-            "budget; each (net, loss) takes the rate with the best mean final validation accuracy over the "
-            "seeds, and the test accuracy of those runs is reported. Networks, narrowed to fit a CPU budget: "
-            "res18 at width 16 (`--dimhead 16`: ResNet-18 in CIFAR form with stage widths 16/32/64/128, 0.70M "
-            "parameters; the paper's has 64/128/256/512, 11.2M) and vit_tiny at width 192, patch 8 (4 blocks, "
-            "6 heads of 64, MLP 256; 1.6M parameters). Losses: CE, focal (α 0.25, γ 3), root (m(1 - p^(1/k))) "
-            "with k=8, m=10 (the paper's CIFAR setting). Epochs to a level count from 1; a run that never "
-            "reaches it counts as the budget (censored rule).")
-
-
 def report(cfg, res, ctx, command):
-    sec = Section("digits", TITLE, CLAIM, setup(cfg), command)
+    sec = Section("digits", TITLE, *method(
+        "digits", size=cfg["size"], val_split=cfg["val_split"], train_rows=1437 - cfg["val_split"], seeds=cfg["seeds"],
+        sizes=", ".join(f"{net} {e} epochs at batch {cfg['bs'][net]}" for net, e in cfg["epochs"].items()),
+        step_cap=f", at most {cfg['max_steps']} steps per epoch" if cfg["max_steps"] else "",
+        lr_grid=lr_text(cfg["lr_grid"])), command)
     table = Table("Test accuracy (%) after the last epoch and epochs to 90% / 95% test accuracy (mean ± 95% CI over "
                   "seeds) at each loss's chosen learning rate; paired (this loss − CE per seed) verdicts on \"this "
                   "loss is better than CE\"", [

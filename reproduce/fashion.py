@@ -10,7 +10,7 @@ import numpy as np
 from engine import UserError, atomic_dir
 
 from .common import first_at, lr_text, pyplot, save_figure, train_grid, train_run
-from .report import Section, Table, comparison_cells
+from .report import Section, Table, comparison_cells, method
 from .stats import choose, fmt, interval, paired, reach
 
 TITLE = "Deep nets on Fashion-MNIST: CE vs focal vs RLO (k=8 m=10, k=3 m=3)"
@@ -97,11 +97,6 @@ def tasks(cfg, ctx):
                       lambda net, flags, loss, k, m, lr, seed, out: argv(cfg, net, flags, loss, k, m, lr, seed, data, out))
 
 
-CLAIM = ("Training with RLO converges faster (fewer epochs to a given accuracy) and reaches a higher final accuracy "
-         "than CE, by +1.44 to +2.32 points on CIFAR-100 (paper: CIFAR-10/100, Tiny-ImageNet, Food-101 with ResNets "
-         "and ViTs).")
-
-
 def measured(res):
     """(core-minutes, {net: mean seconds per epoch}, machine) of the runs, from their own recorded seconds."""
     per_epoch, total, cpus = {}, 0.0, set()
@@ -114,8 +109,8 @@ def measured(res):
 
 
 def setup(cfg, res):
+    """(claim, setup) of the section, with the measured time of the runs in `res` (none yet: without it)."""
     steps = f" of {cfg['max_steps']} steps" if cfg["max_steps"] else ""
-    sizes = ", ".join(f"{net} {e} epochs{steps} at batch {cfg['bs'][net]}" for net, e in cfg["epochs"].items())
     if cfg["generated"]:
         data = (f"generated stand-in images in Fashion-MNIST's IDX layout ({cfg['generated']['train']} train / "
                 f"{cfg['generated']['test']} test: a smoke test of the pipeline, not Fashion-MNIST)")
@@ -126,26 +121,15 @@ def setup(cfg, res):
               f"(their recorded seconds; {cfg['threads']} torch thread per run, on {cpus}); mean seconds per epoch, "
               f"evaluation included: " + ", ".join(f"{net} {s:.1f}" for net, s in per_epoch.items()) + "."
               ) if res else ""
-    return (f"`train.py --dataset fashionmnist`: {data}, at {cfg['size']}x{cfg['size']}, no augmentation; the last "
-            f"{cfg['val_split']} training images are held out as validation (`--val-split`), every run trains on the "
-            f"others, and the test images only score the chosen runs. AdamW (wd 0.01), cosine schedule, {sizes}; bf16 "
-            f"autocast on CPU, {cfg['threads']} torch thread per run, {cfg['seeds']} seeds (initialisation and "
-            f"shuffling, shared by every loss)"
-            + ("; an epoch here is that many batches of a fresh shuffle of the training images" if steps else "")
-            + f". Tuning: every loss gets the same learning-rate grid {lr_text(cfg['lr_grid'])} at the same budget; "
-            "each (net, loss) takes the rate with the best mean final validation accuracy over the seeds. Networks: "
-            "res18 at width 16 (`--dimhead 16`: ResNet-18 in CIFAR form, stage widths 16/32/64/128, 0.70M "
-            "parameters) and vit_tiny at width 192 with 7x7 patches (`--dimhead 192 --patch 7`: 16 patches, 4 blocks, "
-            "6 heads of 64, MLP 256; 1.6M parameters). Losses: "
-            "CE, focal (α 0.25, γ 3), RLO (root, m(1 - p^(1/k))) at k=8, m=10 (the paper's CIFAR setting) and at the "
-            "default k=3, m=3. Speed: epochs (counted from 1) and wall-clock seconds of the run (training plus its "
-            "per-epoch evaluation, cumulative) until the validation accuracy first reaches "
-            + ", ".join(f"{lv:g}% ({net})" for net, lv in cfg["levels"].items())
-            + "; a run that never reaches it counts as its budget (censored rule)." + timing)
+    return method("fashion", data=data, size=cfg["size"], val_split=cfg["val_split"], threads=cfg["threads"],
+                  seeds=cfg["seeds"], lr_grid=lr_text(cfg["lr_grid"]), timing=timing,
+                  sizes=", ".join(f"{net} {e} epochs{steps} at batch {cfg['bs'][net]}" for net, e in cfg["epochs"].items()),
+                  epoch_note="; an epoch here is that many batches of a fresh shuffle of the training images" if steps else "",
+                  levels=", ".join(f"{lv:g}% ({net})" for net, lv in cfg["levels"].items()))
 
 
 def report(cfg, res, ctx, command):
-    sec = Section("fashion", TITLE, CLAIM, setup(cfg, res), command)
+    sec = Section("fashion", TITLE, *setup(cfg, res), command)
     table = Table("Final test accuracy (%), epochs and seconds to the validation level (mean ± 95% CI over seeds) "
                   "at each loss's chosen learning rate", [
                       "net", "loss", "lr chosen", "val acc at it", "final test acc", "val level",

@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from .common import lr_text, pyplot, save_figure
-from .report import Section, Table, comparison_cells
+from .report import Section, Table, comparison_cells, method
 from .stats import choose, fmt, interval, paired
 
 TITLE = "GAN: rooted GAN loss (k = 2) vs the logistic GAN loss on 2-D mixtures"
@@ -61,32 +61,18 @@ def choose_lr(cfg, res, data, loss):
     return lr, res[(data, loss, lr)]
 
 
-CLAIM = ("RLO improves GAN training (paper: StyleGAN2-ADA FID with limited data, which needs GPUs and is not rerun "
-         "here; this is the offline mode-coverage benchmark). Baseline check first: a plain MLP GAN with the logistic "
-         "loss covers about 6 of the 8 ring modes (PacGAN, Lin et al. 2018).")
-
-
 def setup(cfg, defaults):
-    return (f"gan.py at its defaults: G {defaults.g_layers} hidden layers (ReLU) and D {defaults.d_layers} "
-            f"hidden layers (LeakyReLU 0.2) of {defaults.hidden} units, z in R^{defaults.z_dim}, Adam "
-            f"(betas 0.5, 0.999), batch {defaults.batch}, {defaults.steps} steps of one D and one G update. "
-            f"Ring: 8 Gaussians, radius 2, std 0.02; grid: 25 Gaussians, spacing 2, std 0.05. Tuning: both "
-            f"losses get the same learning-rate grid {lr_text(cfg['lr_grid'])} (G and D); each (data set, loss) "
-            f"takes the rate with the lowest mean W1 between {cfg['w1']} generated samples and {cfg['w1']} "
-            f"validation samples of the target mixture (their own random draws, never the evaluation "
-            f"samples). Evaluation at the chosen rate: {defaults.n_eval} samples from fixed latents; high "
-            f"quality = within 3 std of the nearest mode; a mode is covered with at least "
-            f"{defaults.min_count} high-quality samples; W1 = exact optimal-transport distance to "
-            f"{cfg['w1']} further real samples (the floor: between two real sample sets). {cfg['seeds']} "
-            f"seeds; both losses see the same initial weights and draws per seed, so differences are "
-            f"paired by seed.")
+    """(claim, setup) at gan.py's `defaults`."""
+    fields = {k: getattr(defaults, k) for k in ("g_layers", "d_layers", "hidden", "z_dim", "batch", "steps", "n_eval",
+                                                 "min_count")}
+    return method("gan", **fields, lr_grid=lr_text(cfg["lr_grid"]), w1=cfg["w1"], seeds=cfg["seeds"])
 
 
 def report(cfg, res, ctx, command):
     import gan
 
     grid = list(cfg["lr_grid"])
-    sec = Section("gan", TITLE, CLAIM, setup(cfg, gan.build_parser().parse_args(list(cfg["flags"]))), command)
+    sec = Section("gan", TITLE, *setup(cfg, gan.build_parser().parse_args(list(cfg["flags"]))), command)
     table = Table("Final metrics at each loss's chosen learning rate (mean ± 95% CI over seeds); paired RLO − CE "
                   "per seed [95% CI] (W1: CE − RLO; > 0 favours RLO), MDE, verdicts on \"RLO is better than CE\"", [
         "data", "metric", "reference", "CE", "RLO k=2", "paired, > 0 favours RLO [95% CI]", "MDE", "verdict",

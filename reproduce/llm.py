@@ -5,7 +5,7 @@ import os
 from engine import atomic_copy, read_csv
 
 from .common import quiet
-from .report import Section, Table, comparison_cells
+from .report import Section, Table, comparison_cells, method
 from .stats import fmt_g, interval, paired, paired_cells
 
 TITLE = "LLM (AISTATS 2025): RLO finetuning and low-bit quantization"
@@ -50,18 +50,8 @@ def pair(rows, key):
     return [ce[s] for s in seeds], [rlo[s] for s in seeds]
 
 
-CLAIM = ("A model finetuned with RLO loses less perplexity when quantized to 2-4 bits, before and after finetuning in "
-         "quantized space.")
-SETUP = ("llm_pipeline.py at its full defaults over the seeds below (`make llm-demo` is one seed): stories260K, "
-         "finetuned with CE and with root k = m = 5 (learning rates chosen per loss on the validation text, the "
-         "pipeline's selection.csv), PTQ with each method at 2/3/4 bits, then finetuning in quantized space (QFT); "
-         "perplexity on WikiText-2 test relative to each loss's own finetuned model. Per seed the finetuning data "
-         "order, calibration rows and rotation seeds change and CE and RLO share them, so differences are paired by "
-         "seed. Read from <cache>/llm/results.csv (the pipeline runs there when it is missing or holds fewer seeds).")
-
-
 def report(cfg, res, ctx, command):
-    sec = Section("llm", TITLE, CLAIM, SETUP, command)
+    sec = Section("llm", TITLE, *method("llm"), command)
     table = Table("Perplexity after quantization relative to the finetuned fp model (lower is better; mean ± 95% CI "
                   "over seeds); paired CE − RLO per seed [95% CI] (positive favours RLO), MDE and verdicts on "
                   "\"RLO's ratio is lower\"", [

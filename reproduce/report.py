@@ -1,5 +1,6 @@
 """The report's structure (Section, Table) and its markdown: REPRODUCTION.md and the README's headline block."""
 import os
+import re
 from dataclasses import dataclass, field
 
 from engine import UserError, atomic_write_text
@@ -40,6 +41,17 @@ class Section:
     def add_figure(self, path, caption):
         """A figure made by the section's own command."""
         self.figures.append((path, caption, self.command))
+
+
+METHODS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods")
+
+
+def method(key, **fields):
+    """(claim, setup) of section `key`: the paragraphs under "## Claim" and "## Setup" of methods/<key>.md, its
+    {fields} filled (str.format), each paragraph's lines joined into one."""
+    with open(os.path.join(METHODS, f"{key}.md"), encoding="utf-8") as f:
+        parts = dict(re.findall(r"^## (Claim|Setup)\n(.*?)(?=^## |\Z)", f.read(), flags=re.M | re.S))
+    return tuple(" ".join(parts[name].split("\n")).strip().format(**fields) for name in ("Claim", "Setup"))
 
 
 def comparison_cells(p, ours, base, higher_is_better=True, digits=2):

@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from .common import first_at, lr_text
-from .report import Section, Table, comparison_cells
+from .report import Section, Table, comparison_cells, method
 from .stats import choose, fmt, interval, paired, reach, seeds_needed
 
 TITLE = "Figure 2: fully-connected nets on the 2-D spiral"
@@ -54,24 +54,10 @@ def tasks(cfg, ctx):
             for model, iters in cfg["spiral"] for seed in range(cfg["seeds"])}
 
 
-CLAIM = ("FCNs trained with RLO reach a higher test accuracy than with CE (the paper: 1 to 4.3 points higher, FCN "
-         "with 2/3/4 layers).")
-
-
-def setup(cfg):
-    return (f"regression.py's spiral (1500 points, two arms, 1.5 turns, noise 0.04), a 70/30 split, ReLU "
-            f"FCNs with 1/2/3 hidden layers of 100 units (fcn2/3/4), CE vs RLO (root_convex, k = m = 3), "
-            f"full-batch Adam (the paper does not state its optimizer), "
-            f"{'/'.join(str(i) for _, i in cfg['spiral'])} iterations, {cfg['seeds']} seeds (each seed draws the "
-            f"data, the split and the initialisation; CE and RLO share them). Tuning: each loss gets the "
-            f"same learning-rate grid {lr_text(cfg['lr_grid'])}; the last {cfg['val_frac']:.0%} of each seed's "
-            f"training rows are held out as validation, every run trains on the rest, and each (net, loss) "
-            f"takes the rate with the best mean validation accuracy over the seeds; the test accuracy of "
-            f"those same runs is reported.")
-
-
 def report(cfg, res, ctx, command):
-    sec = Section("spiral", TITLE, CLAIM, setup(cfg), command)
+    sec = Section("spiral", TITLE, *method("spiral", iterations="/".join(str(i) for _, i in cfg["spiral"]),
+                                                seeds=cfg["seeds"], lr_grid=lr_text(cfg["lr_grid"]), val_frac=cfg["val_frac"]),
+                  command)
     table = Table("Test accuracy (%) and Adam iterations to 90% test accuracy (mean ± 95% CI over seeds) at each "
                   "loss's chosen learning rate; paired RLO − CE per seed [95% CI], MDE, verdicts", [
         "model", "paper", "lr chosen (CE / RLO)", "CE acc", "RLO acc", "RLO − CE [95% CI]", "MDE", "verdict (acc)",

@@ -3,7 +3,7 @@ and SPECTF's official split."""
 import numpy as np
 
 from .common import UCI, fold, pyplot, save_figure, uci_args, uci_present
-from .report import Section, Table, comparison_cells
+from .report import Section, Table, comparison_cells, method
 from .stats import fmt, interval, mcnemar, paired, paired_cells, seeds_needed
 
 TITLE = "Table 1: rooted logistic regression vs logistic regression on the UCI sets"
@@ -53,24 +53,10 @@ def tasks(cfg, ctx):
     return out
 
 
-CLAIM = "RLO(k) reaches a higher test accuracy than LR (paper Table 1, 5-fold CV)."
-
-
-def setup(cfg):
-    return (f"Linear model from w = 0, features standardised on each training fold, full-batch GD, lr "
-            f"{cfg['lr']:g}, {cfg['iters']} iterations (the settings of regression.py), {cfg['seeds']}-fold "
-            f"stratified CV (shuffle seed 0); LR and RLO share each fold, so the paired difference is per "
-            f"fold. k grid {', '.join(f'{k:g}' for k in cfg['ks'])} (plus the paper's k). Three ways to pick "
-            f"k: the paper's k; the k with the best mean test accuracy over the test folds (how the paper "
-            f"picks it: optimistic, since the test folds choose it); nested: on each outer fold, the k with "
-            f"the best mean accuracy over {cfg['inner_folds']}-fold CV inside the training part only, then "
-            f"tested on the outer fold (unbiased). Data: the original UCI files in ../shared/data/uci (Wine: "
-            f"scikit-learn's copy). GD has no learning rate to tune per loss here: both losses use the "
-            f"paper's setting.")
-
-
 def report(cfg, res, ctx, command):
-    sec = Section("table1", TITLE, CLAIM, setup(cfg), command)
+    sec = Section("table1", TITLE, *method("table1", lr=cfg["lr"], iters=cfg["iters"], seeds=cfg["seeds"],
+                                                ks=", ".join(f"{k:g}" for k in cfg["ks"]), inner_folds=cfg["inner_folds"]),
+                  command)
     sec.tables.append(cv_table(cfg, res, sec))
     official = res.get(("spectf", "official"))
     if official:
