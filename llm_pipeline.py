@@ -23,6 +23,7 @@ WikiText-2 raw valid as training/calibration (and, its tail, validation) text an
 Every number is exp(mean token cross-entropy) on the first --eval-windows windows of its text.
 """
 import contextlib
+import json
 import math
 import multiprocessing
 import os
@@ -34,8 +35,8 @@ import ft_opt
 import lm
 import opt
 import quant
-from engine import (ArgumentParser, UserError, add_common_args, atomic_savefig, atomic_write_csv, atomic_write_text,
-                    cli, format_ci, prepare_run_dir, require_positive_ints, set_threads)
+from engine import (ArgumentParser, UserError, add_common_args, atomic_savefig, atomic_write_csv, atomic_write_json,
+                    atomic_write_text, cli, format_ci, prepare_run_dir, require_positive_ints, run_args, set_threads)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
@@ -44,6 +45,10 @@ DEFAULT_TRAIN = os.path.join(SHARED, "text", "wikitext-2-raw", "wiki.valid.raw")
 DEFAULT_EVAL = os.path.join(SHARED, "text", "wikitext-2-raw", "wiki.test.raw")
 FIELDS = ["seed", "loss", "quant", "wbits", "incoh", "fp", "finetuned", "ptq", "qft", "ptq_vs_ft", "qft_vs_ft",
           "ptq_seconds", "qft_codes_unchanged", "lr", "qft_lr"]
+# What a --resume must share with the run it continues (the seeds may grow; jobs and threads may change).
+RUN_KEYS = ("model", "train_file", "valid_file", "valid_fraction", "eval_file", "losses", "k", "m", "quant", "wbits",
+            "block_ft", "block_ft_lr", "incoh", "seqlen", "eval_seqlen", "eval_windows", "nsamples", "ft_steps",
+            "qft_steps", "lr", "qft_lr", "tune_seed", "bs", "device")
 SELECTION_FIELDS = ["stage", "loss", "quant", "wbits", "incoh", "lr", "valid_ppl", "chosen"]
 
 
@@ -82,8 +87,8 @@ def parse_args(argv):
                         "ones the values were chosen on)")
     p.add_argument("--bs", type=int, default=8, help="sequences per optimizer step (ft_opt.py --micro-bs, no accumulation)")
     p.add_argument("--jobs", type=int, default=1, help="independent runs in parallel processes (one thread each)")
-    add_common_args(p, out="runs/llm_pipeline", seeds=True, seed_help="one full pipeline per seed: fp data order, "
-                    "calibration rows and rotation seeds", data_dir=False)
+    add_common_args(p, out="runs/llm_pipeline", resume=True, seeds=True, seed_help="one full pipeline per seed: fp "
+                    "data order, calibration rows and rotation seeds", data_dir=False)
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("runs", "llm_pipeline")
     require_positive_ints(args, "seqlen", "eval_seqlen", "eval_windows", "nsamples", "ft_steps", "qft_steps", "bs",
@@ -108,8 +113,11 @@ def check_inputs(args):
         if args.valid_file and same_text(args.valid_file, path):
             raise UserError(f"--valid-file {args.valid_file!r} is the {flag} text: learning rates must be chosen "
                             "on text held out from the training and the test text")
-    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise UserError(f"--out {args.out!r} already holds a run; pass --overwrite to replace it or choose another")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not (args.overwrite or args.resume):
+        raise UserError(f"--out {args.out!r} already holds a run; pass --resume to continue it (with more seeds, "
+                        "say) or --overwrite to replace it, or choose another")
 
 
 def same_text(a, b):
@@ -137,8 +145,24 @@ def split_texts(args, folder):
     return paths
 
 
+def resumed(args, out, result_file, unfinished=None):
+    """With --resume, the result (`result_file`'s JSON) of the finished sub-run in `out`; None when it is to be
+    run, after removing what an interrupted one left there (`unfinished`: a file only a running one holds)."""
+    if not (args.resume and os.path.isdir(out)):
+        return None
+    path = os.path.join(out, result_file)
+    if os.path.isfile(path) and not (unfinished and os.path.exists(os.path.join(out, unfinished))):
+        with open(path) as f:
+            return json.load(f)
+    shutil.rmtree(out)
+    return None
+
+
 def finetune(args, model, loss, seed, steps, lr, train_file, eval_file, out):
     """ft_opt.py: --seed sets the data order (and any new head's init), the same for every loss."""
+    done = resumed(args, out, "metrics.json", unfinished="checkpoint.pt")  # ft_opt removes it when it ends
+    if done is not None:
+        return done
     argv = ["--model", model, "--train-file", train_file, "--eval-file", eval_file, "--loss", loss,
             "--k", str(args.k), "--m", str(args.m), "--seqlen", str(args.seqlen), "--eval-seqlen", str(args.eval_seqlen),
             "--eval-windows", str(args.eval_windows), "--max-steps", str(steps), "--epochs", "1000", "--lr", str(lr),
@@ -149,6 +173,9 @@ def finetune(args, model, loss, seed, steps, lr, train_file, eval_file, out):
 
 def quantize(args, model, method, wbits, incoh, seed, train_file, eval_file, out):
     """opt.py: --seed sets the calibration rows and every layer's rotation seed, the same for every loss."""
+    done = resumed(args, out, opt.REPORT_FILE)  # written last
+    if done is not None:
+        return done
     argv = [model, "wikitext2", "--train-file", train_file, "--eval-file", eval_file, "--nsamples",
             str(args.nsamples), "--seqlen", str(args.eval_seqlen), "--eval-windows", str(args.eval_windows),
             "--wbits", str(wbits), "--quant", method, "--seed", str(seed), "--device", args.device, "--threads",
@@ -293,9 +320,11 @@ def main(argv=None):
     args = parse_args(argv)
     check_inputs(args)
     set_threads(args)
-    if os.path.isdir(args.out):
-        shutil.rmtree(args.out)  # --overwrite (checked in check_inputs), with the sub-runs' folders
-    prepare_run_dir(args)
+    if os.path.isdir(args.out) and args.overwrite:
+        shutil.rmtree(args.out)  # with the sub-runs' folders
+    prepare_run_dir(args, run_keys=RUN_KEYS)
+    if args.resume:  # the finished sub-runs are reused; the record names this invocation's seeds
+        atomic_write_json(os.path.join(args.out, "args.json"), run_args(args))
     train_file, valid_file = split_texts(args, os.path.join(args.out, "data"))
     rows, start = [], time.time()
     with runner(args.jobs, args.threads) as run:

@@ -14,8 +14,8 @@ file and one line in SECTIONS. Shared code: stats.py (intervals, the paired rule
 choice) and report.py (markdown, the README headline block, and what every section's tables share: the
 cells of a comparison row, headline rows and figures added to a Section).
 """
-from . import conditioning, convergence, digits, fashion, gan, llm, spiral, table1
+from . import conditioning, convergence, digits, fashion, gan, gan_images, llm, spiral, table1
 
 # The registry: report order; the only place a section's name is declared.
 SECTIONS = {"table1": table1, "convergence": convergence, "conditioning": conditioning, "spiral": spiral,
-            "digits": digits, "fashion": fashion, "gan": gan, "llm": llm}
+            "digits": digits, "fashion": fashion, "gan": gan, "gan_images": gan_images, "llm": llm}

@@ -1,6 +1,7 @@
 """The command line: plan every requested section's runs, run them in --jobs processes, cache each section's
 raw results, and write the report from every section in the cache."""
 import datetime
+import hashlib
 import multiprocessing
 import os
 import shlex
@@ -29,22 +30,44 @@ def _timed_call(fn, kwargs):
     return fn(**kwargs), time.time() - start
 
 
-def run_tasks(tasks, jobs, section_done):
-    """Run every task {(section, key, index): (fn, kwargs)} in `jobs` processes; {key: result}. As soon as a
-    section's last task ends, section_done(section, results, seconds) gets the results so far and that
-    section's summed task seconds (a run cut off later keeps the sections it finished)."""
-    results, seconds = {}, {}
-    left = {}
-    for key in tasks:
-        left[key[0]] = left.get(key[0], 0) + 1
+def task_path(cache, key, fn, kwargs):
+    """Where the result of task `key` = (section, key, index) is kept: under cache/tasks/<section>/, named by a
+    digest of the task's function and arguments (a task whose arguments change is a new task)."""
+    text = repr((key, fn.__module__, fn.__qualname__, sorted(kwargs.items())))
+    return os.path.join(cache, "tasks", key[0], hashlib.sha1(text.encode()).hexdigest()[:20] + ".pt")
+
+
+def run_tasks(tasks, jobs, cache, section_done):
+    """Run every task {(section, key, index): (fn, kwargs)} in `jobs` processes; {key: result}. Each result is
+    kept in the cache as it comes (task_path) and a task found there is not run again, so an interrupted run
+    resumes. As soon as a section's last task is done, section_done(section, results, seconds) gets the
+    results so far and that section's summed task seconds (recorded ones for tasks found in the cache)."""
+    results, seconds, pending = {}, {}, {}
+    for key, (fn, kwargs) in tasks.items():
+        path = task_path(cache, key, fn, kwargs)
+        seconds.setdefault(key[0], 0.0)
+        if os.path.exists(path):
+            saved = load_cache(path)
+            results[key] = saved["result"]
+            seconds[key[0]] += saved["seconds"]
+        else:
+            pending[key] = (fn, kwargs, path)
+    print(f"reproduce: {len(tasks) - len(pending)} of {len(tasks)} runs found in {cache}, {len(pending)} to run in "
+          f"{jobs} processes", flush=True)
+    left = {section: 0 for section in seconds}
+    for key in pending:
+        left[key[0]] += 1
+    for section in [s for s, n in left.items() if not n]:
+        section_done(section, results, seconds[section])
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that already holds torch's threads
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker) as pool:
-        futures = {pool.submit(_timed_call, fn, kwargs): key for key, (fn, kwargs) in tasks.items()}
+        futures = {pool.submit(_timed_call, fn, kwargs): key for key, (fn, kwargs, _) in pending.items()}
         for future in as_completed(futures):
             key = futures[future]
             value, took = future.result()
+            atomic_save(dict(result=value, seconds=took), pending[key][2])
             results[key] = value
-            seconds[key[0]] = seconds.get(key[0], 0.0) + took
+            seconds[key[0]] += took
             print(f"  done {key[0]} {key[1]} {key[2]} ({took:.0f}s)", flush=True)
             left[key[0]] -= 1
             if not left[key[0]]:
@@ -130,9 +153,8 @@ def main(argv=None):
         cfgs[name] = config(SECTIONS[name], args)
         tasks.update({(name, key, index): job for (key, index), job in SECTIONS[name].tasks(cfgs[name], ctx).items()})
     # The pool takes tasks in submission order: the longest sections first, so no process idles at the end.
-    longest = ("llm", "fashion", "digits", "gan")
-    tasks = {key: tasks[key] for key in sorted(tasks, key=lambda t: longest.index(t[0]) if t[0] in longest else 3)}
-    print(f"reproduce: {len(tasks)} runs in {args.jobs} processes ({', '.join(args.sections)})", flush=True)
+    longest = ("llm", "fashion", "gan_images", "digits", "gan")
+    tasks = {key: tasks[key] for key in sorted(tasks, key=lambda t: longest.index(t[0]) if t[0] in longest else len(longest))}
 
     def save(name, results, seconds):  # a section's raw results, so a later --sections run keeps the others
         atomic_save(dict(format=FORMAT, quick=args.quick, cfg=cfgs[name], results=group(results, name),
@@ -140,7 +162,7 @@ def main(argv=None):
                     os.path.join(args.cache, f"{name}.pt"))
 
     if tasks:
-        run_tasks(tasks, args.jobs, save)
+        run_tasks(tasks, args.jobs, args.cache, save)
     for name in set(args.sections) - {key[0] for key in tasks}:  # sections without runs (llm in quick mode)
         save(name, {}, 0.0)
     sections, provenance = [], []

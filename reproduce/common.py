@@ -1,12 +1,11 @@
 """Helpers the section modules share: UCI folds, quiet runs, curves, matplotlib."""
 import contextlib
-import json
 import math
 import os
 
 import numpy as np
 
-from engine import UserError, atomic_savefig, atomic_write_text, read_csv
+from engine import UserError, atomic_savefig, read_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_UCI = os.path.join(ROOT, "..", "shared", "data", "uci")
@@ -48,27 +47,17 @@ def quiet(path):
         yield
 
 
-DONE = "done.json"  # a finished train_run's arguments
-
-
 def train_run(argv):
     """Run train.py with `argv` (holding --out) quietly; its metrics.csv rows. The checkpoints are removed: the
-    sections keep only the metrics. A run folder that a finished run with the same arguments left (DONE) is
-    reused, so an interrupted section resumes with the runs it lacks."""
+    sections keep only the metrics."""
     import train
 
     out = argv[argv.index("--out") + 1]
-    done = os.path.join(out, DONE)
-    if os.path.isfile(done):
-        with open(done) as f:
-            if json.load(f) == argv:
-                return read_csv(os.path.join(out, "metrics.csv"))
     with quiet(os.path.join(out, "log.txt")):
         train.main(argv + ["--overwrite"])
     for name in ("last.pt", "best.pt"):
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
-    atomic_write_text(done, json.dumps(argv))
     return read_csv(os.path.join(out, "metrics.csv"))
 
 

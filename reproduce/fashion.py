@@ -34,11 +34,11 @@ def label(loss, k, m):
     return {"ce": "CE", "focal": "focal (γ=3)"}.get(loss) or f"RLO k={k:g} m={m:g}"
 
 
-def data_dir(cfg, ctx):
-    """The --data-dir of every run: the Fashion-MNIST files (QUICK: generated ones); a UserError naming the
-    first missing file."""
+def data_dir(cfg, ctx, generated_folder="fashion_generated"):
+    """The --data-dir of every run: the Fashion-MNIST files (QUICK: generated ones, written into the cache's
+    `generated_folder`); a UserError naming the first missing file."""
     if cfg["generated"]:
-        root = os.path.join(ctx.cache, "fashion_generated")
+        root = os.path.join(ctx.cache, generated_folder)
         write_generated(root, **cfg["generated"])
         return root
     raw = os.path.join(ctx.vision_dir, "FashionMNIST", "raw")

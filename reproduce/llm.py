@@ -22,13 +22,15 @@ def seeds_in(path):
 
 
 def task(out, seeds):
-    """Run llm_pipeline.py for `seeds` into `out` unless its results.csv already holds them all; its rows."""
+    """Run llm_pipeline.py for `seeds` into `out` unless its results.csv already holds them all (continuing the
+    run there with --resume: its finished sub-runs are reused); its rows."""
     results = os.path.join(out, "results.csv")
     if not set(seeds) <= seeds_in(results):
         import llm_pipeline
 
-        with quiet(out.rstrip("/") + "_log.txt"):  # beside the run folder, which --overwrite replaces
-            llm_pipeline.main(["--seed", *map(str, seeds), "--out", out, "--overwrite"])
+        resume = ["--resume"] if os.path.isfile(os.path.join(out, "args.json")) else []
+        with quiet(out.rstrip("/") + "_log.txt"):  # beside the run folder
+            llm_pipeline.main(["--seed", *map(str, seeds), "--out", out, *resume])
     selection = os.path.join(out, "selection.csv")
     return dict(dir=out, rows=read_csv(results), selection=read_csv(selection) if os.path.isfile(selection) else [])
 

@@ -14,7 +14,7 @@ import pytest
 from scipy import stats as sps
 
 import reproduce
-from engine import UserError, mean_ci
+from engine import UserError, atomic_save, mean_ci
 from reproduce import cli, digits, gan, llm, report, spiral
 from reproduce.common import SHARED_UCI, UCI, first_at
 from reproduce.stats import (choose, interval, mcnemar, mde, paired, paired_cells, power, reach, seeds_needed,
@@ -241,7 +241,7 @@ def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (out / "REPRODUCTION.md").read_text()
     titles = re.findall(r"^## \d+\. (.+)$", text, flags=re.M)
-    assert titles == [m.TITLE for m in reproduce.SECTIONS.values()] and len(titles) == 8
+    assert titles == [m.TITLE for m in reproduce.SECTIONS.values()] and len(titles) == 9
     assert "## Verdict rule" in text and "noncentral t" in text  # the rule, stated once
     body = text.split("## Headline", 1)[1]
     headline = body.split(report.HEADLINE_START, 1)[1].split(report.HEADLINE_END, 1)[0]
@@ -251,9 +251,9 @@ def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
     assert all(c[4] in ("2", "187") for c in cells if c[-1] != "pending")  # n: 2 quick seeds, SPECTF's test rows
     sections = body.split("\n## ")[1:]
     expected_tables = {"Table 1": 2, "Figure 1": 1, "Lemma 2": 1, "Figure 2": 1, "Deep nets": 3, "Fashion-MNIST": 3,
-                       "GAN": 2, "LLM": 1}
+                       "GAN": 2, "GAN on Fashion-MNIST": 2, "LLM": 1}
     expected_figures = {"Table 1": 1, "Figure 1": 1, "Lemma 2": 0, "Figure 2": 3, "Deep nets": 1, "Fashion-MNIST": 1,
-                        "GAN": 2, "LLM": 0}
+                        "GAN": 2, "GAN on Fashion-MNIST": 1, "LLM": 0}
     for section, (name, n_tables) in zip(sections, expected_tables.items()):
         assert name in section.splitlines()[0]
         assert "**Command:** `python reproduce.py --quick --sections" in section
@@ -274,7 +274,8 @@ def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
             files = set(os.listdir(runs / run))
             assert "metrics.csv" in files and not files & {"last.pt", "best.pt"}
     assert sorted(os.listdir(out / "cache")) == sorted([f"{s}.pt" for s in reproduce.SECTIONS] +
-                                                       ["runs", "fashion_generated"])
+                                                       ["runs", "tasks", "fashion_generated", "gan_images_generated",
+                                                        "gan_images"])  # the last: the section's scorer
     # A rerun of one section (here through `python -m reproduce`) rewrites the report with all of them.
     proc = subprocess.run([sys.executable, "-m", "reproduce", *quick[2:], "--sections", "spiral"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -284,9 +285,33 @@ def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
     assert again.split("## 2.")[0].split("## Verdict rule")[1] == text.split("## 2.")[0].split("## Verdict rule")[1]
 
 
+def square(x):
+    return x * x
+
+
+def test_task_results_are_kept_and_an_interrupted_run_resumes(tmp_path):
+    cache = str(tmp_path / "cache")
+    tasks = {("s", "a", i): (square, dict(x=i)) for i in range(3)}
+    tasks[("t", "b", 0)] = (square, dict(x=5))
+    done = []
+    results = cli.run_tasks(tasks, 1, cache, lambda section, res, seconds: done.append((section, len(res))))
+    assert results == {("s", "a", 0): 0, ("s", "a", 1): 1, ("s", "a", 2): 4, ("t", "b", 0): 25}
+    assert sorted(s for s, _ in done) == ["s", "t"]  # each section reported once, when its last task ended
+    # a kept result is read back, not recomputed: plant another value where the task's result is kept
+    path = cli.task_path(cache, ("s", "a", 2), square, dict(x=2))
+    atomic_save(dict(result=-1, seconds=7.0), path)
+    os.remove(cli.task_path(cache, ("t", "b", 0), square, dict(x=5)))  # as if cut off before this one ended
+    done.clear()
+    again = cli.run_tasks(tasks, 1, cache, lambda section, res, seconds: done.append((section, seconds)))
+    assert again[("s", "a", 2)] == -1 and again[("t", "b", 0)] == 25
+    assert dict(done)["s"] >= 7.0  # the recorded seconds of kept tasks count
+    changed = cli.run_tasks({("s", "a", 2): (square, dict(x=3))}, 1, cache, lambda *a: None)
+    assert changed == {("s", "a", 2): 9}  # other arguments: another task
+
+
 def test_llm_task_runs_the_pipeline_when_seeds_are_missing(tmp_path, monkeypatch):
-    """The call make reproduce makes (llm_pipeline's full defaults, the seeds, --overwrite) when the cached
-    results.csv lacks a requested seed; reused as is when it holds them all."""
+    """The call make reproduce makes (llm_pipeline's full defaults, the seeds, --resume where a run was started)
+    when the cached results.csv lacks a requested seed; reused as is when it holds them all."""
     import llm_pipeline
 
     calls = []
@@ -301,6 +326,9 @@ def test_llm_task_runs_the_pipeline_when_seeds_are_missing(tmp_path, monkeypatch
     (tmp_path / "llm" / "results.csv").write_text("seed,loss\n0,ce\n1,ce\n")
     out = str(tmp_path / "llm")
     got = llm.task(out, [0, 1, 2])
-    assert calls == [["--seed", "0", "1", "2", "--out", out, "--overwrite"]] and len(got["rows"]) == 3
+    assert calls == [["--seed", "0", "1", "2", "--out", out]] and len(got["rows"]) == 3
     llm.task(out, [0, 1])
     assert len(calls) == 1 and os.path.isfile(str(tmp_path / "llm_log.txt"))
+    (tmp_path / "llm" / "args.json").write_text("{}")  # a started run: continued, its finished sub-runs reused
+    llm.task(out, [0, 1, 2, 3])
+    assert calls[-1] == ["--seed", "0", "1", "2", "3", "--out", out, "--resume"]

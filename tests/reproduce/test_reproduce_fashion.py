@@ -133,25 +133,3 @@ def test_one_quick_run_end_to_end(tmp_path):
     assert not {"last.pt", "best.pt"} & set(os.listdir(run_dir))
     assert math.isfinite(fashion.measured({("res18",): [out]})[0])
 
-
-def test_an_interrupted_section_reruns_only_the_runs_it_lacks(tmp_path, monkeypatch):
-    import train
-    from reproduce.common import train_run
-
-    calls = []
-
-    def fake_train(argv):  # what train.py leaves: metrics.csv and a checkpoint
-        out = argv[argv.index("--out") + 1]
-        calls.append(argv)
-        os.makedirs(out, exist_ok=True)
-        (tmp_path / out / "metrics.csv").write_text(f"epoch,val_acc\n1,{len(calls)}\n")
-        (tmp_path / out / "last.pt").write_bytes(b"")
-
-    monkeypatch.setattr(train, "main", fake_train)
-    argv = ["--lr", "0.001", "--out", str(tmp_path / "run")]
-    assert train_run(argv) == [{"epoch": 1, "val_acc": 1}]
-    assert not (tmp_path / "run" / "last.pt").exists()
-    assert train_run(argv) == [{"epoch": 1, "val_acc": 1}] and len(calls) == 1  # finished: reused
-    assert train_run(["--lr", "0.002", "--out", str(tmp_path / "run")]) == [{"epoch": 1, "val_acc": 2}]
-    (tmp_path / "run" / "done.json").unlink()  # a run cut off before it finished is run again
-    assert train_run(["--lr", "0.002", "--out", str(tmp_path / "run")])[0]["val_acc"] == 3

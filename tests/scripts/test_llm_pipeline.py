@@ -185,6 +185,29 @@ def test_a_trellis_method_with_block_ft_runs_end_to_end(tiny_llama_dir, tmp_path
     assert config["block_ft"]["steps"] == 2 and {s["codebook"] for s in config["layers"].values()} == {"trellis"}
 
 
+def test_resume_reuses_finished_sub_runs_and_reruns_an_interrupted_one(tiny_llama_dir, tmp_path):
+    out = tmp_path / "resumed"
+    argv = tiny_argv(tiny_llama_dir, str(tmp_path), str(out), "--losses", "ce", "--quant", "e8p", "--wbits", "2",
+                     "--lr", "3e-3", "--qft-lr", "3e-3")
+    [first] = llm_pipeline.main(argv + ["--seeds", "0"])
+    # plant a value in seed 0's finished fp run: a resumed pipeline reads it back instead of finetuning again
+    metrics = out / "ft_ce_s0" / "metrics.json"
+    planted = dict(json.load(open(metrics)), ppl_after=123.0)
+    metrics.write_text(json.dumps(planted))
+    # and leave seed 0's QFT as an interrupted run would (its checkpoint still there): it is run again
+    qft = out / "qft_ce_s0_e8p_w2_incohon"
+    (qft / "checkpoint.pt").write_bytes(b"")
+    rows = llm_pipeline.main(argv + ["--seeds", "0", "1", "--resume"])
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert rows[0]["finetuned"] == 123.0 and rows[0]["ptq"] == first["ptq"] and rows[0]["qft"] == first["qft"]
+    assert not (qft / "checkpoint.pt").exists()
+    assert json.load(open(out / "args.json"))["seeds"] == [0, 1]
+    with pytest.raises(UserError, match=r"--resume: .* was started with other arguments: --ft-steps 4 -> 5"):
+        llm_pipeline.main(argv + ["--seeds", "0", "--resume", "--ft-steps", "5"])
+    with pytest.raises(UserError, match="pass one of them"):
+        llm_pipeline.main(argv + ["--resume", "--overwrite"])
+
+
 def test_user_errors_are_one_line(tiny_llama_dir, tmp_path):
     argv = tiny_argv(tiny_llama_dir, str(tmp_path), str(tmp_path / "x"))
     test = argv[argv.index("--eval-file") + 1]
