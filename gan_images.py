@@ -6,7 +6,8 @@ samples are scored offline in the feature space of a small Fashion-MNIST classif
 by this script on the training images outside the validation split, saved to --scorer and reused):
 - FD: the Fréchet distance between Gaussians fitted to the scorer's 128-d features of --n-eval generated
   samples (fixed latents) and of real images: the validation split's during training (what a learning-rate
-  choice may read), the 10,000 test images' at the end;
+  choice may read), the 10,000 test images' at the end; fd_floor, the FD between the validation and the test
+  images themselves, is what a perfect generator would score up to sampling;
 - coverage: the classes (of 10) that receive at least half of a uniform share of the samples, by the
   scorer's labels, and the largest class's share (mode collapse shows as few classes and a large share).
 
@@ -18,7 +19,8 @@ tanh out; D: conv (w, 14, 14) -> conv (2w, 7, 7) -> linear, LeakyReLU 0.2 (w = -
 0.999) for both, one D and one G update per step; both losses train from the same weights and draws.
 
 Outputs in --out: args.json, metrics.csv (per evaluation: loss, k, seed, step, fd_val, classes, top_share,
-d_loss, g_loss), summary.csv (final per run: fd_val, fd_test, classes, top_share) and samples_<loss>_seed<S>.png.
+d_loss, g_loss), summary.csv (final per run: fd_val, fd_test, fd_floor, classes, top_share) and
+samples_<loss>_seed<S>.png.
 """
 import math
 import os
@@ -235,9 +237,9 @@ def prepare(args, images):
     start = time.time()
     scorer, acc = load_or_train_scorer(args.scorer, images["scorer_train"], images["test"], images["test_labels"])
     print(f"scorer: {acc:.2f}% test accuracy ({args.scorer}, {time.time() - start:.0f}s)", flush=True)
-    return dict(train=images["train"], scorer=scorer, scorer_acc=acc,
-                val=gaussian(scorer_outputs(scorer, images["val"])[0]),
-                test=gaussian(scorer_outputs(scorer, images["test"])[0]))
+    val, test = (gaussian(scorer_outputs(scorer, images[split])[0]) for split in ("val", "test"))
+    # the FD of real images to real images: what a perfect generator would score, up to sampling
+    return dict(train=images["train"], scorer=scorer, scorer_acc=acc, val=val, test=test, fd_floor=frechet(val, test))
 
 
 def build_parser():
@@ -288,7 +290,8 @@ def main(argv=None):
         for loss in args.losses:
             start = time.time()
             samples, row = train_run(args, data, loss, seed, logger)
-            row.update(scorer_acc=round(data["scorer_acc"], 3), seconds=round(time.time() - start, 2))
+            row.update(fd_floor=round(data["fd_floor"], 5), scorer_acc=round(data["scorer_acc"], 3),
+                       seconds=round(time.time() - start, 2))
             rows.append(row)
             plot_samples(os.path.join(args.out, f"samples_{loss}_seed{seed}.png"), samples,
                          f"{label(loss, args.k)}, {args.n_train} images, seed {seed}: FD {row['fd_test']:.2f}")

@@ -50,7 +50,7 @@ def test_both_losses_train_score_and_reuse_the_scorer(images, tmp_path):
     assert [(r["loss"], r["seed"]) for r in rows] == [("ce", 0), ("root", 0), ("ce", 1), ("root", 1)]
     for r in rows:
         assert r["n_train"] == 48 and r["fd_val"] >= 0 and r["fd_test"] >= 0 and 1 <= r["classes"] <= 10
-        assert 0.1 <= r["top_share"] <= 1
+        assert 0.1 <= r["top_share"] <= 1 and r["fd_floor"] == rows[0]["fd_floor"] >= 0
     with open(out / "metrics.csv") as f:
         metrics = list(csv.DictReader(f))
     assert [int(m["step"]) for m in metrics if m["loss"] == "ce" and m["seed"] == "0"] == [2, 4]
