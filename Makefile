@@ -21,10 +21,9 @@ llm-demo: $(STAMP)
 	$(PY) llm_pipeline.py --qft-lr 3e-3 1e-2 --jobs 2 --overwrite --out runs/llm_demo
 
 # Every claim of both papers re-run with seeds, paired verdicts and their power: REPRODUCTION.md +
-# reproduction/ (and the headline quoted in README.md); 55 core-minutes measured for the non-LLM sections
-# before Fashion-MNIST (estimated at about 100 more; its section states its measured time), plus the 5-seed
-# LLM pipeline (run into reproduction/cache/llm unless its results.csv holds the seeds). Raw results are
-# cached in reproduction/cache as each section ends, so a rerun resumes.
+# reproduction/ (and the headline quoted in README.md); 162 core-minutes measured for the non-LLM sections
+# but the image GAN (about 58 more), plus the 5-seed LLM pipeline (run into reproduction/cache/llm unless its
+# results.csv holds the seeds). Every run's result is kept in reproduction/cache as it ends: a rerun resumes.
 reproduce: $(STAMP)
 	$(PY) reproduce.py --readme README.md
 

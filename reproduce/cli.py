@@ -14,7 +14,7 @@ from engine import ArgumentParser, UserError, atomic_save, atomic_write_text
 
 from . import SECTIONS
 from .common import SHARED_UCI, SHARED_VISION
-from .report import headline_table, markdown, update_readme
+from .report import Section, claim, headline_table, markdown, update_readme
 
 FORMAT = 2  # of the cached results: a cache of another format (an older reproduce.py) is never read
 
@@ -136,6 +136,13 @@ def parse_args(argv):
     return args
 
 
+def pending(name, cache, command):
+    """The report's section `name` when `cache` holds no results of it: its claim, and what runs it."""
+    return Section(name, SECTIONS[name].TITLE, claim(name), f"Not run yet: `{cache}` holds no results of this "
+                   f"section at this size; `{command}` runs it.", command,
+                   headline=[[SECTIONS[name].TITLE, "", "", "pending: not run", "", "", "", "pending"]])
+
+
 def load_cache(path):
     import torch
 
@@ -169,9 +176,12 @@ def main(argv=None):
     for name, module in SECTIONS.items():
         path = os.path.join(args.cache, f"{name}.pt")
         saved = load_cache(path) if os.path.exists(path) else None
-        if saved is None or saved.get("format") != FORMAT or saved["quick"] != args.quick:
-            continue  # never run at this size (or by this code): left out of the report
         command = f"python reproduce.py{' --quick' if args.quick else ''} --sections {name}"
+        if saved is None or saved.get("format") != FORMAT or saved["quick"] != args.quick:
+            # never run at this size (or by this code): listed as pending, with the command that runs it
+            sections.append(pending(name, args.cache, command))
+            provenance.append((name, "not run", 0.0, command))
+            continue
         sections.append(module.report(saved["cfg"], saved["results"], ctx, command))
         provenance.append((name, saved["date"], saved["seconds"], saved["command"]))
     atomic_write_text(args.report, markdown(sections, provenance, args, time.time() - start) + "\n")

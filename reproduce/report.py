@@ -46,12 +46,23 @@ class Section:
 METHODS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods")
 
 
-def method(key, **fields):
-    """(claim, setup) of section `key`: the paragraphs under "## Claim" and "## Setup" of methods/<key>.md, its
-    {fields} filled (str.format), each paragraph's lines joined into one."""
+def _paragraphs(key):
+    """{"Claim": text, "Setup": text} of methods/<key>.md, each paragraph's lines joined into one."""
     with open(os.path.join(METHODS, f"{key}.md"), encoding="utf-8") as f:
         parts = dict(re.findall(r"^## (Claim|Setup)\n(.*?)(?=^## |\Z)", f.read(), flags=re.M | re.S))
-    return tuple(" ".join(parts[name].split("\n")).strip().format(**fields) for name in ("Claim", "Setup"))
+    return {name: " ".join(text.split("\n")).strip() for name, text in parts.items()}
+
+
+def method(key, **fields):
+    """(claim, setup) of section `key`: the paragraphs under "## Claim" and "## Setup" of methods/<key>.md, its
+    {fields} filled (str.format)."""
+    parts = _paragraphs(key)
+    return parts["Claim"].format(**fields), parts["Setup"].format(**fields)
+
+
+def claim(key):
+    """The claim of section `key` (methods/<key>.md)."""
+    return _paragraphs(key)["Claim"].format()
 
 
 def comparison_cells(p, ours, base, higher_is_better=True, digits=2):

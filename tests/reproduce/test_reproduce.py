@@ -285,6 +285,18 @@ def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
     assert again.split("## 2.")[0].split("## Verdict rule")[1] == text.split("## 2.")[0].split("## Verdict rule")[1]
 
 
+def test_sections_without_results_are_listed_as_pending_with_their_command(tmp_path):
+    out = tmp_path / "one"
+    cli.main(["--quick", "--sections", "conditioning", "--jobs", "1", "--out", str(out)])
+    text = (out / "REPRODUCTION.md").read_text()
+    assert re.findall(r"^## \d+\. (.+)$", text, flags=re.M) == [m.TITLE for m in reproduce.SECTIONS.values()]
+    assert text.count("**Setup.** Not run yet:") == len(reproduce.SECTIONS) - 1
+    assert "`python reproduce.py --quick --sections llm` runs it." in text
+    assert "| table1 | not run | 0.0 | `python reproduce.py --quick --sections table1` |" in text
+    headline = text.split(report.HEADLINE_START, 1)[1].split(report.HEADLINE_END, 1)[0]
+    assert headline.count("| pending |") == len(reproduce.SECTIONS) - 1
+
+
 def square(x):
     return x * x
 
