@@ -34,6 +34,7 @@ def task_path(cache, key, fn, kwargs):
     """Where the result of task `key` = (section, key, index) is kept: under cache/tasks/<section>/, named by a
     digest of the task's function and arguments (a task whose arguments change is a new task)."""
     text = repr((key, fn.__module__, fn.__qualname__, sorted(kwargs.items())))
+    text = text.replace(os.path.abspath(cache), "<cache>").replace(cache, "<cache>")  # the same key wherever it lives
     return os.path.join(cache, "tasks", key[0], hashlib.sha1(text.encode()).hexdigest()[:20] + ".pt")
 
 
