@@ -21,8 +21,8 @@ llm-demo: $(STAMP)
 	$(PY) llm_pipeline.py --qft-lr 3e-3 1e-2 --jobs 2 --overwrite --out runs/llm_demo
 
 # Every claim of both papers re-run with seeds, paired verdicts and their power: REPRODUCTION.md +
-# reproduction/ (and the headline quoted in README.md); 162 core-minutes measured for the non-LLM sections
-# but the image GAN (about 58 more), plus the 5-seed LLM pipeline (run into reproduction/cache/llm unless its
+# reproduction/ (and the headline quoted in README.md); 217 core-minutes measured for the non-LLM sections,
+# plus the 5-seed LLM pipeline (run into reproduction/cache/llm unless its
 # results.csv holds the seeds). Every run's result is kept in reproduction/cache as it ends: a rerun resumes.
 reproduce: $(STAMP)
 	$(PY) reproduce.py --readme README.md

@@ -14,7 +14,7 @@ from engine import ArgumentParser, UserError, atomic_save, atomic_write_text
 
 from . import SECTIONS
 from .common import SHARED_UCI, SHARED_VISION
-from .report import Section, claim, headline_table, markdown, update_readme
+from .report import Section, claim, headline_block, markdown, update_readme
 
 FORMAT = 2  # of the cached results: a cache of another format (an older reproduce.py) is never read
 
@@ -132,9 +132,25 @@ def parse_args(argv):
         args.report = os.path.join(args.out, "REPRODUCTION.md") if args.quick else "REPRODUCTION.md"
     if args.cache is None:
         args.cache = os.path.join(args.out, "cache") if args.quick else os.path.join("reproduction", "cache")
-    words = argv if argv is not None else sys.argv[1:]
-    args.command = "python reproduce.py " + " ".join(shlex.quote(a) for a in words)
+    args.command = result_command(argv if argv is not None else sys.argv[1:])
     return args
+
+
+# Flags that only say where files go: left out of the command a section's results are credited to.
+LOCATION_FLAGS = ("--out", "--report", "--readme", "--cache")
+
+
+def result_command(words):
+    """The command line as it determines the results: the words minus LOCATION_FLAGS and their values."""
+    kept, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in LOCATION_FLAGS:
+            skip = True
+        elif not word.startswith(tuple(f + "=" for f in LOCATION_FLAGS)):
+            kept.append(word)
+    return " ".join(["python reproduce.py", *(shlex.quote(w) for w in kept)])
 
 
 def pending(name, cache, command):
@@ -187,7 +203,7 @@ def main(argv=None):
         provenance.append((name, saved["date"], saved["seconds"], saved["command"]))
     atomic_write_text(args.report, markdown(sections, provenance, args, time.time() - start) + "\n")
     if args.readme:
-        update_readme(args.readme, sections)
+        update_readme(args.readme, sections, provenance)
     print(f"wrote {args.report} ({time.time() - start:.0f}s); figures in {args.out}/")
-    print("\n".join(headline_table(sections)))
+    print("\n".join(headline_block(sections, provenance)))
     return sections

@@ -77,6 +77,14 @@ def headline_table(sections):
         "| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
+def headline_block(sections, provenance):
+    """The headline table and each section's run time: what README.md quotes between the markers."""
+    times = ", ".join(f"{name} {sec / 60:.1f}" for name, date, sec, cmd in provenance if date != "not run")
+    pending = [name for name, date, sec, cmd in provenance if date == "not run"]
+    return headline_table(sections) + ["", f"Core-minutes of each section's runs (one torch thread per run): {times}"
+                                       + (f"; not run yet: {', '.join(pending)}." if pending else ".")]
+
+
 def markdown(sections, provenance, args, wall):
     rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.report)))
     mode = "QUICK (tiny sizes: a smoke test, not evidence)" if args.quick else "full-size"
@@ -86,8 +94,8 @@ def markdown(sections, provenance, args, wall):
              f"runs, nothing is typed in by hand except the papers' numbers.", "",
              "| section | run on | core-minutes of runs (summed over processes) | by |", "|---|---|---|---|"]
     lines += [f"| {s} | {date} | {sec / 60:.1f} | `{cmd}` |" for s, date, sec, cmd in provenance]
-    lines += ["", "## Verdict rule", "", RULE, "", "## Headline", "", HEADLINE_START, *headline_table(sections),
-              HEADLINE_END, ""]
+    lines += ["", "## Verdict rule", "", RULE, "", "## Headline", "", HEADLINE_START,
+              *headline_block(sections, provenance), HEADLINE_END, ""]
     for i, sec in enumerate(sections, 1):
         lines += [f"## {i}. {sec.title}", "", f"**Claim.** {sec.claim}", "", f"**Setup.** {sec.setup}", "",
                   f"**Command:** `{sec.command}`", ""]
@@ -103,12 +111,13 @@ def markdown(sections, provenance, args, wall):
     return "\n".join(lines)
 
 
-def update_readme(readme, sections):
-    """Replace the README's quoted headline table (between the markers) by this run's."""
+def update_readme(readme, sections, provenance):
+    """Replace the README's quoted headline block (between the markers) by this run's."""
     with open(readme) as f:
         text = f.read()
     if HEADLINE_START not in text or HEADLINE_END not in text:
         raise UserError(f"{readme} has no {HEADLINE_START} ... {HEADLINE_END} block to update")
     head, rest = text.split(HEADLINE_START, 1)
     _, tail = rest.split(HEADLINE_END, 1)
-    atomic_write_text(readme, head + "\n".join([HEADLINE_START, *headline_table(sections), HEADLINE_END]) + tail)
+    block = [HEADLINE_START, *headline_block(sections, provenance), HEADLINE_END]
+    atomic_write_text(readme, head + "\n".join(block) + tail)

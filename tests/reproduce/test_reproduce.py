@@ -210,14 +210,16 @@ def test_update_readme_replaces_only_the_quoted_block(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.HEADLINE_START}\nold\n{report.HEADLINE_END}\noutro\n")
     sec = report.Section("x", "t", "c", "s", "cmd", headline=[["a", "b", "c", "d", 5, "+1", "2", "reproduced"]])
-    report.update_readme(str(readme), [sec])
+    provenance = [("x", "2026-01-02", 90.0, "cmd"), ("y", "not run", 0.0, "cmd y")]
+    report.update_readme(str(readme), [sec], provenance)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\noutro\n")
     assert "| a | b | c | d | 5 | +1 | 2 | reproduced |" in text
+    assert "runs (one torch thread per run): x 1.5; not run yet: y." in text
     assert "old" not in text
     readme.write_text("no markers")
     with pytest.raises(UserError, match="no <!-- reproduce:headline:start -->"):
-        report.update_readme(str(readme), [sec])
+        report.update_readme(str(readme), [sec], provenance)
 
 
 def quick_command():
@@ -293,6 +295,8 @@ def test_sections_without_results_are_listed_as_pending_with_their_command(tmp_p
     assert text.count("**Setup.** Not run yet:") == len(reproduce.SECTIONS) - 1
     assert "`python reproduce.py --quick --sections llm` runs it." in text
     assert "| table1 | not run | 0.0 | `python reproduce.py --quick --sections table1` |" in text
+    # where files go is not part of what produced the results
+    assert "| conditioning | " in text and "`python reproduce.py --quick --sections conditioning --jobs 1` |" in text
     headline = text.split(report.HEADLINE_START, 1)[1].split(report.HEADLINE_END, 1)[0]
     assert headline.count("| pending |") == len(reproduce.SECTIONS) - 1
 
