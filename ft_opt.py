@@ -20,6 +20,7 @@ layer re-encodes up to FRACTION of its code groups toward its gradient (summed s
 """
 import math
 import os
+import time
 from types import SimpleNamespace
 
 import torch
@@ -218,6 +219,8 @@ def run(args, rank, world, device):
     plan = plan_steps(args, len(data.blocks), world)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     ckpt, metrics = start_or_resume(args, model, data, plan, codes_before, updater)
+    started, seconds_before = time.time(), metrics.get("seconds", 0.0)  # wall seconds of the run, over its invocations
+    clock = lambda: seconds_before + time.time() - started
 
     if metrics["ppl_before"] is None and rank == 0:  # before sharding: rank 0 holds the whole model
         metrics["ppl_before"] = evaluate(args, model, data, device)
@@ -236,7 +239,7 @@ def run(args, rank, world, device):
             break
         losses, step = train_epoch(args, loop, plan, data.blocks, epoch, step, rank, device, metrics)
         metrics["train_loss"].append(mean_over_ranks(losses))
-        metrics["steps"] = step
+        metrics["steps"], metrics["seconds"] = step, clock()
         save_epoch(args, loop, epoch, step, metrics, rank)
 
     if args.fsdp:  # rank 0 evaluates and saves an unsharded copy holding the trained weights
@@ -246,7 +249,7 @@ def run(args, rank, world, device):
             model.load_state_dict(model_state)
     if rank != 0:
         return None
-    return finish(args, model, tokenizer, data, device, updater, codes_before, metrics)
+    return finish(args, model, tokenizer, data, device, updater, codes_before, metrics, clock)
 
 
 def tokenize(args, model, tokenizer, train_text, test_text):
@@ -281,7 +284,7 @@ def start_or_resume(args, model, data, plan, codes_before, updater):
     metrics = {"model": args.model, "dataset": args.dataset, "loss": args.loss, "k": args.k, "m": args.m,
                "seqlen": data.seqlen, "eval_seqlen": data.eval_seqlen, "train_tokens": data.blocks.numel(),
                "eval_tokens": data.test_ids.numel(), "global_bs": plan.global_bs, "ppl_before": None,
-               "ppl_after": None, "train_loss": [], "steps": 0, "quantized": codes_before is not None,
+               "ppl_after": None, "train_loss": [], "steps": 0, "seconds": 0.0, "quantized": codes_before is not None,
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "args": run_args(args)}
     if updater is not None:
@@ -362,7 +365,7 @@ def save_epoch(args, loop, epoch, step, metrics, rank):
     barrier()  # every rank sees the checkpoint of a finished epoch
 
 
-def finish(args, model, tokenizer, data, device, updater, codes_before, metrics):
+def finish(args, model, tokenizer, data, device, updater, codes_before, metrics, clock):
     """Rank 0 after training: the perplexity after, the codes checked, the model saved, the checkpoint gone."""
     if hasattr(model, "rlo_quantization"):  # evaluate the packed model as its file stores it
         round_to_stored(model, model.rlo_quantization.get("stored_dtype") or "float16")
@@ -379,6 +382,7 @@ def finish(args, model, tokenizer, data, device, updater, codes_before, metrics)
         if not metrics["codes_unchanged"]:
             raise RuntimeError("finetuning in quantized space changed the frozen codes")  # a bug, not a user error
     lm.save_pretrained(model, tokenizer, args.out)
+    metrics["seconds"] = clock()
     atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
     # The finished model is saved; the optimizer checkpoint (3x the model) is only for resuming.
     ckpt_path = os.path.join(args.out, "checkpoint.pt")

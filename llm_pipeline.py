@@ -15,11 +15,14 @@ same steps; the value with the lowest VALIDATION perplexity is used for every re
 validation text is --valid-file, or the last --valid-fraction of --train-file's lines, which then
 neither finetune nor calibrate. The test text (--eval-file) is read only by the reported runs.
 
-    python llm_pipeline.py                      # stories260K + WikiText-2 from ../shared/data
+    python llm_pipeline.py --amp --jobs 2       # SmolLM2-135M + WikiText-2 from ../shared/data
     python llm_pipeline.py --model DIR --train-file train.txt --eval-file test.txt --seed 0 1 2 --jobs 2
 
-Defaults: stories260K (llama2.c, a real pretrained Llama) from ../shared/data when present;
-WikiText-2 raw valid as training/calibration (and, its tail, validation) text and test as evaluation text.
+Defaults: SmolLM2-135M-Instruct (a real pretrained 135M Llama, its GGUF file) from ../shared/data, with a
+budget sized for CPUs: 40 fp finetuning steps and 20 steps in quantized space of 8 x 256 tokens, 2 bits,
+64 calibration windows; WikiText-2 raw valid as training/calibration (and, its tail, validation) text and
+test as evaluation text. Any model `lm.load_causal_lm` reads works, e.g. llama2.c's stories260K (the fast
+model of the tests).
 Every number is exp(mean token cross-entropy) on the first --eval-windows windows of its text.
 """
 import contextlib
@@ -37,24 +40,24 @@ import opt
 import quant
 from engine import (ArgumentParser, UserError, add_common_args, atomic_savefig, atomic_write_csv, atomic_write_json,
                     atomic_write_text, cli, format_ci, prepare_run_dir, require_positive_ints, run_args, set_threads)
+from lm.shared import SMOLLM2, WIKI_TEST, WIKI_VALID
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
-DEFAULT_MODEL = os.path.join(SHARED, "models", "stories260K", "stories260K.bin")
-DEFAULT_TRAIN = os.path.join(SHARED, "text", "wikitext-2-raw", "wiki.valid.raw")
-DEFAULT_EVAL = os.path.join(SHARED, "text", "wikitext-2-raw", "wiki.test.raw")
+DEFAULT_MODEL, DEFAULT_TRAIN, DEFAULT_EVAL = SMOLLM2, WIKI_VALID, WIKI_TEST
+# ptq_seconds: opt.py's quantization alone; *_wall: each sub-run's whole command (ft_wall: the fp finetuning this
+# row starts from, shared by the rows of its seed and loss)
 FIELDS = ["seed", "loss", "quant", "wbits", "incoh", "fp", "finetuned", "ptq", "qft", "ptq_vs_ft", "qft_vs_ft",
-          "ptq_seconds", "qft_codes_unchanged", "lr", "qft_lr"]
+          "ptq_seconds", "qft_codes_unchanged", "lr", "qft_lr", "ft_wall", "ptq_wall", "qft_wall"]
 # What a --resume must share with the run it continues (the seeds may grow; jobs and threads may change).
 RUN_KEYS = ("model", "train_file", "valid_file", "valid_fraction", "eval_file", "losses", "k", "m", "quant", "wbits",
-            "block_ft", "block_ft_lr", "incoh", "seqlen", "eval_seqlen", "eval_windows", "nsamples", "ft_steps",
+            "block_ft", "block_ft_lr", "amp", "incoh", "seqlen", "eval_seqlen", "eval_windows", "nsamples", "ft_steps",
             "qft_steps", "lr", "qft_lr", "tune_seed", "bs", "device")
-SELECTION_FIELDS = ["stage", "loss", "quant", "wbits", "incoh", "lr", "valid_ppl", "chosen"]
+SELECTION_FIELDS = ["stage", "loss", "quant", "wbits", "incoh", "lr", "valid_ppl", "chosen", "wall"]
 
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL, help="llama2.c .bin, HF directory or hub name")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="GGUF file, HF directory or hub name, llama2.c .bin "
+                                                          "(default: SmolLM2-135M-Instruct from ../shared/data)")
     p.add_argument("--train-file", default=DEFAULT_TRAIN, help="finetuning and calibration text")
     p.add_argument("--valid-file", help="learning-rate selection text (default: the tail of --train-file, "
                                         "see --valid-fraction)")
@@ -66,21 +69,23 @@ def parse_args(argv):
     p.add_argument("--k", type=float, default=5.0, help="RLO root order k (the AISTATS runs: 5)")
     p.add_argument("--m", type=float, default=5.0, help="RLO scale m (the AISTATS runs: 5)")
     p.add_argument("--quant", nargs="+", default=["ldlqRG", "e8p"], choices=quant.METHODS, help="PTQ methods")
-    p.add_argument("--wbits", nargs="+", type=int, default=[2, 3, 4], choices=[2, 3, 4])
+    p.add_argument("--wbits", nargs="+", type=int, default=[2], choices=[2, 3, 4])
     p.add_argument("--block-ft", type=int, metavar="STEPS",
                    help="opt.py --block-ft for every PTQ: QuIP#'s finetuning during quantization (default: none)")
     p.add_argument("--block-ft-lr", type=float, default=1e-3, help="opt.py --block-ft-lr")
+    p.add_argument("--amp", "--bf16", action="store_true",
+                   help="bf16 autocast in every training step (ft_opt.py --amp, opt.py --amp with --block-ft)")
     p.add_argument("--incoh", nargs="+", default=["on"], choices=["off", "on"],
                    help="opt.py --incoh_processing (the AISTATS command); e8p rotates either way")
     p.add_argument("--seqlen", type=int, default=256, help="training block length")
     p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window and calibration length")
-    p.add_argument("--eval-windows", type=int, default=48, help="perplexity on the first N windows (valid and test)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences of --eval-seqlen tokens")
-    p.add_argument("--ft-steps", type=int, default=250, help="optimizer steps of the fp finetuning")
-    p.add_argument("--qft-steps", type=int, default=60, help="optimizer steps in quantized space")
-    p.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2],
+    p.add_argument("--eval-windows", type=int, default=16, help="perplexity on the first N windows (valid and test)")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration sequences of --eval-seqlen tokens")
+    p.add_argument("--ft-steps", type=int, default=40, help="optimizer steps of the fp finetuning")
+    p.add_argument("--qft-steps", type=int, default=20, help="optimizer steps in quantized space")
+    p.add_argument("--lr", type=float, nargs="+", default=[3e-5, 1e-4],
                    help="fp finetuning learning rate; several: the grid each loss chooses from on validation")
-    p.add_argument("--qft-lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2],
+    p.add_argument("--qft-lr", type=float, nargs="+", default=[1e-4, 1e-3],
                    help="learning rate in quantized space; several: the grid each (loss, method) chooses from")
     p.add_argument("--tune-seed", type=int, default=1000,
                    help="seed of the selection runs (apart from --seed, so that the reported runs are not the "
@@ -145,22 +150,31 @@ def split_texts(args, folder):
     return paths
 
 
-def resumed(args, out, result_file, unfinished=None):
+def resumed(args, out, result_file, unfinished=None, weights=False):
     """With --resume, the result (`result_file`'s JSON) of the finished sub-run in `out`; None when it is to be
-    run, after removing what an interrupted one left there (`unfinished`: a file only a running one holds)."""
+    run, after removing what an interrupted one left there (`unfinished`: a file only a running one holds).
+    `weights`: a later stage still reads the sub-run's model, so it counts as finished only with its weights
+    (a clone of the repository holds the runs' results, not their models)."""
     if not (args.resume and os.path.isdir(out)):
         return None
     path = os.path.join(out, result_file)
-    if os.path.isfile(path) and not (unfinished and os.path.exists(os.path.join(out, unfinished))):
+    if (os.path.isfile(path) and not (unfinished and os.path.exists(os.path.join(out, unfinished)))
+            and not (weights and not any(f.endswith(".safetensors") for f in os.listdir(out)))):
         with open(path) as f:
             return json.load(f)
     shutil.rmtree(out)
     return None
 
 
-def finetune(args, model, loss, seed, steps, lr, train_file, eval_file, out):
+def finished(args, out, result_file, unfinished=None):
+    """resumed() without removing anything: whether a later stage of a chain is already done."""
+    path = os.path.join(out, result_file)
+    return args.resume and os.path.isfile(path) and not (unfinished and os.path.exists(os.path.join(out, unfinished)))
+
+
+def finetune(args, model, loss, seed, steps, lr, train_file, eval_file, out, weights=False):
     """ft_opt.py: --seed sets the data order (and any new head's init), the same for every loss."""
-    done = resumed(args, out, "metrics.json", unfinished="checkpoint.pt")  # ft_opt removes it when it ends
+    done = resumed(args, out, "metrics.json", unfinished="checkpoint.pt", weights=weights)  # ft_opt removes it at the end
     if done is not None:
         return done
     argv = ["--model", model, "--train-file", train_file, "--eval-file", eval_file, "--loss", loss,
@@ -168,12 +182,12 @@ def finetune(args, model, loss, seed, steps, lr, train_file, eval_file, out):
             "--eval-windows", str(args.eval_windows), "--max-steps", str(steps), "--epochs", "1000", "--lr", str(lr),
             "--warmup-steps", str(steps // 10), "--micro-bs", str(args.bs), "--grad-accum", "1", "--seed", str(seed),
             "--device", args.device, "--threads", str(args.threads), "--out", out]
-    return ft_opt.main(argv)
+    return ft_opt.main(argv + (["--amp"] if args.amp else []))
 
 
-def quantize(args, model, method, wbits, incoh, seed, train_file, eval_file, out):
+def quantize(args, model, method, wbits, incoh, seed, train_file, eval_file, out, weights=False):
     """opt.py: --seed sets the calibration rows and every layer's rotation seed, the same for every loss."""
-    done = resumed(args, out, opt.REPORT_FILE)  # written last
+    done = resumed(args, out, opt.REPORT_FILE, weights=weights)  # written last
     if done is not None:
         return done
     argv = [model, "wikitext2", "--train-file", train_file, "--eval-file", eval_file, "--nsamples",
@@ -181,17 +195,17 @@ def quantize(args, model, method, wbits, incoh, seed, train_file, eval_file, out
             "--wbits", str(wbits), "--quant", method, "--seed", str(seed), "--device", args.device, "--threads",
             str(args.threads), "--save", out]
     if args.block_ft:
-        argv += ["--block-ft", str(args.block_ft), "--block-ft-lr", str(args.block_ft_lr)]
+        argv += ["--block-ft", str(args.block_ft), "--block-ft-lr", str(args.block_ft_lr)] + (["--amp"] if args.amp else [])
     return opt.main(argv + (["--incoh_processing"] if incoh == "on" else []))
 
 
 def ptq_then_qft(args, ft_dir, loss, seed, method, wbits, incoh, qft_lr, train_file, eval_file, name):
     """PTQ of a finetuned model, then QFT with the same loss; (PTQ report, QFT metrics). Checks that
     the packed model QFT reloads has the perplexity measured at quantization time."""
-    ptq_dir = os.path.join(args.out, f"ptq_{name}")
-    ptq = quantize(args, ft_dir, method, wbits, incoh, seed, train_file, eval_file, ptq_dir)
-    qft = finetune(args, ptq_dir, loss, seed, args.qft_steps, qft_lr, train_file, eval_file,
-                   os.path.join(args.out, f"qft_{name}"))
+    ptq_dir, qft_dir = os.path.join(args.out, f"ptq_{name}"), os.path.join(args.out, f"qft_{name}")
+    ptq = quantize(args, ft_dir, method, wbits, incoh, seed, train_file, eval_file, ptq_dir,
+                   weights=not finished(args, qft_dir, "metrics.json", unfinished="checkpoint.pt"))
+    qft = finetune(args, ptq_dir, loss, seed, args.qft_steps, qft_lr, train_file, eval_file, qft_dir)
     if not math.isclose(qft["ppl_before"], ptq["ppl"]["eval_file"], rel_tol=1e-4):
         raise RuntimeError(f"{name}: the reloaded packed model's perplexity {qft['ppl_before']} "
                            f"differs from the PTQ one {ptq['ppl']['eval_file']}")
@@ -232,35 +246,42 @@ def select_lrs(args, train_file, valid_file, run):
     is used as it is, without runs."""
     tune, rows = os.path.join(args.out, "tune"), []
     lrs, qft_lrs = {}, {}
-    fp_runs = [(loss, lr) for loss in args.losses for lr in args.lr] if len(args.lr) > 1 else []
-    results = list(run(finetune, [(args, args.model, loss, args.tune_seed, args.ft_steps, lr, train_file, valid_file,
-                              os.path.join(tune, f"ft_{loss}_lr{lr:g}")) for loss, lr in fp_runs]))
-    for loss in args.losses:
-        got = [(lr, m["ppl_after"]) for (l, lr), m in zip(fp_runs, results) if l == loss]
-        lrs[loss] = choose(got) if got else args.lr[0]
-        rows += [dict(stage="ft", loss=loss, quant="", wbits="", incoh="", lr=lr, valid_ppl=ppl, chosen=lr == lrs[loss])
-                 for lr, ppl in got]
-    if len(args.qft_lr) == 1:
-        return lrs, {(l, q, i): args.qft_lr[0] for l in args.losses for q in args.quant for i in args.incoh}, rows
     wbits = min(args.wbits)
     combos = [(loss, method, incoh) for loss in args.losses for method in args.quant for incoh in args.incoh]
+    ptq_dir = {c: os.path.join(tune, f"ptq_{c[0]}_{c[1]}_w{wbits}_incoh{c[2]}") for c in combos}
+    qft_dir = lambda c, lr: os.path.join(tune, f"qft_{c[0]}_{c[1]}_w{wbits}_incoh{c[2]}_lr{lr:g}")
+    # a tuning model's weights are needed while a stage after it is still to run
+    ft_weights = {loss: len(args.qft_lr) > 1 and not all(finished(args, ptq_dir[c], opt.REPORT_FILE)
+                                                         for c in combos if c[0] == loss) for loss in args.losses}
+    fp_runs = [(loss, lr) for loss in args.losses for lr in args.lr] if len(args.lr) > 1 else []
+    results = list(run(finetune, [(args, args.model, loss, args.tune_seed, args.ft_steps, lr, train_file, valid_file,
+                              os.path.join(tune, f"ft_{loss}_lr{lr:g}"), ft_weights[loss]) for loss, lr in fp_runs]))
+    for loss in args.losses:
+        got = [(lr, m) for (l, lr), m in zip(fp_runs, results) if l == loss]
+        lrs[loss] = choose([(lr, m["ppl_after"]) for lr, m in got]) if got else args.lr[0]
+        rows += [dict(stage="ft", loss=loss, quant="", wbits="", incoh="", lr=lr, valid_ppl=m["ppl_after"],
+                      chosen=lr == lrs[loss], wall=m.get("seconds", "")) for lr, m in got]
+    if len(args.qft_lr) == 1:
+        return lrs, {(l, q, i): args.qft_lr[0] for l in args.losses for q in args.quant for i in args.incoh}, rows
     if not fp_runs:  # else the tuning seed's fp model at the chosen lr already exists
-        list(run(finetune, [(args, args.model, loss, args.tune_seed, args.ft_steps, lrs[loss], train_file, valid_file,
-                             os.path.join(tune, f"ft_{loss}_lr{lrs[loss]:g}")) for loss in args.losses]))
+        got = run(finetune, [(args, args.model, loss, args.tune_seed, args.ft_steps, lrs[loss], train_file, valid_file,
+                              os.path.join(tune, f"ft_{loss}_lr{lrs[loss]:g}"), ft_weights[loss]) for loss in args.losses])
+        rows += [dict(stage="ft", loss=loss, quant="", wbits="", incoh="", lr=lrs[loss], valid_ppl=m["ppl_after"],
+                      chosen=True, wall=m.get("seconds", "")) for loss, m in zip(args.losses, got)]
     ft_dir = {loss: os.path.join(tune, f"ft_{loss}_lr{lrs[loss]:g}") for loss in args.losses}
-    list(run(quantize, [(args, ft_dir[loss], method, wbits, incoh, args.tune_seed, train_file, valid_file,
-                         os.path.join(tune, f"ptq_{loss}_{method}_w{wbits}_incoh{incoh}"))
-                        for loss, method, incoh in combos]))
+    ptqs = run(quantize, [(args, ft_dir[c[0]], c[1], wbits, c[2], args.tune_seed, train_file, valid_file, ptq_dir[c],
+                           not all(finished(args, qft_dir(c, lr), "metrics.json", "checkpoint.pt") for lr in args.qft_lr))
+                          for c in combos])
+    rows += [dict(stage="ptq", loss=c[0], quant=c[1], wbits=wbits, incoh=c[2], lr="", valid_ppl=r["ppl"]["eval_file"],
+                  chosen="", wall=r.get("seconds", "")) for c, r in zip(combos, ptqs)]
     qft_runs = [(c, lr) for c in combos for lr in args.qft_lr]
-    results = list(run(finetune, [(args, os.path.join(tune, f"ptq_{loss}_{method}_w{wbits}_incoh{incoh}"), loss,
-                              args.tune_seed, args.qft_steps, lr, train_file, valid_file,
-                              os.path.join(tune, f"qft_{loss}_{method}_w{wbits}_incoh{incoh}_lr{lr:g}"))
-                                  for (loss, method, incoh), lr in qft_runs]))
+    results = list(run(finetune, [(args, ptq_dir[c], c[0], args.tune_seed, args.qft_steps, lr, train_file, valid_file,
+                                   qft_dir(c, lr)) for c, lr in qft_runs]))
     for combo in combos:
-        got = [(lr, m["ppl_after"]) for (c, lr), m in zip(qft_runs, results) if c == combo]
-        qft_lrs[combo] = choose(got)
-        rows += [dict(stage="qft", loss=combo[0], quant=combo[1], wbits=wbits, incoh=combo[2], lr=lr, valid_ppl=ppl,
-                      chosen=lr == qft_lrs[combo]) for lr, ppl in got]
+        got = [(lr, m) for (c, lr), m in zip(qft_runs, results) if c == combo]
+        qft_lrs[combo] = choose([(lr, m["ppl_after"]) for lr, m in got])
+        rows += [dict(stage="qft", loss=combo[0], quant=combo[1], wbits=wbits, incoh=combo[2], lr=lr,
+                      valid_ppl=m["ppl_after"], chosen=lr == qft_lrs[combo], wall=m.get("seconds", "")) for lr, m in got]
     return lrs, qft_lrs, rows
 
 
@@ -316,6 +337,20 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def report_seed(args, seed, chains, results, fts, lrs, qft_lrs, rows, n_chains, start):
+    """Append one seed's rows as its chains end, writing results.csv after each (progress of a long run)."""
+    for (loss, method, wbits, incoh), (ptq, qft) in zip(chains, results):
+        ft, ppl = fts[loss], ptq["ppl"]["eval_file"]
+        rows.append(dict(seed=seed, loss=loss, quant=method, wbits=wbits, incoh=incoh, fp=ft["ppl_before"],
+                         finetuned=ft["ppl_after"], ptq=ppl, qft=qft["ppl_after"], ptq_vs_ft=ppl / ft["ppl_after"],
+                         qft_vs_ft=qft["ppl_after"] / ft["ppl_after"], ptq_seconds=ptq["quant_seconds"],
+                         qft_codes_unchanged=qft["codes_unchanged"], lr=lrs[loss], qft_lr=qft_lrs[(loss, method, incoh)],
+                         ft_wall=ft.get("seconds", ""), ptq_wall=ptq.get("seconds", ""), qft_wall=qft.get("seconds", "")))
+        atomic_write_csv(os.path.join(args.out, "results.csv"), FIELDS, rows)
+        print(f"[{len(rows)}/{n_chains}] {loss} seed {seed} {method} {wbits} bits incoh {incoh}: PTQ {ppl:.4g}, "
+              f"QFT {qft['ppl_after']:.4g} ({(time.time() - start) / 60:.1f} min)", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_inputs(args)
@@ -334,26 +369,22 @@ def main(argv=None):
         atomic_write_csv(os.path.join(args.out, "selection.csv"), SELECTION_FIELDS, selection)
         print("chosen on validation: lr " + ", ".join(f"{l} {v:g}" for l, v in lrs.items()) + "; QFT lr "
               + ", ".join(f"{l} {q} incoh {i} {v:g}" for (l, q, i), v in qft_lrs.items()), flush=True)
-        # the reported runs: the only ones that read the test text
-        fp_runs = [(seed, loss) for seed in args.seeds for loss in args.losses]
-        fts = dict(zip(fp_runs, run(finetune, [(args, args.model, loss, seed, args.ft_steps, lrs[loss], train_file,
-                                           args.eval_file, os.path.join(args.out, f"ft_{loss}_s{seed}"))
-                                          for seed, loss in fp_runs])))
-        chains = [(seed, loss, method, wbits, incoh) for seed, loss in fp_runs for method in args.quant
-                  for wbits in args.wbits for incoh in args.incoh]
-        calls = [(args, os.path.join(args.out, f"ft_{loss}_s{seed}"), loss, seed, method, wbits, incoh,
-                  qft_lrs[(loss, method, incoh)], train_file, args.eval_file, f"{loss}_s{seed}_{method}_w{wbits}_incoh{incoh}")
-                 for seed, loss, method, wbits, incoh in chains]
-        for (seed, loss, method, wbits, incoh), (ptq, qft) in zip(chains, run(ptq_then_qft, calls)):
-            ft, ppl = fts[(seed, loss)], ptq["ppl"]["eval_file"]
-            rows.append(dict(seed=seed, loss=loss, quant=method, wbits=wbits, incoh=incoh, fp=ft["ppl_before"],
-                             finetuned=ft["ppl_after"], ptq=ppl, qft=qft["ppl_after"], ptq_vs_ft=ppl / ft["ppl_after"],
-                             qft_vs_ft=qft["ppl_after"] / ft["ppl_after"], ptq_seconds=ptq["quant_seconds"],
-                             qft_codes_unchanged=qft["codes_unchanged"], lr=lrs[loss],
-                             qft_lr=qft_lrs[(loss, method, incoh)]))
-            atomic_write_csv(os.path.join(args.out, "results.csv"), FIELDS, rows)  # progress of a long run
-            print(f"[{len(rows)}/{len(chains)}] {loss} seed {seed} {method} {wbits} bits incoh {incoh}: PTQ {ppl:.4g}, "
-                  f"QFT {qft['ppl_after']:.4g} ({(time.time() - start) / 60:.1f} min)", flush=True)
+        # The reported runs, the only ones that read the test text, seed after seed: a long run's rows are
+        # written as each seed ends, so it can be stopped and resumed between seeds at no loss.
+        n_chains = len(args.seeds) * len(args.losses) * len(args.quant) * len(args.wbits) * len(args.incoh)
+        for seed in args.seeds:
+            chains = [(loss, method, wbits, incoh) for loss in args.losses for method in args.quant
+                      for wbits in args.wbits for incoh in args.incoh]
+            names = [f"{loss}_s{seed}_{method}_w{wbits}_incoh{incoh}" for loss, method, wbits, incoh in chains]
+            weights = {loss: not all(finished(args, os.path.join(args.out, f"qft_{n}"), "metrics.json", "checkpoint.pt")
+                                     for c, n in zip(chains, names) if c[0] == loss) for loss in args.losses}
+            fts = dict(zip(args.losses, run(finetune, [(args, args.model, loss, seed, args.ft_steps, lrs[loss], train_file,
+                                                        args.eval_file, os.path.join(args.out, f"ft_{loss}_s{seed}"),
+                                                        weights[loss]) for loss in args.losses])))
+            calls = [(args, os.path.join(args.out, f"ft_{loss}_s{seed}"), loss, seed, method, wbits, incoh,
+                      qft_lrs[(loss, method, incoh)], train_file, args.eval_file, n)
+                     for (loss, method, wbits, incoh), n in zip(chains, names)]
+            report_seed(args, seed, chains, run(ptq_then_qft, calls), fts, lrs, qft_lrs, rows, n_chains, start)
     atomic_write_csv(os.path.join(args.out, "results.csv"), FIELDS, rows)
     table = summarize(rows)
     atomic_write_text(os.path.join(args.out, "table.md"), table)

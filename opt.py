@@ -244,6 +244,7 @@ def read_texts(args):
 
 
 def main(argv=None):
+    started = time.time()
     args = parse_args(argv)
     set_threads(args)
     dtype = DTYPES.get(args.dtype, torch.float16 if torch.device(args.device).type == "cuda" else torch.float32)
@@ -266,6 +267,7 @@ def main(argv=None):
         if args.check and eval_ids:
             check_reloaded(args, dtype, eval_ids, seqlen, report)
     report_path = os.path.join(args.out, REPORT_FILE)
+    report["seconds"] = time.time() - started  # the whole command: loading, quantizing, evaluating, saving
     atomic_write_json(report_path, report)
     print(f"report: {report_path}")
     return report

@@ -169,8 +169,9 @@ def load_cache(path):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    # a section run alone may use every process inside its task (the LLM pipeline's own pool); beside others, one
     ctx = SimpleNamespace(data_dir=args.data_dir, vision_dir=args.vision_dir, cache=args.cache, out=args.out,
-                          cifar_note=cifar_note(args.cifar_dir))
+                          cifar_note=cifar_note(args.cifar_dir), jobs=args.jobs if len(args.sections) == 1 else 1)
     start = time.time()
     tasks, cfgs = {}, {}
     for name in args.sections:
@@ -181,8 +182,11 @@ def main(argv=None):
     tasks = {key: tasks[key] for key in sorted(tasks, key=lambda t: longest.index(t[0]) if t[0] in longest else len(longest))}
 
     def save(name, results, seconds):  # a section's raw results, so a later --sections run keeps the others
-        atomic_save(dict(format=FORMAT, quick=args.quick, cfg=cfgs[name], results=group(results, name),
-                         seconds=seconds, date=datetime.date.today().isoformat(), command=args.command),
+        grouped = group(results, name)
+        if hasattr(SECTIONS[name], "core_seconds"):  # a section whose task runs its own processes counts them
+            seconds = SECTIONS[name].core_seconds(grouped)
+        atomic_save(dict(format=FORMAT, quick=args.quick, cfg=cfgs[name], results=grouped, seconds=seconds,
+                         date=datetime.date.today().isoformat(), command=args.command),
                     os.path.join(args.cache, f"{name}.pt"))
 
     if tasks:

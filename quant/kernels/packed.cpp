@@ -19,6 +19,7 @@
 
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint8_t v8b __attribute__((vector_size(8)));
 
 static inline float hsum(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -148,11 +149,12 @@ struct GridRows {
         if constexpr (W < 8)
           for (int q = 0; q < (1 << W); ++q) table[q] = ((float)q - ze[g]) * sc[g];
         const v8f lo = load8(table), hi = load8(table + 8);
+        const float zero_g = ze[g], scale_g = sc[g];
         acc.run(zt, zs, b0, std::min(nb, b0 + bpg), [&](int64_t b) {
-          if constexpr (W == 8) {  // bytes: the code itself, no table
-            const uint8_t* q = row + 8 * b;
-            v8f c = {(float)q[0], (float)q[1], (float)q[2], (float)q[3], (float)q[4], (float)q[5], (float)q[6], (float)q[7]};
-            return (c - ze[g]) * sc[g];
+          if constexpr (W == 8) {  // bytes: the code itself, no table (one widening load and one conversion)
+            v8b q;
+            std::memcpy(&q, row + 8 * b, sizeof q);
+            return (__builtin_convertvector(__builtin_convertvector(q, v8i), v8f) - zero_g) * scale_g;
           } else {
             uint32_t word = 0;
             std::memcpy(&word, row + b * W, W);

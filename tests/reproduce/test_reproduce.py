@@ -2,6 +2,7 @@
 against hand / scipy computations, the validation-only choice of learning rates, the LLM section on a
 pipeline's results.csv, and `make reproduce-quick` end to end (every section, table and figure)."""
 import math
+import json
 import os
 import re
 import shlex
@@ -123,7 +124,8 @@ def test_choose_reads_validation_scores_only():
         choose(grid, {1e-3: 1.0})
 
 
-CTX = lambda tmp_path: SimpleNamespace(out=str(tmp_path), cache=str(tmp_path), data_dir=SHARED_UCI, cifar_note="")
+CTX = lambda tmp_path: SimpleNamespace(out=str(tmp_path), cache=str(tmp_path), data_dir=SHARED_UCI, cifar_note="",
+                                       jobs=2)
 
 
 def test_sections_choose_on_validation_never_on_test(tmp_path):
@@ -165,23 +167,36 @@ def test_llm_section_reads_the_pipelines_results(tmp_path):
     assert pending.headline[0][-1] == "pending" and "pending: not run" in pending.tables[0].rows[0][0]
     out = tmp_path / "llm"
     out.mkdir()
-    fields = ["seed", "loss", "quant", "wbits", "incoh", "finetuned", "ptq_vs_ft", "qft_vs_ft", "lr", "qft_lr"]
-    rows = [[seed, loss, quant, 2, "on", ft + 0.1 * seed, ptq + seed, qft + 0.01 * seed, 1e-3, 3e-4]
+    fields = ["seed", "loss", "quant", "wbits", "incoh", "finetuned", "ptq", "qft", "ptq_vs_ft", "qft_vs_ft", "lr",
+              "qft_lr", "ft_wall", "ptq_wall", "qft_wall"]
+    # ratios: RLO worse after PTQ, better after QFT; perplexities: RLO worse after both
+    rows = [[seed, loss, quant, 2, "on", ft + 0.1 * seed, (ft + 0.1 * seed) * (ptq + seed),
+             (ft + 0.1 * seed) * (qft + 0.01 * seed), ptq + seed, qft + 0.01 * seed, 1e-3, 3e-4, 60, 30, 20]
             for seed in range(3) for quant in ("ldlqRG", "e8p")
-            for loss, ft, ptq, qft in (("ce", 10.0, 10, 2.4), ("root", 10.5, 20, 2.2))]
+            for loss, ft, ptq, qft in (("ce", 10.0, 10, 2.4), ("root", 11.5, 20, 2.2))]
     (out / "results.csv").write_text("\n".join(",".join(map(str, r)) for r in [fields] + rows) + "\n")
+    (out / "selection.csv").write_text("stage,loss,quant,wbits,incoh,lr,valid_ppl,chosen,wall\n"
+                                       "ft,ce,,,,0.001,12.0,True,100\nft,root,,,,0.001,12.5,True,100\n")
+    (out / "args.json").write_text(json.dumps(dict(model="/data/SmolLM2-135M-Instruct.Q4_1.gguf")))
     (out / "pipeline.png").write_bytes(b"\x89PNG\r\n\x1a\nfigure")
     # the results hold the requested seeds: reused, no pipeline run (which would fail on this folder)
     ((key, (fn, kwargs)),) = llm.tasks(cfg, CTX(tmp_path)).items()
-    assert kwargs == dict(out=str(out), seeds=[0, 1, 2])
-    sec = llm.report(cfg, {"pipeline": [fn(**kwargs)]}, CTX(tmp_path / "fig"), "cmd")
+    assert kwargs == dict(out=str(out), seeds=[0, 1, 2], argv=["--amp"], jobs=2)
+    result = fn(**kwargs)
+    # each (seed, loss)'s fp finetuning once, every PTQ and QFT, the selection runs
+    assert llm.core_seconds({"pipeline": [result]}) == 3 * 2 * 60 + 12 * (30 + 20) + 200
+    sec = llm.report(cfg, {"pipeline": [result]}, CTX(tmp_path / "fig"), "cmd")
     assert (tmp_path / "fig" / "llm_pipeline.png").read_bytes() == (out / "pipeline.png").read_bytes()
-    fp, table = sec.tables
-    assert fp.rows[1][3].startswith("-0.500 [-0.500") and fp.rows[1][5] == "not reproduced"  # RLO's fp ppl higher
+    fp, table, absolute, selection = sec.tables
+    assert fp.rows[1][3].startswith("-1.500 [-1.500") and fp.rows[1][5] == "not reproduced"  # RLO's fp ppl higher
     assert fp.rows[0][6] == "0.001" and fp.rows[0][7] == "0.0003"
     assert [r[:4] for r in table.rows] == [["e8p", 2, "on", 3], ["ldlqRG", 2, "on", 3]]
     assert table.rows[0][8] == "not reproduced" and table.rows[0][14] == "reproduced"  # worse PTQ, better QFT
-    assert [h[-1] for h in sec.headline] == ["reproduced", "reproduced"] and sec.headline[0][4] == 3
+    assert [r[:4] for r in absolute.rows] == [r[:4] for r in table.rows]
+    assert absolute.rows[0][8] == absolute.rows[0][14] == "not reproduced"
+    assert [h[-1] for h in sec.headline] == ["reproduced", "not reproduced"] * 2 and sec.headline[0][4] == 3
+    assert sec.headline[0][1] == "SmolLM2-135M-Instruct.Q4_1, e8p 2 bits, incoh on, after QFT"
+    assert len(selection.rows) == 2
 
 
 def test_bad_arguments():
@@ -336,15 +351,16 @@ def test_llm_task_runs_the_pipeline_when_seeds_are_missing(tmp_path, monkeypatch
         calls.append(argv)
         seeds = argv[1:argv.index("--out")]
         (tmp_path / "llm" / "results.csv").write_text("seed,loss\n" + "".join(f"{s},ce\n" for s in seeds))
+        (tmp_path / "llm" / "args.json").write_text(json.dumps(dict(model="m/SmolLM2.gguf")))
 
     monkeypatch.setattr(llm_pipeline, "main", pipeline)
     (tmp_path / "llm").mkdir()
     (tmp_path / "llm" / "results.csv").write_text("seed,loss\n0,ce\n1,ce\n")
     out = str(tmp_path / "llm")
-    got = llm.task(out, [0, 1, 2])
-    assert calls == [["--seed", "0", "1", "2", "--out", out]] and len(got["rows"]) == 3
-    llm.task(out, [0, 1])
+    got = llm.task(out, [0, 1, 2], ["--amp"], 2)
+    assert calls == [["--seed", "0", "1", "2", "--out", out, "--jobs", "2", "--amp"]] and len(got["rows"]) == 3
+    assert got["model"] == "SmolLM2"
+    llm.task(out, [0, 1], ["--amp"], 2)
     assert len(calls) == 1 and os.path.isfile(str(tmp_path / "llm_log.txt"))
-    (tmp_path / "llm" / "args.json").write_text("{}")  # a started run: continued, its finished sub-runs reused
-    llm.task(out, [0, 1, 2, 3])
-    assert calls[-1] == ["--seed", "0", "1", "2", "3", "--out", out, "--resume"]
+    llm.task(out, [0, 1, 2, 3], ["--amp"], 1)  # a started run (its args.json): continued, finished sub-runs reused
+    assert calls[-1] == ["--seed", "0", "1", "2", "3", "--out", out, "--jobs", "1", "--amp", "--resume"]

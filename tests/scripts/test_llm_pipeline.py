@@ -4,6 +4,7 @@ what the losses share, learning rates chosen on the validation text only, the pr
 import csv
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -206,6 +207,26 @@ def test_resume_reuses_finished_sub_runs_and_reruns_an_interrupted_one(tiny_llam
         llm_pipeline.main(argv + ["--seeds", "0", "--resume", "--ft-steps", "5"])
     with pytest.raises(UserError, match="pass one of them"):
         llm_pipeline.main(argv + ["--resume", "--overwrite"])
+
+
+def test_resume_without_model_weights_reuses_finished_chains_and_reruns_the_rest(tiny_llama_dir, tmp_path):
+    """A clone of the repository holds a run's results, not its models: finished chains are reused from their
+    results; a chain whose QFT is missing runs again from the fp finetuning, whose weights it needs."""
+    out = tmp_path / "clone"
+    argv = tiny_argv(tiny_llama_dir, str(tmp_path), str(out), "--losses", "ce", "--quant", "e8p", "--wbits", "2",
+                     "--lr", "3e-3", "--qft-lr", "3e-3", "--seeds", "0", "1")
+    first = llm_pipeline.main(argv)
+    for folder, _, files in os.walk(out):
+        for f in files:
+            if f.endswith(".safetensors"):
+                os.remove(os.path.join(folder, f))
+    shutil.rmtree(out / "qft_ce_s1_e8p_w2_incohon")  # seed 1 was stopped before its QFT
+    again = llm_pipeline.main(argv + ["--resume"])
+    assert again[0] == first[0]  # seed 0 read back
+    assert not any(f.endswith(".safetensors") for f in os.listdir(out / "ft_ce_s0"))  # and not run again
+    assert any(f.endswith(".safetensors") for f in os.listdir(out / "ft_ce_s1"))  # seed 1 finetuned again
+    assert again[1]["ptq"] == pytest.approx(first[1]["ptq"], rel=1e-4) and again[1]["qft"] == pytest.approx(
+        first[1]["qft"], rel=1e-4)  # to the same results: its data order, calibration and rotations are the seed's
 
 
 def test_user_errors_are_one_line(tiny_llama_dir, tmp_path):
