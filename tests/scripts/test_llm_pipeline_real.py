@@ -1,5 +1,6 @@
-"""llm_pipeline.py on the real default model, llama2.c's stories260K, and WikiText-2 from ../shared/data, at
-a size a test affords (the tiny-model checks are in test_llm_pipeline.py)."""
+"""llm_pipeline.py on a real pretrained model, llama2.c's stories260K (the default, SmolLM2-135M, takes minutes
+per step), and WikiText-2 from ../shared/data, at a size a test affords (the tiny-model checks are in
+test_llm_pipeline.py)."""
 import os
 
 import pytest
@@ -19,7 +20,7 @@ def test_real_stories260K_recovers_in_quantized_space_for_ce_and_rlo(tmp_path):
     if not (os.path.isfile(STORIES) and os.path.isdir(WIKI)):
         pytest.skip("../shared/data/models/stories260K or text/wikitext-2-raw absent: the real-model check "
                     "needs the team's shared data beside the repo")
-    rows = llm_pipeline.main(["--wbits", "2", "--seqlen", "128", "--eval-seqlen", "256",
+    rows = llm_pipeline.main(["--model", STORIES, "--wbits", "2", "--seqlen", "128", "--eval-seqlen", "256",
                               "--eval-windows", "4", "--nsamples", "8", "--ft-steps", "5", "--qft-steps", "8",
                               "--lr", "1e-3", "--qft-lr", "3e-3", "--threads", "1", "--out", str(tmp_path / "run")])
     assert {(r["loss"], r["quant"], r["wbits"]) for r in rows} == {
