@@ -1,6 +1,6 @@
-"""llm_pipeline.py end to end on a tiny random Llama and generated text (the real default model is run
-by `make llm-demo`; its measured table is in the README): e8p and ldlqRG rows, what a seed changes and
-what the losses share, learning rates chosen on the validation text only, the process pool, CLI errors."""
+"""llm_pipeline.py end to end on a tiny random Llama and generated text (the real default model, SmolLM2-135M,
+is run by `make llm-demo` and the report's LLM section): e8p and ldlqRG rows, what a seed changes and what the
+losses share, learning rates chosen on the validation text only, the process pool, resuming, CLI errors."""
 import csv
 import json
 import os
