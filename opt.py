@@ -89,6 +89,10 @@ def build_parser():
                         "quantized, STEPS Adam steps train the decoder layer's continuous parameters toward the fp "
                         "model's hidden states; held-out calibration rows keep the best (default: none)")
     p.add_argument("--block-ft-lr", type=float, default=1e-3, help="Adam learning rate of --block-ft")
+    p.add_argument("--yaqa", action="store_true",
+                   help="round against YAQA's Kronecker-factored Hessian of the full model's KL (input-side H times "
+                        "the output-side Fisher), collected once on the fp model: one forward and backward pass per "
+                        "calibration window")
     p.add_argument("--e2e-ft", type=int, metavar="STEPS",
                    help="QuIP#'s end-to-end stage after quantization: STEPS Adam steps on the scales and norms of "
                         "the whole model toward the fp model's next-token distributions (KL) on the calibration "
@@ -123,6 +127,8 @@ def check_args(args):
     check_finetuning_flags(args)
     if args.embed_bits is not None and (args.load or args.wbits == 16):
         raise UserError("--embed-bits quantizes the embedding beside the layers: it needs --wbits 2, 3 or 4 and no --load")
+    if args.yaqa and (args.load or args.wbits == 16):
+        raise UserError("--yaqa is a way of rounding: it needs --wbits 2, 3 or 4 and no --load")
     if args.embed_groupsize != -1 and (args.embed_bits is None or args.embed_groupsize <= 0):
         raise UserError(f"--embed-groupsize {args.embed_groupsize}: give -1 or a positive size, with --embed-bits")
     if args.percdamp < 0:
@@ -132,7 +138,8 @@ def check_args(args):
     check_model_paths(args)
     if args.wbits < 16 and not args.load:  # refuse bad combinations before the model is loaded
         o = quant_options(args)
-        quant.check_options(args.quant, args.wbits, o["qfn"], o["npasses"], o["unbiased"], o["groupsize"], o["rotation"])
+        quant.check_options(args.quant, args.wbits, o["qfn"], o["npasses"], o["unbiased"], o["groupsize"], o["rotation"],
+                            two_sided=o["yaqa"])
     if args.out is None:
         name = os.path.basename(os.path.normpath(args.load or args.model)).replace(".", "_")
         args.out = args.save or os.path.join("runs", f"opt_{name}_" + ("eval" if args.load else f"{args.quant}_w{args.wbits}"))
@@ -198,13 +205,14 @@ def check_scalar_flags(args):
 
 
 def quant_options(args):
-    """quant.quantize_layer options from QuIP's flags (the method's own rotation where it has one)."""
+    """quant.model.quantize_model options from QuIP's flags (the method's own rotation where it has
+    one) and --yaqa."""
     rotation = quant.TABLE[args.quant].rotation if args.quant in quant.TABLE else None
     if args.pre_proj and rotation is None:
         rotation = "hadamard" if args.incoh_processing and args.incoh_mode == "hadamard" else PROJ_EXTRA[args.pre_proj_extra]
     return dict(incoherence=False, qfn=args.qfn, rescale=args.pre_rescale, rotation=rotation,
                 percdamp=args.percdamp, damp_h=args.pre_gptqH, npasses=quant.default_npasses(args.quant, args.npasses),
-                groupsize=args.groupsize, unbiased=args.unbiased, lazy_batch=args.lazy_batch)
+                groupsize=args.groupsize, unbiased=args.unbiased, lazy_batch=args.lazy_batch, yaqa=args.yaqa)
 
 
 def check_packed(model, n=8, seed=0):
@@ -295,7 +303,8 @@ def quantize(args, model, tokenizer, calib_ids, seqlen, report):
         calib = lm.calibration_windows(calib_ids, args.nsamples, seqlen, args.seed, repr(args.train_file))
     else:
         calib = lm.calibration_batch(tokenizer, args.dataset, args.nsamples, seqlen, args.seed, args.data_dir)
-    print(f"{'layer':>5} {'module':<22} {'proxy loss':>12} {'passes':>6} {'seconds':>8}")
+    print(f"{'layer':>5} {'module':<22} {'proxy loss':>12} {'passes':>6} {'seconds':>8}"
+          + (f" {'two-sided proxy':>15}" if args.yaqa else ""))
     block_ft = None if args.block_ft is None else BlockFT(args.block_ft, args.block_ft_lr, seed=args.seed, amp=args.amp)
     fp_model = copy.deepcopy(model) if args.e2e_ft else None
     tick = time.time()
@@ -308,6 +317,8 @@ def quantize(args, model, tokenizer, calib_ids, seqlen, report):
               f"groupsize {args.embed_groupsize}, relative squared error {report['embedding']['embedding_error']:.3g}")
     report.update(layers=rows, total_proxy=sum(r["proxy"] for r in rows), quant_seconds=time.time() - tick,
                   options=options)
+    if args.yaqa:
+        report["total_proxy_two_sided"] = sum(r["proxy_two_sided"] for r in rows)
     if block_ft is not None:
         report["block_ft"] = dict(vars(block_ft), groups=sum("block_ft" in r for r in rows))
     if fp_model is not None:
@@ -322,6 +333,9 @@ def print_settings(args, options):
     print(f"method {args.quant}, {args.wbits} bits, {grid}, rescale {options['rescale']}, "
           f"rotation {options['rotation']}, damping H {options['damp_h']} (percdamp {args.percdamp}), "
           f"lazy_batch {args.lazy_batch}, seed {args.seed}")
+    if args.yaqa:
+        print("YAQA: rounding against H times the output-side Fisher of the fp model (collected first); the "
+              "table's proxy loss stays the one-sided tr(E H E^T), the two-sided one is tr(E^T H_out E H)")
     if method.greedy:
         given = "given" if args.npasses is not None else "default"
         print(f"greedy passes per layer: {options['npasses']} ({given}; a pass stops early at a fixed point)")
@@ -331,7 +345,8 @@ def show_layer(row):
     """One line of the per-layer table (and its warnings, and its --block-ft result)."""
     for w in row["warnings"]:
         print(f"warning: layer {row['layer']} {row['module']}: {w}")
-    print(f"{row['layer']:>5} {row['module']:<22} {row['proxy']:>12.5g} {row['npasses']:>6} {row['seconds']:>8.2f}")
+    print(f"{row['layer']:>5} {row['module']:<22} {row['proxy']:>12.5g} {row['npasses']:>6} {row['seconds']:>8.2f}"
+          + (f" {row['proxy_two_sided']:>15.5g}" if "proxy_two_sided" in row else ""))
     if "block_ft" in row:
         b = row["block_ft"]
         print(f"      block-ft {'/'.join(m.rpartition('.')[2] for m in b['group'])}: held-out relative error "

@@ -17,6 +17,9 @@ W (rows, cols) is a weight matrix, H (cols, cols) the second moment E[x x^T] of 
    same transform;
 4. post-processing back to the original basis. The proxy loss tr((W_hat - W) H (W_hat - W)^T) is
    computed in the original basis with the undamped H.
+With YAQA's output-side Hessian H_out (rows, rows) as well (`quantize_layer(..., H_out=)`), the LDLQ
+methods round against the Kronecker-factored proxy tr((W_hat - W)^T H_out (W_hat - W) H) instead
+(`ldlq.two_sided_ldlq`), H_out processed on the rows as H on the columns.
 
 `quantize_layer` returns everything needed to store the weights compactly (integer codes, grid,
 rescaling vector, rotation kind and seed, and their layout as `spec`); `QuantLinear.from_result`
@@ -32,7 +35,7 @@ from . import codebooks
 from .grid import QFNS, WBITS, Grid, make_grid
 from .hessian import HessianAccumulator, check_hessian, damp, proxy_loss, with_damping
 from .incoherence import ROTATIONS, Incoherence, rescale_vector
-from .ldlq import allbal, block_ldlq, gptq, greedy_passes, ldlq, ldlqRG, nearest
+from .ldlq import allbal, block_ldlq, gptq, greedy_passes, ldlq, ldlqRG, nearest, two_sided_ldlq, two_sided_ldlq_grid
 from .linear import QuantLinear
 from .methods import METHODS, TABLE
 
@@ -40,7 +43,8 @@ UNSUPPORTED = {"ldlbal_admm": "QuIP's experimental ADMM variant is not implement
 
 __all__ = ["quantize", "quantize_layer", "QuantLinear", "QuantResult", "default_npasses", "check_options", "METHODS",
            "TABLE", "codebooks", "WBITS", "QFNS", "ROTATIONS", "HessianAccumulator", "proxy_loss", "damp", "with_damping", "make_grid",
-           "Grid", "Incoherence", "nearest", "gptq", "ldlq", "ldlqRG", "allbal", "greedy_passes", "block_ldlq"]
+           "Grid", "Incoherence", "nearest", "gptq", "ldlq", "ldlqRG", "allbal", "greedy_passes", "block_ldlq",
+           "two_sided_ldlq", "two_sided_ldlq_grid"]
 
 
 @dataclass
@@ -60,6 +64,8 @@ class QuantResult:
     npasses: int  # greedy passes run
     damping: float  # relative damping of H used (after any escalation)
     spec: dict = None  # the `quant.linear.QuantLinear` layout of the codes (None at 16 bits)
+    # with H_out: YAQA's two-sided proxy tr((W_hat - W)^T H_out (W_hat - W) H), original basis, undamped H's
+    proxy_two_sided: float = None
 
 
 def default_npasses(method, npasses=None):
@@ -70,8 +76,9 @@ def default_npasses(method, npasses=None):
     return TABLE[method].default_npasses if method in TABLE else 0
 
 
-def check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation):
-    """UserError for an unknown or unsupported option, or a combination `quantize_layer` refuses."""
+def check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation, two_sided=False):
+    """UserError for an unknown or unsupported option, or a combination `quantize_layer` refuses
+    (two_sided: rounding against an output-side Hessian too, YAQA's)."""
     if method in UNSUPPORTED:
         raise UserError(f"method {method!r}: {UNSUPPORTED[method]}")
     if method not in TABLE:
@@ -103,12 +110,17 @@ def check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation):
         raise UserError(f"{method} has one scale per row; groupsize applies to the grid methods")
     if groupsize != -1 and (groupsize <= 0 or qfn != "a"):
         raise UserError(f"groupsize {groupsize}: use -1 or a positive size, with qfn a")
+    if two_sided and not m.two_sided:
+        usable = ", ".join(n for n, t in TABLE.items() if t.two_sided)
+        raise UserError(f"{method} has no two-sided rounding for YAQA's output-side Hessian; use {usable}")
+    if two_sided and npasses > 0:
+        raise UserError("greedy passes lower the one-sided proxy only; with YAQA's output-side Hessian set npasses 0")
 
 
 @torch.no_grad()
 def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, rescale=None, rotation=None,
                    percdamp=0.01, damp_h=True, npasses=None, groupsize=-1, unbiased=False, lazy_batch=True,
-                   blocksize=128):
+                   blocksize=128, H_out=None):
     """Quantize W (rows, cols) given its input Hessian H (cols, cols); returns a `QuantResult`.
 
     incoherence=True is QuIP's `--incoh_processing`: rescale=True, rotation='kron' ('hadamard' for
@@ -117,6 +129,11 @@ def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, r
     diagonal. With a rotation, H is first normalized to mean diagonal 1 and 0.01 I is added, as QuIP
     does. lazy_batch: LDLQ updates in blocks of `blocksize` columns (otherwise after every column; same
     result). Computation is float32 (float64 inputs stay float64) on W's device.
+
+    H_out (rows, rows), YAQA's output-side Hessian (`quant.model.output_hessians`): round against
+    tr(E^T H_out E H) instead (methods with `two_sided`). It is rotated with the rows as H with the
+    columns, normalized and damped as H (relative to its mean diagonal, escalated with H), and the result
+    records that two-sided proxy too.
     """
     m = TABLE.get(method)
     npasses = default_npasses(method, npasses)
@@ -125,21 +142,25 @@ def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, r
     if rotation is None and m is not None and m.rotation is not None:
         rotation = m.rotation
     rotation = rotation if rotation is not None or not incoherence else "kron"
-    check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation)
+    check_options(method, wbits, qfn, npasses, unbiased, groupsize, rotation, two_sided=H_out is not None)
     rows, cols = W.shape
     check_hessian(H, cols)
+    if H_out is not None:
+        check_hessian(H_out, rows, "H_out", "rows")
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W0 = W.to(dtype)
     H0 = H.to(W.device, dtype)
+    Ho0 = None if H_out is None else H_out.to(W.device, dtype)
     if wbits == 16:
         return QuantResult(W.clone(), None, None, None, groupsize, 16, None, None, seed, 0.0, 0, 0.0)
 
     s = rescale_vector(W0, H0) if rescale else None
     proc = Incoherence(rows, cols, s, rotation, seed)
     Wp, Hp = proc.weight(W0), proc.hessian(H0)
+    Hop = None if Ho0 is None else proc.output_hessian(Ho0)
     if rotation is not None:
-        n = Hp.shape[0]
-        Hp = Hp * (n / Hp.trace().clamp(min=1e-30)) + 0.01 * torch.eye(n, dtype=dtype, device=W.device)
+        Hp = _normalized(Hp)
+        Hop = None if Hop is None else _normalized(Hop)
     if damp_h:
         dead = Hp.diagonal() == 0
         if bool(dead.any()):
@@ -149,24 +170,35 @@ def quantize_layer(W, H, wbits, method, incoherence=True, seed=0, *, qfn=None, r
             Wp[:, dead] = 0
     spec = dict(shape=[rows, cols], padded=list(Wp.shape), wbits=wbits, rotation=rotation, seed=seed,
                 in_scale=s is not None)
-    what = f"H ({rows}x{cols} weight)"
+    what = f"H{'' if Hop is None else ' or H_out'} ({rows}x{cols} weight)"
     codebook = codebooks.get(m.codebook).for_bits(wbits)
-    options = codebooks.Options(m, qfn, groupsize, npasses, unbiased, lazy_batch, seed, blocksize)
+
+    def options(d):
+        return codebooks.Options(m, qfn, groupsize, npasses, unbiased, lazy_batch, seed, blocksize,
+                                 None if Hop is None else damp(Hop, d))
+
     if not m.uses_hessian:  # hence no damping
-        q, damping = codebook.quantize(Wp, Hp, wbits, options), 0.0
+        q, damping = codebook.quantize(Wp, Hp, wbits, options(0.0)), 0.0
     else:
         found = []
 
-        def attempt(Hd):
-            found[:] = [codebook.quantize(Wp, Hd, wbits, options)]
+        def attempt(d):
+            found[:] = [codebook.quantize(Wp, damp(Hp, d), wbits, options(d))]
             return found[0].w
 
-        _, damping = with_damping(Hp, percdamp if damp_h else 0.0, attempt, what=what)
+        _, damping = with_damping(percdamp if damp_h else 0.0, attempt, what=what)
         q, = found
     spec.update(q.spec)
     W_hat = proc.unweight(q.w)
     return QuantResult(W_hat.to(W.dtype), q.codes, q.scale, q.zero, groupsize, wbits, s, rotation, seed,
-                       proxy_loss(W0, W_hat, H0), q.passes, damping, spec)
+                       proxy_loss(W0, W_hat, H0), q.passes, damping, spec,
+                       None if Ho0 is None else proxy_loss(W0, W_hat, H0, Ho0))
+
+
+def _normalized(H):
+    """H scaled to mean diagonal 1, plus 0.01 I: what QuIP does after a rotation."""
+    n = H.shape[0]
+    return H * (n / H.trace().clamp(min=1e-30)) + 0.01 * torch.eye(n, dtype=H.dtype, device=H.device)
 
 
 def quantize(W, H, wbits, method, incoherence=True, seed=0, **options):

@@ -26,19 +26,25 @@ class Grid:
     def _col(self, t, c):
         return t[:, c] if t.shape[1] > 1 else t[:, 0]
 
-    def round_column(self, x, c, noise=None):
-        """Nearest grid value of column `c` for the values `x` (rows,); with `noise` (uniform [0, 1))
-        stochastic rounding, which is unbiased inside the range."""
-        s, z = self._col(self.scale, c), self._col(self.zero, c)
+    def _round(self, x, s, z, noise):
         u = x / s + z
         q = torch.floor(u + noise) if noise is not None else torch.round(u)
         return s * (q.clamp(0, self.maxq) - z)
 
+    def round_column(self, x, c, noise=None):
+        """Nearest grid value of column `c` for the values `x` (rows,); with `noise` (uniform [0, 1))
+        stochastic rounding, which is unbiased inside the range."""
+        return self._round(x, self._col(self.scale, c), self._col(self.zero, c), noise)
+
     def round(self, x, noise=None):
         """Nearest grid value of every entry of the whole matrix `x`."""
-        u = x / self.scale + self.zero
-        q = torch.floor(u + noise) if noise is not None else torch.round(u)
-        return self.scale * (q.clamp(0, self.maxq) - self.zero)
+        return self._round(x, self.scale, self.zero, noise)
+
+    def round_entries(self, x, rows, cols, noise=None):
+        """Nearest grid values for the values `x` (k,) of the entries (rows[i], cols[i]) of the matrix."""
+        def at(t):
+            return t[rows if t.shape[0] > 1 else 0, cols if t.shape[1] > 1 else 0]
+        return self._round(x, at(self.scale), at(self.zero), noise)
 
     def codes(self, x):
         """Integer codes (uint8) of a matrix whose entries already lie on the grid."""

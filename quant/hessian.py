@@ -35,20 +35,22 @@ class HessianAccumulator:
         return (upper + upper.triu(1).T) / self.count
 
 
-def proxy_loss(W, W_hat, H):
-    """tr((W_hat - W) H (W_hat - W)^T), in float32 (float64 inputs stay float64)."""
+def proxy_loss(W, W_hat, H, H_out=None):
+    """tr((W_hat - W) H (W_hat - W)^T), in float32 (float64 inputs stay float64); with the output-side
+    H_out (rows, rows) YAQA's two-sided proxy tr((W_hat - W)^T H_out (W_hat - W) H)."""
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     E = (W_hat.to(dtype) - W.to(dtype))
-    return float(((E @ H.to(E.device, dtype)) * E).sum())
+    EH = E @ H.to(E.device, dtype)
+    return float(((EH if H_out is None else H_out.to(E.device, dtype) @ EH) * E).sum())
 
 
-def check_hessian(H, n):
+def check_hessian(H, n, name="H", side="columns"):
     if H.shape != (n, n):
-        raise UserError(f"H has shape {tuple(H.shape)}, expected ({n}, {n}) for a weight with {n} columns")
+        raise UserError(f"{name} has shape {tuple(H.shape)}, expected ({n}, {n}) for a weight with {n} {side}")
     if not torch.isfinite(H).all():
-        raise UserError("H has NaN or infinite entries (overflow in the calibration forward pass?)")
+        raise UserError(f"{name} has NaN or infinite entries (overflow in the calibration pass?)")
     if bool((H.diagonal() < 0).any()):
-        raise UserError("H has negative diagonal entries; it is not a second moment matrix E[x x^T]")
+        raise UserError(f"{name} has negative diagonal entries; it is not a second moment matrix")
 
 
 def damp(H, d):
@@ -58,14 +60,14 @@ def damp(H, d):
     return H + (d * mean) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device) if d > 0 else H
 
 
-def with_damping(H, percdamp, run, what="H"):
-    """run(damp(H, d)) with d = `percdamp`, escalated x10 (with a warning saying how much was needed)
-    while a factorization inside `run` finds H not positive definite or the result is not finite.
-    Returns (result, d used). An H that even d = 1 does not fix is a user error."""
+def with_damping(percdamp, run, what="H"):
+    """run(d) with d = `percdamp`, escalated x10 (with a warning saying how much was needed) while a
+    factorization inside `run` finds its Hessians, damped by d (`damp`), not positive definite or the
+    result is not finite. Returns (result, d used). An H that even d = 1 does not fix is a user error."""
     d = percdamp
     while True:
         try:
-            out = run(damp(H, d))
+            out = run(d)
             if bool(torch.isfinite(out).all()):
                 break
         except torch.linalg.LinAlgError:

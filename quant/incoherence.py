@@ -276,6 +276,16 @@ class Incoherence:
             H = (H + H.T) / 2  # exact symmetry for the Cholesky factorization
         return H
 
+    def output_hessian(self, H_out):
+        """An output-side Hessian (rows, rows) (YAQA's, E[g g^T] of the layer's output gradients) -> U H_out U^T,
+        zero-padded to (rows_p, rows_p) first: what `hessian` does with V, for the rows (the rescaling acts
+        on the columns only), so that tr(E^T H_out E H) is the same in both bases."""
+        if self.U is None:
+            return H_out
+        H_out = self._pad(H_out, self.padded_shape[0], self.padded_shape[0])
+        H_out = self.U.apply(self.U.apply(H_out).T)
+        return (H_out + H_out.T) / 2
+
     def unweight(self, W):
         """Inverse of `weight` for a `padded_shape` matrix: U^T W V, cropped to (rows, cols), then the
         columns divided by s."""

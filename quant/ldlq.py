@@ -12,6 +12,9 @@ same W_hat; a test checks it.
 
 Block LDLQ (QuIP#, Tseng et al. 2024) is the same with blocks of columns quantized jointly by a vector
 codebook (`block_ldlq`); H = (U + I) D (U + I)^T with U block strictly upper and D block diagonal.
+
+Two-sided LDLQ (YAQA, Tseng, Sun, De Sa 2025; `two_sided_ldlq`) rounds against tr(E^T H_out E H), an
+output-side Hessian H_out (rows, rows) beside H: the rounding errors are fed back along the rows too.
 """
 import torch
 
@@ -174,3 +177,65 @@ def block_ldlq(W, H, quantize_block, block=8, blocksize=128):
             codes.append(code)
         X[:, g2:] += err[:, g1:g2] @ U[g1:g2, g2:]
     return W_hat if codes[0] is None else (W_hat, torch.stack(codes, 1))
+
+
+def two_sided_ldlq(W, H, H_out, round_tiles, block=1):
+    """YAQA's two-sided LDLQ (Tseng, Sun, De Sa 2025): rounds W (rows, cols) against the Kronecker-factored
+    proxy tr(E^T H_out E H), E = W - W_hat, H (cols, cols) the input-side and H_out (rows, rows) the
+    output-side Hessian. Tiles are one row by `block` columns (one codeword); `round_tiles(X, rows,
+    blocks)` maps the targets X (k, block) of the tiles at rows `rows` (k,) and column blocks `blocks` (k,)
+    to their rounding, or to (rounding, codes). Returns W_hat, or (W_hat, codes as (rows, cols // block, ...)).
+
+    Derivation: with H = (U + I) D (U + I)^T (column blocks) and H_out = (V + I) S (V + I)^T (rows), U, V
+    strictly upper, the proxy is sum_ab S_a F_ab D_b F_ab^T with F = (V + I)^T E (U + I), and F_ab holds
+    E_ab plus errors of tiles (a', b') with a' <= a, b' <= b only. Rounding W_hat_ab = Q(W_ab + [(V + I)^T
+    E_done (U + I)]_ab), E_done the errors of the tiles rounded before (zero elsewhere, at (a, b) too),
+    makes F_ab exactly tile (a, b)'s rounding error. That feedback is C_ab + R_a U_:b, C = V^T E_done (from
+    the rows above, same columns) and R = E_done + C on the rounded tiles (zero elsewhere): the cross term
+    is R's C part. V = 0 (H_out = I) leaves one-sided LDLQ, row by row. The tiles of an anti-diagonal
+    a + b = t depend on earlier anti-diagonals only: one batched step each.
+    """
+    rows, cols = W.shape
+    if cols % block:
+        raise UserError(f"two-sided LDLQ needs columns ({cols}) in multiples of {block}")
+    nb = cols // block
+    U = ldl_upper(H) if block == 1 else block_ldl(H, block)[0]  # the one-sided algorithms' factors
+    VT = ldl_upper(H_out).T.contiguous()  # row a: the feedback weights of the rows before a onto row a
+    # Column blocks in reverse order, so that the tiles of an anti-diagonal (rows ascending, blocks
+    # descending) read contiguous slices: U_rev[j] = U[:, block nb-1-j], E_rev[j] = E[:, block nb-1-j].
+    U_rev = U.reshape(cols, nb, block).permute(1, 0, 2).flip(0).contiguous()
+    E_rev = torch.zeros(nb, rows, block, dtype=W.dtype, device=W.device)
+    R = torch.zeros(rows, cols, dtype=W.dtype, device=W.device)
+    Wb = W.reshape(rows, nb, block)
+    W_hat = torch.empty_like(Wb)
+    codes = None
+    for t in range(rows + nb - 1):
+        a0, a1 = max(0, t - nb + 1), min(rows, t + 1)
+        a = torch.arange(a0, a1, device=W.device)
+        b = t - a
+        j0 = nb - 1 - t + a0
+        k, n = a1 - a0, (t - a0) * block  # tiles; columns left of the rightmost tile
+        C = torch.bmm(VT[a0:a1, None, :a1 - 1], E_rev[j0:j0 + k, :a1 - 1]).squeeze(1)
+        X = Wb[a, b] + C + torch.bmm(R[a0:a1, None, :n], U_rev[j0:j0 + k, :n]).squeeze(1)
+        out = round_tiles(X, a, b)
+        X_hat, code = out if isinstance(out, tuple) else (out, None)
+        err = Wb[a, b] - X_hat
+        W_hat[a, b] = X_hat
+        E_rev[nb - 1 - b, a] = err
+        R.view(rows, nb, block)[a, b] = err + C
+        if code is not None:
+            codes = codes if codes is not None else code.new_empty(rows, nb, *code.shape[1:])
+            codes[a, b] = code
+    W_hat = W_hat.reshape(rows, cols)
+    return W_hat if codes is None else (W_hat, codes)
+
+
+def two_sided_ldlq_grid(W, H, H_out, grid, generator=None):
+    """`two_sided_ldlq` with a scalar `Grid`, tiles of one weight; with H_out = I it is `ldlq` (same noise
+    for unbiased rounding)."""
+    noise = _noise(W, generator)
+
+    def round_tiles(X, rows, cols):
+        return grid.round_entries(X[:, 0], rows, cols, None if noise is None else noise[rows, cols])[:, None]
+
+    return two_sided_ldlq(W, H, H_out, round_tiles)

@@ -30,6 +30,7 @@ class Method:
     rounding: Callable = None
     uses_hessian: bool = True  # False: rounds without H, so H is not damped
     min_npasses: int = 0  # rounds only through its greedy passes when > 0
+    two_sided: bool = False  # its rounding is (block) LDLQ, which YAQA's two-sided form replaces given H_out
 
 
 def _run_nearest(W, H, grid, npasses, blocksize, lazy_batch, generator):
@@ -53,15 +54,17 @@ def _run_allbal(W, H, grid, npasses, blocksize, lazy_batch, generator):
 
 TABLE = {m.name: m for m in [
     Method("nearest", "round to nearest grid value", "grid", rounding=_run_nearest, uses_hessian=False),
-    Method("gptq", "GPTQ/OPTQ (Cholesky of H^-1), same result as ldlq", "grid", rounding=_run_ldlq_like(gptq)),
+    Method("gptq", "GPTQ/OPTQ (Cholesky of H^-1), same result as ldlq", "grid", rounding=_run_ldlq_like(gptq),
+           two_sided=True),
     Method("ldlq", "QuIP's LDLQ: linear feedback of the rounding errors", "grid", greedy=True,
-           rounding=_run_ldlq_like(ldlq)),
+           rounding=_run_ldlq_like(ldlq), two_sided=True),
     Method("ldlqRG", "LDLQ on columns by decreasing diag(H), then greedy passes (QuIP)", "grid", greedy=True,
            default_npasses=1, rounding=_run_ldlqRG),
     Method("allbal", "greedy coordinate passes only (QuIP)", "grid", greedy=True, default_npasses=1,
            rounding=_run_allbal, min_npasses=1),
     Method("e8p", "QuIP#: E8P lattice codebook, 8 weights per code (2 bits; 3/4 bits as residual VQ), "
-                  "block LDLQ, randomized Hadamard incoherence", "e8p", rotation="hadamard", stochastic=False),
+                  "block LDLQ, randomized Hadamard incoherence", "e8p", rotation="hadamard", stochastic=False,
+           two_sided=True),
     Method("qtip", "QTIP: tail-biting bitshift trellis (L=16, HYB code, 2 weights per step) on 16x16 tiles, "
                    "Viterbi search, block LDLQ over 16 columns, randomized Hadamard incoherence", "trellis",
            codebook_options=dict(L=16, V=2, T=256, code="hyb"), rotation="hadamard", stochastic=False),

@@ -6,7 +6,9 @@ all linear layers of a decoder layer are quantized from Hessians collected in on
 Each quantized linear is replaced by a `quant.linear.QuantLinear` that runs from its packed codes, so
 the next layer is calibrated on the outputs of exactly the layers that will be saved and reloaded.
 With `block_ft` (`quant.blockft`, QuIP#'s finetuning during quantization) the linears of a layer are
-quantized group by group instead, each group from Hessians of the layer as finetuned so far.
+quantized group by group instead, each group from Hessians of the layer as finetuned so far. With `yaqa`
+every linear is rounded against YAQA's Kronecker-factored Hessian of the full model's KL: its input-side H
+times its output-side Fisher (`output_hessians`), collected once on the fp model before quantization.
 """
 import contextlib
 import copy
@@ -141,6 +143,49 @@ def _dequantized(layer):
             layer.set_submodule(name, q)
 
 
+def sample_tokens(logits, generator):
+    """One token per position, drawn from the model's own next-token distribution softmax(logits) (seq, vocab)."""
+    return torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=generator)[:, 0]
+
+
+def output_hessians(model, input_ids, device, seed=0):
+    """YAQA's output-side Hessians: {full linear name: E[g g^T]} for every linear of every decoder layer
+    (float32, on `device`), g the gradient of -sum_t log p(y_t) with respect to the linear's output at a
+    token, y_t drawn from the model's own next-token distribution at every position t (seeded): the
+    Fisher, which is the Hessian of KL(p_model || p) at p = p_model. One forward and one backward pass
+    of the whole model (on `device`) per row of `input_ids`, gradients taken for its inputs' embeddings
+    only (no weight gradients); averaged over tokens."""
+    layers, prefix = decoder_layers(model)
+    home = next(model.parameters()).device
+    acc, handles = {}, []
+
+    def capture(name):
+        def hook(module, inputs, out):
+            out.register_hook(lambda g: acc[name].add(g))
+        return hook
+
+    for i, layer in enumerate(layers):
+        for name, m in layer.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                acc[f"{prefix}.{i}.{name}"] = HessianAccumulator(m.out_features, device)
+                handles.append(m.register_forward_hook(capture(f"{prefix}.{i}.{name}")))
+    generator = torch.Generator(device).manual_seed(seed)
+    embed = model.get_input_embeddings()
+    model.to(device)
+    try:
+        with torch.enable_grad():
+            for row in tqdm(input_ids, desc="output-side Fisher"):
+                x = embed(row[None].to(device)).detach().requires_grad_()
+                logits = model(inputs_embeds=x, use_cache=False).logits[0].float()
+                loss = torch.nn.functional.cross_entropy(logits, sample_tokens(logits, generator), reduction="sum")
+                torch.autograd.grad(loss, x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.to(home)
+    return {name: a.hessian() for name, a in acc.items()}
+
+
 def _hessians(layer, names, inps, kwargs, device):
     """{name: H accumulator} of the named linears of `layer` from one pass over the rows of `inps`; linears
     that read the same input tensor (q/k/v, gate/up) share one accumulator."""
@@ -168,17 +213,20 @@ def _hessians(layer, names, inps, kwargs, device):
 
 
 @torch.no_grad()
-def quantize_model(model, input_ids, device, wbits, method, seed=0, on_result=None, block_ft=None, **options):
+def quantize_model(model, input_ids, device, wbits, method, seed=0, on_result=None, block_ft=None, yaqa=False,
+                   **options):
     """Quantize every linear layer inside the decoder layers of `model` in place, from the (nsamples,
     seqlen) calibration `input_ids`: each becomes a `QuantLinear` holding its packed codes. `options`
     go to `quant.quantize_layer` (incoherence, qfn, rescale, rotation, percdamp, damp_h, npasses,
-    groupsize, unbiased, lazy_batch).
+    groupsize, unbiased, lazy_batch). `yaqa`: first `output_hessians` of the fp model (tokens drawn
+    with `seed`), then each linear rounded against its input-side H and that output-side Hessian.
 
     Returns one dict per linear layer (layer index, module name, proxy loss, greedy passes, damping,
-    seconds; with `block_ft` (a `quant.blockft.BlockFT`) the last linear of each group also carries
-    the group's finetuning record under "block_ft"). `on_result(row)` is called as each linear layer
-    finishes."""
+    seconds; with `yaqa` also the two-sided proxy; with `block_ft` (a `quant.blockft.BlockFT`) the last
+    linear of each group also carries the group's finetuning record under "block_ft"). `on_result(row)`
+    is called as each linear layer finishes."""
     layers, prefix = decoder_layers(model)
+    h_out = output_hessians(model, input_ids, device, seed) if yaqa else None
     use_cache = model.config.use_cache
     model.config.use_cache = False
     home = next(model.parameters()).device
@@ -201,7 +249,7 @@ def quantize_model(model, input_ids, device, wbits, method, seed=0, on_result=No
         for gi, group in enumerate(groups):
             if block_ft is not None:
                 acc = _hessians(layer, group, inps, kwargs, device)
-            group_rows = _quantize_group(layer, group, acc, i, prefix, wbits, method, seed, device, options,
+            group_rows = _quantize_group(layer, group, acc, h_out, i, prefix, wbits, method, seed, device, options,
                                          channel_scales=block_ft is not None)
             if block_ft is not None:
                 group_rows[-1]["block_ft"] = dict(finetune(layer, inps, fp_outs, kwargs, block_ft, tag=i * 100 + gi),
@@ -218,10 +266,10 @@ def quantize_model(model, input_ids, device, wbits, method, seed=0, on_result=No
     return rows
 
 
-def _quantize_group(layer, names, acc, i, prefix, wbits, method, seed, device, options, channel_scales):
+def _quantize_group(layer, names, acc, h_out, i, prefix, wbits, method, seed, device, options, channel_scales):
     """Quantize the named linears of decoder layer `layer` (number i) from their Hessian accumulators
-    `acc` and put QuantLinears in their place (with trainable in/out scales when `channel_scales`);
-    one result row per linear."""
+    `acc` (and their output-side Hessians `h_out`, by full name, unless None) and put QuantLinears in
+    their place (with trainable in/out scales when `channel_scales`); one result row per linear."""
     rows = []
     for name in names:
         linear = layer.get_submodule(name)
@@ -230,7 +278,8 @@ def _quantize_group(layer, names, acc, i, prefix, wbits, method, seed, device, o
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             r = quantize_layer(linear.weight.data, acc[name].hessian(), wbits, method,
-                               seed=layer_seed(seed, full), **options)
+                               seed=layer_seed(seed, full), H_out=None if h_out is None else h_out.pop(full),
+                               **options)
         if torch.device(device).type == "cuda":  # honest per-layer seconds
             torch.cuda.synchronize()
         parent, _, child = name.rpartition(".")
@@ -239,6 +288,9 @@ def _quantize_group(layer, names, acc, i, prefix, wbits, method, seed, device, o
             q.add_channel_scales()
         setattr(layer.get_submodule(parent), child, q)
         del acc[name]
-        rows.append(dict(layer=i, module=name, proxy=r.proxy, npasses=r.npasses, damping=r.damping,
-                         seconds=time.time() - tick, warnings=[str(w.message) for w in caught]))
+        row = dict(layer=i, module=name, proxy=r.proxy, npasses=r.npasses, damping=r.damping,
+                   seconds=time.time() - tick, warnings=[str(w.message) for w in caught])
+        if r.proxy_two_sided is not None:
+            row["proxy_two_sided"] = r.proxy_two_sided
+        rows.append(row)
     return rows

@@ -18,6 +18,9 @@ class Options:
     lazy_batch: bool  # LDLQ updates in blocks of `blocksize` columns (same result)
     seed: int  # seeds the noise of unbiased rounding
     blocksize: int  # columns per LDLQ update block
+    # YAQA: the damped output-side Hessian (rows, rows) of the processed weights; methods with `two_sided`
+    # round against tr(E^T h_out E H) with it. None: the one-sided proxy
+    h_out: object = None
 
 
 @dataclass

@@ -6,21 +6,25 @@ import torch
 from engine import UserError
 
 from ..e8p import get_codebook
-from ..ldlq import block_ldlq
+from ..ldlq import block_ldlq, two_sided_ldlq
 from .base import Codebook, Quantized
 
 BY_BITS = {2: "e8p", 3: "e8p_rvq3", 4: "e8p_rvq4"}  # bits per weight -> the family member (quant.e8p name)
 
 
-def vector_quantize(W, H, lattice, blocksize=128):
+def vector_quantize(W, H, lattice, blocksize=128, H_out=None):
     """Block LDLQ of W (rows, cols; cols a multiple of 8) with a `quant.e8p` codebook, one scale per row:
-    (W_hat, codes (rows, cols // 8, stages) int64, scale (rows, 1)).
+    (W_hat, codes (rows, cols // 8, stages) int64, scale (rows, 1)). With the output-side Hessian H_out
+    (rows, rows), YAQA's two-sided LDLQ (`two_sided_ldlq`) over the same 8-column codewords.
 
     QuIP# uses one scale per matrix. After the RHT of the narrow matrices of small models the rows
     still differ in norm (a 64-wide random rotation equalizes them only up to ~20%), and on stories260K
     per-row scales took 2/3/4-bit perplexity from 53/11.6/5.2 to 30/6.6/4.1 (fp 3.64), for 4 bytes a row."""
     s = lattice.scale_for(W, dim=1)
-    W_hat, codes = block_ldlq(W, H, lattice.quantizer(s), 8, blocksize)
+    if H_out is None:
+        W_hat, codes = block_ldlq(W, H, lattice.quantizer(s), 8, blocksize)
+    else:
+        W_hat, codes = two_sided_ldlq(W, H, H_out, lambda X, rows, blocks: lattice.quantizer(s[rows])(X), 8)
     return W_hat, codes, s
 
 
@@ -37,7 +41,7 @@ class E8PCodebook(Codebook):
         return get(BY_BITS[wbits])
 
     def quantize(self, Wp, H, wbits, options):
-        Wq, codes, scale = vector_quantize(Wp, H, self.lattice, options.blocksize)
+        Wq, codes, scale = vector_quantize(Wp, H, self.lattice, options.blocksize, options.h_out)
         return Quantized(Wq, codes, scale.float(), spec=dict(groupsize=-1, codebook=self.name,
                                                               stage_scales=list(self.lattice.stage_scales)))
 

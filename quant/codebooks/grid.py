@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..grid import compact, expand, make_grid
+from ..ldlq import two_sided_ldlq_grid
 from .base import Codebook, Quantized
 
 
@@ -43,8 +44,11 @@ class GridCodebook(Codebook):
         grid = make_grid(Wp, wbits, options.qfn, options.groupsize)
         # a fresh generator per call: the same noise on every damping attempt
         generator = torch.Generator().manual_seed(options.seed) if options.unbiased else None
-        Wq, passes = options.method.rounding(Wp, H, grid, options.npasses, options.blocksize, options.lazy_batch,
-                                             generator)
+        if options.h_out is None:
+            Wq, passes = options.method.rounding(Wp, H, grid, options.npasses, options.blocksize, options.lazy_batch,
+                                                 generator)
+        else:  # a method with `two_sided`: LDLQ, in YAQA's two-sided form
+            Wq, passes = two_sided_ldlq_grid(Wp, H, options.h_out, grid, generator), 0
         gsize = options.groupsize if options.groupsize != -1 else Wp.shape[1]
         return Quantized(Wq, grid.codes(Wq), compact(grid.scale, gsize), compact(grid.zero, gsize), passes,
                          dict(codebook=self.name, qfn=options.qfn, groupsize=options.groupsize))
