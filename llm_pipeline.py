@@ -83,7 +83,7 @@ def parse_args(argv):
     p.add_argument("--nsamples", type=int, default=64, help="calibration sequences of --eval-seqlen tokens")
     p.add_argument("--ft-steps", type=int, default=40, help="optimizer steps of the fp finetuning")
     p.add_argument("--qft-steps", type=int, default=20, help="optimizer steps in quantized space")
-    p.add_argument("--lr", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4],
+    p.add_argument("--lr", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3],
                    help="fp finetuning learning rate; several: the grid each loss chooses from on validation")
     p.add_argument("--qft-lr", type=float, nargs="+", default=[1e-4, 1e-3],
                    help="learning rate in quantized space; several: the grid each (loss, method) chooses from")
