@@ -248,14 +248,16 @@ def select_lrs(args, train_file, valid_file, run):
     lrs, qft_lrs = {}, {}
     wbits = min(args.wbits)
     combos = [(loss, method, incoh) for loss in args.losses for method in args.quant for incoh in args.incoh]
-    ptq_dir = {c: os.path.join(tune, f"ptq_{c[0]}_{c[1]}_w{wbits}_incoh{c[2]}") for c in combos}
-    qft_dir = lambda c, lr: os.path.join(tune, f"qft_{c[0]}_{c[1]}_w{wbits}_incoh{c[2]}_lr{lr:g}")
+    # named by the fp learning rate they start from: a grown --lr grid (resumed) may choose another
+    ptq_dir = lambda c, lr: os.path.join(tune, f"ptq_{c[0]}_lr{lr:g}_{c[1]}_w{wbits}_incoh{c[2]}")
+    qft_dir = lambda c, lr, qlr: os.path.join(tune, f"qft_{c[0]}_lr{lr:g}_{c[1]}_w{wbits}_incoh{c[2]}_lr{qlr:g}")
     # a tuning model's weights are needed while a stage after it is still to run
-    ft_weights = {loss: len(args.qft_lr) > 1 and not all(finished(args, ptq_dir[c], opt.REPORT_FILE)
-                                                         for c in combos if c[0] == loss) for loss in args.losses}
+    ft_weights = {(loss, lr): len(args.qft_lr) > 1 and not all(finished(args, ptq_dir(c, lr), opt.REPORT_FILE)
+                                                               for c in combos if c[0] == loss)
+                  for loss in args.losses for lr in args.lr}
     fp_runs = [(loss, lr) for loss in args.losses for lr in args.lr] if len(args.lr) > 1 else []
     results = list(run(finetune, [(args, args.model, loss, args.tune_seed, args.ft_steps, lr, train_file, valid_file,
-                              os.path.join(tune, f"ft_{loss}_lr{lr:g}"), ft_weights[loss]) for loss, lr in fp_runs]))
+                              os.path.join(tune, f"ft_{loss}_lr{lr:g}"), ft_weights[loss, lr]) for loss, lr in fp_runs]))
     for loss in args.losses:
         got = [(lr, m) for (l, lr), m in zip(fp_runs, results) if l == loss]
         lrs[loss] = choose([(lr, m["ppl_after"]) for lr, m in got]) if got else args.lr[0]
@@ -265,18 +267,20 @@ def select_lrs(args, train_file, valid_file, run):
         return lrs, {(l, q, i): args.qft_lr[0] for l in args.losses for q in args.quant for i in args.incoh}, rows
     if not fp_runs:  # else the tuning seed's fp model at the chosen lr already exists
         got = run(finetune, [(args, args.model, loss, args.tune_seed, args.ft_steps, lrs[loss], train_file, valid_file,
-                              os.path.join(tune, f"ft_{loss}_lr{lrs[loss]:g}"), ft_weights[loss]) for loss in args.losses])
+                              os.path.join(tune, f"ft_{loss}_lr{lrs[loss]:g}"), ft_weights[loss, lrs[loss]])
+                             for loss in args.losses])
         rows += [dict(stage="ft", loss=loss, quant="", wbits="", incoh="", lr=lrs[loss], valid_ppl=m["ppl_after"],
                       chosen=True, wall=m.get("seconds", "")) for loss, m in zip(args.losses, got)]
     ft_dir = {loss: os.path.join(tune, f"ft_{loss}_lr{lrs[loss]:g}") for loss in args.losses}
-    ptqs = run(quantize, [(args, ft_dir[c[0]], c[1], wbits, c[2], args.tune_seed, train_file, valid_file, ptq_dir[c],
-                           not all(finished(args, qft_dir(c, lr), "metrics.json", "checkpoint.pt") for lr in args.qft_lr))
+    ptqs = run(quantize, [(args, ft_dir[c[0]], c[1], wbits, c[2], args.tune_seed, train_file, valid_file,
+                           ptq_dir(c, lrs[c[0]]), not all(finished(args, qft_dir(c, lrs[c[0]], qlr), "metrics.json",
+                                                                   "checkpoint.pt") for qlr in args.qft_lr))
                           for c in combos])
     rows += [dict(stage="ptq", loss=c[0], quant=c[1], wbits=wbits, incoh=c[2], lr="", valid_ppl=r["ppl"]["eval_file"],
                   chosen="", wall=r.get("seconds", "")) for c, r in zip(combos, ptqs)]
     qft_runs = [(c, lr) for c in combos for lr in args.qft_lr]
-    results = list(run(finetune, [(args, ptq_dir[c], c[0], args.tune_seed, args.qft_steps, lr, train_file, valid_file,
-                                   qft_dir(c, lr)) for c, lr in qft_runs]))
+    results = list(run(finetune, [(args, ptq_dir(c, lrs[c[0]]), c[0], args.tune_seed, args.qft_steps, qlr, train_file,
+                                   valid_file, qft_dir(c, lrs[c[0]], qlr)) for c, qlr in qft_runs]))
     for combo in combos:
         got = [(lr, m) for (c, lr), m in zip(qft_runs, results) if c == combo]
         qft_lrs[combo] = choose([(lr, m["ppl_after"]) for lr, m in got])

@@ -153,7 +153,8 @@ def test_selection_ignores_the_test_text(tiny_llama_dir, tmp_path):
             lrs, qft_lrs, rows = llm_pipeline.select_lrs(args, train, valid, run)
         chosen.append(([(r["stage"], r["lr"], r["valid_ppl"]) for r in rows], lrs, qft_lrs))
     assert chosen[0] == chosen[1]
-    assert len(chosen[0][0]) == 4 and len({ppl for _, _, ppl in chosen[0][0]}) == 4
+    assert [stage for stage, _, _ in chosen[0][0]] == ["ft", "ft", "ptq", "qft", "qft"]
+    assert len({ppl for _, _, ppl in chosen[0][0]}) == 5
 
 
 def test_a_diverged_grid_value_is_never_chosen():
@@ -171,8 +172,9 @@ def test_parallel_jobs_give_the_same_rows(tiny_llama_dir, tmp_path):
                          "--wbits", "2", "--lr", "3e-3", "--qft-lr", "3e-3", "--seeds", "0", "--jobs", jobs)
         rows.append(llm_pipeline.main(argv))
     assert len(rows[0]) == 2
+    timing = ("ptq_seconds", "ft_wall", "ptq_wall", "qft_wall")
     for a, b in zip(*rows):
-        assert {k: v for k, v in a.items() if k != "ptq_seconds"} == {k: v for k, v in b.items() if k != "ptq_seconds"}
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
 
 
 def test_a_trellis_method_with_block_ft_runs_end_to_end(tiny_llama_dir, tmp_path):
@@ -207,6 +209,23 @@ def test_resume_reuses_finished_sub_runs_and_reruns_an_interrupted_one(tiny_llam
         llm_pipeline.main(argv + ["--seeds", "0", "--resume", "--ft-steps", "5"])
     with pytest.raises(UserError, match="pass one of them"):
         llm_pipeline.main(argv + ["--resume", "--overwrite"])
+
+
+def test_resume_quantizes_the_tuning_model_the_selection_now_chooses(tiny_llama_dir, tmp_path):
+    """The tuning PTQ and QFT runs are named by the fp learning rate they start from: when a resumed run
+    chooses another one, they are made from that model, not read back from the old choice's."""
+    out = tmp_path / "regrown"
+    argv = tiny_argv(tiny_llama_dir, str(tmp_path), str(out), "--losses", "ce", "--quant", "e8p", "--wbits", "2",
+                     "--lr", "1e-3", "3e-3", "--qft-lr", "3e-3", "1e-2", "--seeds", "0")
+    llm_pipeline.main(argv)
+    with open(out / "selection.csv") as f:
+        fp = [r for r in csv.DictReader(f) if r["stage"] == "ft"]
+    other = next(r["lr"] for r in fp if r["chosen"] == "False")
+    metrics = out / "tune" / f"ft_ce_lr{float(other):g}" / "metrics.json"
+    metrics.write_text(json.dumps(dict(json.load(open(metrics)), ppl_after=0.5)))  # now the best on validation
+    llm_pipeline.main(argv + ["--resume"])
+    ptq = out / "tune" / f"ptq_ce_lr{float(other):g}_e8p_w2_incohon"
+    assert json.load(open(ptq / "quant_report.json"))["args"]["model"] == str(metrics.parent)
 
 
 def test_resume_without_model_weights_reuses_finished_chains_and_reruns_the_rest(tiny_llama_dir, tmp_path):
