@@ -16,6 +16,9 @@ codebook (`block_ldlq`); H = (U + I) D (U + I)^T with U block strictly upper and
 Two-sided LDLQ (YAQA, Tseng, Sun, De Sa 2025; `two_sided_ldlq`) rounds against tr(E^T H_out E H), an
 output-side Hessian H_out (rows, rows) beside H: the rounding errors are fed back along the rows too.
 """
+import itertools
+import math
+
 import torch
 
 from engine import UserError
@@ -179,63 +182,108 @@ def block_ldlq(W, H, quantize_block, block=8, blocksize=128):
     return W_hat if codes[0] is None else (W_hat, torch.stack(codes, 1))
 
 
-def two_sided_ldlq(W, H, H_out, round_tiles, block=1):
+ROW_BLOCK = 16  # YAQA's tile height: about rows / 16 batched steps instead of rows
+COLUMN_GROUP = 16  # columns per step, as YAQA's 16 x 16 tiles: one matrix product gives their row feedback
+
+
+def _unit_upper(H, block):
+    """U of H = (U + I) D (U + I)^T over blocks of `block` (`ldl_upper`'s exact factor for single ones)."""
+    return ldl_upper(H) if block == 1 else block_ldl(H, block)[0]
+
+
+def row_blocks(rows, row_block):
+    """Sizes of two-sided LDLQ's row blocks, top to bottom: `row_block` rows, but never more than the rows
+    after the block (the last holds one): ..., row_block, ..., 4, 2, 1, 1."""
+    sizes, left = [], rows
+    while left:
+        sizes.append(min(left, row_block, max(1, rows - left)))
+        left -= sizes[-1]
+    return sizes[::-1]
+
+
+def two_sided_ldlq(W, H, H_out, round_tiles, block=1, row_block=ROW_BLOCK):
     """YAQA's two-sided LDLQ (Tseng, Sun, De Sa 2025): rounds W (rows, cols) against the Kronecker-factored
     proxy tr(E^T H_out E H), E = W - W_hat, H (cols, cols) the input-side and H_out (rows, rows) the
-    output-side Hessian. Tiles are one row by `block` columns (one codeword); `round_tiles(X, rows,
-    blocks)` maps the targets X (k, block) of the tiles at rows `rows` (k,) and column blocks `blocks` (k,)
-    to their rounding, or to (rounding, codes). Returns W_hat, or (W_hat, codes as (rows, cols // block, ...)).
+    output-side Hessian. Tiles are one row block (`row_blocks`) by `block` columns, one codeword per row;
+    `round_tiles(X, rows, blocks)` maps the targets X (k, block) of the tile rows `rows` (k,) in column
+    blocks `blocks` (k,) to their rounding, or to (rounding, codes). Returns W_hat, or (W_hat, codes as
+    (rows, cols // block, ...)).
 
-    Derivation: with H = (U + I) D (U + I)^T (column blocks) and H_out = (V + I) S (V + I)^T (rows), U, V
-    strictly upper, the proxy is sum_ab S_a F_ab D_b F_ab^T with F = (V + I)^T E (U + I), and F_ab holds
-    E_ab plus errors of tiles (a', b') with a' <= a, b' <= b only. Rounding W_hat_ab = Q(W_ab + [(V + I)^T
-    E_done (U + I)]_ab), E_done the errors of the tiles rounded before (zero elsewhere, at (a, b) too),
-    makes F_ab exactly tile (a, b)'s rounding error. That feedback is C_ab + R_a U_:b, C = V^T E_done (from
-    the rows above, same columns) and R = E_done + C on the rounded tiles (zero elsewhere): the cross term
-    is R's C part. V = 0 (H_out = I) leaves one-sided LDLQ, row by row. The tiles of an anti-diagonal
-    a + b = t depend on earlier anti-diagonals only: one batched step each.
+    Derivation: with H = (U + I) D (U + I)^T over column blocks and H_out = (V + I) S (V + I)^T over row
+    blocks, U and V block strictly upper, D and S block diagonal, the proxy is sum_AB tr(F_AB^T S_A F_AB D_B)
+    with F = (V + I)^T E (U + I), and F_AB holds E_AB plus errors of tiles (A', B') != (A, B) with A' <= A,
+    B' <= B only. Rounding W_hat_AB = Q(W_AB + [(V + I)^T E_done (U + I)]_AB), E_done the errors of the
+    tiles rounded before (zero elsewhere, at (A, B) too), makes F_AB exactly tile (A, B)'s rounding error;
+    Q rounds every row of the tile to its own nearest codeword, ignoring S_A as block LDLQ ignores D_B. That
+    feedback is C_AB + R_A U_:B, C = V^T E_done (from the row blocks above, same columns) and R = E_done + C
+    on the rounded tiles (zero elsewhere): the cross term is R's C part. V = 0 (H_out = I) leaves one-sided
+    LDLQ, row by row. Tile (A, B) needs the tiles above and to the left only: a step takes an anti-diagonal
+    of row blocks by groups of codewords (up to `COLUMN_GROUP` columns), C for a group at once, and rounds
+    the group's codewords one after another, in one batched call each.
+
+    S_A is H_out's block A given the rows below it (a Schur complement): the fewer rows below, the more of
+    H_out's correlation it keeps, which is why the blocks shrink towards the end. Each row block fills a
+    slot of `row_block` rows padded with uncorrelated rows (an identity in H_out), never rounded: the slots'
+    factors restricted to the real rows are those of the blocks.
     """
     rows, cols = W.shape
     if cols % block:
         raise UserError(f"two-sided LDLQ needs columns ({cols}) in multiples of {block}")
     nb = cols // block
-    U = ldl_upper(H) if block == 1 else block_ldl(H, block)[0]  # the one-sided algorithms' factors
-    VT = ldl_upper(H_out).T.contiguous()  # row a: the feedback weights of the rows before a onto row a
-    # Column blocks in reverse order, so that the tiles of an anti-diagonal (rows ascending, blocks
-    # descending) read contiguous slices: U_rev[j] = U[:, block nb-1-j], E_rev[j] = E[:, block nb-1-j].
-    U_rev = U.reshape(cols, nb, block).permute(1, 0, 2).flip(0).contiguous()
-    E_rev = torch.zeros(nb, rows, block, dtype=W.dtype, device=W.device)
-    R = torch.zeros(rows, cols, dtype=W.dtype, device=W.device)
-    Wb = W.reshape(rows, nb, block)
-    W_hat = torch.empty_like(Wb)
+    group = math.gcd(nb, max(1, COLUMN_GROUP // block))  # codewords per group
+    gw, ng = group * block, nb // group
+    sizes = row_blocks(rows, row_block)
+    nrb = len(sizes)
+    rows_p = nrb * row_block
+    first = [0, *itertools.accumulate(sizes)]  # first row of every block, then rows
+    pos = torch.cat([A * row_block + torch.arange(n, device=W.device) for A, n in enumerate(sizes)])  # rows' slots
+    H_out_p = torch.eye(rows_p, dtype=H_out.dtype, device=H_out.device)
+    H_out_p[pos[:, None], pos] = H_out
+    # slot A of V^T: the feedback weights of the rows before onto A's rows
+    VT = _unit_upper(H_out_p, row_block).T.reshape(nrb, row_block, rows_p)
+    U = _unit_upper(H, block)
+    # Groups in reverse order, so that the tiles of an anti-diagonal (row blocks ascending, groups descending)
+    # read contiguous slices: U_rev[j] = U[:, group ng-1-j], E_rev[j] = E[:, group ng-1-j].
+    U_rev = U.reshape(cols, ng, gw).permute(1, 0, 2).flip(0).contiguous()
+    U_in = U.reshape(ng, gw, ng, gw).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # the feedback inside a group
+    E_rev = torch.zeros(ng, rows_p, gw, dtype=W.dtype, device=W.device)
+    R = torch.zeros(rows_p, cols, dtype=W.dtype, device=W.device)  # rows in their slots
+    Wg = W.reshape(rows, ng, gw)
+    W_hat = torch.empty_like(Wg)
     codes = None
-    for t in range(rows + nb - 1):
-        a0, a1 = max(0, t - nb + 1), min(rows, t + 1)
-        a = torch.arange(a0, a1, device=W.device)
-        b = t - a
-        j0 = nb - 1 - t + a0
-        k, n = a1 - a0, (t - a0) * block  # tiles; columns left of the rightmost tile
-        C = torch.bmm(VT[a0:a1, None, :a1 - 1], E_rev[j0:j0 + k, :a1 - 1]).squeeze(1)
-        X = Wb[a, b] + C + torch.bmm(R[a0:a1, None, :n], U_rev[j0:j0 + k, :n]).squeeze(1)
-        out = round_tiles(X, a, b)
-        X_hat, code = out if isinstance(out, tuple) else (out, None)
-        err = Wb[a, b] - X_hat
-        W_hat[a, b] = X_hat
-        E_rev[nb - 1 - b, a] = err
-        R.view(rows, nb, block)[a, b] = err + C
-        if code is not None:
-            codes = codes if codes is not None else code.new_empty(rows, nb, *code.shape[1:])
-            codes[a, b] = code
+    for t in range(nrb + ng - 1):
+        A0, A1 = max(0, t - ng + 1), min(nrb, t + 1)
+        a = torch.arange(first[A0], first[A1], device=W.device)  # the tiles' rows
+        p = pos[a]
+        G = t - p // row_block
+        j0, k = ng - 1 - t + A0, A1 - A0
+        above, n = (A1 - 1) * row_block, (t - A0) * gw  # slots above the last tile; columns left of the first
+        C = torch.bmm(VT[A0:A1, :, :above], E_rev[j0:j0 + k, :above]).reshape(-1, gw)[p - A0 * row_block]
+        RU = torch.bmm(R.view(nrb, row_block, cols)[A0:A1, :, :n], U_rev[j0:j0 + k, :n])
+        Wt = Wg[a, G]  # the tiles' weights
+        X = Wt + C + RU.reshape(-1, gw)[p - A0 * row_block]
+        Ui, Rg, X_hat = U_in[G], torch.empty_like(X), torch.empty_like(X)
+        for i in range(0, gw, block):
+            x = X[:, i:i + block] + torch.bmm(Rg[:, None, :i], Ui[:, :i, i:i + block]).squeeze(1) if i else X[:, :block]
+            out = round_tiles(x, a, G * group + i // block)
+            X_hat[:, i:i + block], code = out if isinstance(out, tuple) else (out, None)
+            Rg[:, i:i + block] = Wt[:, i:i + block] - X_hat[:, i:i + block] + C[:, i:i + block]
+            if code is not None:
+                codes = codes if codes is not None else code.new_empty(rows, nb, *code.shape[1:])
+                codes[a, G * group + i // block] = code
+        W_hat[a, G] = X_hat
+        E_rev[ng - 1 - G, p] = Wt - X_hat
+        R.view(rows_p, ng, gw)[p, G] = Rg
     W_hat = W_hat.reshape(rows, cols)
     return W_hat if codes is None else (W_hat, codes)
 
 
-def two_sided_ldlq_grid(W, H, H_out, grid, generator=None):
-    """`two_sided_ldlq` with a scalar `Grid`, tiles of one weight; with H_out = I it is `ldlq` (same noise
+def two_sided_ldlq_grid(W, H, H_out, grid, generator=None, row_block=ROW_BLOCK):
+    """`two_sided_ldlq` with a scalar `Grid`, tiles of one column; with H_out = I it is `ldlq` (same noise
     for unbiased rounding)."""
     noise = _noise(W, generator)
 
     def round_tiles(X, rows, cols):
         return grid.round_entries(X[:, 0], rows, cols, None if noise is None else noise[rows, cols])[:, None]
 
-    return two_sided_ldlq(W, H, H_out, round_tiles)
+    return two_sided_ldlq(W, H, H_out, round_tiles, row_block=row_block)

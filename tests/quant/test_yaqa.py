@@ -16,7 +16,7 @@ from quant.codebooks.e8p import vector_quantize
 from quant.e8p import get_codebook
 from quant.hessian import proxy_loss
 from quant.incoherence import Incoherence
-from quant.ldlq import ldlq, two_sided_ldlq_grid
+from quant.ldlq import ROW_BLOCK, block_ldl, ldl_upper, ldlq, row_blocks, two_sided_ldlq, two_sided_ldlq_grid
 from quant.model import decoder_layers, output_hessians, sample_tokens
 from tests.helpers import OPT_FAST
 
@@ -27,24 +27,91 @@ def correlated_hessian(n, generator, common=2.0):
     return X.T @ X / (4 * n)
 
 
+def e8p_tiles(W, name="e8p"):
+    """`two_sided_ldlq`'s `round_tiles` for W as `vector_quantize` rounds it (one scale per row)."""
+    lattice = get_codebook(name)
+    s = lattice.scale_for(W, dim=1)
+    return lambda X, rows, blocks: lattice.quantizer(s[rows])(X)
+
+
+def per_row_two_sided_ldlq(W, H, H_out, round_tiles, block):
+    """Two-sided LDLQ with tiles of one row (no row blocks), one tile at a time, row by row."""
+    rows, cols = W.shape
+    U = ldl_upper(H) if block == 1 else block_ldl(H, block)[0]
+    V = ldl_upper(H_out)
+    E, R, W_hat = torch.zeros_like(W), torch.zeros_like(W), torch.empty_like(W)
+    codes = []
+    for a in range(rows):
+        for j in range(0, cols, block):
+            c = slice(j, j + block)
+            C = V[:a, a] @ E[:a, c]
+            out = round_tiles((W[a, c] + C + R[a, :j] @ U[:j, c])[None], torch.tensor([a]), torch.tensor([j // block]))
+            X_hat, code = out if isinstance(out, tuple) else (out, None)
+            W_hat[a, c], E[a, c] = X_hat[0], W[a, c] - X_hat[0]
+            R[a, c] = E[a, c] + C
+            codes.append(code)
+    return W_hat if codes[0] is None else (W_hat, torch.cat(codes).reshape(rows, cols // block, -1))
+
+
+def test_row_blocks_hold_at_most_the_rows_after_them():
+    assert row_blocks(40, 16) == [8, 16, 8, 4, 2, 1, 1] and row_blocks(3, 16) == [1, 1, 1]
+    assert row_blocks(5, 1) == [1] * 5 and row_blocks(36, 4) == [4] * 8 + [2, 1, 1]
+
+
+@pytest.mark.parametrize("row_block", [1, 5, ROW_BLOCK])
 @pytest.mark.parametrize("unbiased", [False, True])
-def test_identity_output_hessian_is_exactly_one_sided_ldlq_on_a_grid(unbiased):
+def test_identity_output_hessian_is_exactly_one_sided_ldlq_on_a_grid(unbiased, row_block):
     g = torch.Generator().manual_seed(0)
-    W, H = torch.randn(12, 40, generator=g), correlated_hessian(40, g)
+    W, H = torch.randn(40, 40, generator=g), correlated_hessian(40, g)
     grid = quant.make_grid(W, 2, "b")
     noise = (lambda: torch.Generator().manual_seed(7)) if unbiased else (lambda: None)
-    two = two_sided_ldlq_grid(W, H, torch.eye(12), grid, noise())
+    two = two_sided_ldlq_grid(W, H, torch.eye(40), grid, noise(), row_block)
     assert torch.equal(two, ldlq(W, H, grid, blocksize=16, generator=noise()))
 
 
 @pytest.mark.parametrize("name", ["e8p", "e8p_rvq4"])
 def test_identity_output_hessian_is_exactly_one_sided_block_ldlq_with_e8p(name):
     g = torch.Generator().manual_seed(1)
-    W, H = torch.randn(10, 32, generator=g), correlated_hessian(32, g)
+    W, H = torch.randn(40, 32, generator=g), correlated_hessian(32, g)
     lattice = get_codebook(name)
     one_w, one_codes, _ = vector_quantize(W, H, lattice, blocksize=16)
-    two_w, two_codes, _ = vector_quantize(W, H, lattice, H_out=torch.eye(10))
+    two_w, two_codes, _ = vector_quantize(W, H, lattice, H_out=torch.eye(40))
     assert torch.equal(two_w, one_w) and torch.equal(two_codes, one_codes)
+    for row_block in (1, 4):
+        two_w, two_codes = two_sided_ldlq(W, H, torch.eye(40), e8p_tiles(W, name), 8, row_block)
+        assert torch.equal(two_w, one_w) and torch.equal(two_codes, one_codes)
+
+
+@pytest.mark.parametrize("method", ["grid", "e8p"])
+def test_one_row_blocks_are_the_per_row_algorithm(method):
+    g = torch.Generator().manual_seed(3)
+    W, H, H_out = torch.randn(37, 48, generator=g), correlated_hessian(48, g), correlated_hessian(37, g)
+    if method == "grid":
+        block, grid, noise = 1, quant.make_grid(W, 2, "b"), torch.rand(W.shape, generator=g)
+
+        def round_tiles(X, rows, cols):
+            return grid.round_entries(X[:, 0], rows, cols, noise[rows, cols])[:, None]
+    else:
+        block, round_tiles = 8, e8p_tiles(W)
+    expected = per_row_two_sided_ldlq(W, H, H_out, round_tiles, block)
+    torch.testing.assert_close(two_sided_ldlq(W, H, H_out, round_tiles, block, 1), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["grid", "e8p"])
+def test_row_blocks_cost_little_of_the_two_sided_proxy(method):
+    ratios = []
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        W, H, H_out = torch.randn(96, 64, generator=g), correlated_hessian(64, g), correlated_hessian(96, g)
+        proxies = []
+        for row_block in (1, ROW_BLOCK):
+            if method == "grid":
+                W_hat = two_sided_ldlq_grid(W, H, H_out, quant.make_grid(W, 2, "b"), row_block=row_block)
+            else:
+                W_hat = two_sided_ldlq(W, H, H_out, e8p_tiles(W), 8, row_block)[0]
+            proxies.append(proxy_loss(W, W_hat, H, H_out))
+        ratios.append(proxies[1] / proxies[0])
+    assert sum(ratios) / len(ratios) < 1.1 and max(ratios) < 1.25, ratios  # seen: 0.95 to 1.15
 
 
 @pytest.mark.parametrize("method", ["ldlq", "e8p"])
@@ -58,7 +125,7 @@ def test_two_sided_rounding_lowers_the_two_sided_proxy(method):
         assert two.proxy == pytest.approx(proxy_loss(W, two.w_hat, H), rel=1e-6)  # `proxy` stays one-sided
         assert two.proxy_two_sided == pytest.approx(proxy_loss(W, two.w_hat, H, H_out), rel=1e-6)
         ratios.append(two.proxy_two_sided / proxy_loss(W, one.w_hat, H, H_out))
-    assert sum(ratios) / len(ratios) < 0.6 and max(ratios) < 0.8, ratios  # seen: 0.09 to 0.45
+    assert sum(ratios) / len(ratios) < 0.6 and max(ratios) < 0.8, ratios  # seen: 0.18 to 0.52
 
 
 @pytest.mark.parametrize("rotation", ["kron", "hadamard"])
