@@ -262,7 +262,9 @@ def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
     assert "## Verdict rule" in text and "noncentral t" in text  # the rule, stated once
     body = text.split("## Headline", 1)[1]
     headline = body.split(report.HEADLINE_START, 1)[1].split(report.HEADLINE_END, 1)[0]
-    cells = [[c.strip() for c in row.split("|")[1:-1]] for row in headline.strip().splitlines()[2:]]
+    table = [row for row in headline.strip().splitlines() if row.startswith("|")]
+    cells = [[c.strip() for c in row.split("|")[1:-1]] for row in table[2:]]
+    assert "Core-minutes of each section's runs" in headline.strip().splitlines()[-1]
     assert len(cells) >= 30 and all(len(c) == len(report.HEADLINE_COLUMNS) for c in cells)
     assert {c[-1] for c in cells} <= {"reproduced", "not reproduced", "inconclusive", "pending"}
     assert all(c[4] in ("2", "187") for c in cells if c[-1] != "pending")  # n: 2 quick seeds, SPECTF's test rows
