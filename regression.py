@@ -352,28 +352,50 @@ def plot_boundary(results, ds, k, path, model="linear"):
 
 # ---- --diagnose: Hessian of the empirical risk at the trained linear model ----------------------------
 
+def output_loss(y, loss, n_out):
+    """out (n, n_out) -> loss(out, y): the targets in the form every loss takes, for `risk` and `risk_hessian`."""
+    binary = n_out == 1
+    # Multi-class: one-hot soft targets give the same loss through plain log_softmax, which double backward
+    # and the vectorized (vmap) Hessian can go through; the hard-target path is a custom autograd.Function.
+    target = y if binary else torch.nn.functional.one_hot(y, n_out).double()
+    return lambda out: loss(out.squeeze(1) if binary else out, target)
+
+
 def risk(X1, y, loss, n_out, l2=0.0):
     """theta -> loss(X1 @ theta) + l2/2 ||weights||^2 (bias not penalized), theta the flattened (d+1, n_out)
     weights+bias (X1 ends in a column of ones)."""
-    binary = n_out == 1
-
-    # Multi-class: one-hot soft targets give the same loss through plain log_softmax, which the
-    # vectorized (vmap) Hessian can batch; the hard-target path is a custom autograd.Function.
-    target = y if binary else torch.nn.functional.one_hot(y, n_out).double()
+    of_outputs = output_loss(y, loss, n_out)
     weights = torch.ones(X1.shape[1], n_out, dtype=X1.dtype)
     weights[-1] = 0
 
     def f(theta):
         W = theta.view(X1.shape[1], n_out)
-        out = X1 @ W
-        return loss(out.squeeze(1) if binary else out, target) + 0.5 * l2 * (weights * W * W).sum()
+        return of_outputs(X1 @ W) + 0.5 * l2 * (weights * W * W).sum()
 
     return f
 
 
 def risk_hessian(X1, y, loss, n_out):
-    """Hessian of the (unpenalized) `risk` by autograd."""
-    return lambda theta: torch.autograd.functional.hessian(risk(X1, y, loss, n_out), theta, vectorize=True)
+    """Hessian of the (unpenalized) `risk`, J^T (d^2 loss / d out^2) J with J: theta -> X1 @ W. The losses are
+    means of per-row terms, so d^2 loss / d out^2 is block diagonal, one n_out x n_out block per row, and n_out
+    Hessian-vector products give every block: a (d+1) n_out square Hessian in O(n (d+1)^2 n_out^2), where
+    autograd over theta needs (d+1) n_out backward passes through all n rows."""
+    of_outputs = output_loss(y, loss, n_out)
+
+    def hessian(theta):
+        out = (X1 @ theta.detach().view(X1.shape[1], n_out)).requires_grad_()
+        (grad,) = torch.autograd.grad(of_outputs(out), out, create_graph=True)
+        # blocks[i, q, p] = d^2 loss / d out_ip d out_iq (the sum over rows i of grad[i, p] leaves row i's own)
+        blocks = torch.stack([torch.autograd.grad(grad[:, p].sum(), out, retain_graph=p < n_out - 1)[0]
+                              for p in range(n_out)], 2)
+        d = X1.shape[1]
+        H = X1.new_empty(d, n_out, d, n_out)
+        for p in range(n_out):  # block (p, q) = X1^T diag(blocks[:, q, p]) X1: one matrix product each
+            for q in range(n_out):
+                H[:, p, :, q] = (X1 * blocks[:, q, p, None]).T @ X1
+        return H.reshape(d * n_out, d * n_out)
+
+    return hessian
 
 
 def minimize(f, dim, max_iter=3000, start=None):

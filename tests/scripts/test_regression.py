@@ -114,6 +114,19 @@ def test_risk_hessian_closed_form_and_strictly_convex(k):
             assert torch.linalg.eigvalsh(H)[0] > 0  # X has full column rank: strictly convex (Lemma 1)
 
 
+@pytest.mark.parametrize("name,n_out", [("root_convex", 3), ("ce", 4), ("binary_root_convex", 1), ("logistic", 1)])
+def test_risk_hessian_equals_autograd_over_theta(name, n_out):
+    """The per-row block form against torch's Hessian of the risk itself (a loss that were not a mean of
+    per-row terms would break the block form)."""
+    rng = np.random.default_rng(5)
+    X1 = torch.tensor(np.hstack([rng.normal(size=(30, 3)), np.ones((30, 1))]))
+    y = torch.tensor(rng.integers(0, max(n_out, 2), 30))
+    theta = torch.tensor(rng.normal(size=4 * n_out))
+    loss = get_loss(name, k=3.0, m=3.0) if "root" in name else get_loss(name)
+    want = torch.autograd.functional.hessian(regression.risk(X1, y, loss, n_out), theta)
+    torch.testing.assert_close(regression.risk_hessian(X1, y, loss, n_out)(theta), want, rtol=1e-10, atol=1e-12)
+
+
 def test_identifiable_basis_drops_constant_feature_and_softmax_shift():
     rng = np.random.default_rng(3)
     X = np.hstack([rng.normal(size=(30, 2)), np.zeros((30, 1)), np.ones((30, 1))])  # zero column + bias
