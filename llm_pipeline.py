@@ -150,26 +150,26 @@ def split_texts(args, folder):
     return paths
 
 
+def finished(args, out, result_file, unfinished=None):
+    """With --resume, whether the sub-run in `out` has ended: its `result_file` is there and `unfinished` (a file
+    only a running one holds) is not. Nothing is removed: also asked of a later stage of a chain."""
+    path = os.path.join(out, result_file)
+    return args.resume and os.path.isfile(path) and not (unfinished and os.path.exists(os.path.join(out, unfinished)))
+
+
 def resumed(args, out, result_file, unfinished=None, weights=False):
     """With --resume, the result (`result_file`'s JSON) of the finished sub-run in `out`; None when it is to be
-    run, after removing what an interrupted one left there (`unfinished`: a file only a running one holds).
-    `weights`: a later stage still reads the sub-run's model, so it counts as finished only with its weights
-    (a clone of the repository holds the runs' results, not their models)."""
+    run, after removing what an interrupted one left there. `weights`: a later stage still reads the sub-run's
+    model, so it counts as finished only with its weights (a clone of the repository holds the runs' results,
+    not their models)."""
     if not (args.resume and os.path.isdir(out)):
         return None
-    path = os.path.join(out, result_file)
-    if (os.path.isfile(path) and not (unfinished and os.path.exists(os.path.join(out, unfinished)))
-            and not (weights and not any(f.endswith(".safetensors") for f in os.listdir(out)))):
-        with open(path) as f:
+    if finished(args, out, result_file, unfinished) and not (
+            weights and not any(f.endswith(".safetensors") for f in os.listdir(out))):
+        with open(os.path.join(out, result_file)) as f:
             return json.load(f)
     shutil.rmtree(out)
     return None
-
-
-def finished(args, out, result_file, unfinished=None):
-    """resumed() without removing anything: whether a later stage of a chain is already done."""
-    path = os.path.join(out, result_file)
-    return args.resume and os.path.isfile(path) and not (unfinished and os.path.exists(os.path.join(out, unfinished)))
 
 
 def finetune(args, model, loss, seed, steps, lr, train_file, eval_file, out, weights=False):
