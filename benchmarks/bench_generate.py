@@ -34,13 +34,15 @@ from lm import generate as lm_generate  # noqa: E402
 from lm.shared import SMOLLM2, WIKI_VALID  # noqa: E402
 from results import RESULTS_DIR, write_rows  # noqa: E402
 
-# config -> (dtype, opt.py method, bits, opt.py options); dense configs have no method
+# config -> (dtype, opt.py method, bits, opt.py options); dense configs have no method. Packed configs keep the
+# tied embedding / LM head at 8 bits, as their whole-model files do (the head is a fifth of the weights).
+HEAD = ["--embed-bits", "8"]
 CONFIGS = {
     "fp32": ("float32", None, None, []),
     "bf16": ("bfloat16", None, None, []),
-    **{f"e8p{b}": ("float32", "e8p", b, ["--incoh_processing"]) for b in (2, 3, 4)},
-    **{f"qtip1mad{b}": ("float32", "qtip1mad", b, ["--incoh_processing"]) for b in (2, 3, 4)},
-    **{f"ldlqRG{b}": ("float32", "ldlqRG", b, []) for b in (2, 3, 4)},
+    **{f"e8p{b}": ("float32", "e8p", b, ["--incoh_processing", *HEAD]) for b in (2, 3, 4)},
+    **{f"qtip1mad{b}": ("float32", "qtip1mad", b, ["--incoh_processing", *HEAD]) for b in (2, 3, 4)},
+    **{f"ldlqRG{b}": ("float32", "ldlqRG", b, HEAD) for b in (2, 3, 4)},
 }
 
 
@@ -59,7 +61,7 @@ opt.main(sys.argv[1:])"""
 def packed_dir(args, name):
     """The packed directory of config `name`, written by opt.py on first use."""
     _, method, bits, options = CONFIGS[name]
-    path = os.path.join(args.models_dir, f"{name}_n{args.nsamples}")
+    path = os.path.join(args.models_dir, f"{name}_n{args.nsamples}_head8")
     if not os.path.isfile(os.path.join(path, "config.json")):
         print(f"writing {path} (opt.py --quant {method} --wbits {bits}, {args.nsamples} x 128 calibration tokens)",
               flush=True)

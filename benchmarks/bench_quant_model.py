@@ -57,6 +57,8 @@ def main():
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], choices=[2, 3, 4])
     p.add_argument("--incoh", nargs="+", default=["off", "on"], choices=["off", "on"],
                    help="incoherence processing for the scalar methods (e8p and qtip always use the RHT)")
+    p.add_argument("--yaqa", nargs="+", default=["off"], choices=["off", "on"],
+                   help="YAQA's two-sided rounding (opt.py --yaqa) off and/or on, for the methods that have it")
     p.add_argument("--block-ft", nargs="+", type=int, default=[0], metavar="STEPS",
                    help="opt.py --block-ft steps to compare (0: none)")
     p.add_argument("--block-ft-lr", type=float, default=1e-3)
@@ -67,7 +69,7 @@ def main():
                    "decoded, to DIR/stories_train.txt and DIR/stories_test.txt (ft_opt.py --train-file/--eval-file)")
     p.add_argument("--embed-bits", type=int, choices=EMBED_BITS, help="also quantize the embedding and head (opt.py --embed-bits)")
     p.add_argument("--embed-groupsize", type=int, default=-1, help="opt.py --embed-groupsize")
-    p.add_argument("--save", help="directory: save each packed model there as <method>_w<bits>_bft<steps>")
+    p.add_argument("--save", help="directory: save each packed model there as <method>_w<bits>_yaqa<off|on>_bft<steps>_e2e<steps>")
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=40 * 512)
@@ -103,18 +105,21 @@ def main():
     fp16_mb = 2 * sum(p.numel() for p in fp.parameters()) / 1e6  # tied tensors counted once
     print(f"packed directories (MB) beside the float16 model's {fp16_mb:.1f} MB; embedding and head "
           + (f"quantized to {args.embed_bits} bits" if args.embed_bits else "in float16"))
-    print(f"{'method':>8} {'bits':>4} {'incoh':>5} {'bft':>5} {'e2e':>5} {'ppl':>9} {'ppl / fp':>9} {'proxy':>10} "
+    print(f"{'method':>8} {'bits':>4} {'incoh':>5} {'yaqa':>4} {'bft':>5} {'e2e':>5} {'ppl':>9} {'ppl / fp':>9} {'proxy':>10} "
           f"{'seconds':>8} {'layers s':>8} {'MB':>7}")
     table = []
     for bits in args.bits:
         for method in args.methods:
             vector = quant.TABLE[method].rotation is not None  # e8p, qtip: always the RHT
-            for incoh, steps, e2e in itertools.product(["on"] if vector else args.incoh, args.block_ft, args.e2e_ft):
+            yaqa = args.yaqa if quant.TABLE[method].two_sided else ["off"]
+            for incoh, two_sided, steps, e2e in itertools.product(["on"] if vector else args.incoh, yaqa, args.block_ft,
+                                                                  args.e2e_ft):
                 model, tok = lm.load_causal_lm(args.model)
                 options = dict(incoherence=incoh == "on", lazy_batch=True)
                 block_ft = BlockFT(steps, args.block_ft_lr, seed=args.seed) if steps else None
                 tick = time.perf_counter()
-                rows = quantize_model(model, calib, "cpu", bits, method, args.seed, block_ft=block_ft, **options)
+                rows = quantize_model(model, calib, "cpu", bits, method, args.seed, block_ft=block_ft,
+                                      yaqa=two_sided == "on", **options)
                 if e2e:
                     finetune_e2e(model, fp, calib, "cpu", BlockFT(e2e, args.e2e_ft_lr, seed=args.seed))
                 if args.embed_bits:
@@ -123,15 +128,15 @@ def main():
                 round_to_stored(model, "float16")  # the model its packed directory holds
                 ppl = lm.perplexity(model, test, args.seqlen)
                 with tempfile.TemporaryDirectory() as tmp:
-                    out = os.path.join(args.save or tmp, f"{method}_w{bits}_bft{steps}_e2e{e2e}")
+                    out = os.path.join(args.save or tmp, f"{method}_w{bits}_yaqa{two_sided}_bft{steps}_e2e{e2e}")
                     save_quantized(model, tok, out, dict(method=method, wbits=bits, options=options,
                                                          block_ft=vars(block_ft) if block_ft else None, e2e_ft=e2e or None))
                     megabytes = directory_bytes(out) / 1e6
-                print(f"{method:>8} {bits:>4} {incoh:>5} {steps:>5} {e2e:>5} {ppl:>9.4g} {ppl / base:>9.3f} "
+                print(f"{method:>8} {bits:>4} {incoh:>5} {two_sided:>4} {steps:>5} {e2e:>5} {ppl:>9.4g} {ppl / base:>9.3f} "
                       f"{sum(r['proxy'] for r in rows):>10.4g} {seconds:>8.1f} {sum(r['seconds'] for r in rows):>8.2f} "
                       f"{megabytes:>7.1f}", flush=True)
                 table.append({"model": os.path.basename(args.model), "text": args.text, "method": method, "bits": bits,
-                              "incoh": incoh, "block_ft": steps, "e2e_ft": e2e, "embed_bits": args.embed_bits or 16,
+                              "incoh": incoh, "yaqa": two_sided, "block_ft": steps, "e2e_ft": e2e, "embed_bits": args.embed_bits or 16,
                               "ppl": f"{ppl:.4g}", "fp_ppl": f"{base:.4g}", "ppl_vs_fp": round(ppl / base, 3),
                               "proxy": f"{sum(r['proxy'] for r in rows):.4g}", "seconds": round(seconds, 1),
                               "layers_seconds": round(sum(r['seconds'] for r in rows), 2),
