@@ -50,6 +50,30 @@ def test_a_directory_holding_one_gguf_file_loads_it_in_the_requested_dtype(tiny)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
 
 
+def test_one_load_parses_the_file_once_and_leaves_gguf_as_it_was(tiny, monkeypatch):
+    import gguf
+
+    model, tokenizer, path = tiny
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    parsed, mapped = [], []
+
+    def counting_reader(*args, **kwargs):
+        parsed.append(args[0])
+        return reader_class(*args, **kwargs)
+
+    def counting_map(*args):
+        mapped.append(args)
+        return name_map(*args)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", counting_map)
+    loaded, _ = lm.load_causal_lm(path)
+    assert len(parsed) == 1 and len(mapped) == 1  # transformers asks three times and once per tensor
+    assert gguf.GGUFReader is counting_reader and gguf.get_tensor_name_map is counting_map
+    ids = tokenizer(TEXT[:100], return_tensors="pt").input_ids
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-5)
+
+
 def test_conversion_writes_a_plain_hf_directory(tiny, tmp_path):
     model, tokenizer, path = tiny
     out = tmp_path / "hf"
