@@ -85,7 +85,7 @@ def parse_args(argv):
     p.add_argument("--qft-steps", type=int, default=20, help="optimizer steps in quantized space")
     p.add_argument("--lr", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3],
                    help="fp finetuning learning rate; several: the grid each loss chooses from on validation")
-    p.add_argument("--qft-lr", type=float, nargs="+", default=[1e-4, 1e-3],
+    p.add_argument("--qft-lr", type=float, nargs="+", default=[3e-5, 1e-4, 1e-3, 3e-3],
                    help="learning rate in quantized space; several: the grid each (loss, method) chooses from")
     p.add_argument("--tune-seed", type=int, default=1000,
                    help="seed of the selection runs (apart from --seed, so that the reported runs are not the "
