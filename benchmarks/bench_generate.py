@@ -13,7 +13,9 @@ LDLQ, scales and format otherwise as opt.py writes them): their speed is the pac
 quality is not a result. Rows: prefill tokens/s (a --prefill-tokens prompt, to
 the first new token) and decode tokens/s (after a --decode-prompt-tokens prompt, --new-tokens greedy tokens
 with the end-of-sequence token disabled, counted after the first) of each runtime, the ratio fast / hf,
-and whether both produced the same tokens. Medians of --reps rounds. Rows of configs and thread counts
+and whether both produced the same tokens; the weight bytes one decode step reads and the rate at which the
+fast path reads them, beside this machine's read bandwidth (a float32 sum over --stream-mb, same threads):
+the memory-bound ceiling of any runtime that reads the same bytes. Medians of --reps rounds. Rows of configs and thread counts
 not run are kept from benchmarks/results/bench_generate.csv.
 """
 import argparse
@@ -72,13 +74,26 @@ def packed_dir(args, name):
     return path
 
 
+def read_bandwidth(megabytes, reps):
+    """GB/s of torch's float32 sum over a buffer of `megabytes` (far beyond the caches), median of `reps`."""
+    import time
+
+    x = torch.ones(int(megabytes * 1e6) // 4)
+    times = []
+    for _ in range(reps + 1):  # the first pass faults the pages in
+        tick = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - tick)
+    return x.nbytes / statistics.median(times[1:]) / 1e9
+
+
 def run(model, tokenizer, ids, new, runtime):
     """(tokens, prefill s, decode s) of one `lm.generate.generate` call."""
     tokens, prefill, decode = lm_generate.generate(model, tokenizer, ids, new, runtime=runtime)
     return tokens.tolist(), prefill, decode
 
 
-def bench(args, name, threads, text_ids):
+def bench(args, name, threads, text_ids, bandwidth):
     dtype, method, _, _ = CONFIGS[name]
     path = args.model if method is None else packed_dir(args, name)
     model, tokenizer = lm.load_causal_lm(path, dtype=getattr(torch, dtype))
@@ -109,6 +124,10 @@ def bench(args, name, threads, text_ids):
     row["prefill fast / hf"] = round(med["hf_prefill"] / med["fast_prefill"], 2)
     row["decode fast / hf"] = round(med["hf_decode"] / med["fast_decode"], 2)
     row["same tokens"] = same
+    step_mb = fast.FastDecoder(model, 2).step_bytes / 1e6
+    row["MB / step"] = round(step_mb, 1)
+    row["decode GB/s"] = round(step_mb * row["decode fast tok/s"] / 1e3, 1)
+    row["read GB/s"] = round(bandwidth, 1)
     if args.profile:
         row.update(profile(model, short_ids, args.new_tokens))
     return row
@@ -142,6 +161,7 @@ def main():
     p.add_argument("--nsamples", type=int, default=8, help="calibration windows of the packed models")
     p.add_argument("--models-dir", default=os.path.join(ROOT, "runs", "bench_generate"),
                    help="where the packed models are written once and reused")
+    p.add_argument("--stream-mb", type=float, default=1024, help="buffer of the read-bandwidth baseline")
     p.add_argument("--profile", action="store_true", help="add the decode time's shares per part (C++ clocks)")
     args = p.parse_args()
     _, tokenizer = lm.load_causal_lm(args.model)
@@ -151,8 +171,11 @@ def main():
           f"{args.reps} interleaved rounds")
     rows = []
     for threads in args.threads:
+        torch.set_num_threads(threads)
+        bandwidth = read_bandwidth(args.stream_mb, args.reps)
+        print(f"{threads} thread(s): float32 read bandwidth {bandwidth:.1f} GB/s")
         for name in args.configs:
-            row = bench(args, name, threads, text_ids)
+            row = bench(args, name, threads, text_ids, bandwidth)
             if row is not None:
                 rows.append(row)
                 print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)

@@ -132,15 +132,16 @@ class FastDecoder:
         self.chunked = any(isinstance(m, QuantLinear) and m.codebook.costly_decode for m in model.modules())
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.vocab = model.lm_head.out_features
+        self.step_bytes = 0  # weight bytes one decode step reads (the embedding's one row left out)
         self.ext = ext.Decoder(len(inner.layers), c.hidden_size, heads, kv_heads, head_dim, c.intermediate_size,
                                self.vocab, max_len, float(c.rms_norm_eps), float(attn.scaling), cos[0], sin[0])
         per_layer = len(LINEARS)
         for i, layer in enumerate(inner.layers):
             for j, name in enumerate(LINEARS):
                 self._set_linear(i * per_layer + j, layer.get_submodule(name))
-            self.ext.set_norm(2 * i, layer.input_layernorm.weight.detach())
-            self.ext.set_norm(2 * i + 1, layer.post_attention_layernorm.weight.detach())
-        self.ext.set_norm(2 * len(inner.layers), inner.norm.weight.detach())
+            self._set_norm(2 * i, layer.input_layernorm.weight.detach())
+            self._set_norm(2 * i + 1, layer.post_attention_layernorm.weight.detach())
+        self._set_norm(2 * len(inner.layers), inner.norm.weight.detach())
         self._set_linear(len(inner.layers) * per_layer, model.lm_head)
         emb = model.get_input_embeddings()
         if isinstance(emb, QuantEmbedding):
@@ -150,11 +151,18 @@ class FastDecoder:
         else:
             self.ext.set_embedding(compact(emb.weight))
 
+    def _set_norm(self, slot, weight):
+        self.ext.set_norm(slot, weight)
+        self.step_bytes += weight.nbytes
+
     def _set_linear(self, slot, module):
         if isinstance(module, QuantLinear):
             self.ext.set_packed(slot, kernels.plan(module), module._parameters, module._buffers)
+            tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
         else:
-            self.ext.set_dense(slot, compact(module.weight), _empty(module.bias))
+            tensors = [compact(module.weight), _empty(module.bias)]
+            self.ext.set_dense(slot, *tensors)
+        self.step_bytes += sum(t.nbytes for t in tensors)
 
     @torch.no_grad()
     def prefill(self, ids):

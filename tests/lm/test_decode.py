@@ -115,6 +115,22 @@ def test_stops_at_end_of_sequence(tokenizer):
     assert new.tolist() == reference(model, ids).tolist() and len(new) == 4
 
 
+def test_step_bytes_are_the_weights_one_step_reads(tokenizer, calib):
+    model = tiny_model("llama", tokenizer)  # float32 weights that do not convert to 16 bits exactly
+    embedding = model.get_input_embeddings().weight
+    dense = sum(p.nbytes for p in model.parameters()) - embedding.nbytes  # one row of the embedding only
+    assert fast.FastDecoder(model, 4).step_bytes == dense
+    quantize_model(model, calib, "cpu", 2, "e8p", seed=0, incoherence=True)
+    linears = [m for m in model.modules() if isinstance(m, fast.QuantLinear)]
+    packed = sum(t.nbytes for m in linears for t in (*m.parameters(), *m.buffers()))
+    norms = sum(m.weight.nbytes for n, m in model.named_modules() if n.endswith("norm"))
+    assert len(linears) == 7 * len(model.model.layers)
+    assert fast.FastDecoder(model, 4).step_bytes == packed + norms + model.lm_head.weight.nbytes
+    assert packed < sum(m.in_features * m.out_features for m in linears) * 4 / 8  # under 4 bits a weight
+    tied = tiny_tied_llama(tokenizer)  # the head reads the embedding's matrix: counted once
+    assert fast.FastDecoder(tied, 4).step_bytes == sum(p.nbytes for p in tied.parameters())
+
+
 def test_profile_has_every_part(tokenizer):
     model = tiny_model("llama", tokenizer)
     ids = prompt(tokenizer)
