@@ -38,6 +38,14 @@ def table(path):
     return out + [""]
 
 
+def render_one(name, directory=RESULTS):
+    """The table of `directory/name.csv` without its heading, or a line saying how to make the file."""
+    path = os.path.join(directory, f"{name}.csv")
+    if not os.path.isfile(path):
+        return f"No `{name}` results yet: run `benchmarks/{name}.py` and rebuild the documentation.\n"
+    return "\n".join(table(path)[2:])
+
+
 def render(directory=RESULTS):
     paths = sorted(glob.glob(os.path.join(directory, "*.csv")))
     if not paths:

@@ -1,13 +1,16 @@
-"""mkdocs hooks: the benchmarks page's tables from benchmarks/results/*.csv, and the reproduction report
-(REPRODUCTION.md and its figures in reproduction/, written by `make reproduce`) as a page of the site."""
+"""mkdocs hooks: the benchmarks page's tables from benchmarks/results/*.csv (and one file's table wherever a
+page says `<!-- results: NAME -->`), and the reproduction report (REPRODUCTION.md and its figures in
+reproduction/, written by `make reproduce`) as a page of the site."""
 import glob
 import importlib.util
 import os
+import re
 
 from mkdocs.structure.files import File
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "<!-- results-tables -->"
+ONE = re.compile(r"<!-- results: ([\w-]+) -->")
 
 
 def _gen_results():
@@ -30,4 +33,4 @@ def on_files(files, config):
 def on_page_markdown(markdown, page, config, files):
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, _gen_results().render())
-    return markdown
+    return ONE.sub(lambda m: _gen_results().render_one(m.group(1)), markdown)
