@@ -262,3 +262,20 @@ def test_no_development_remarks():
     proc = subprocess.run(["grep", "-rn", "--exclude-dir=__pycache__",
                            DEVELOPMENT_REMARKS, *paths], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1, f"say why, not which ticket or session:\n{proc.stdout}{proc.stderr}"
+
+
+def test_a_page_renders_one_results_file_in_place(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "docs"))
+    try:
+        import gen_results
+        import hooks
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "bench_x.csv").write_text("model,tok/s,machine,threads,date,commit\n"
+                                          "fp32,24.7,CPU,1,2026-01-01T00:00:00Z,abc\n")
+    text = gen_results.render_one("bench_x", str(tmp_path))
+    assert text.splitlines()[0] == "- CPU, 1 thread(s), 2026-01-01T00:00:00Z, commit `abc`"
+    assert "| model | tok/s |" in text and "| fp32 | 24.7 |" in text and "###" not in text
+    assert gen_results.render_one("bench_y", str(tmp_path)).startswith("No `bench_y` results yet")
+    page = hooks.on_page_markdown("before\n\n<!-- results: bench_generate -->\n\nafter", None, None, None)
+    assert "<!-- results" not in page and "| model |" in page and page.endswith("after")
