@@ -15,11 +15,10 @@ the first new token) and decode tokens/s (after a --decode-prompt-tokens prompt,
 with the end-of-sequence token disabled, counted after the first) of each runtime, the ratio fast / hf,
 and whether both produced the same tokens; the weight bytes one decode step reads and the rate at which the
 fast path reads them, beside this machine's read bandwidth (a float32 sum over --stream-mb, same threads):
-the memory-bound ceiling of any runtime that reads the same bytes. Medians of --reps rounds. Rows of configs and thread counts
-not run are kept from benchmarks/results/bench_generate.csv.
+the memory-bound ceiling of any runtime that reads the same bytes. Medians of --reps rounds. Rows of configs
+and thread counts not run are kept from benchmarks/results/bench_generate.csv.
 """
 import argparse
-import csv
 import os
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ import lm  # noqa: E402
 from lm import decode as fast  # noqa: E402
 from lm import generate as lm_generate  # noqa: E402
 from lm.shared import SMOLLM2, WIKI_VALID  # noqa: E402
-from results import RESULTS_DIR, write_rows  # noqa: E402
+from results import write_rows  # noqa: E402
 
 # config -> (dtype, opt.py method, bits, opt.py options); dense configs have no method. Packed configs keep the
 # tied embedding / LM head at 8 bits, as their whole-model files do (the head is a fifth of the weights).
@@ -180,18 +179,7 @@ def main():
                 rows.append(row)
                 print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     if rows:
-        print("wrote", write_rows("bench_generate", kept_rows(rows) + rows))
-
-
-def kept_rows(rows):
-    """The rows of benchmarks/results/bench_generate.csv for other (model, threads) pairs than `rows`, with
-    their own machine, date and commit: a run of a subset updates its rows only."""
-    path = os.path.join(RESULTS_DIR, "bench_generate.csv")
-    if not os.path.isfile(path):
-        return []
-    new = {(r["model"], str(r["threads"])) for r in rows}
-    with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f) if (r.get("model"), r.get("threads")) not in new]
+        print("wrote", write_rows("bench_generate", rows, keep=("model", "threads")))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ from quant.model import quantize_model  # noqa: E402
 
 
 
+# the columns that name a case: a run replaces the rows of its own cases only
+CASE = ("model", "text", "method", "bits", "incoh", "yaqa", "block_ft", "e2e_ft", "embed_bits")
+
+
 @torch.no_grad()
 def sample_tokens(model, n_tokens, seqlen, seed, batch=16):
     """`n_tokens` tokens sampled from the model (temperature 1) in rows of `seqlen` starting at BOS."""
@@ -141,7 +145,8 @@ def main():
                               "proxy": f"{sum(r['proxy'] for r in rows):.4g}", "seconds": round(seconds, 1),
                               "layers_seconds": round(sum(r['seconds'] for r in rows), 2),
                               "packed_mb": round(megabytes, 1), "fp16_mb": round(fp16_mb, 1)})
-                write_rows("bench_quant_model", table)  # after every row: a long run keeps what it measured
+                # after every row: a long run keeps what it measured; other cases' rows stay
+                write_rows("bench_quant_model", table, keep=CASE)
 
 
 if __name__ == "__main__":

@@ -60,10 +60,17 @@ def commit():
     return head + ("+dirty" if dirty else "")
 
 
-def write_rows(name, rows, directory=RESULTS_DIR):
+def write_rows(name, rows, directory=RESULTS_DIR, keep=None):
     """Write `rows` (dicts; the union of their keys, in first-seen order, are the columns) to
-    `directory/name.csv` with the machine / threads / date / commit columns; returns the path."""
+    `directory/name.csv` with the machine / threads / date / commit columns; returns the path. `keep`
+    (column names): the file's rows whose values in those columns match none of `rows` stay, first, with
+    their own machine, date and commit, so that a run of a subset of cases updates only its own rows."""
     rows = [dict(r) for r in rows]
+    path = os.path.join(directory, f"{name}.csv")
+    if keep and os.path.isfile(path):
+        new = {tuple(str(r.get(k, "")) for k in keep) for r in rows}
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if tuple(r.get(k, "") for k in keep) not in new] + rows
     columns = []
     for row in rows:
         columns += [k for k in row if k not in columns and k not in CONTEXT]
@@ -71,7 +78,6 @@ def write_rows(name, rows, directory=RESULTS_DIR):
                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "commit": commit()}
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"{name}.csv")
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", newline="") as f:
