@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -75,8 +76,6 @@ def packed_dir(args, name):
 
 def read_bandwidth(megabytes, reps):
     """GB/s of torch's float32 sum over a buffer of `megabytes` (far beyond the caches), median of `reps`."""
-    import time
-
     x = torch.ones(int(megabytes * 1e6) // 4)
     times = []
     for _ in range(reps + 1):  # the first pass faults the pages in
@@ -134,8 +133,6 @@ def bench(args, name, threads, text_ids, bandwidth):
 
 def profile(model, ids, new):
     """Shares of one greedy decode's time: the C++ parts (decode.h's clocks) and the rest (Python)."""
-    import time
-
     decoder = fast.FastDecoder(model, ids.shape[1] + new)
     token = int(decoder.prefill(ids).argmax())
     decoder.profile(on=True)
