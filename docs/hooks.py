@@ -6,8 +6,6 @@ import importlib.util
 import os
 import re
 
-from mkdocs.structure.files import File
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "<!-- results-tables -->"
 ONE = re.compile(r"<!-- results: ([\w-]+) -->")
@@ -21,6 +19,8 @@ def _gen_results():
 
 
 def on_files(files, config):
+    from mkdocs.structure.files import File  # here, so the page hook imports without mkdocs (the test suite's venv)
+
     report = os.path.join(ROOT, "REPRODUCTION.md")
     if os.path.exists(report):
         with open(report) as f:
