@@ -6,6 +6,7 @@ when it is cached or reachable, else from `data_dir`; PTB and C4 come from `data
 copies GPTQ used are script datasets / 300 MB shards the `datasets` library no longer loads offline).
 """
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -111,11 +112,36 @@ def load_text(dataset, split, data_dir=None):
     raise _missing(dataset, split, data_dir)
 
 
+# Whole corpora already tokenized in this process, by (tokenizer, text) digest: a pipeline encodes the same
+# training and test text in every sub-run, and a corpus takes about a second to tokenize.
+_ENCODED = {}
+_ENCODED_KEEP = 4
+_CACHE_FROM_CHARS = 100_000
+
+
+def _tokenizer_digest(tokenizer):
+    """What a fast tokenizer's output depends on (its backend's full JSON: vocabulary, normalizer, pre- and
+    post-processing, special tokens); None for a slow one, which is not cached."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return hashlib.sha1(f"{type(tokenizer).__name__}\0{backend.to_str()}".encode()).hexdigest()
+
+
 def encode(tokenizer, text):
     """Token ids of a whole corpus as a 1-D LongTensor (with the tokenizer's usual special tokens,
     e.g. one leading BOS, as GPTQ/QuIP tokenize it). `verbose=False` silences the
     longer-than-model-maximum warning, which does not apply: callers cut the ids into windows."""
-    return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+    digest = _tokenizer_digest(tokenizer) if len(text) >= _CACHE_FROM_CHARS else None
+    key = digest and (digest, hashlib.sha1(text.encode()).hexdigest())
+    if key in _ENCODED:
+        return _ENCODED[key].clone()
+    ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+    if key:
+        while len(_ENCODED) >= _ENCODED_KEEP:
+            del _ENCODED[next(iter(_ENCODED))]
+        _ENCODED[key] = ids.clone()
+    return ids
 
 
 def calibration_batch(tokenizer, dataset, nsamples, seqlen, seed=0, data_dir=None):

@@ -30,6 +30,27 @@ def _timed_call(fn, kwargs):
     return fn(**kwargs), time.time() - start
 
 
+def _completed(pending, jobs):
+    """Yield (key, result, seconds) as each pending task {key: (fn, kwargs, path)} ends: one job runs them in this
+    process (no second interpreter to start and import torch into), more in `jobs` spawned processes."""
+    if jobs == 1:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for key, (fn, kwargs, _) in pending.items():
+                yield key, *_timed_call(fn, kwargs)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that already holds torch's threads
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker) as pool:
+        futures = {pool.submit(_timed_call, fn, kwargs): key for key, (fn, kwargs, _) in pending.items()}
+        for future in as_completed(futures):
+            yield futures[future], *future.result()
+
+
 def task_path(cache, key, fn, kwargs):
     """Where the result of task `key` = (section, key, index) is kept: under cache/tasks/<section>/, named by a
     digest of the task's function and arguments (a task whose arguments change is a new task)."""
@@ -60,19 +81,14 @@ def run_tasks(tasks, jobs, cache, section_done):
         left[key[0]] += 1
     for section in [s for s, n in left.items() if not n]:
         section_done(section, results, seconds[section])
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that already holds torch's threads
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker) as pool:
-        futures = {pool.submit(_timed_call, fn, kwargs): key for key, (fn, kwargs, _) in pending.items()}
-        for future in as_completed(futures):
-            key = futures[future]
-            value, took = future.result()
-            atomic_save(dict(result=value, seconds=took), pending[key][2])
-            results[key] = value
-            seconds[key[0]] += took
-            print(f"  done {key[0]} {key[1]} {key[2]} ({took:.0f}s)", flush=True)
-            left[key[0]] -= 1
-            if not left[key[0]]:
-                section_done(key[0], results, seconds[key[0]])
+    for key, value, took in _completed(pending, jobs):
+        atomic_save(dict(result=value, seconds=took), pending[key][2])
+        results[key] = value
+        seconds[key[0]] += took
+        print(f"  done {key[0]} {key[1]} {key[2]} ({took:.0f}s)", flush=True)
+        left[key[0]] -= 1
+        if not left[key[0]]:
+            section_done(key[0], results, seconds[key[0]])
     return results
 
 

@@ -60,6 +60,27 @@ def test_perplexity_restores_training_mode(tiny):
         model.eval()
 
 
+def test_a_corpus_encoded_again_comes_from_the_cache_and_never_from_another_tokenizers(tiny):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from lm import text as lm_text
+
+    _, tokenizer, _ = tiny
+    corpus = make_text(2000)
+    assert len(corpus) >= lm_text._CACHE_FROM_CHARS
+    first = lm.encode(tokenizer, corpus)
+    first[0] = -1  # a caller's in-place edit does not reach the cache
+    again = lm.encode(tokenizer, corpus)
+    assert again[0] == tokenizer.bos_token_id
+    assert torch.equal(again, torch.tensor(tokenizer(corpus, verbose=False)["input_ids"]))
+    # the same vocabulary without the BOS post-processor: another tokenizer, so no cached ids
+    backend = tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert torch.equal(lm.encode(no_bos, corpus), again[1:])
+
+
 def test_encode_whole_text_and_calibration_windows(tiny):
     _, tokenizer, data = tiny
     text = lm.load_text("wikitext2", "train", data)

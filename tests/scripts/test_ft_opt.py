@@ -214,19 +214,11 @@ def assert_same_run(out, metrics, reference_out, reference):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_two_gloo_processes_equal_one_process_with_the_same_global_batch(assets, single_process_run, mode):
-    out = str(assets["root"] / f"torchrun_{mode}")
-    stdout = torchrun_ft_opt(["--model", assets["opt"], "--data-dir", assets["data"], *TORCHRUN, "--micro-bs", "3", "--out", out,
-                       *(["--fsdp"] if mode == "fsdp" else [])])
-    assert ("FSDP: 2 transformer blocks + the rest sharded over 2 processes" in stdout) == (mode == "fsdp")
-    assert_same_run(out, json.load(open(os.path.join(out, "metrics.json"))), *single_process_run)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_resumes_a_checkpoint(assets, single_process_run, mode, monkeypatch):
-    # epoch 1 in one process, killed after its checkpoint; epoch 2 resumed by two processes: the
-    # checkpoint holds full (unsharded) state dicts, so it loads under DDP, FSDP or neither
+def test_two_gloo_processes_resume_a_one_process_checkpoint_and_match_the_one_process_run(assets, single_process_run,
+                                                                                           mode, monkeypatch):
+    # epoch 1 in one process, killed after its checkpoint; epoch 2 resumed by two processes at the same global
+    # batch (2 x 3 = 6): the checkpoint holds full (unsharded) state dicts, so it loads under DDP, FSDP or
+    # neither, and the finished run equals the one-process run
     out = str(assets["root"] / f"torchrun_resumed_{mode}")
     args = ["--model", assets["opt"], "--data-dir", assets["data"], *TORCHRUN, "--out", out]
     real_save = ft_opt.atomic_save
@@ -240,6 +232,7 @@ def test_torchrun_resumes_a_checkpoint(assets, single_process_run, mode, monkeyp
         ft_opt.main([*args, "--micro-bs", "6"])
     stdout = torchrun_ft_opt([*args, "--micro-bs", "3", "--resume", *(["--fsdp"] if mode == "fsdp" else [])])
     assert "resumed from" in stdout and "after epoch 1" in stdout
+    assert ("FSDP: 2 transformer blocks + the rest sharded over 2 processes" in stdout) == (mode == "fsdp")
     assert_same_run(out, json.load(open(os.path.join(out, "metrics.json"))), *single_process_run)
 
 
