@@ -36,7 +36,8 @@ def task(out, seeds, argv, jobs):
     selection = os.path.join(out, "selection.csv")
     with open(os.path.join(out, "args.json")) as f:
         model = json.load(f)["model"]
-    return dict(dir=out, model=os.path.splitext(os.path.basename(model.rstrip("/")))[0], rows=read_csv(results),
+    rows = [r for r in read_csv(results) if int(r["seed"]) in seeds]  # the run may hold more seeds than asked for
+    return dict(dir=out, model=os.path.splitext(os.path.basename(model.rstrip("/")))[0], rows=rows,
                 selection=read_csv(selection) if os.path.isfile(selection) else [])
 
 
@@ -98,9 +99,7 @@ def report(cfg, res, ctx, command):
                 target.rows.append(row)
     sec.tables += [finetuned_table(rows), table, absolute]
     if run["selection"]:
-        columns = list(run["selection"][0])
-        sec.tables.append(Table("The learning-rate selection on the validation text (the pipeline's selection.csv)",
-                                columns, [[r[c] for c in columns] for r in run["selection"]]))
+        sec.tables.append(selection_table(run["selection"]))
     png = os.path.join(run["dir"], "pipeline.png")
     if os.path.exists(png):  # copied beside the other figures: the run folder is not part of the repository
         copy_path = os.path.join(ctx.out, "llm_pipeline.png")
@@ -113,18 +112,29 @@ def finetuned_table(rows):
     """The finetuned fp models' perplexities, RLO against CE, and the learning rates each loss chose."""
     fp = Table("Perplexity of the finetuned fp model (before quantization; lower is better), and the learning "
                "rates chosen on the validation text", ["loss", "seeds", "finetuned ppl", "CE − RLO [95% CI]", "MDE",
-                                                       "verdict", "lr chosen (per seed)", "QFT lr chosen (per seed)"])
+                                                       "verdict", "lr chosen", "QFT lr chosen (by method)"])
     ft = {loss: {int(r["seed"]): r for r in rows if r["loss"] == loss} for loss in ("ce", "root")}
     ce_ft, rlo_ft = pair([r for loss in ft for r in ft[loss].values()], "finetuned")
     p_ft = paired(rlo_ft, ce_ft, higher_is_better=False)
     for loss in ("ce", "root"):
         vals = [float(r["finetuned"]) for r in ft[loss].values()]
-        lrs = lambda key: ", ".join(sorted({f"{float(r[key]):g}" for r in rows if r["loss"] == loss and r.get(key, "")
-                                            != ""})) or "n/a"
+        lrs = lambda key, by="": ", ".join(sorted({f"{r[by] + ' ' if by else ''}{float(r[key]):g}" for r in rows
+                                                   if r["loss"] == loss and r.get(key, "") != ""})) or "n/a"
         fp.rows.append(["CE" if loss == "ce" else "RLO (root k=m=5)", len(vals), fmt_g(interval(vals)),
                         *(paired_cells(p_ft, 3) if loss == "root" else ["", "", "(baseline)"]), lrs("lr"),
-                        lrs("qft_lr")])
+                        lrs("qft_lr", by="quant")])
     return fp
+
+
+def selection_table(selection):
+    """The pipeline's selection.csv: every learning rate tried on the tuning seed and its validation perplexity."""
+    number = lambda v, spec: format(float(v), spec) if v != "" else ""
+    return Table("The learning rates tried on the tuning seed and their validation perplexity (the pipeline's "
+                 "selection.csv; seconds: each run's wall time, on one thread)",
+                 ["stage", "loss", "method", "bits", "lr", "valid ppl", "chosen", "seconds"],
+                 [[r["stage"], r["loss"], r["quant"], number(r["wbits"], ".0f"), number(r["lr"], "g"),
+                   number(r["valid_ppl"], ".4g"), "yes" if r["chosen"] == "True" else "", number(r["wall"], ".0f")]
+                  for r in selection])
 
 
 def comparison_row(rows, quant, bits, incoh, keys, sec, model, reading):

@@ -172,14 +172,15 @@ def test_llm_section_reads_the_pipelines_results(tmp_path):
     # ratios: RLO worse after PTQ, better after QFT; perplexities: RLO worse after both
     rows = [[seed, loss, quant, 2, "on", ft + 0.1 * seed, (ft + 0.1 * seed) * (ptq + seed),
              (ft + 0.1 * seed) * (qft + 0.01 * seed), ptq + seed, qft + 0.01 * seed, 1e-3, 3e-4, 60, 30, 20]
-            for seed in range(3) for quant in ("ldlqRG", "e8p")
+            for seed in range(4) for quant in ("ldlqRG", "e8p")
             for loss, ft, ptq, qft in (("ce", 10.0, 10, 2.4), ("root", 11.5, 20, 2.2))]
     (out / "results.csv").write_text("\n".join(",".join(map(str, r)) for r in [fields] + rows) + "\n")
     (out / "selection.csv").write_text("stage,loss,quant,wbits,incoh,lr,valid_ppl,chosen,wall\n"
                                        "ft,ce,,,,0.001,12.0,True,100\nft,root,,,,0.001,12.5,True,100\n")
     (out / "args.json").write_text(json.dumps(dict(model="/data/SmolLM2-135M-Instruct.Q4_1.gguf")))
     (out / "pipeline.png").write_bytes(b"\x89PNG\r\n\x1a\nfigure")
-    # the results hold the requested seeds: reused, no pipeline run (which would fail on this folder)
+    # the results hold the requested seeds (and one more, left out): reused, no pipeline run (which would fail on
+    # this folder)
     ((key, (fn, kwargs)),) = llm.tasks(cfg, CTX(tmp_path)).items()
     assert kwargs == dict(out=str(out), seeds=[0, 1, 2], argv=["--amp"], jobs=2)
     result = fn(**kwargs)
@@ -189,14 +190,15 @@ def test_llm_section_reads_the_pipelines_results(tmp_path):
     assert (tmp_path / "fig" / "llm_pipeline.png").read_bytes() == (out / "pipeline.png").read_bytes()
     fp, table, absolute, selection = sec.tables
     assert fp.rows[1][3].startswith("-1.500 [-1.500") and fp.rows[1][5] == "not reproduced"  # RLO's fp ppl higher
-    assert fp.rows[0][6] == "0.001" and fp.rows[0][7] == "0.0003"
+    assert fp.rows[0][6] == "0.001" and fp.rows[0][7] == "e8p 0.0003, ldlqRG 0.0003"
     assert [r[:4] for r in table.rows] == [["e8p", 2, "on", 3], ["ldlqRG", 2, "on", 3]]
     assert table.rows[0][8] == "not reproduced" and table.rows[0][14] == "reproduced"  # worse PTQ, better QFT
     assert [r[:4] for r in absolute.rows] == [r[:4] for r in table.rows]
     assert absolute.rows[0][8] == absolute.rows[0][14] == "not reproduced"
     assert [h[-1] for h in sec.headline] == ["reproduced", "not reproduced"] * 2 and sec.headline[0][4] == 3
     assert sec.headline[0][1] == "SmolLM2-135M-Instruct.Q4_1, e8p 2 bits, incoh on, after QFT"
-    assert len(selection.rows) == 2
+    assert selection.rows == [["ft", "ce", "", "", "0.001", "12", "yes", "100"],
+                              ["ft", "root", "", "", "0.001", "12.5", "yes", "100"]]
 
 
 def test_bad_arguments():
