@@ -21,7 +21,7 @@ llm-demo: $(STAMP)
 
 # Every claim of both papers re-run with seeds, paired verdicts and their power: REPRODUCTION.md +
 # reproduction/ (and the headline quoted in README.md); 217 core-minutes measured for the non-LLM sections,
-# plus the 5-seed LLM pipeline (run into reproduction/cache/llm unless its
+# plus 603 for the 5-seed LLM pipeline (run into reproduction/cache/llm unless its
 # results.csv holds the seeds). Every run's result is kept in reproduction/cache as it ends: a rerun resumes.
 reproduce: $(STAMP)
 	$(PY) reproduce.py --readme README.md
