@@ -19,7 +19,7 @@
 
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef uint8_t v8b __attribute__((vector_size(8)));
+typedef int32_t v16i __attribute__((vector_size(64)));
 
 static inline float hsum(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -117,7 +117,7 @@ static void token_tiles(int64_t T, const F& f) {
 
 // ---- scalar grids: value = scale * (code - zero), codes of W bits little-endian in each row's bytes, so
 // 8 codes are W whole bytes. Per group a 2^W-entry table of the values (the torch path's floats exactly)
-// turns codes into weights with one vector permute; 8-bit codes (quantized heads) are converted directly.
+// turns codes into weights with one vector permute.
 template <int W>
 struct GridRows {
   const float* z; int64_t zs, T; float* y; int64_t ys;
@@ -146,24 +146,16 @@ struct GridRows {
       int64_t bpg = groups == 1 ? nb : groupsize / 8;
       for (int64_t g = 0, b0 = 0; b0 < nb; ++g, b0 += bpg) {
         alignas(32) float table[16] = {};
-        if constexpr (W < 8)
-          for (int q = 0; q < (1 << W); ++q) table[q] = ((float)q - ze[g]) * sc[g];
+        for (int q = 0; q < (1 << W); ++q) table[q] = ((float)q - ze[g]) * sc[g];
         const v8f lo = load8(table), hi = load8(table + 8);
-        const float zero_g = ze[g], scale_g = sc[g];
         acc.run(zt, zs, b0, std::min(nb, b0 + bpg), [&](int64_t b) {
-          if constexpr (W == 8) {  // bytes: the code itself, no table (one widening load and one conversion)
-            v8b q;
-            std::memcpy(&q, row + 8 * b, sizeof q);
-            return (__builtin_convertvector(__builtin_convertvector(q, v8i), v8f) - zero_g) * scale_g;
-          } else {
-            uint32_t word = 0;
-            std::memcpy(&word, row + b * W, W);
-            v8i q = (v8i)((((v8u){} + word) >> shifts) & ((1u << W) - 1));
-            if constexpr (W == 4)
-              return __builtin_shuffle(lo, hi, q);
-            else
-              return __builtin_shuffle(lo, q);
-          }
+          uint32_t word = 0;
+          std::memcpy(&word, row + b * W, W);
+          v8i q = (v8i)((((v8u){} + word) >> shifts) & ((1u << W) - 1));
+          if constexpr (W == 4)
+            return __builtin_shuffle(lo, hi, q);
+          else
+            return __builtin_shuffle(lo, q);
         });
       }
       for (int t = 0; t < NT; ++t) out[t] = acc.sum(t);
@@ -185,6 +177,56 @@ static void grid_matmul(GridRows<W> g, int64_t rows, int64_t grain) {
     for (w.r = r0; w.r < r1; ++w.r) token_tiles(w.T, w);
   });
 }
+
+// ---- 8-bit grids (quantized heads): sum_g scale_g (sum_i (q_i - 128) x_i - (zero_g - 128) X_g), X_g the
+// group's sum of x, shared by every row. The centred codes are exact small integers, so the factored form
+// rounds like the direct one, and a weight costs one widening, one conversion and one FMA, 16 at a time.
+static inline v16f centred16(const uint8_t* p) {  // 16 codes q as floats q - 128
+#if defined(__AVX512F__)  // one widening load (the generic form below compiles to byte unpacks)
+  return (v16f)_mm512_cvtepi32_ps(
+      _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)), _mm512_set1_epi32(128)));
+#else
+  v16f v;
+  for (int i = 0; i < 16; ++i) v[i] = (float)p[i] - 128.0f;
+  return v;
+#endif
+}
+
+struct ByteRows {
+  const float* z; int64_t zs, T; float* y; int64_t ys;
+  const uint8_t* codes; int64_t cols;
+  const float* scale; const float* zero; int64_t sstride, groups, groupsize;
+  const float* xsum;  // (T, groups): each token's sum of z over each group
+  int64_t r;
+
+  template <int NT>
+  void go(int64_t t0) const {
+    const uint8_t* row = codes + r * cols;
+    const float* sc = scale + r * sstride;
+    const float* ze = zero + r * sstride;
+    const float* zt = z + t0 * zs;
+    const int64_t span = groups == 1 ? cols : groupsize;
+    float out[NT] = {};
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = g * span, c1 = std::min(cols, c0 + span);
+      v16f a[NT][4] = {};
+      int64_t c = c0;
+      auto block = [&](int64_t cc, int u) {
+        for (int t = 0; t < NT; ++t) a[t][u] += centred16(row + cc) * load16(zt + t * zs + cc);
+      };
+      for (; c + 64 <= c1; c += 64) block(c, 0), block(c + 16, 1), block(c + 32, 2), block(c + 48, 3);
+      for (; c + 16 <= c1; c += 16) block(c, 0);
+      for (int t = 0; t < NT; ++t) {
+        const v16f s = (a[t][0] + a[t][1]) + (a[t][2] + a[t][3]);
+        float dot = 0;
+        for (int i = 0; i < 16; ++i) dot += s[i];
+        for (int64_t cc = c; cc < c1; ++cc) dot += ((float)row[cc] - 128.0f) * zt[t * zs + cc];
+        out[t] += sc[g] * (dot - (ze[g] - 128.0f) * xsum[(t0 + t) * groups + g]);
+      }
+    }
+    for (int t = 0; t < NT; ++t) y[(t0 + t) * ys + r] = out[t];
+  }
+};
 
 // ---- lattice codebooks: stage i adds decode_i(codes_i) / stage_scale_i; one scale per row.
 struct VectorRows {
@@ -217,7 +259,6 @@ struct VectorRows {
 // weights, one vector; each half of 8 reads one 64-bit window that starts 16 bits before its first weight's
 // k bits. The 1MAD code is computed from the state (an LCG, the sum of its 4 bytes, times 1 / RMS as a
 // float pair: exact, the Plan checks every state against the table); other codes gather from the table.
-typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint64_t v8q __attribute__((vector_size(64)));
 
 struct Mad {  // quant.trellis' 1MAD: (sum of the bytes of 34038481 s + 76625530 - 510) / RMS
@@ -560,7 +601,22 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
     if (wbits == 2) run(GridRows<2>{});
     if (wbits == 3) run(GridRows<3>{});
     if (wbits == 4) run(GridRows<4>{});
-    if (wbits == 8) run(GridRows<8>{});
+    if (wbits == 8) {
+      const int64_t span = groups == 1 ? cols : groupsize;
+      thread_local std::vector<float> xbuf;
+      float* xs = scratch(xbuf, T * groups);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t g = 0; g < groups; ++g) {
+          float sum = 0;
+          for (int64_t c = g * span; c < std::min(cols, (g + 1) * span); ++c) sum += zp[t * cols + c];
+          xs[t * groups + g] = sum;
+        }
+      const ByteRows b{zp, cols, T, tp, rows, cp, cols, sp, zr, ss, groups, groupsize, xs, 0};
+      at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+        ByteRows w = b;
+        for (w.r = r0; w.r < r1; ++w.r) token_tiles(T, w);
+      });
+    }
   } else if (codec == 1) {
     VectorRows v{zp, cols, T, tp, rows, {}, stage_bits, stage_scales, cols / 8, sp, 0};
     for (const auto& c : w.stages) v.codes.push_back(c.data_ptr());

@@ -87,8 +87,8 @@ def assert_matches(layer, x):
 SPECS = [grid_spec(37, 77, w, qfn, gs, rot) for w in (2, 3, 4)
          for qfn, gs, rot in (("a", -1, None), ("b", -1, "hadamard"), ("a", 16, None), ("a", 12, "kron"))]
 SPECS += [grid_spec(20, 44, 2, "b", -1, "butterfly")]
-# 8 bits (quantized heads and embeddings): bytes widened and converted 8 at a time, per row and per group
-SPECS += [grid_spec(37, 77, 8, "a", gs, None) for gs in (-1, 16)]
+# 8 bits (quantized heads): centred codes 64, then 16 at a time, then one at a time, per row and per group
+SPECS += [grid_spec(37, cols, 8, "a", gs, None) for cols, gs in ((77, -1), (77, 16), (100, 48))]
 SPECS += [vector_spec(37, 172, name) for name in ("e8p", "e8p_rvq3", "e8p_rvq4")] + [vector_spec(24, 64, "e8p", None)]
 # trellis: 1MAD computed in the kernel (k = 2, 3: one stream window per 16 weights; 4: two), 3INST gathered from
 # its table, a short sequence (tiles of 4 rows) with fewer state bits
