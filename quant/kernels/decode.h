@@ -49,30 +49,23 @@ static inline float hsum16(v16f v) {  // a tree of halves: 4 dependent adds, not
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// y[r] = W[r] . x (+ bias[r]) for W (rows, cols) row-major: 4 rows at a time, two accumulators each, so that
-// 8 independent FMA chains stream the weights.
+// y[r] = W[r] . x (+ bias[r]) for W (rows, cols) row-major, one row after another with two accumulators: a
+// single sequential stream of weights reads about twice as fast here as 2-8 rows interleaved.
 template <class Wt>
 static void matvec(const Wt* W, const float* x, float* y, int64_t rows, int64_t cols, const float* bias) {
   const int64_t grain = std::max<int64_t>(4, (1 << 16) / std::max<int64_t>(1, cols));
-  at::parallel_for(0, (rows + 3) / 4, (grain + 3) / 4, [&](int64_t q0, int64_t q1) {
-    for (int64_t r = 4 * q0; r < std::min(rows, 4 * q1); r += 4) {
-      const int64_t nr = std::min<int64_t>(4, rows - r);
-      v16f a[4][2] = {};
-      const Wt* w[4];
-      for (int i = 0; i < 4; ++i) w[i] = W + (r + std::min<int64_t>(i, nr - 1)) * cols;
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const Wt* w = W + r * cols;
+      v16f a0 = {}, a1 = {};
       int64_t c = 0;
       for (; c + 32 <= cols; c += 32) {
-        const v16f x0 = load16(x + c), x1 = load16(x + c + 16);
-        for (int i = 0; i < 4; ++i) {
-          a[i][0] += load16(w[i] + c) * x0;
-          a[i][1] += load16(w[i] + c + 16) * x1;
-        }
+        a0 += load16(w + c) * load16(x + c);
+        a1 += load16(w + c + 16) * load16(x + c + 16);
       }
-      for (int i = 0; i < nr; ++i) {
-        float s = hsum16(a[i][0] + a[i][1]);
-        for (int64_t j = c; j < cols; ++j) s += (float)w[i][j] * x[j];
-        y[r + i] = bias ? s + bias[r + i] : s;
-      }
+      float s = hsum16(a0 + a1);
+      for (; c < cols; ++c) s += (float)w[c] * x[c];
+      y[r] = bias ? s + bias[r] : s;
     }
   });
 }
