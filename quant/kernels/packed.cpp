@@ -261,30 +261,25 @@ struct VectorRows {
 // float pair: exact, the Plan checks every state against the table); other codes gather from the table.
 typedef uint64_t v8q __attribute__((vector_size(64)));
 
-struct Mad {  // quant.trellis' 1MAD: (sum of the bytes of 34038481 s + 76625530 - 510) / RMS
+// quant.trellis' 1MAD: (sum of the bytes of 34038481 s + 76625530 - 510) / RMS. The kernel sums the integer
+// part times x and scales each row's sum by 1 / RMS once.
+struct Mad {
   float hi = 0, lo = 0;  // 1 / RMS = hi + lo
+  inline float scaled(float y) const { return std::fma(y, hi, y * lo); }
   inline float value(uint32_t s) const {
     const uint32_t x = s * 34038481u + 76625530u;
-    const float y = (float)(int32_t)((x & 255) + (x >> 8 & 255) + (x >> 16 & 255) + (x >> 24) - 510);
-    return std::fma(y, hi, y * lo);
+    return scaled((float)(int32_t)((x & 255) + (x >> 8 & 255) + (x >> 16 & 255) + (x >> 24) - 510));
   }
-  inline v16f value(v16u s) const {
+  static inline v16f unscaled(v16u s) {
     const v16u x = s * 34038481u + 76625530u;
 #if defined(__AVX512BW__)  // byte pairs, then pairs of pairs, summed by two multiply-adds with ones
     __m512i xi;
     std::memcpy(&xi, &x, sizeof xi);
     const __m512i bytes = _mm512_madd_epi16(_mm512_maddubs_epi16(xi, _mm512_set1_epi8(1)), _mm512_set1_epi16(1));
-    const v16f y = (v16f)_mm512_cvtepi32_ps(_mm512_sub_epi32(bytes, _mm512_set1_epi32(510)));
+    return (v16f)_mm512_cvtepi32_ps(_mm512_sub_epi32(bytes, _mm512_set1_epi32(510)));
 #else
     const v16u pairs = (x & 0x00ff00ffu) + (x >> 8 & 0x00ff00ffu);
-    const v16f y = __builtin_convertvector((v16i)((pairs & 0xffffu) + (pairs >> 16)) - 510, v16f);
-#endif
-#if defined(__AVX512F__)
-    return (v16f)_mm512_fmadd_ps((__m512)y, _mm512_set1_ps(hi), (__m512)(y * lo));
-#else
-    v16f v;
-    for (int i = 0; i < 16; ++i) v[i] = std::fma(y[i], hi, y[i] * lo);
-    return v;
+    return __builtin_convertvector((v16i)((pairs & 0xffffu) + (pairs >> 16)) - 510, v16f);
 #endif
   }
 };
@@ -356,7 +351,7 @@ struct TrellisRows {
 
   inline v16f row16(const uint8_t* s, int64_t q, const Lanes& lanes, uint64_t mask) const {  // 16 weights
     const v16u st = states(s, q, lanes, mask);
-    if (mad != nullptr) return mad->value(st);
+    if (mad != nullptr) return Mad::unscaled(st);
 #if defined(__AVX512F__)
     __m512i i;
     std::memcpy(&i, &st, sizeof i);
@@ -386,7 +381,7 @@ struct TrellisRows {
       const v16f a = acc[t][0] + acc[t][1];
       float sum = 0;
       for (int i = 0; i < 16; ++i) sum += a[i];
-      y[(t0 + t) * ys + r] = sum * scale[r];
+      y[(t0 + t) * ys + r] = (mad != nullptr ? mad->scaled(sum) : sum) * scale[r];
     }
   }
 };
