@@ -388,24 +388,15 @@ struct TrellisRows {
 
 // ---- rotations (quant/incoherence.py), in place on each of T vectors of length n.
 static void fwht(float* v, int64_t k2, int64_t m) {  // Sylvester order along the power-of-two axis, / sqrt(k2)
+  // a butterfly pairs the contiguous runs [i, i + h) and [i + h, i + 2h) of m-float rows: one loop of h m
   for (int64_t h = 1; h < k2; h <<= 1)
     for (int64_t i = 0; i < k2; i += 2 * h) {
-      if (m == 1) {  // the butterflies of one pass as contiguous vectors
-        for (int64_t j = i; j < i + h; ++j) {
-          float p = v[j], q = v[j + h];
-          v[j] = p + q;
-          v[j + h] = p - q;
-        }
-        continue;
-      }
-      for (int64_t j = i; j < i + h; ++j) {
-        float* a = v + j * m;
-        float* b = a + h * m;
-        for (int64_t k = 0; k < m; ++k) {
-          float p = a[k], q = b[k];
-          a[k] = p + q;
-          b[k] = p - q;
-        }
+      float* a = v + i * m;
+      float* b = a + h * m;
+      for (int64_t k = 0; k < h * m; ++k) {
+        const float p = a[k], q = b[k];
+        a[k] = p + q;
+        b[k] = p - q;
       }
     }
   const float s = 1.0f / std::sqrt((float)k2);
