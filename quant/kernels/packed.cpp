@@ -179,8 +179,8 @@ static void grid_matmul(GridRows<W> g, int64_t rows, int64_t grain) {
 }
 
 // ---- 8-bit grids (quantized heads): sum_g scale_g (sum_i (q_i - 128) x_i - (zero_g - 128) X_g), X_g the
-// group's sum of x, shared by every row. The centred codes are exact small integers, so the factored form
-// rounds like the direct one, and a weight costs one widening, one conversion and one FMA, 16 at a time.
+// group's sum of x, shared by every row. Centring keeps both terms small (zero points lie near 128), so the
+// factored sum agrees with the direct one to rounding; a weight costs a widening, a conversion and an FMA.
 static inline v16f centred16(const uint8_t* p) {  // 16 codes q as floats q - 128
 #if defined(__AVX512F__)  // one widening load (the generic form below compiles to byte unpacks)
   return (v16f)_mm512_cvtepi32_ps(
