@@ -37,7 +37,7 @@ from quant.model import quantize_model  # noqa: E402
 
 
 # the columns that name a case: a run replaces the rows of its own cases only
-CASE = ("model", "text", "method", "bits", "incoh", "yaqa", "block_ft", "e2e_ft", "embed_bits")
+CASE = ("model", "text", "method", "bits", "incoh", "yaqa", "block_ft", "e2e_ft", "amp", "embed_bits")
 
 
 @torch.no_grad()
@@ -69,6 +69,7 @@ def main():
     p.add_argument("--e2e-ft", nargs="+", type=int, default=[0], metavar="STEPS",
                    help="opt.py --e2e-ft steps to compare (0: none)")
     p.add_argument("--e2e-ft-lr", type=float, default=1e-4)
+    p.add_argument("--amp", action="store_true", help="opt.py --amp: bf16 autocast in the --block-ft and --e2e-ft steps")
     p.add_argument("--write-text", metavar="DIR", help="also write the sampled calibration and evaluation tokens, "
                    "decoded, to DIR/stories_train.txt and DIR/stories_test.txt (ft_opt.py --train-file/--eval-file)")
     p.add_argument("--embed-bits", type=int, choices=EMBED_BITS, help="also quantize the embedding and head (opt.py --embed-bits)")
@@ -120,12 +121,12 @@ def main():
                                                                   args.e2e_ft):
                 model, tok = lm.load_causal_lm(args.model)
                 options = dict(incoherence=incoh == "on", lazy_batch=True)
-                block_ft = BlockFT(steps, args.block_ft_lr, seed=args.seed) if steps else None
+                block_ft = BlockFT(steps, args.block_ft_lr, seed=args.seed, amp=args.amp) if steps else None
                 tick = time.perf_counter()
                 rows = quantize_model(model, calib, "cpu", bits, method, args.seed, block_ft=block_ft,
                                       yaqa=two_sided == "on", **options)
                 if e2e:
-                    finetune_e2e(model, fp, calib, "cpu", BlockFT(e2e, args.e2e_ft_lr, seed=args.seed))
+                    finetune_e2e(model, fp, calib, "cpu", BlockFT(e2e, args.e2e_ft_lr, seed=args.seed, amp=args.amp))
                 if args.embed_bits:
                     quantize_embeddings(model, args.embed_bits, args.embed_groupsize)
                 seconds = time.perf_counter() - tick
@@ -140,7 +141,8 @@ def main():
                       f"{sum(r['proxy'] for r in rows):>10.4g} {seconds:>8.1f} {sum(r['seconds'] for r in rows):>8.2f} "
                       f"{megabytes:>7.1f}", flush=True)
                 table.append({"model": os.path.basename(args.model), "text": args.text, "method": method, "bits": bits,
-                              "incoh": incoh, "yaqa": two_sided, "block_ft": steps, "e2e_ft": e2e, "embed_bits": args.embed_bits or 16,
+                              "incoh": incoh, "yaqa": two_sided, "block_ft": steps, "e2e_ft": e2e,
+                              "amp": "on" if args.amp and (steps or e2e) else "off", "embed_bits": args.embed_bits or 16,
                               "ppl": f"{ppl:.4g}", "fp_ppl": f"{base:.4g}", "ppl_vs_fp": round(ppl / base, 3),
                               "proxy": f"{sum(r['proxy'] for r in rows):.4g}", "seconds": round(seconds, 1),
                               "layers_seconds": round(sum(r['seconds'] for r in rows), 2),
