@@ -98,7 +98,7 @@ struct RowAcc {
 template <int NT>
 constexpr int unroll() { return NT == 1 ? 4 : NT == 2 ? 2 : 1; }
 
-// Calls f.template operator()<NT>(t0) for token tiles of at most 8.
+// Calls f.template go<NT>(t0) for token tiles of at most 8.
 template <class F>
 static void token_tiles(int64_t T, const F& f) {
   for (int64_t t0 = 0; t0 < T; t0 += 8) {
@@ -113,6 +113,16 @@ static void token_tiles(int64_t T, const F& f) {
       default: f.template go<8>(t0); break;
     }
   }
+}
+
+// Every output row of a row kernel (GridRows, ByteRows, VectorRows, TrellisRows: fields T and r, go<NT>),
+// threaded over rows; each thread works on its own copy.
+template <class Rows>
+static void each_row(const Rows& rows_of, int64_t rows, int64_t grain) {
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    Rows w = rows_of;
+    for (w.r = r0; w.r < r1; ++w.r) token_tiles(w.T, w);
+  });
 }
 
 // ---- scalar grids: value = scale * (code - zero), codes of W bits little-endian in each row's bytes, so
@@ -169,14 +179,6 @@ struct GridRows {
     for (int t = 0; t < NT; ++t) y[(t0 + t) * ys + r] = out[t];
   }
 };
-
-template <int W>
-static void grid_matmul(GridRows<W> g, int64_t rows, int64_t grain) {
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    GridRows<W> w = g;
-    for (w.r = r0; w.r < r1; ++w.r) token_tiles(w.T, w);
-  });
-}
 
 // ---- 8-bit grids (quantized heads): sum_g scale_g (sum_i (q_i - 128) x_i - (zero_g - 128) X_g), X_g the
 // group's sum of x, shared by every row. Centring keeps both terms small (zero points lie near 128), so the
@@ -582,7 +584,7 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
     const int64_t nbytes = w.codes.size(1), ss = w.scale.size(0) > 1 ? w.scale.size(1) : 0, groups = w.scale.size(1);
     auto run = [&](auto g) {
       using G = decltype(g);
-      grid_matmul(G{zp, cols, T, tp, rows, cp, nbytes, cols, sp, zr, ss, groups, groupsize, 0}, rows, grain);
+      each_row(G{zp, cols, T, tp, rows, cp, nbytes, cols, sp, zr, ss, groups, groupsize, 0}, rows, grain);
     };
     if (wbits == 2) run(GridRows<2>{});
     if (wbits == 3) run(GridRows<3>{});
@@ -597,28 +599,18 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
           for (int64_t c = g * span; c < std::min(cols, (g + 1) * span); ++c) sum += zp[t * cols + c];
           xs[t * groups + g] = sum;
         }
-      const ByteRows b{zp, cols, T, tp, rows, cp, cols, sp, zr, ss, groups, groupsize, xs, 0};
-      at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-        ByteRows w = b;
-        for (w.r = r0; w.r < r1; ++w.r) token_tiles(T, w);
-      });
+      each_row(ByteRows{zp, cols, T, tp, rows, cp, cols, sp, zr, ss, groups, groupsize, xs, 0}, rows, grain);
     }
   } else if (codec == 1) {
     VectorRows v{zp, cols, T, tp, rows, {}, stage_bits, stage_scales, cols / 8, sp, 0};
     for (const auto& c : w.stages) v.codes.push_back(c.data_ptr());
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      VectorRows g = v;
-      for (g.r = r0; g.r < r1; ++g.r) token_tiles(T, g);
-    });
+    each_row(v, rows, grain);
   } else {
     const Mad mad{mad_hi, mad_lo};
     const Lanes lanes(wbits);
-    TrellisRows v{zp, cols, T, tp, rows, w.codes.data_ptr<uint8_t>(), w.codes.size(2), cols / 16, groupsize, wbits,
-                  stage_bits[0], values.data_ptr<float>(), sp, inline_mad ? &mad : nullptr, &lanes, 0};
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      TrellisRows g = v;
-      for (g.r = r0; g.r < r1; ++g.r) token_tiles(T, g);
-    });
+    each_row(TrellisRows{zp, cols, T, tp, rows, w.codes.data_ptr<uint8_t>(), w.codes.size(2), cols / 16, groupsize,
+                         wbits, stage_bits[0], values.data_ptr<float>(), sp, inline_mad ? &mad : nullptr, &lanes, 0},
+             rows, grain);
   }
   U.apply(tp, T, true);
 
