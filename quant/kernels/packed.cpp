@@ -388,6 +388,74 @@ struct TrellisRows {
   }
 };
 
+#if defined(__AVX512BW__)
+// One token through whole 16 x 16 tiles (k <= 3, the decode step), on CPUs with AVX512-VBMI and -VNNI (chosen at
+// run time): one byte permute of the tile's stream makes the 64-bit windows (TrellisRows::window) of all 16
+// rows, and per row one multishift cuts its 16 states out of the broadcast window; 1MAD sums the bytes of its
+// LCG with one dot product. Each row keeps its own accumulator.
+#define TILE_TARGET __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni")))
+
+struct TileControl {
+  __m512i windows[2];  // byte indices into the stream: rows 0-7, rows 8-15 (qword i = row i's window, reversed)
+  __m512i cut;         // multishift bit offsets: byte b of lane j from bit 48 - (j + 1) k + 8 b of the window
+  explicit TileControl(int64_t k) {
+    const int64_t nbytes = 32 * k;
+    alignas(64) uint8_t w[2][64], c[64];
+    for (int i = 0; i < 16; ++i)
+      for (int t = 0; t < 8; ++t) w[i / 8][8 * (i % 8) + t] = (uint8_t)((2 * k * i - 2 + 7 - t + nbytes) % nbytes);
+    for (int j = 0; j < 16; ++j)
+      for (int b = 0; b < 4; ++b) c[4 * j + b] = (uint8_t)(48 - (j + 1) * k + 8 * b);
+    std::memcpy(&windows, w, sizeof w), std::memcpy(&cut, c, sizeof c);
+  }
+};
+
+template <bool MAD>
+struct TrellisTiles {
+  const float* z; float* y; const uint8_t* codes; int64_t nbytes, nblk, L; const float* values; const float* scale;
+  const Mad* mad; const TileControl* ctl;
+
+  TILE_TARGET void group(int64_t g) const {  // output rows 16 g .. 16 g + 15
+    const __m512i mask = _mm512_set1_epi32((int)((1u << L) - 1));
+    const __mmask64 keep = L > 8 ? 0x3333333333333333ull : 0x1111111111111111ull;  // the state's bytes per lane
+    const __m512i mul = _mm512_set1_epi32(34038481), add = _mm512_set1_epi32(76625530);
+    const __m512i ones = _mm512_set1_epi8(1), bias = _mm512_set1_epi32(-510);
+    const __mmask64 m0 = nbytes >= 64 ? ~0ull : (1ull << nbytes) - 1, m1 = nbytes > 64 ? (1ull << (nbytes - 64)) - 1 : 0;
+    alignas(64) uint64_t window[16];
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    const uint8_t* tile = codes + g * nblk * nbytes;
+    for (int64_t b = 0; b < nblk; ++b, tile += nbytes) {
+      const __m512i s0 = _mm512_maskz_loadu_epi8(m0, tile), s1 = _mm512_maskz_loadu_epi8(m1, tile + 64);
+      _mm512_store_si512(window, _mm512_permutex2var_epi8(s0, ctl->windows[0], s1));
+      _mm512_store_si512(window + 8, _mm512_permutex2var_epi8(s0, ctl->windows[1], s1));
+      const __m512 x = _mm512_loadu_ps(z + 16 * b);
+#pragma GCC unroll 16  // the accumulators stay in registers
+      for (int i = 0; i < 16; ++i) {
+        __m512i st = _mm512_maskz_multishift_epi64_epi8(keep, ctl->cut, _mm512_set1_epi64((long long)window[i]));
+        if (L % 8) st = _mm512_and_si512(st, mask);
+        __m512 w;
+        if constexpr (MAD) {
+          const __m512i lcg = _mm512_add_epi32(_mm512_mullo_epi32(st, mul), add);
+          w = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bias, lcg, ones));
+        } else {
+          w = _mm512_i32gather_ps(st, values, 4);
+        }
+        acc[i] = _mm512_fmadd_ps(w, x, acc[i]);
+      }
+    }
+    for (int i = 0; i < 16; ++i) {
+      const float sum = _mm512_reduce_add_ps(acc[i]);
+      y[16 * g + i] = (MAD ? mad->scaled(sum) : sum) * scale[16 * g + i];
+    }
+  }
+};
+
+static bool has_tile_kernel() {
+  static const bool yes = __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+#endif
+
 // ---- rotations (quant/incoherence.py), in place on each of T vectors of length n.
 static void fwht(float* v, int64_t k2, int64_t m) {  // Sylvester order along the power-of-two axis, / sqrt(k2)
   // a butterfly pairs the contiguous runs [i, i + h) and [i + h, i + 2h) of m-float rows: one loop of h m
@@ -607,10 +675,30 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
     each_row(v, rows, grain);
   } else {
     const Mad mad{mad_hi, mad_lo};
-    const Lanes lanes(wbits);
-    each_row(TrellisRows{zp, cols, T, tp, rows, w.codes.data_ptr<uint8_t>(), w.codes.size(2), cols / 16, groupsize,
-                         wbits, stage_bits[0], values.data_ptr<float>(), sp, inline_mad ? &mad : nullptr, &lanes, 0},
-             rows, grain);
+#if defined(__AVX512BW__)
+    if (T == 1 && groupsize == 16 && wbits <= 3 && has_tile_kernel()) {
+      static const TileControl controls[3] = {TileControl(1), TileControl(2), TileControl(3)};
+      auto run = [&](auto tiles) {
+        at::parallel_for(0, rows / 16, std::max<int64_t>(1, grain / 16), [&](int64_t g0, int64_t g1) {
+          for (int64_t g = g0; g < g1; ++g) tiles.group(g);
+        });
+      };
+      const uint8_t* cp = w.codes.data_ptr<uint8_t>();
+      const int64_t nbytes = w.codes.size(2), L = stage_bits[0];
+      if (inline_mad)
+        run(TrellisTiles<true>{zp, tp, cp, nbytes, cols / 16, L, nullptr, sp, &mad, &controls[wbits - 1]});
+      else
+        run(TrellisTiles<false>{zp, tp, cp, nbytes, cols / 16, L, values.data_ptr<float>(), sp, nullptr,
+                                &controls[wbits - 1]});
+    } else
+#endif
+    {
+      const Lanes lanes(wbits);
+      each_row(TrellisRows{zp, cols, T, tp, rows, w.codes.data_ptr<uint8_t>(), w.codes.size(2), cols / 16,
+                           groupsize, wbits, stage_bits[0], values.data_ptr<float>(), sp, inline_mad ? &mad : nullptr,
+                           &lanes, 0},
+               rows, grain);
+    }
   }
   U.apply(tp, T, true);
 

@@ -90,9 +90,11 @@ SPECS += [grid_spec(20, 44, 2, "b", -1, "butterfly")]
 # 8 bits (quantized heads): centred codes 64, then 16 at a time, then one at a time, per row and per group
 SPECS += [grid_spec(37, cols, 8, "a", gs, None) for cols, gs in ((77, -1), (77, 16), (100, 48))]
 SPECS += [vector_spec(37, 172, name) for name in ("e8p", "e8p_rvq3", "e8p_rvq4")] + [vector_spec(24, 64, "e8p", None)]
-# trellis: 1MAD computed in the kernel (k = 2, 3: one stream window per 16 weights; 4: two), 3INST gathered from
-# its table, a short sequence (tiles of 4 rows) with fewer state bits
-SPECS += [trellis_spec(32, 48, k, "1mad") for k in (2, 3, 4)] + [trellis_spec(40, 32, 2, "3inst", L=12, T=64)]
+# trellis: 1MAD computed in the kernel (k = 2, 3: one stream window per 16 weights, and one token by whole tiles
+# where the CPU has AVX512-VBMI; 4: two windows), 3INST gathered from its table, with fewer state bits in 16-row
+# tiles and in a short sequence (tiles of 4 rows)
+SPECS += [trellis_spec(32, 48, k, "1mad") for k in (2, 3, 4)]
+SPECS += [trellis_spec(32, 48, 2, "3inst", L=12), trellis_spec(40, 32, 2, "3inst", L=12, T=64)]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s['codebook']}{s['wbits']}-{s.get('qfn', '')}"
