@@ -485,6 +485,39 @@ static void small_matvec(float* x, int64_t k, int64_t stride, const float* Mt, f
   for (int64_t p = 0; p < k; ++p) x[p * stride] = tmp[p];
 }
 
+#if defined(__AVX512F__)
+// small_matvec on `chunks` contiguous chunks of k = 16 (NV - 1) + 1 .. 16 NV floats (the Hadamard factors: 12,
+// 20, 28, 36, ...): a chunk's output in NV registers, one broadcast and NV FMAs per input, so the work is
+// vector-wide however small k is.
+template <int NV>
+static void chunk_matvecs(float* x, int64_t chunks, int64_t k, const float* Mt) {
+  const __mmask16 last = (__mmask16)(0xffffu >> (16 * NV - k));
+  for (int64_t c = 0; c < chunks; ++c, x += k) {
+    __m512 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < k; ++q) {
+      const __m512 xq = _mm512_set1_ps(x[q]);
+      for (int v = 0; v < NV; ++v)
+        acc[v] = _mm512_fmadd_ps(xq, _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, Mt + q * k + 16 * v), acc[v]);
+    }
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(x + 16 * v, v == NV - 1 ? last : 0xffff, acc[v]);
+  }
+}
+#endif
+
+// small_matvec on `chunks` contiguous chunks of k floats
+static void chunks_matvec(float* x, int64_t chunks, int64_t k, const float* Mt, float* tmp) {
+#if defined(__AVX512F__)
+  switch ((k + 15) / 16) {
+    case 1: return chunk_matvecs<1>(x, chunks, k, Mt);
+    case 2: return chunk_matvecs<2>(x, chunks, k, Mt);
+    case 3: return chunk_matvecs<3>(x, chunks, k, Mt);
+    case 4: return chunk_matvecs<4>(x, chunks, k, Mt);
+  }
+#endif
+  for (int64_t i = 0; i < chunks; ++i) small_matvec(x + i * k, k, 1, Mt, tmp);
+}
+
 static void permute(float* x, int64_t n, const torch::Tensor& perm, float* tmp) {  // x <- x[perm]
   const int64_t* p = perm.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) tmp[i] = x[p[i]];
@@ -529,9 +562,9 @@ void Rotation::hadamard(float* x, bool transpose, float* tmp) const {
   const float* s = signs.data_ptr<float>();
   const int64_t m = H.defined() ? H.size(0) : 1, k2 = n / m;
   if (!transpose) for (int64_t i = 0; i < n; ++i) x[i] *= s[i];
-  if (transpose && m > 1) for (int64_t i = 0; i < k2; ++i) small_matvec(x + i * m, m, 1, H.data_ptr<float>(), tmp);
+  if (transpose && m > 1) chunks_matvec(x, k2, m, H.data_ptr<float>(), tmp);
   fwht(x, k2, m);
-  if (!transpose && m > 1) for (int64_t i = 0; i < k2; ++i) small_matvec(x + i * m, m, 1, Ht.data_ptr<float>(), tmp);
+  if (!transpose && m > 1) chunks_matvec(x, k2, m, Ht.data_ptr<float>(), tmp);
   if (transpose) for (int64_t i = 0; i < n; ++i) x[i] *= s[i];
 }
 
