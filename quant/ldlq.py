@@ -201,13 +201,16 @@ def row_blocks(rows, row_block):
     return sizes[::-1]
 
 
-def two_sided_ldlq(W, H, H_out, round_tiles, block=1, row_block=ROW_BLOCK):
+def two_sided_ldlq(W, H, H_out, round_tiles, block=1, row_block=ROW_BLOCK, whole_blocks=False):
     """YAQA's two-sided LDLQ (Tseng, Sun, De Sa 2025): rounds W (rows, cols) against the Kronecker-factored
     proxy tr(E^T H_out E H), E = W - W_hat, H (cols, cols) the input-side and H_out (rows, rows) the
     output-side Hessian. Tiles are one row block (`row_blocks`) by `block` columns, one codeword per row;
     `round_tiles(X, rows, blocks)` maps the targets X (k, block) of the tile rows `rows` (k,) in column
     blocks `blocks` (k,) to their rounding, or to (rounding, codes). Returns W_hat, or (W_hat, codes as
     (rows, cols // block, ...)).
+
+    whole_blocks: every row block is `row_block` rows (rows a multiple of it), for codes that span a
+    block's rows jointly (trellis tiles): `round_tiles` then gets whole blocks, each one's rows together.
 
     Derivation: with H = (U + I) D (U + I)^T over column blocks and H_out = (V + I) S (V + I)^T over row
     blocks, U and V block strictly upper, D and S block diagonal, the proxy is sum_AB tr(F_AB^T S_A F_AB D_B)
@@ -232,7 +235,9 @@ def two_sided_ldlq(W, H, H_out, round_tiles, block=1, row_block=ROW_BLOCK):
     nb = cols // block
     group = math.gcd(nb, max(1, COLUMN_GROUP // block))  # codewords per group
     gw, ng = group * block, nb // group
-    sizes = row_blocks(rows, row_block)
+    if whole_blocks and rows % row_block:
+        raise UserError(f"two-sided LDLQ over whole blocks of {row_block} rows needs rows ({rows}) in multiples of it")
+    sizes = [row_block] * (rows // row_block) if whole_blocks else row_blocks(rows, row_block)
     nrb = len(sizes)
     rows_p = nrb * row_block
     first = [0, *itertools.accumulate(sizes)]  # first row of every block, then rows

@@ -67,9 +67,11 @@ TABLE = {m.name: m for m in [
            two_sided=True),
     Method("qtip", "QTIP: tail-biting bitshift trellis (L=16, HYB code, 2 weights per step) on 16x16 tiles, "
                    "Viterbi search, block LDLQ over 16 columns, randomized Hadamard incoherence", "trellis",
-           codebook_options=dict(L=16, V=2, T=256, code="hyb"), rotation="hadamard", stochastic=False),
+           codebook_options=dict(L=16, V=2, T=256, code="hyb"), rotation="hadamard", stochastic=False,
+           two_sided=True),
     Method("qtip1mad", "qtip with QTIP's computed 1MAD code (1 weight per step): lower MSE than HYB, "
                        "about 2.5x its Viterbi time", "trellis",
-           codebook_options=dict(L=16, V=1, T=256, code="1mad"), rotation="hadamard", stochastic=False),
+           codebook_options=dict(L=16, V=1, T=256, code="1mad"), rotation="hadamard", stochastic=False,
+           two_sided=True),
 ]}
 METHODS = tuple(TABLE)

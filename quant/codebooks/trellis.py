@@ -6,7 +6,7 @@ import torch
 
 from engine import UserError
 
-from ..ldlq import block_ldlq
+from ..ldlq import block_ldlq, two_sided_ldlq
 from ..trellis import Trellis
 from .base import Codebook, Quantized
 
@@ -24,22 +24,32 @@ def trellis_tile(trellis, shape):
     return tx, TILE_COLS
 
 
-def trellis_quantize(W, H, trellis, blocksize=128):
+def trellis_quantize(W, H, trellis, blocksize=128, H_out=None):
     """QTIP's quantizer: block LDLQ of W (rows, cols) over blocks of 16 columns, each block's
     (rows, 16) target cut into tiles of T / 16 rows, every tile (row-major) one tail-biting trellis
-    sequence, Viterbi-searched for all tiles of the block at once; one scale per row.
+    sequence, Viterbi-searched for all tiles of the block at once; one scale per row. With the output-side
+    Hessian H_out (rows, rows), YAQA's two-sided LDLQ (`two_sided_ldlq`) with the tiles as its tiles: row
+    blocks of T / 16 rows by 16 columns, the tiles of an anti-diagonal searched together.
     Returns (W_hat, streams uint8 (rows / tile rows, cols / 16, T k / 8), scale (rows, 1))."""
     tx, ty = trellis_tile(trellis, W.shape)
     s = trellis.scale_for(W, dim=1)
 
-    def quantize_block(X):
+    def quantize_tiles(X, rows):  # X (n tx, ty): whole tiles, each one's tx rows together
         n = X.shape[0] // tx
-        tiles = (X / s).reshape(n, tx * ty)  # row-major tile of tx rows of ty consecutive columns
+        tiles = (X / s[rows]).reshape(n, tx * ty)  # row-major tile of tx rows of ty consecutive columns
         X_hat, packed = trellis.quantize(tiles)
-        return X_hat.reshape(X.shape) * s, packed
+        return X_hat.reshape(X.shape) * s[rows], packed
 
-    W_hat, codes = block_ldlq(W, H, quantize_block, ty, -(-blocksize // ty) * ty)
-    return W_hat, codes, s
+    if H_out is None:
+        W_hat, codes = block_ldlq(W, H, lambda X: quantize_tiles(X, slice(None)), ty, -(-blocksize // ty) * ty)
+        return W_hat, codes, s
+
+    def round_tiles(X, rows, blocks):  # the stream of each tile, given to each of its rows
+        X_hat, packed = quantize_tiles(X, rows)
+        return X_hat, packed.repeat_interleave(tx, dim=0)
+
+    W_hat, codes = two_sided_ldlq(W, H, H_out, round_tiles, ty, row_block=tx, whole_blocks=True)
+    return W_hat, codes[::tx].contiguous(), s
 
 
 class TrellisCodebook(Codebook):
@@ -60,7 +70,7 @@ class TrellisCodebook(Codebook):
     def quantize(self, Wp, H, wbits, options):
         recorded = dict(options.method.codebook_options, k=wbits)
         trellis = self.trellis(recorded)
-        Wq, codes, scale = trellis_quantize(Wp, H, trellis, options.blocksize)
+        Wq, codes, scale = trellis_quantize(Wp, H, trellis, options.blocksize, options.h_out)
         return Quantized(Wq, codes, scale.float(), spec=dict(groupsize=-1, codebook=self.name, trellis=recorded,
                                                               tile=list(trellis_tile(trellis, Wp.shape))))
 
