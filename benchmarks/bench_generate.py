@@ -44,6 +44,7 @@ CONFIGS = {
     "bf16": ("bfloat16", None, None, []),
     **{f"e8p{b}": ("float32", "e8p", b, ["--incoh_processing", *HEAD]) for b in (2, 3, 4)},
     **{f"qtip1mad{b}": ("float32", "qtip1mad", b, ["--incoh_processing", *HEAD]) for b in (2, 3, 4)},
+    **{f"qtip{b}": ("float32", "qtip", b, ["--incoh_processing", *HEAD]) for b in (2, 3, 4)},
     **{f"ldlqRG{b}": ("float32", "ldlqRG", b, HEAD) for b in (2, 3, 4)},
 }
 

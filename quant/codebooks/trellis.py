@@ -142,10 +142,11 @@ class TrellisCodebook(Codebook):
 
     def kernel_layout(self, layer):
         tr, tile_rows = self.trellis(layer.spec["trellis"]), layer.spec["tile"][0]
-        if tr.V != 1 or tr.T * tr.k < 64:  # the kernel reads one value per state (1mad, 3inst), 8-byte streams
+        if tr.T * tr.k < 64:  # the kernel reads 8-byte windows of a stream
             return None
-        # 1MAD's 1 / RMS: the kernel computes its values from the states (where that is exact)
-        return 2, tr.k, tile_rows, [tr.L, tr.T], [1 / tr.rms] if tr.code == "1mad" else [], tr.table[:, 0]
+        # 1MAD's 1 / RMS: the kernel computes its values from the states (where that is exact); the other
+        # codes' V values per state are gathered from the table, row-major
+        return 2, tr.k, tile_rows, [tr.L, tr.T], [1 / tr.rms] if tr.code == "1mad" else [], tr.table.reshape(-1)
 
     def group_size(self, spec):
         return self.trellis(spec["trellis"]).T

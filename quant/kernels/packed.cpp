@@ -256,8 +256,9 @@ struct VectorRows {
   }
 };
 
-// ---- trellis tiles (quant/codebooks/trellis.py, V = 1 codes): weight i of a tile is values[state_i], state_i
-// the L-bit window of the tile's circular big-endian bitstream that ends (i + 1) k bits in. A tile row is 16
+// ---- trellis tiles (quant/codebooks/trellis.py): with V = 1 codes weight i of a tile is values[state_i], state_i
+// the L-bit window of the tile's circular big-endian bitstream that ends (i + 1) k bits in (V = 2: see
+// TrellisRows::row16_pairs). A tile row is 16
 // weights, one vector; each half of 8 reads one 64-bit window that starts 16 bits before its first weight's
 // k bits. The 1MAD code is computed from the state (an LCG, the sum of its 4 bytes, times 1 / RMS as a
 // float pair: exact, the Plan checks every state against the table); other codes gather from the table.
@@ -312,6 +313,7 @@ struct TrellisRows {
   const uint8_t* codes; int64_t nbytes, nblk, tile_rows, k, L; const float* values; const float* scale;
   const Mad* mad;  // null: gather from values
   const Lanes* lanes;
+  bool pairs;  // V = 2: values holds two weights per state
   int64_t r;
 
   static inline uint64_t load_be(const uint8_t* p) {
@@ -351,7 +353,33 @@ struct TrellisRows {
                                    5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   }
 
+  // V = 2: 8 states, state j the L bits that end (j + 1) 2k bits after q, each giving weights 2j and 2j + 1
+  // (values[2 state], values[2 state + 1]); states 0-3 from the window at q, 4-7 from the one at q + 8k.
+  inline v16f row16_pairs(const uint8_t* s, int64_t q, uint64_t mask) const {
+    const uint64_t w0 = window(s, q), w1 = window(s, q + 8 * k);
+    v8q words, shifts;
+    for (int j = 0; j < 4; ++j) {
+      words[j] = w0, words[j + 4] = w1;
+      shifts[j] = shifts[j + 4] = 48 - (j + 1) * 2 * k;
+    }
+    const v8q st = (words >> shifts) & mask;
+#if defined(__AVX2__)  // a state's two values as one 64-bit gather, four states per instruction
+    __m256i lo, hi;
+    std::memcpy(&lo, &st, 32), std::memcpy(&hi, reinterpret_cast<const char*>(&st) + 32, 32);
+    const auto* table = reinterpret_cast<const long long*>(values);
+    const __m256i a = _mm256_i64gather_epi64(table, lo, 8), b = _mm256_i64gather_epi64(table, hi, 8);
+    v16f v;
+    std::memcpy(&v, &a, 32), std::memcpy(reinterpret_cast<char*>(&v) + 32, &b, 32);
+    return v;
+#else
+    v16f v;
+    for (int j = 0; j < 8; ++j) v[2 * j] = values[2 * st[j]], v[2 * j + 1] = values[2 * st[j] + 1];
+    return v;
+#endif
+  }
+
   inline v16f row16(const uint8_t* s, int64_t q, const Lanes& lanes, uint64_t mask) const {  // 16 weights
+    if (pairs) return row16_pairs(s, q, mask);
     const v16u st = states(s, q, lanes, mask);
     if (mad != nullptr) return Mad::unscaled(st);
 #if defined(__AVX512F__)
@@ -620,9 +648,11 @@ Plan::Plan(int64_t rows_, int64_t cols_, int64_t in_, int64_t out_, int64_t code
     TORCH_CHECK(stage_bits.size() == 2 && stage_bits[0] <= 16 && wbits >= 1 && wbits <= 6 && groupsize > 0 &&
                 stage_bits[1] * wbits >= 64 &&
                 groupsize * 16 == stage_bits[1] && rows % groupsize == 0 && cols % 16 == 0 &&
-                values_.numel() == (int64_t(1) << stage_bits[0]), "trellis layout");
+                (values_.numel() == (int64_t(1) << stage_bits[0]) ||
+                 values_.numel() == (int64_t(2) << stage_bits[0])), "trellis layout");
     values = values_.to(torch::kFloat32).contiguous();
-    if (stage_scales.size() == 1) {  // 1MAD with 1 / RMS: computed in the kernel where it is exact
+    vdim = values.numel() >> stage_bits[0];
+    if (stage_scales.size() == 1 && vdim == 1) {  // 1MAD with 1 / RMS: computed in the kernel where it is exact
       mad_hi = (float)stage_scales[0], mad_lo = (float)(stage_scales[0] - (double)mad_hi);
       const Mad mad{mad_hi, mad_lo};
       const float* v = values.data_ptr<float>();
@@ -709,7 +739,7 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
   } else {
     const Mad mad{mad_hi, mad_lo};
 #if defined(__AVX512BW__)
-    if (T == 1 && groupsize == 16 && wbits <= 3 && has_tile_kernel()) {
+    if (T == 1 && groupsize == 16 && wbits <= 3 && vdim == 1 && has_tile_kernel()) {
       static const TileControl controls[3] = {TileControl(1), TileControl(2), TileControl(3)};
       auto run = [&](auto tiles) {
         at::parallel_for(0, rows / 16, std::max<int64_t>(1, grain / 16), [&](int64_t g0, int64_t g1) {
@@ -729,7 +759,7 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
       const Lanes lanes(wbits);
       each_row(TrellisRows{zp, cols, T, tp, rows, w.codes.data_ptr<uint8_t>(), w.codes.size(2), cols / 16,
                            groupsize, wbits, stage_bits[0], values.data_ptr<float>(), sp, inline_mad ? &mad : nullptr,
-                           &lanes, 0},
+                           &lanes, vdim == 2, 0},
                rows, grain);
     }
   }

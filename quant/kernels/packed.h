@@ -50,13 +50,14 @@ struct PlanTensors {
 // One QuantLinear's static layout: y = out_scale * (U^T W_p V (in_scale * x)) + bias. codec 0: grid (buffer
 // "codes", uint8 rows; "scale" and "zero" (R, groups), R = 1 or rows); codec 1: lattice stages (buffers
 // "codes0", ... int16 or uint8; "scale" (rows, 1)); codec 2: trellis tiles (buffer "codes" uint8 (rows / tile
-// rows, cols / 16, T k / 8); "scale" (rows, 1); `values` the code's 2^L values).
+// rows, cols / 16, T k / 8); "scale" (rows, 1); `values` the code's 2^L x V values, V = 1 or 2 per state).
 struct Plan {
   int64_t rows, cols, in_features, out_features, codec, wbits, groupsize;
   std::vector<int64_t> stage_bits;
   std::vector<double> stage_scales;
   std::vector<py::str> stage_keys;  // "codes0", "codes1", ...
-  torch::Tensor values;             // trellis: the code's value of each state
+  torch::Tensor values;             // trellis: the code's V values of each state, row-major
+  int64_t vdim = 1;                 // trellis: V, the weights one state emits
   // trellis 1MAD (stage_scales = [1 / RMS]): 1 / RMS as a float pair, and whether computing the code from
   // the state gives `values` exactly (else the kernel gathers from them)
   float mad_hi = 0, mad_lo = 0;

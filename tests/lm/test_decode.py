@@ -74,7 +74,7 @@ def test_logits_match_the_forward(tokenizer):
 
 
 @pytest.mark.parametrize("method,bits", [("ldlqRG", 2), ("ldlqRG", 4), ("e8p", 2), ("e8p", 3), ("e8p", 4),
-                                         ("qtip1mad", 2)])
+                                         ("qtip1mad", 2), ("qtip", 2)])
 def test_packed_greedy_is_generates(method, bits, tokenizer, calib):
     model = tiny_model("llama", tokenizer)
     quantize_model(model, calib, "cpu", bits, method, seed=0, incoherence=method != "ldlqRG")

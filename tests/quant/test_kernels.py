@@ -11,6 +11,7 @@ import quant
 from quant import kernels
 from quant.e8p import get_codebook
 from quant.linear import QuantLinear
+from quant.trellis import CODES
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.kernel
@@ -63,7 +64,7 @@ def vector_spec(rows, cols, name, rotation="hadamard"):
 def trellis_spec(rows, cols, k, code, L=16, T=256):
     padded = list(quant.Incoherence(rows, cols, None, "hadamard", 3).padded_shape)
     return dict(codebook="trellis", wbits=k, shape=[rows, cols], padded=padded, rotation="hadamard", seed=3,
-                groupsize=-1, trellis=dict(L=L, V=1, T=T, code=code, k=k), tile=[T // 16, 16])
+                groupsize=-1, trellis=dict(L=L, V=CODES[code], T=T, code=code, k=k), tile=[T // 16, 16])
 
 
 def torch_path(layer, x):
@@ -95,6 +96,8 @@ SPECS += [vector_spec(37, 172, name) for name in ("e8p", "e8p_rvq3", "e8p_rvq4")
 # tiles and in a short sequence (tiles of 4 rows)
 SPECS += [trellis_spec(32, 48, k, "1mad") for k in (2, 3, 4)]
 SPECS += [trellis_spec(32, 48, 2, "3inst", L=12), trellis_spec(40, 32, 2, "3inst", L=12, T=64)]
+# HYB (qtip): two weights per state, gathered as pairs
+SPECS += [trellis_spec(32, 48, k, "hyb") for k in (2, 3, 4)] + [trellis_spec(40, 32, 2, "hyb", L=12, T=64)]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s['codebook']}{s['wbits']}-{s.get('qfn', '')}"
