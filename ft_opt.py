@@ -34,7 +34,8 @@ import quant
 from quant.model import FAMILIES
 from engine.distributed import barrier, distributed, full_state, fully_shard_blocks, load_full_state
 from engine import (ArgumentParser, UserError, add_common_args, atomic_save, atomic_write_json, cli, load_checkpoint,
-                    prepare_run_dir, require_positive_ints, rng_state, run_args, set_rng_state, set_threads)
+                    prepare_run_dir, require_positive_ints, resolve_amp, rng_state, run_args, set_rng_state,
+                    set_threads)
 from losses import describe, get_loss, is_rooted, names
 from quant.pv import CodeUpdater
 
@@ -80,7 +81,7 @@ def parse_args(argv):
                         "layer's code groups, those with the largest linearised improvement (default: codes frozen)")
     p.add_argument("--update-codes-every", type=int, default=8, metavar="STEPS",
                    help="optimizer steps between two code updates (with --update-codes)")
-    p.add_argument("--amp", "--bf16", action="store_true", help="bf16 autocast (mixed precision; weights stay fp32)")
+    p.add_argument("--amp", "--bf16", action="store_true", help="bf16 autocast (mixed precision; weights stay fp32); float32 on CPUs without bfloat16 instructions")
     add_common_args(p, out="runs/ft_opt_<dataset>_<loss>[_k<k>_m<m>]", resume=True,
                     seed_help="weight init of new heads, data order", data_dir_help="folder with the dataset's "
                     "files (e.g. wiki.train.raw, wiki.test.raw); wikitext2 also comes from the datasets cache")
@@ -217,7 +218,7 @@ def run(args, rank, world, device):
     probe = data.blocks[torch.randperm(len(data.blocks), generator=torch.Generator().manual_seed(args.seed))
                         [:args.micro_bs]].to(device)
     plan = plan_steps(args, len(data.blocks), world)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_amp(args.amp, device))
     ckpt, metrics = start_or_resume(args, model, data, plan, codes_before, updater)
     started, seconds_before = time.time(), metrics.get("seconds", 0.0)  # wall seconds of the run, over its invocations
     clock = lambda: seconds_before + time.time() - started

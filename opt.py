@@ -23,7 +23,7 @@ import torch
 import lm
 import quant
 from engine import (ArgumentParser, UserError, add_common_args, atomic_write_json, cli, prepare_run_dir,
-                    require_positive_ints, set_threads)
+                    require_positive_ints, resolve_amp, set_threads)
 from lm import generate as lm_generate
 from lm.checkpoint import STORED_DTYPES, is_quantized_dir
 from lm.quantized import directory_bytes, round_to_stored, save_quantized
@@ -100,7 +100,8 @@ def build_parser():
     p.add_argument("--e2e-ft-lr", type=float, default=1e-4, help="Adam learning rate of --e2e-ft")
     p.add_argument("--amp", "--bf16", action="store_true",
                    help="bf16 autocast in the training steps of --block-ft and --e2e-ft (parameters, losses and "
-                        "the held-out errors that keep the best state stay fp32)")
+                        "the held-out errors that keep the best state stay fp32; float32 on CPUs without bfloat16 "
+                        "instructions)")
     p.add_argument("--embed-bits", type=int, choices=EMBED_BITS,
                    help="also quantize the token embedding and the LM head (tied: one table) to a grid of this many "
                         "bits, round to nearest; the head runs as a packed layer, lookups decode only their rows "
@@ -255,6 +256,7 @@ def main(argv=None):
     started = time.time()
     args = parse_args(argv)
     set_threads(args)
+    args.amp = resolve_amp(args.amp, args.device)
     dtype = DTYPES.get(args.dtype, torch.float16 if torch.device(args.device).type == "cuda" else torch.float32)
     eval_texts, calib_text = read_texts(args)
     report = dict(args=vars(args).copy(), layers=[], ppl={})

@@ -25,8 +25,8 @@ import losses
 import models
 from data import vision
 from engine import (ArgumentParser, CSVLogger, UserError, add_common_args, atomic_save, cli, load_checkpoint,
-                    prepare_run_dir, require_positive_ints, restore, rng_state, run_args, set_rng_state,
-                    set_threads)
+                    prepare_run_dir, require_positive_ints, resolve_amp, restore, rng_state, run_args,
+                    set_rng_state, set_threads)
 from engine.distributed import distributed
 from engine.loop import autocast_dtype, train_step
 
@@ -117,8 +117,7 @@ def resolve(args):
                         f"{args.momentum}")
     if args.size is None:
         args.size = 224 if models.MODELS[args.net].finetune else vision.default_size(args.dataset)
-    if args.amp is None:
-        args.amp = args.device.startswith("cuda")
+    args.amp = args.device.startswith("cuda") if args.amp is None else resolve_amp(args.amp, args.device)
     if args.channels_last is None:
         args.channels_last = convnet
     if args.out is None:

@@ -29,6 +29,7 @@ import lm  # noqa: E402
 import quant  # noqa: E402
 from lm.quantized import directory_bytes, round_to_stored, save_quantized  # noqa: E402
 from lm.shared import SMOLLM2, WIKI_TEST, WIKI_VALID  # noqa: E402
+from engine import resolve_amp  # noqa: E402
 from results import write_rows  # noqa: E402
 from quant.blockft import BlockFT, finetune_e2e  # noqa: E402
 from quant.embedding import EMBED_BITS, quantize_embeddings  # noqa: E402
@@ -82,6 +83,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    args.amp = resolve_amp(args.amp, "cpu")
     fp, tokenizer = lm.load_causal_lm(args.model)
     if args.text == "stories":
         calib = sample_tokens(fp, args.nsamples * args.seqlen, args.seqlen, seed=1000 + args.seed)

@@ -1,4 +1,5 @@
-"""engine.cli: the shared flags, the run folder check (also under 2 gloo ranks), and --help of every script."""
+"""engine.cli: the shared flags, the run folder check (also under 2 gloo ranks), --help of every script, and
+--amp's float32 fallback on CPUs without bfloat16 instructions (engine.loop)."""
 import argparse
 import importlib
 import json
@@ -6,10 +7,12 @@ import os
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine import ArgumentParser, UserError, add_common_args, prepare_run_dir
+from engine import loop
 from engine.cli import default_data_dir
 from tests.helpers import free_port
 
@@ -92,3 +95,19 @@ def test_help_shows_every_default(script, capsys, monkeypatch):
     undocumented = [a.option_strings for a in parsers[0]._actions if a.option_strings and a.default is not argparse.SUPPRESS
                     and a.help is not argparse.SUPPRESS and "default" not in formatter._get_help_string(a)]
     assert not undocumented
+
+
+@pytest.mark.parametrize("machine,bf16,amx,device,expected", [
+    ("x86_64", False, False, "cpu", False),  # emulated bf16: float32, with a note
+    ("x86_64", True, False, "cpu", True), ("x86_64", False, True, "cpu", True),
+    ("aarch64", False, False, "cpu", True),  # other architectures: as asked
+    ("x86_64", False, False, "cuda", True)])
+def test_amp_is_float32_on_a_cpu_without_bfloat16_instructions(machine, bf16, amx, device, expected, monkeypatch,
+                                                               capsys):
+    monkeypatch.setattr(loop.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert loop.resolve_amp(True, device) is expected
+    said = capsys.readouterr().out
+    assert (said.count("\n") == 1 and "float32" in said) if not expected else said == ""
+    assert loop.resolve_amp(False, device) is False and capsys.readouterr().out == ""
