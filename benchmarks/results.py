@@ -3,7 +3,7 @@
     from results import write_rows
     write_rows("bench_loss", [{"logits": "4096x1000", "candidate": "root", "ratio": 0.47}, ...])
 
-Every row gets the columns `machine` (CPU or GPU model), `threads` (torch's CPU threads), `date` (UTC,
+Every row gets the columns `machine` (CPU model, cores and vector instructions; GPU model), `threads` (torch's CPU threads), `date` (UTC,
 ISO 8601) and `commit` (the repository's HEAD, `+dirty` with uncommitted changes) after its own
 columns. The file is replaced atomically (written beside it, then renamed), so a killed benchmark
 never leaves half a file. The documentation's benchmarks page renders every such file as a table
@@ -20,7 +20,8 @@ CONTEXT = ("machine", "threads", "date", "commit")
 
 
 def machine():
-    """The CPU's model name (and the GPU's when torch sees one)."""
+    """The CPU's model name, cores and the vector instructions torch uses on it (AVX2, AVX512, ...: CPUs of one
+    name differ in them), and the GPU's name when torch sees one."""
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -33,6 +34,7 @@ def machine():
     name = f"{name}, {os.cpu_count()} cores"
     try:
         import torch
+        name += ", " + torch.backends.cpu.get_cpu_capability()
         if torch.cuda.is_available():
             name += ", " + torch.cuda.get_device_name(0)
     except ImportError:
@@ -63,14 +65,16 @@ def commit():
 def write_rows(name, rows, directory=RESULTS_DIR, keep=None):
     """Write `rows` (dicts; the union of their keys, in first-seen order, are the columns) to
     `directory/name.csv` with the machine / threads / date / commit columns; returns the path. `keep`
-    (column names): the file's rows whose values in those columns match none of `rows` stay, first, with
-    their own machine, date and commit, so that a run of a subset of cases updates only its own rows."""
+    (column names): the file's rows whose values in those columns match none of `rows`, and every row
+    measured on another machine, stay, first, with their own machine, date and commit, so that a run of a
+    subset of cases updates only its own rows and one machine's run never erases another's."""
     rows = [dict(r) for r in rows]
     path = os.path.join(directory, f"{name}.csv")
     if keep and os.path.isfile(path):
-        new = {tuple(str(r.get(k, "")) for k in keep) for r in rows}
+        here, new = machine(), {tuple(str(r.get(k, "")) for k in keep) for r in rows}
         with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if tuple(r.get(k, "") for k in keep) not in new] + rows
+            rows = [r for r in csv.DictReader(f)
+                    if r.get("machine") != here or tuple(r.get(k, "") for k in keep) not in new] + rows
     columns = []
     for row in rows:
         columns += [k for k in row if k not in columns and k not in CONTEXT]

@@ -30,11 +30,11 @@ def table(path):
     runs = sorted({tuple(r.get(c, "") for c in CONTEXT) for r in rows})
     for machine, threads, date, commit in runs:
         out.append(f"- {machine}, {threads} thread(s), {date}, commit `{commit}`")
-    out += ["", "| " + " | ".join(columns) + (" | threads |" if len(runs) > 1 else " |"),
-            "|" + "---|" * (len(columns) + (len(runs) > 1))]
+    # with several runs each row says which machine (when they differ) and thread count it comes from
+    extra = (["machine"] if len({run[0] for run in runs}) > 1 else []) + (["threads"] if len(runs) > 1 else [])
+    out += ["", "| " + " | ".join(columns + extra) + " |", "|" + "---|" * (len(columns) + len(extra))]
     for r in rows:
-        values = [cell(r.get(c, "")) for c in columns] + ([r.get("threads", "")] if len(runs) > 1 else [])
-        out.append("| " + " | ".join(values) + " |")
+        out.append("| " + " | ".join(cell(r.get(c, "")) for c in columns + extra) + " |")
     return out + [""]
 
 

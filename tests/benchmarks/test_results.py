@@ -1,5 +1,5 @@
 """benchmarks/results.py: every row carries machine, threads, date and commit; a run of some cases replaces
-only those cases' rows; the file is never half-written."""
+only those cases' rows measured on its own machine; the file is never half-written."""
 import csv
 import os
 import sys
@@ -45,6 +45,16 @@ def test_keep_replaces_only_the_cases_of_this_run(tmp_path):
                                                                        ("e8p2", "1", "60.1")]
     assert rows[1]["commit"] == "old" and rows[1]["date"] == "2020-01-01T00:00:00Z" and rows[1]["GB/s"] == ""
     assert rows[2]["GB/s"] == "3.6"
+
+
+def test_another_machines_rows_stay(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "machine", lambda: "CPU A")
+    results.write_rows("bench_x", [{"model": "fp32", "tok/s": 24.7}], directory=str(tmp_path), keep=("model",))
+    monkeypatch.setattr(results, "machine", lambda: "CPU B")
+    path = results.write_rows("bench_x", [{"model": "fp32", "tok/s": 30.1}], directory=str(tmp_path), keep=("model",))
+    assert [(r["machine"], r["tok/s"]) for r in read(path)] == [("CPU A", "24.7"), ("CPU B", "30.1")]
+    path = results.write_rows("bench_x", [{"model": "fp32", "tok/s": 31.0}], directory=str(tmp_path), keep=("model",))
+    assert [(r["machine"], r["tok/s"]) for r in read(path)] == [("CPU A", "24.7"), ("CPU B", "31.0")]
 
 
 def test_a_failed_write_leaves_the_old_file(tmp_path):

@@ -277,5 +277,10 @@ def test_a_page_renders_one_results_file_in_place(tmp_path):
     assert text.splitlines()[0] == "- CPU, 1 thread(s), 2026-01-01T00:00:00Z, commit `abc`"
     assert "| model | tok/s |" in text and "| fp32 | 24.7 |" in text and "###" not in text
     assert gen_results.render_one("bench_y", str(tmp_path)).startswith("No `bench_y` results yet")
+    (tmp_path / "bench_z.csv").write_text("model,tok/s,machine,threads,date,commit\n"
+                                          "fp32,24.7,CPU A,1,2026-01-01T00:00:00Z,abc\n"
+                                          "fp32,30.1,CPU B,1,2026-01-02T00:00:00Z,def\n")
+    rows = gen_results.render_one("bench_z", str(tmp_path)).splitlines()
+    assert "| model | tok/s | machine | threads |" in rows and "| fp32 | 30.1 | CPU B | 1 |" in rows
     page = hooks.on_page_markdown("before\n\n<!-- results: bench_generate -->\n\nafter", None, None, None)
     assert "<!-- results" not in page and "| model |" in page and page.endswith("after")
