@@ -14,6 +14,7 @@ perplexity is kept, and only the kept models, the fp model and the packed model 
 bench_quant_model.py). Rows go to benchmarks/results/bench_qft.csv: test perplexity, its ratio to the fp
 model and to the trained fp model, validation perplexity, learning rate, seconds. Each training run lives in
 its own folder under --out; with --resume a finished one is read back instead of run again."""
+import json
 import os
 import shutil
 import sys
@@ -114,13 +115,15 @@ def main(argv=None):
               ("fp trained", fp_dir, fp_lr, fp_runs[fp_lr], fp_runs[fp_lr]["ppl_after"]),
               ("packed", args.packed, None, None, qft_runs[qft_lr]["ppl_before"]),
               ("packed + QFT", qft_dir, qft_lr, qft_runs[qft_lr], qft_runs[qft_lr]["ppl_after"])]
+    with open(os.path.join(args.packed, "config.json")) as f:
+        packing = json.load(f)["quantization_config"]
     ppl = {}
     for stage, path, *_ in stages:
         tick = time.perf_counter()
         ppl[stage] = test_perplexity(path, test_ids, args)
         print(f"{stage}: test perplexity {ppl[stage]:.4g} ({time.perf_counter() - tick:.0f} s)", flush=True)
     rows = [dict(model=os.path.basename(args.model), packed=os.path.basename(os.path.normpath(args.packed)),
-                 loss=args.loss, stage=stage, steps=args.steps if run else 0, lr="" if lr is None else f"{lr:g}",
+                 method=packing["method"], wbits=packing["wbits"], loss=args.loss, stage=stage, steps=args.steps if run else 0, lr="" if lr is None else f"{lr:g}",
                  tokens_per_step=args.bs * args.seqlen,
                  valid_ppl=f"{valid:.4g}",
                  ppl=f"{ppl[stage]:.4g}", ppl_vs_fp=round(ppl[stage] / ppl["fp"], 3),
