@@ -81,7 +81,8 @@ def parse_args(argv):
                         "layer's code groups, those with the largest linearised improvement (default: codes frozen)")
     p.add_argument("--update-codes-every", type=int, default=8, metavar="STEPS",
                    help="optimizer steps between two code updates (with --update-codes)")
-    p.add_argument("--amp", "--bf16", action="store_true", help="bf16 autocast (mixed precision; weights stay fp32); float32 on CPUs without bfloat16 instructions")
+    p.add_argument("--amp", "--bf16", action="store_true",
+                   help="bf16 autocast (mixed precision; weights stay fp32); float32 on CPUs without bfloat16 instructions")
     add_common_args(p, out="runs/ft_opt_<dataset>_<loss>[_k<k>_m<m>]", resume=True,
                     seed_help="weight init of new heads, data order", data_dir_help="folder with the dataset's "
                     "files (e.g. wiki.train.raw, wiki.test.raw); wikitext2 also comes from the datasets cache")

@@ -76,7 +76,7 @@ def parse_args(argv):
     return args
 
 
-def test_perplexity(model_path, test_ids, args):
+def perplexity_on(model_path, test_ids, args):
     model, _ = lm.load_causal_lm(model_path, device=args.device)
     return lm.perplexity(model, test_ids, args.eval_seqlen, device=args.device, max_windows=args.eval_windows)
 
@@ -120,13 +120,12 @@ def main(argv=None):
     ppl = {}
     for stage, path, *_ in stages:
         tick = time.perf_counter()
-        ppl[stage] = test_perplexity(path, test_ids, args)
+        ppl[stage] = perplexity_on(path, test_ids, args)
         print(f"{stage}: test perplexity {ppl[stage]:.4g} ({time.perf_counter() - tick:.0f} s)", flush=True)
     rows = [dict(model=os.path.basename(args.model), packed=os.path.basename(os.path.normpath(args.packed)),
-                 method=packing["method"], wbits=packing["wbits"], loss=args.loss, stage=stage, steps=args.steps if run else 0, lr="" if lr is None else f"{lr:g}",
-                 tokens_per_step=args.bs * args.seqlen,
-                 valid_ppl=f"{valid:.4g}",
-                 ppl=f"{ppl[stage]:.4g}", ppl_vs_fp=round(ppl[stage] / ppl["fp"], 3),
+                 method=packing["method"], wbits=packing["wbits"], loss=args.loss, stage=stage,
+                 steps=args.steps if run else 0, lr="" if lr is None else f"{lr:g}", tokens_per_step=args.bs * args.seqlen,
+                 valid_ppl=f"{valid:.4g}", ppl=f"{ppl[stage]:.4g}", ppl_vs_fp=round(ppl[stage] / ppl["fp"], 3),
                  ppl_vs_fp_trained=round(ppl[stage] / ppl["fp trained"], 3),
                  seconds=round(run["seconds"], 1) if run else "", amp="on" if args.amp else "off")
             for stage, path, lr, run, valid in stages]

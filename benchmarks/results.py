@@ -3,9 +3,9 @@
     from results import write_rows
     write_rows("bench_loss", [{"logits": "4096x1000", "candidate": "root", "ratio": 0.47}, ...])
 
-Every row gets the columns `machine` (CPU model, cores and vector instructions; GPU model), `threads` (torch's CPU threads), `date` (UTC,
-ISO 8601) and `commit` (the repository's HEAD, `+dirty` with uncommitted changes) after its own
-columns. The file is replaced atomically (written beside it, then renamed), so a killed benchmark
+Every row gets the columns `machine` (CPU model, cores and vector instructions; GPU model), `threads`
+(torch's CPU threads), `date` (UTC, ISO 8601) and `commit` (the repository's HEAD, `+dirty` with
+uncommitted changes) after its own columns. The file is replaced atomically (written beside it, then renamed), so a killed benchmark
 never leaves half a file. The documentation's benchmarks page renders every such file as a table
 (`docs/gen_results.py`)."""
 import csv

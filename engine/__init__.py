@@ -13,5 +13,6 @@ from .stats import format_ci, mean_ci
 
 __all__ = ["ArgumentParser", "UserError", "cli", "require_positive_ints", "add_common_args",
            "prepare_run_dir", "run_args", "set_threads", "load_checkpoint", "restore", "rng_state", "set_rng_state",
-           "resolve_amp", "atomic_copy", "atomic_dir", "atomic_save", "atomic_savefig", "atomic_write_csv", "atomic_write_text", "atomic_write_json",
+           "resolve_amp",
+           "atomic_copy", "atomic_dir", "atomic_save", "atomic_savefig", "atomic_write_csv", "atomic_write_text", "atomic_write_json",
            "CSVLogger", "read_csv", "mean_ci", "format_ci"]

@@ -6,8 +6,9 @@ matmul that decodes the packed codes in registers inside the dot products (scala
 with their scales and zero points; E8P from its 256-entry table, sign bits and shift, and the residual
 stages of e8p_rvq3/e8p_rvq4; trellis tiles, 1MAD computed from the state, 3INST and HYB read from the
 code's table), threaded over output rows (`at::parallel_for`, torch's thread count). `decode.h`, compiled
-with it, is `lm.decode`'s whole-model decode loop over these plans (`plan(layer)`). One call per layer matters as much as the matmul on small models, where per-op overhead dominates. It returns None
-where it does not apply (another device or dtype, more tokens, gradients needed, a codebook without a
+with it, is `lm.decode`'s whole-model decode loop over these plans (`plan(layer)`). One call per layer
+matters as much as the matmul on small models, where per-op overhead dominates. It returns None where it
+does not apply (another device or dtype, more tokens, gradients needed, a codebook without a
 `kernel_layout`) and QuantLinear's torch path runs: more tokens amortize decoding a block of weights
 into a matmul.
 

@@ -256,11 +256,10 @@ struct VectorRows {
   }
 };
 
-// ---- trellis tiles (quant/codebooks/trellis.py): with V = 1 codes weight i of a tile is values[state_i], state_i
-// the L-bit window of the tile's circular big-endian bitstream that ends (i + 1) k bits in (V = 2: see
-// TrellisRows::row16_pairs). A tile row is 16
-// weights, one vector; each half of 8 reads one 64-bit window that starts 16 bits before its first weight's
-// k bits. The 1MAD code is computed from the state (an LCG, the sum of its 4 bytes, times 1 / RMS as a
+// ---- trellis tiles (quant/codebooks/trellis.py): with V = 1 codes weight i of a tile is values[state_i],
+// state_i the L-bit window of the tile's circular big-endian bitstream that ends (i + 1) k bits in (V = 2: see
+// TrellisRows::row16_pairs). A tile row is 16 weights, one vector; each half of 8 reads one 64-bit window
+// that starts 16 bits before its first weight's k bits. The 1MAD code is computed from the state (an LCG, the sum of its 4 bytes, times 1 / RMS as a
 // float pair: exact, the Plan checks every state against the table); other codes gather from the table.
 typedef uint64_t v8q __attribute__((vector_size(64)));
 
@@ -290,12 +289,14 @@ struct Mad {
 // States of 16 weights from stream bit q: lane j is bits [p, p + L) of the 64 stream bits from q - 16 (first
 // bit most significant), p = 16 + (j + 1) k - L.
 struct Lanes {
-  v8q shifts;  // two 64-bit windows, 8 lanes each
+  v8q shifts;       // two 64-bit windows, 8 lanes each
+  v8q pair_shifts;  // V = 2 (TrellisRows::row16_pairs): states 0-3 and 4-7 of two windows, 2k bits apart
 #if defined(__AVX512F__)
   __m512i word, right;  // k <= 3: one window; per lane, the 32-bit word that holds its bits and the shift
 #endif
   Lanes(int64_t k) {
     for (int j = 0; j < 8; ++j) shifts[j] = 64 - 16 - (j + 1) * k;
+    for (int j = 0; j < 4; ++j) pair_shifts[j] = pair_shifts[j + 4] = 48 - (j + 1) * 2 * k;
 #if defined(__AVX512F__)
     alignas(64) int32_t w[16], r[16];
     for (int j = 0; j < 16; ++j) {  // words: 0 = bits 32-63, 1 = bits 0-31, 2 = bits 16-47
@@ -355,14 +356,10 @@ struct TrellisRows {
 
   // V = 2: 8 states, state j the L bits that end (j + 1) 2k bits after q, each giving weights 2j and 2j + 1
   // (values[2 state], values[2 state + 1]); states 0-3 from the window at q, 4-7 from the one at q + 8k.
-  inline v16f row16_pairs(const uint8_t* s, int64_t q, uint64_t mask) const {
+  inline v16f row16_pairs(const uint8_t* s, int64_t q, const Lanes& lanes, uint64_t mask) const {
     const uint64_t w0 = window(s, q), w1 = window(s, q + 8 * k);
-    v8q words, shifts;
-    for (int j = 0; j < 4; ++j) {
-      words[j] = w0, words[j + 4] = w1;
-      shifts[j] = shifts[j + 4] = 48 - (j + 1) * 2 * k;
-    }
-    const v8q st = (words >> shifts) & mask;
+    const v8q words = {w0, w0, w0, w0, w1, w1, w1, w1};
+    const v8q st = (words >> lanes.pair_shifts) & mask;
 #if defined(__AVX2__)  // a state's two values as one 64-bit gather, four states per instruction
     __m256i lo, hi;
     std::memcpy(&lo, &st, 32), std::memcpy(&hi, reinterpret_cast<const char*>(&st) + 32, 32);
@@ -379,7 +376,7 @@ struct TrellisRows {
   }
 
   inline v16f row16(const uint8_t* s, int64_t q, const Lanes& lanes, uint64_t mask) const {  // 16 weights
-    if (pairs) return row16_pairs(s, q, mask);
+    if (pairs) return row16_pairs(s, q, lanes, mask);
     const v16u st = states(s, q, lanes, mask);
     if (mad != nullptr) return Mad::unscaled(st);
 #if defined(__AVX512F__)
