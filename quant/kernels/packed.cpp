@@ -293,8 +293,14 @@ struct Lanes {
   v8q pair_shifts;  // V = 2 (TrellisRows::row16_pairs): states 0-3 and 4-7 of two windows, 2k bits apart
 #if defined(__AVX512F__)
   __m512i word, right;  // k <= 3: one window; per lane, the 32-bit word that holds its bits and the shift
+#elif defined(__AVX2__)
+  // 8 lanes from one window as it lies in memory (8 bytes, broadcast): lane j's 4 bytes byte-reversed into a
+  // big-endian word that holds bits [p + 16 - L, p + 16), p = (j + 1) k, and the shift that ends the state
+  // there; `pairs` the same for HYB's states 0-3 (p = (j + 1) 2k)
+  __m256i bytes, right;
+  __m128i pair_bytes, pair_right;
 #endif
-  Lanes(int64_t k) {
+  Lanes(int64_t k, int64_t L) {
     for (int j = 0; j < 8; ++j) shifts[j] = 64 - 16 - (j + 1) * k;
     for (int j = 0; j < 4; ++j) pair_shifts[j] = pair_shifts[j + 4] = 48 - (j + 1) * 2 * k;
 #if defined(__AVX512F__)
@@ -305,6 +311,18 @@ struct Lanes {
       r[j] = (w[j] == 1 ? 32 : w[j] == 2 ? 48 : 64) - 16 - p;
     }
     word = _mm512_load_si512(w), right = _mm512_load_si512(r);
+#elif defined(__AVX2__)
+    alignas(32) uint8_t b[32], pb[16];
+    alignas(32) int32_t r[8], pr[4];
+    auto cut = [L](int64_t p, uint8_t* lane_bytes, int32_t& shift) {  // first byte: any state fits 4 bytes
+      const int64_t first = std::min<int64_t>(4, (p + 16 - L) / 8);
+      for (int t = 0; t < 4; ++t) lane_bytes[t] = (uint8_t)(first + 3 - t);
+      shift = (int32_t)(8 * first + 32 - (p + 16));
+    };
+    for (int j = 0; j < 8; ++j) cut((j + 1) * k, b + 4 * j, r[j]);
+    for (int j = 0; j < 4; ++j) cut((j + 1) * 2 * k, pb + 4 * j, pr[j]);
+    bytes = _mm256_load_si256((const __m256i*)b), right = _mm256_load_si256((const __m256i*)r);
+    pair_bytes = _mm_load_si128((const __m128i*)pb), pair_right = _mm_load_si128((const __m128i*)pr);
 #endif
   }
 };
@@ -324,7 +342,7 @@ struct TrellisRows {
   }
 
   // 64 stream bits from bit q - 16, the first most significant; the stream is circular (nbytes >= 8)
-  inline uint64_t window(const uint8_t* s, int64_t q) const {
+  HOT_INLINE uint64_t window(const uint8_t* s, int64_t q) const {
     const int64_t b0 = q / 8 - 2;
     if (b0 >= 0 && b0 + 8 <= nbytes) return load_be(s + b0);
     if (b0 < 0)  // a tile's first row: the stream's last 2 bytes, then its first 6
@@ -390,6 +408,79 @@ struct TrellisRows {
 #endif
   }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // AVX2 has no 16-float registers, and GCC assembles 16-float vector code through the stack there: row8
+  // cuts 8 weights (one register) from window w, the first or second half of a tile row. The code (1MAD,
+  // a table, HYB's pairs) and whether the row's windows lie inside the stream are template arguments, so
+  // the loop over a row's tiles has no branch.
+  enum Code { MAD, TABLE, PAIRS };
+
+  template <Code CODE>
+  HOT_INLINE __m256 row8(long long raw, const Lanes& lanes) const {  // raw: the window's 8 bytes in memory order
+    if (CODE == PAIRS) {  // states 0-3 (row16_pairs), each state's pair of values one 64-bit gather
+      const __m128i st = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi8(_mm_set1_epi64x(raw), lanes.pair_bytes),
+                                                      lanes.pair_right), _mm_set1_epi32((int)((1u << L) - 1)));
+      return _mm256_castsi256_ps(_mm256_i32gather_epi64(reinterpret_cast<const long long*>(values), st, 8));
+    }
+    const __m256i st = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_set1_epi64x(raw), lanes.bytes),
+                                                          lanes.right), _mm256_set1_epi32((int)((1u << L) - 1)));
+    if (CODE == TABLE) return _mm256_i32gather_ps(values, st, 4);
+    const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(st, _mm256_set1_epi32(34038481)), _mm256_set1_epi32(76625530));
+    const __m256i bytes = _mm256_madd_epi16(_mm256_maddubs_epi16(x, _mm256_set1_epi8(1)), _mm256_set1_epi16(1));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(bytes, _mm256_set1_epi32(510)));
+  }
+
+  HOT_INLINE long long raw_window(const uint8_t* s, int64_t q) const {  // any row: window's bytes back in order
+    return (long long)__builtin_bswap64(window(s, q));
+  }
+
+  static HOT_INLINE long long raw_load(const uint8_t* p) {
+    long long raw;
+    std::memcpy(&raw, p, sizeof raw);
+    return raw;
+  }
+
+  template <int NT, Code CODE, bool INSIDE>
+  void row(int64_t t0) const {
+    const float* zt = z + t0 * zs;
+    const int64_t q0 = (r % tile_rows) * 16 * k, q1 = q0 + 8 * k;
+    const uint8_t* tile = codes + (r / tile_rows) * nblk * nbytes;
+    __m256 acc[NT][2];
+    for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nblk; ++b, tile += nbytes) {  // tile row (r, b): columns 16 b .. 16 b + 15
+      const long long w0 = INSIDE ? raw_load(tile + q0 / 8 - 2) : raw_window(tile, q0);
+      const long long w1 = INSIDE ? raw_load(tile + q1 / 8 - 2) : raw_window(tile, q1);
+      const __m256 lo = row8<CODE>(w0, *lanes), hi = row8<CODE>(w1, *lanes);
+      for (int t = 0; t < NT; ++t) {
+        acc[t][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(zt + t * zs + 16 * b), acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(zt + t * zs + 16 * b + 8), acc[t][1]);
+      }
+    }
+    for (int t = 0; t < NT; ++t) {
+      const float sum = hsum(acc[t][0] + acc[t][1]);
+      y[(t0 + t) * ys + r] = (CODE == MAD ? mad->scaled(sum) : sum) * scale[r];
+    }
+  }
+
+  template <int NT, Code CODE>
+  void row(int64_t t0) const {
+    const int64_t q0 = (r % tile_rows) * 16 * k;  // both windows within the stream's bytes
+    if (q0 / 8 - 2 >= 0 && (q0 + 8 * k) / 8 + 6 <= nbytes)
+      row<NT, CODE, true>(t0);
+    else
+      row<NT, CODE, false>(t0);
+  }
+
+  template <int NT>
+  void go(int64_t t0) const {
+    if (pairs)
+      row<NT, PAIRS>(t0);
+    else if (mad != nullptr)
+      row<NT, MAD>(t0);
+    else
+      row<NT, TABLE>(t0);
+  }
+#else
   template <int NT>
   void go(int64_t t0) const {
     const float* zt = z + t0 * zs;
@@ -411,6 +502,7 @@ struct TrellisRows {
       y[(t0 + t) * ys + r] = (mad != nullptr ? mad->scaled(sum) : sum) * scale[r];
     }
   }
+#endif
 };
 
 #if defined(__AVX512BW__)
@@ -753,7 +845,7 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
     } else
 #endif
     {
-      const Lanes lanes(wbits);
+      const Lanes lanes(wbits, stage_bits[0]);
       each_row(TrellisRows{zp, cols, T, tp, rows, w.codes.data_ptr<uint8_t>(), w.codes.size(2), cols / 16,
                            groupsize, wbits, stage_bits[0], values.data_ptr<float>(), sp, inline_mad ? &mad : nullptr,
                            &lanes, vdim == 2, 0},

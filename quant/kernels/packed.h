@@ -12,6 +12,11 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef float v16f __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 
+// Hot helpers that return 16-float vectors: without AVX-512 such a vector is two registers returned in
+// memory, and GCC's cost model then keeps the helper out of line, a call per 16 weights.
+#define HOT_INLINE inline __attribute__((always_inline))
+#define HOT_LAMBDA __attribute__((always_inline))
+
 static inline v8f load8(const float* p) {
   v8f v;
   std::memcpy(&v, p, sizeof v);
