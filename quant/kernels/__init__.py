@@ -14,7 +14,7 @@ into a matmul.
 
 The extension is built on first use with torch.utils.cpp_extension (ninja, a C++ compiler; about half a
 minute of one core) into torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),
-once per CPU capability (-mavx2 -mfma where torch reports AVX2 or AVX512), and reused afterwards.
+once per CPU capability (-mavx2 -mfma -mf16c where torch reports AVX2 or AVX512), and reused afterwards.
 RLO_NO_KERNEL=1 (read at import) disables it; a failed build warns once and leaves the torch path.
 `extension("trellis")` is the second extension, `trellis.cpp`: the Viterbi search of quant.trellis
 (called from `Trellis.viterbi`) as the operator torch.ops.rlo_trellis.viterbi, built and disabled the same way.
@@ -58,7 +58,7 @@ def _build(name):
 
     sources, ops, fallback = SOURCES[name]
     capability = torch.backends.cpu.get_cpu_capability()
-    simd = ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
+    simd = ["-mavx2", "-mfma", "-mf16c"] if capability in ("AVX2", "AVX512") else []
     if capability == "AVX512":  # 16-float vectors (trellis states and codes, dense matvecs); torch's AVX512 has BW
         simd += ["-mavx512f", "-mavx512bw"]
     source = " and ".join(sources)

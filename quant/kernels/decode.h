@@ -22,29 +22,36 @@
 #include <cstring>
 #include <limits>
 
-typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef uint16_t vnh __attribute__((vector_size(2 * NW)));
+typedef uint32_t vnu __attribute__((vector_size(4 * NW)));
 
-static inline v16f load16(const at::BFloat16* p) {  // bfloat16 is the high half of a float32
-  v16h h;
+static inline vnf loadn(const at::BFloat16* p) {  // bfloat16 is the high half of a float32
+  vnh h;
   std::memcpy(&h, p, sizeof h);
-  return (v16f)(__builtin_convertvector(h, v16u) << 16);
+  return (vnf)(__builtin_convertvector(h, vnu) << 16);
 }
 
-static inline v16f load16(const at::Half* p) {
+static inline vnf loadn(const at::Half* p) {
 #if defined(__AVX512F__)
-  return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+  return (vnf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#elif defined(__F16C__)
+  return (vnf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
 #else
-  v16f v;
-  for (int i = 0; i < 16; ++i) v[i] = (float)p[i];
+  vnf v;
+  for (int i = 0; i < NW; ++i) v[i] = (float)p[i];
   return v;
 #endif
 }
 
 typedef float v4f __attribute__((vector_size(16)));
 
-static inline float hsum16(v16f v) {  // a tree of halves: 4 dependent adds, not 15 (once per row of the head)
+static inline float hsumn(vnf v) {  // a tree of halves: log2(NW) dependent adds, not NW - 1 (once per head row)
+#if defined(__AVX512F__)
   const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  const v8f a = v;
+#endif
   const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
@@ -57,13 +64,13 @@ static void matvec(const Wt* W, const float* x, float* y, int64_t rows, int64_t 
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const Wt* w = W + r * cols;
-      v16f a0 = {}, a1 = {};
+      vnf a0 = {}, a1 = {};
       int64_t c = 0;
-      for (; c + 32 <= cols; c += 32) {
-        a0 += load16(w + c) * load16(x + c);
-        a1 += load16(w + c + 16) * load16(x + c + 16);
+      for (; c + 2 * NW <= cols; c += 2 * NW) {
+        a0 += loadn(w + c) * loadn(x + c);
+        a1 += loadn(w + c + NW) * loadn(x + c + NW);
       }
-      float s = hsum16(a0 + a1);
+      float s = hsumn(a0 + a1);
       for (; c < cols; ++c) s += (float)w[c] * x[c];
       y[r] = bias ? s + bias[r] : s;
     }

@@ -183,13 +183,16 @@ struct GridRows {
 // ---- 8-bit grids (quantized heads): sum_g scale_g (sum_i (q_i - 128) x_i - (zero_g - 128) X_g), X_g the
 // group's sum of x, shared by every row. Centring keeps both terms small (zero points lie near 128), so the
 // factored sum agrees with the direct one to rounding; a weight costs a widening, a conversion and an FMA.
-static inline v16f centred16(const uint8_t* p) {  // 16 codes q as floats q - 128
+static inline vnf centred(const uint8_t* p) {  // NW codes q as floats q - 128
 #if defined(__AVX512F__)  // one widening load (the generic form below compiles to byte unpacks)
-  return (v16f)_mm512_cvtepi32_ps(
+  return (vnf)_mm512_cvtepi32_ps(
       _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)), _mm512_set1_epi32(128)));
+#elif defined(__AVX2__)
+  return (vnf)_mm256_cvtepi32_ps(
+      _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)), _mm256_set1_epi32(128)));
 #else
-  v16f v;
-  for (int i = 0; i < 16; ++i) v[i] = (float)p[i] - 128.0f;
+  vnf v;
+  for (int i = 0; i < NW; ++i) v[i] = (float)p[i] - 128.0f;
   return v;
 #endif
 }
@@ -211,17 +214,17 @@ struct ByteRows {
     float out[NT] = {};
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t c0 = g * span, c1 = std::min(cols, c0 + span);
-      v16f a[NT][4] = {};
+      vnf a[NT][4] = {};
       int64_t c = c0;
-      auto block = [&](int64_t cc, int u) {
-        for (int t = 0; t < NT; ++t) a[t][u] += centred16(row + cc) * load16(zt + t * zs + cc);
+      auto block = [&](int64_t cc, int u) HOT_LAMBDA {
+        for (int t = 0; t < NT; ++t) a[t][u] += centred(row + cc) * loadn(zt + t * zs + cc);
       };
-      for (; c + 64 <= c1; c += 64) block(c, 0), block(c + 16, 1), block(c + 32, 2), block(c + 48, 3);
-      for (; c + 16 <= c1; c += 16) block(c, 0);
+      for (; c + 4 * NW <= c1; c += 4 * NW) block(c, 0), block(c + NW, 1), block(c + 2 * NW, 2), block(c + 3 * NW, 3);
+      for (; c + NW <= c1; c += NW) block(c, 0);
       for (int t = 0; t < NT; ++t) {
-        const v16f s = (a[t][0] + a[t][1]) + (a[t][2] + a[t][3]);
+        const vnf s = (a[t][0] + a[t][1]) + (a[t][2] + a[t][3]);
         float dot = 0;
-        for (int i = 0; i < 16; ++i) dot += s[i];
+        for (int i = 0; i < NW; ++i) dot += s[i];
         for (int64_t cc = c; cc < c1; ++cc) dot += ((float)row[cc] - 128.0f) * zt[t * zs + cc];
         out[t] += sc[g] * (dot - (ze[g] - 128.0f) * xsum[(t0 + t) * groups + g]);
       }

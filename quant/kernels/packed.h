@@ -29,6 +29,22 @@ static inline v16f load16(const float* p) {
   return v;
 }
 
+// The widest float vector the build has registers for: 16 floats with AVX-512, else 8 (GCC splits wider
+// vector-extension code through the stack on AVX2). Streaming kernels (8-bit heads, dense matvecs) use it.
+#if defined(__AVX512F__)
+constexpr int NW = 16;
+typedef v16f vnf;
+#else
+constexpr int NW = 8;
+typedef v8f vnf;
+#endif
+
+static inline vnf loadn(const float* p) {
+  vnf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
 struct Rotation {
   int64_t kind = 0, n = 0;  // 0: none, 1: hadamard, 2: butterfly (kron is its one-factor case)
   // hadamard: R = (H_2^a kron H_m) diag(signs) / sqrt(n), index i = i2 * m + im; H = H_m / sqrt(m) or none
