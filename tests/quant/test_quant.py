@@ -254,13 +254,14 @@ def test_hessian_accumulator_strips_give_the_full_symmetric_product(monkeypatch)
     torch.testing.assert_close(H.double(), X.T @ X / 50, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("wbits", [2, 3, 4])
-def test_packed_rows_round_trip_bit_exact(wbits):
-    codes = torch.randint(0, 2 ** wbits, (13, 7), dtype=torch.uint8)
+@pytest.mark.parametrize("wbits", [2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("cols", [7, 40])  # rows ending inside a word of 8 codes, and whole words
+def test_packed_rows_round_trip_bit_exact(wbits, cols):
+    codes = torch.randint(0, 2 ** wbits, (13, cols), dtype=torch.uint8)
     packed = pack_rows(codes, wbits)
-    assert packed.dtype == torch.uint8 and packed.shape == (13, math.ceil(7 * wbits / 8))
-    assert torch.equal(unpack_rows(packed, wbits, 7), codes)
-    assert torch.equal(unpack_rows(packed[4:9], wbits, 7), codes[4:9])  # a block of rows decodes alone
+    assert packed.dtype == torch.uint8 and packed.shape == (13, math.ceil(cols * wbits / 8))
+    assert torch.equal(unpack_rows(packed, wbits, cols), codes)
+    assert torch.equal(unpack_rows(packed[4:9], wbits, cols), codes[4:9])  # a block of rows decodes alone
     # little-endian bits within each row: code j occupies bits j*wbits .. j*wbits + wbits - 1
     row = sum(int(c) << (j * wbits) for j, c in enumerate(codes[0]))
     assert packed[0].tolist() == list(row.to_bytes(packed.shape[1], "little"))
