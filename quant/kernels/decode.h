@@ -81,25 +81,25 @@ static void matvec(const Wt* W, const float* x, float* y, int64_t rows, int64_t 
 struct Linear {
   const Plan* plan = nullptr;
   PlanTensors tensors;
-  torch::Tensor weight, bias;  // dense: (out, in) float32, float16 or bfloat16, optional float32 bias
+  at::Tensor weight, bias;  // dense: (out, in) float32, float16 or bfloat16, optional float32 bias
   int64_t in = 0, out = 0;
 
   void operator()(const float* x, float* y) const {
     const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
     if (plan != nullptr)
       plan->apply(tensors, x, 1, y);
-    else if (weight.scalar_type() == torch::kBFloat16)
+    else if (weight.scalar_type() == at::kBFloat16)
       matvec(weight.data_ptr<at::BFloat16>(), x, y, out, in, b);
-    else if (weight.scalar_type() == torch::kHalf)
+    else if (weight.scalar_type() == at::kHalf)
       matvec(weight.data_ptr<at::Half>(), x, y, out, in, b);
     else
       matvec(weight.data_ptr<float>(), x, y, out, in, b);
   }
 };
 
-static bool floating(const torch::Tensor& t) {
+static bool floating(const at::Tensor& t) {
   const auto d = t.scalar_type();
-  return d == torch::kFloat32 || d == torch::kHalf || d == torch::kBFloat16;
+  return d == at::kFloat || d == at::kHalf || d == at::kBFloat16;
 }
 
 enum Part { MATMUL, ATTENTION, HEAD, OTHER, PARTS };
@@ -109,29 +109,29 @@ struct Decoder {
   int64_t layers, hidden, heads, kv_heads, head_dim, inter, vocab, max_len;
   double eps, scaling;
   std::vector<Linear> lin;  // PER_LAYER per layer, then the head
-  std::vector<torch::Tensor> norms;  // input and post-attention norm of each layer, then the final norm
-  torch::Tensor cos, sin;  // (max_len, head_dim) rotary tables
-  torch::Tensor kcache, vcache;  // (layers, kv_heads, max_len, head_dim)
+  std::vector<at::Tensor> norms;  // input and post-attention norm of each layer, then the final norm
+  at::Tensor cos, sin;  // (max_len, head_dim) rotary tables
+  at::Tensor kcache, vcache;  // (layers, kv_heads, max_len, head_dim)
   // token embedding: dense (vocab, hidden) table, or a grid QuantLinear's codes decoded row by row
-  torch::Tensor embed, e_codes, e_scale, e_zero, e_in, e_out;
+  at::Tensor embed, e_codes, e_scale, e_zero, e_in, e_out;
   int64_t e_bits = 0, e_groupsize = -1;
-  torch::Tensor logits;
+  at::Tensor logits;
   std::vector<float> x, h, t, q, k, v, att, g, u, scores;
   bool profiling = false;
   double seconds[PARTS] = {};
 
   Decoder(int64_t layers_, int64_t hidden_, int64_t heads_, int64_t kv_heads_, int64_t head_dim_, int64_t inter_,
-          int64_t vocab_, int64_t max_len_, double eps_, double scaling_, torch::Tensor cos_, torch::Tensor sin_)
+          int64_t vocab_, int64_t max_len_, double eps_, double scaling_, at::Tensor cos_, at::Tensor sin_)
       : layers(layers_), hidden(hidden_), heads(heads_), kv_heads(kv_heads_), head_dim(head_dim_), inter(inter_),
         vocab(vocab_), max_len(max_len_), eps(eps_), scaling(scaling_) {
     TORCH_CHECK(heads % kv_heads == 0 && head_dim % 2 == 0, "grouped-query attention layout");
-    cos = cos_.to(torch::kFloat32).contiguous(), sin = sin_.to(torch::kFloat32).contiguous();
-    TORCH_CHECK(cos.sizes() == torch::IntArrayRef({max_len, head_dim}) && sin.sizes() == cos.sizes(), "rotary tables");
+    cos = cos_.to(at::kFloat).contiguous(), sin = sin_.to(at::kFloat).contiguous();
+    TORCH_CHECK(cos.sizes() == at::IntArrayRef({max_len, head_dim}) && sin.sizes() == cos.sizes(), "rotary tables");
     lin.resize(layers * PER_LAYER + 1);
     norms.resize(2 * layers + 1);
-    kcache = torch::zeros({layers, kv_heads, max_len, head_dim});
-    vcache = torch::zeros({layers, kv_heads, max_len, head_dim});
-    logits = torch::empty({vocab});
+    kcache = at::zeros({layers, kv_heads, max_len, head_dim});
+    vcache = at::zeros({layers, kv_heads, max_len, head_dim});
+    logits = at::empty({vocab});
     x.resize(hidden), h.resize(hidden), t.resize(std::max(hidden, heads * head_dim));
     q.resize(heads * head_dim), k.resize(kv_heads * head_dim), v.resize(kv_heads * head_dim);
     att.resize(heads * head_dim), g.resize(inter), u.resize(inter), scores.resize(heads * max_len);
@@ -147,47 +147,47 @@ struct Decoder {
                 want_in);
   }
 
-  void set_dense(int64_t slot, torch::Tensor weight, torch::Tensor bias) {
+  void set_dense(int64_t slot, at::Tensor weight, at::Tensor bias) {
     TORCH_CHECK(weight.dim() == 2 && floating(weight), "dense weights: 2-D float32, float16 or bfloat16");
     check_slot(slot, weight.size(1), weight.size(0));
     Linear& l = lin[slot];
     l.plan = nullptr, l.weight = weight.contiguous(), l.in = weight.size(1), l.out = weight.size(0);
-    l.bias = bias.numel() ? bias.to(torch::kFloat32).contiguous() : torch::Tensor();
+    l.bias = bias.numel() ? bias.to(at::kFloat).contiguous() : at::Tensor();
   }
 
   void set_packed(int64_t slot, const Plan& plan, py::dict params, py::dict buffers) {
     check_slot(slot, plan.in_features, plan.out_features);
     Linear& l = lin[slot];
     l.plan = &plan, l.tensors = plan.bind(params, buffers), l.in = plan.in_features, l.out = plan.out_features;
-    l.weight = torch::Tensor(), l.bias = torch::Tensor();
+    l.weight = at::Tensor(), l.bias = at::Tensor();
   }
 
-  void set_norm(int64_t i, torch::Tensor w) {
+  void set_norm(int64_t i, at::Tensor w) {
     TORCH_CHECK(i >= 0 && i <= 2 * layers && w.numel() == hidden, "norm");
-    norms[i] = w.to(torch::kFloat32).contiguous();
+    norms[i] = w.to(at::kFloat).contiguous();
   }
 
-  void set_embedding(torch::Tensor table) {
+  void set_embedding(at::Tensor table) {
     TORCH_CHECK(table.dim() == 2 && table.size(0) == vocab && table.size(1) == hidden && floating(table),
                 "embedding table");
     embed = table.contiguous(), e_bits = 0;
   }
 
   // quant.embedding.QuantEmbedding: row = scale * (code - zero) [* in_scale] [* out_scale[row]]
-  void set_grid_embedding(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t bits,
-                          int64_t groupsize, torch::Tensor in_scale, torch::Tensor out_scale) {
-    TORCH_CHECK((bits == 4 || bits == 8) && codes.scalar_type() == torch::kUInt8 && codes.size(0) == vocab &&
+  void set_grid_embedding(at::Tensor codes, at::Tensor scale, at::Tensor zero, int64_t bits,
+                          int64_t groupsize, at::Tensor in_scale, at::Tensor out_scale) {
+    TORCH_CHECK((bits == 4 || bits == 8) && codes.scalar_type() == at::kByte && codes.size(0) == vocab &&
                 codes.size(1) == (hidden * bits + 7) / 8 && scale.dim() == 2 && zero.sizes() == scale.sizes(),
                 "grid embedding layout");
-    e_codes = codes.contiguous(), e_scale = scale.to(torch::kFloat32).contiguous();
-    e_zero = zero.to(torch::kFloat32).contiguous(), e_bits = bits, e_groupsize = groupsize;
-    e_in = in_scale.numel() ? in_scale.to(torch::kFloat32).contiguous() : torch::Tensor();
-    e_out = out_scale.numel() ? out_scale.to(torch::kFloat32).contiguous() : torch::Tensor();
-    embed = torch::Tensor();
+    e_codes = codes.contiguous(), e_scale = scale.to(at::kFloat).contiguous();
+    e_zero = zero.to(at::kFloat).contiguous(), e_bits = bits, e_groupsize = groupsize;
+    e_in = in_scale.numel() ? in_scale.to(at::kFloat).contiguous() : at::Tensor();
+    e_out = out_scale.numel() ? out_scale.to(at::kFloat).contiguous() : at::Tensor();
+    embed = at::Tensor();
   }
 
   // The prompt's keys (after RoPE) and values of layer l, (kv_heads, n, head_dim), at positions 0..n-1.
-  void set_cache(int64_t l, torch::Tensor keys, torch::Tensor values) {
+  void set_cache(int64_t l, at::Tensor keys, at::Tensor values) {
     TORCH_CHECK(l >= 0 && l < layers && keys.dim() == 3 && keys.size(0) == kv_heads && keys.size(2) == head_dim &&
                 keys.size(1) <= max_len && values.sizes() == keys.sizes(), "cache layout");
     const int64_t n = keys.size(1);
@@ -198,10 +198,10 @@ struct Decoder {
   void embed_row(int64_t token) {
     float* xp = x.data();
     if (e_bits == 0) {
-      if (embed.scalar_type() == torch::kBFloat16) {
+      if (embed.scalar_type() == at::kBFloat16) {
         const at::BFloat16* row = embed.data_ptr<at::BFloat16>() + token * hidden;
         for (int64_t i = 0; i < hidden; ++i) xp[i] = (float)row[i];
-      } else if (embed.scalar_type() == torch::kHalf) {
+      } else if (embed.scalar_type() == at::kHalf) {
         const at::Half* row = embed.data_ptr<at::Half>() + token * hidden;
         for (int64_t i = 0; i < hidden; ++i) xp[i] = (float)row[i];
       } else {
@@ -222,7 +222,7 @@ struct Decoder {
     }
   }
 
-  void rmsnorm(const float* in, const torch::Tensor& w, float* out) const {
+  void rmsnorm(const float* in, const at::Tensor& w, float* out) const {
     float ss = 0;
     for (int64_t i = 0; i < hidden; ++i) ss += in[i] * in[i];
     const float r = 1.0f / std::sqrt(ss / (float)hidden + (float)eps);
@@ -348,7 +348,7 @@ struct Decoder {
 void register_decode(py::module& m) {
   py::class_<Decoder>(m, "Decoder")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, double,
-                    torch::Tensor, torch::Tensor>())
+                    at::Tensor, at::Tensor>())
       .def("set_dense", &Decoder::set_dense)
       .def("set_packed", &Decoder::set_packed, py::keep_alive<1, 3>())
       .def("set_norm", &Decoder::set_norm)

@@ -38,10 +38,10 @@ static LowByte E8P_LOW[256];
 alignas(32) static float E8_1BIT[256][8];
 static bool tables_set = false;
 
-void set_tables(torch::Tensor e8p_abs, torch::Tensor e8p_odd, torch::Tensor e8_1bit) {
-  auto a = e8p_abs.to(torch::kFloat32).contiguous();
-  auto odd = e8p_odd.to(torch::kInt32).contiguous();
-  auto g = e8_1bit.to(torch::kFloat32).contiguous();
+void set_tables(at::Tensor e8p_abs, at::Tensor e8p_odd, at::Tensor e8_1bit) {
+  auto a = e8p_abs.to(at::kFloat).contiguous();
+  auto odd = e8p_odd.to(at::kInt).contiguous();
+  auto g = e8_1bit.to(at::kFloat).contiguous();
   TORCH_CHECK(a.numel() == 256 * 8 && odd.numel() == 256 && g.numel() == 256 * 8, "table shapes");
   for (int i = 0; i < 256; ++i) {
     for (int k = 0; k < 8; ++k) {
@@ -642,7 +642,7 @@ static void chunks_matvec(float* x, int64_t chunks, int64_t k, const float* Mt, 
   for (int64_t i = 0; i < chunks; ++i) small_matvec(x + i * k, k, 1, Mt, tmp);
 }
 
-static void permute(float* x, int64_t n, const torch::Tensor& perm, float* tmp) {  // x <- x[perm]
+static void permute(float* x, int64_t n, const at::Tensor& perm, float* tmp) {  // x <- x[perm]
   const int64_t* p = perm.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) tmp[i] = x[p[i]];
   std::memcpy(x, tmp, n * sizeof(float));
@@ -653,10 +653,10 @@ static float* scratch(std::vector<float>& v, size_t n) {  // thread-local buffer
   return v.data();
 }
 
-Rotation::Rotation(int64_t kind_, int64_t n_, std::vector<torch::Tensor> t) : kind(kind_), n(n_) {
-  auto f = [](const torch::Tensor& x) { return x.numel() ? x.to(torch::kFloat32).contiguous() : torch::Tensor(); };
-  auto i = [](const torch::Tensor& x) { return x.numel() ? x.to(torch::kInt64).contiguous() : torch::Tensor(); };
-  auto tr = [](const torch::Tensor& x) { return x.defined() ? x.transpose(-1, -2).contiguous() : x; };
+Rotation::Rotation(int64_t kind_, int64_t n_, std::vector<at::Tensor> t) : kind(kind_), n(n_) {
+  auto f = [](const at::Tensor& x) { return x.numel() ? x.to(at::kFloat).contiguous() : at::Tensor(); };
+  auto i = [](const at::Tensor& x) { return x.numel() ? x.to(at::kLong).contiguous() : at::Tensor(); };
+  auto tr = [](const at::Tensor& x) { return x.defined() ? x.transpose(-1, -2).contiguous() : x; };
   if (kind == 1) {
     TORCH_CHECK(t.size() == 2 && t[0].numel() == n, "hadamard: signs, H_m");
     signs = f(t[0]), H = f(t[1]), Ht = tr(H);
@@ -665,8 +665,8 @@ Rotation::Rotation(int64_t kind_, int64_t n_, std::vector<torch::Tensor> t) : ki
     TORCH_CHECK(t.size() == 4, "butterfly: A, B, p_in, p_out");
     A = f(t[0]), B = f(t[1]), p_in = i(t[2]), p_out = i(t[3]), At = tr(A), Bt = tr(B);
     TORCH_CHECK(A.dim() == 3 && B.dim() == 3 && A.size(1) * B.size(1) == n, "butterfly factor shapes");
-    if (p_in.defined()) inv_in = torch::argsort(p_in);
-    if (p_out.defined()) inv_out = torch::argsort(p_out);
+    if (p_in.defined()) inv_in = at::argsort(p_in);
+    if (p_out.defined()) inv_out = at::argsort(p_out);
   }
 }
 
@@ -716,24 +716,24 @@ void Rotation::butterfly(float* x, bool transpose, float* tmp, float* buf) const
 }
 
 // Per-call glue stays off torch's dispatcher where it can: on tiny layers it costs more than the matmul.
-static torch::Tensor lookup(const py::dict& d, const py::str& key) {
+static at::Tensor lookup(const py::dict& d, const py::str& key) {
   PyObject* o = PyDict_GetItem(d.ptr(), key.ptr());  // borrowed; null if absent
-  return (o == nullptr || o == Py_None) ? torch::Tensor() : py::handle(o).cast<torch::Tensor>();
+  return (o == nullptr || o == Py_None) ? at::Tensor() : py::handle(o).cast<at::Tensor>();
 }
 
-static torch::Tensor dense(const torch::Tensor& t) {
+static at::Tensor dense(const at::Tensor& t) {
   return (!t.defined() || t.is_contiguous()) ? t : t.contiguous();
 }
 
-static torch::Tensor f32(const torch::Tensor& t) {  // no copy for the usual contiguous float32 CPU tensors
-  return (!t.defined() || t.scalar_type() == torch::kFloat32) ? dense(t) : t.to(torch::kFloat32).contiguous();
+static at::Tensor f32(const at::Tensor& t) {  // no copy for the usual contiguous float32 CPU tensors
+  return (!t.defined() || t.scalar_type() == at::kFloat) ? dense(t) : t.to(at::kFloat).contiguous();
 }
 
-static const float* ptr(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+static const float* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 Plan::Plan(int64_t rows_, int64_t cols_, int64_t in_, int64_t out_, int64_t codec_, int64_t wbits_, int64_t groupsize_,
-           std::vector<int64_t> stage_bits_, std::vector<double> stage_scales_, torch::Tensor values_, int64_t v_kind,
-           std::vector<torch::Tensor> v_factors, int64_t u_kind, std::vector<torch::Tensor> u_factors)
+           std::vector<int64_t> stage_bits_, std::vector<double> stage_scales_, at::Tensor values_, int64_t v_kind,
+           std::vector<at::Tensor> v_factors, int64_t u_kind, std::vector<at::Tensor> u_factors)
     : rows(rows_), cols(cols_), in_features(in_), out_features(out_), codec(codec_), wbits(wbits_),
       groupsize(groupsize_), stage_bits(stage_bits_), stage_scales(stage_scales_), V(v_kind, cols_, v_factors),
       U(u_kind, rows_, u_factors) {
@@ -746,7 +746,7 @@ Plan::Plan(int64_t rows_, int64_t cols_, int64_t in_, int64_t out_, int64_t code
                 groupsize * 16 == stage_bits[1] && rows % groupsize == 0 && cols % 16 == 0 &&
                 (values_.numel() == (int64_t(1) << stage_bits[0]) ||
                  values_.numel() == (int64_t(2) << stage_bits[0])), "trellis layout");
-    values = values_.to(torch::kFloat32).contiguous();
+    values = values_.to(at::kFloat).contiguous();
     vdim = values.numel() >> stage_bits[0];
     if (stage_scales.size() == 1 && vdim == 1) {  // 1MAD with 1 / RMS: computed in the kernel where it is exact
       mad_hi = (float)stage_scales[0], mad_lo = (float)(stage_scales[0] - (double)mad_hi);
@@ -771,13 +771,13 @@ PlanTensors Plan::bind(const py::dict& params, const py::dict& buffers) const {
   TORCH_CHECK(w.scale.defined(), "scale");
   if (codec == 0) {
     w.codes = dense(lookup(buffers, k_codes)), w.zero = f32(lookup(buffers, k_zero));
-    TORCH_CHECK(w.codes.defined() && w.codes.scalar_type() == torch::kUInt8 && w.codes.dim() == 2 &&
+    TORCH_CHECK(w.codes.defined() && w.codes.scalar_type() == at::kByte && w.codes.dim() == 2 &&
                 w.codes.size(0) == rows && w.codes.size(1) == (cols * wbits + 7) / 8, "grid codes");
     TORCH_CHECK(w.zero.defined() && w.zero.sizes() == w.scale.sizes() && w.scale.dim() == 2, "grid scale / zero");
   } else if (codec == 1) {
     TORCH_CHECK(w.scale.numel() == rows, "vector codebook scale");
     for (size_t i = 0; i < stage_bits.size(); ++i) {
-      torch::Tensor c = dense(lookup(buffers, stage_keys[i]));
+      at::Tensor c = dense(lookup(buffers, stage_keys[i]));
       TORCH_CHECK(c.defined() && c.dim() == 2 && c.size(0) == rows && c.size(1) == cols / 8 &&
                   c.element_size() * 8 == stage_bits[i], "vector codes");
       w.stages.push_back(c);
@@ -785,7 +785,7 @@ PlanTensors Plan::bind(const py::dict& params, const py::dict& buffers) const {
   } else {
     w.codes = dense(lookup(buffers, k_codes));
     TORCH_CHECK(w.scale.numel() == rows, "trellis scale");
-    TORCH_CHECK(w.codes.defined() && w.codes.scalar_type() == torch::kUInt8 && w.codes.dim() == 3 &&
+    TORCH_CHECK(w.codes.defined() && w.codes.scalar_type() == at::kByte && w.codes.dim() == 3 &&
                 w.codes.size(0) == rows / groupsize && w.codes.size(1) == cols / 16 &&
                 w.codes.size(2) == stage_bits[1] * wbits / 8, "trellis codes");
   }
@@ -872,14 +872,14 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
 
 // Called with x (T, in_features) float32 and the layer's _parameters and _buffers (looked up on every call,
 // so that finetuned scales or moved buffers are always the current ones).
-torch::Tensor Plan::operator()(torch::Tensor x, py::dict params, py::dict buffers) const {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+at::Tensor Plan::operator()(at::Tensor x, py::dict params, py::dict buffers) const {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "x: (..., in_features) float32 on the CPU");
   x = dense(x);
   PlanTensors w = bind(params, buffers);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
-  auto y = torch::empty(shape, x.options());
+  auto y = at::empty(shape, x.options());
   apply(w, x.data_ptr<float>(), x.numel() / in_features, y.data_ptr<float>());
   return y;
 }
@@ -889,8 +889,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_tables", &set_tables, "E8P and E8 1-bit tables from quant.e8p");
   py::class_<Plan>(m, "Plan")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, std::vector<int64_t>,
-                    std::vector<double>, torch::Tensor, int64_t, std::vector<torch::Tensor>, int64_t,
-                    std::vector<torch::Tensor>>())
+                    std::vector<double>, at::Tensor, int64_t, std::vector<at::Tensor>, int64_t,
+                    std::vector<at::Tensor>>())
       .def("__call__", &Plan::operator())
       .def_readonly("inline_mad", &Plan::inline_mad);
   register_decode(m);

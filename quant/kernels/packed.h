@@ -1,7 +1,13 @@
 // What packed.cpp (the QuantLinear kernel) shares with decode.h (the decode loop that runs whole models
 // through its Plans): the rotations and a layer's Plan, bound once to the layer's tensors.
 #pragma once
-#include <torch/python.h>  // not torch/extension.h: its C++ frontend (nn, optim, ...) compiles longer than these files
+// The tensor type, the three ATen ops used and pybind11 with torch's tensor caster: not torch/python.h or
+// torch/extension.h, whose headers took 19 s of a 36 s build to parse (these: 10 s)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/argsort.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <cstdint>
 #include <cstring>
@@ -48,13 +54,13 @@ static inline vnf loadn(const float* p) {
 struct Rotation {
   int64_t kind = 0, n = 0;  // 0: none, 1: hadamard, 2: butterfly (kron is its one-factor case)
   // hadamard: R = (H_2^a kron H_m) diag(signs) / sqrt(n), index i = i2 * m + im; H = H_m / sqrt(m) or none
-  torch::Tensor signs, H, Ht;
+  at::Tensor signs, H, Ht;
   // butterfly: R = P_out B A P_in on the (p1, p2) view; A (1 or p2, p1, p1) on the p1 axis, B (1 or p1, p2, p2)
   // on the p2 axis; kept with their transposes (small_matvec takes M^T to apply M)
-  torch::Tensor A, At, B, Bt, p_in, p_out, inv_in, inv_out;
+  at::Tensor A, At, B, Bt, p_in, p_out, inv_in, inv_out;
 
   Rotation() = default;
-  Rotation(int64_t kind_, int64_t n_, std::vector<torch::Tensor> t);
+  Rotation(int64_t kind_, int64_t n_, std::vector<at::Tensor> t);
   void apply(float* v, int64_t T, bool transpose) const;  // in place on each of T vectors of length n
 
  private:
@@ -64,8 +70,8 @@ struct Rotation {
 
 // A layer's tensors as the kernel reads them (contiguous float32 scales; references keep them alive).
 struct PlanTensors {
-  torch::Tensor in_scale, out_scale, bias, scale, zero, codes;
-  std::vector<torch::Tensor> stages;  // lattice codes, one tensor per stage
+  at::Tensor in_scale, out_scale, bias, scale, zero, codes;
+  std::vector<at::Tensor> stages;  // lattice codes, one tensor per stage
 };
 
 // One QuantLinear's static layout: y = out_scale * (U^T W_p V (in_scale * x)) + bias. codec 0: grid (buffer
@@ -77,7 +83,7 @@ struct Plan {
   std::vector<int64_t> stage_bits;
   std::vector<double> stage_scales;
   std::vector<py::str> stage_keys;  // "codes0", "codes1", ...
-  torch::Tensor values;             // trellis: the code's V values of each state, row-major
+  at::Tensor values;             // trellis: the code's V values of each state, row-major
   int64_t vdim = 1;                 // trellis: V, the weights one state emits
   // trellis 1MAD (stage_scales = [1 / RMS]): 1 / RMS as a float pair, and whether computing the code from
   // the state gives `values` exactly (else the kernel gathers from them)
@@ -86,11 +92,11 @@ struct Plan {
   Rotation V, U;
 
   Plan(int64_t rows_, int64_t cols_, int64_t in_, int64_t out_, int64_t codec_, int64_t wbits_, int64_t groupsize_,
-       std::vector<int64_t> stage_bits_, std::vector<double> stage_scales_, torch::Tensor values_, int64_t v_kind,
-       std::vector<torch::Tensor> v_factors, int64_t u_kind, std::vector<torch::Tensor> u_factors);
+       std::vector<int64_t> stage_bits_, std::vector<double> stage_scales_, at::Tensor values_, int64_t v_kind,
+       std::vector<at::Tensor> v_factors, int64_t u_kind, std::vector<at::Tensor> u_factors);
   // The layer's current tensors (its _parameters and _buffers dicts), checked against the layout.
   PlanTensors bind(const py::dict& params, const py::dict& buffers) const;
   // y (T, out_features) <- the layer applied to x (T, in_features); threaded over output rows.
   void apply(const PlanTensors& w, const float* x, int64_t T, float* y) const;
-  torch::Tensor operator()(torch::Tensor x, py::dict params, py::dict buffers) const;
+  at::Tensor operator()(at::Tensor x, py::dict params, py::dict buffers) const;
 };
