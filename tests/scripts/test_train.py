@@ -44,7 +44,7 @@ def test_one_epoch_run_writes_all_outputs_and_best_loads(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
-    args = VIT + ["--fake-n", "640", "--epochs", "3", "--warmup-epochs", "0.5"]
+    args = VIT + ["--fake-n", "320", "--epochs", "3", "--warmup-epochs", "0.5"]
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
     train.main(args + ["--out", ref])
     expected = _rows(ref)
