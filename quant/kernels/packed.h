@@ -18,8 +18,8 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef float v16f __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 
-// Hot helpers that return 16-float vectors: without AVX-512 such a vector is two registers returned in
-// memory, and GCC's cost model then keeps the helper out of line, a call per 16 weights.
+// Helpers and lambdas of the per-weight loops: GCC's cost model kept some out of line in the AVX2 build (a
+// call per 16 weights, its vectors passed through memory).
 #define HOT_INLINE inline __attribute__((always_inline))
 #define HOT_LAMBDA __attribute__((always_inline))
 
