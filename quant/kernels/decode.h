@@ -43,19 +43,6 @@ static inline vnf loadn(const at::Half* p) {
 #endif
 }
 
-typedef float v4f __attribute__((vector_size(16)));
-
-static inline float hsumn(vnf v) {  // a tree of halves: log2(NW) dependent adds, not NW - 1 (once per head row)
-#if defined(__AVX512F__)
-  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-  const v8f a = v;
-#endif
-  const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
 // y[r] = W[r] . x (+ bias[r]) for W (rows, cols) row-major, one row after another with two accumulators: a
 // single sequential stream of weights reads about twice as fast here as 2-8 rows interleaved.
 template <class Wt>

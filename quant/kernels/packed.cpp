@@ -21,10 +21,6 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
-static inline float hsum(v8f v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
 // E8P: codeword = sign * a + shift (quant/e8p.py). SRC holds a with lane 7 negated where sum(a) is odd;
 // LOW[low byte] holds the sign bits of lanes 0-6 and, in lane 7, the parity of those 7 bits, so that
 // SRC ^ sign carries lane 7's sign (parity of the negative count = parity of sum(a)) with one XOR, and
@@ -226,9 +222,7 @@ struct ByteRows {
       for (; c + 4 * NW <= c1; c += 4 * NW) block(c, 0), block(c + NW, 1), block(c + 2 * NW, 2), block(c + 3 * NW, 3);
       for (; c + NW <= c1; c += NW) block(c, 0);
       for (int t = 0; t < NT; ++t) {
-        const vnf s = (a[t][0] + a[t][1]) + (a[t][2] + a[t][3]);
-        float dot = 0;
-        for (int i = 0; i < NW; ++i) dot += s[i];
+        float dot = hsumn((a[t][0] + a[t][1]) + (a[t][2] + a[t][3]));
         for (int64_t cc = c; cc < c1; ++cc) dot += ((float)row[cc] - 128.0f) * zt[t * zs + cc];
         out[t] += sc[g] * (dot - (ze[g] - 128.0f) * xsum[(t0 + t) * groups + g]);
       }
@@ -270,27 +264,36 @@ struct VectorRows {
 // float pair: exact, the Plan checks every state against the table); other codes gather from the table.
 typedef uint64_t v8q __attribute__((vector_size(64)));
 
-// quant.trellis' 1MAD: (sum of the bytes of 34038481 s + 76625530 - 510) / RMS. The kernel sums the integer
+// quant.trellis' 1MAD: (sum of the bytes of MUL s + ADD - BIAS) / RMS. The kernel sums the integer
 // part times x and scales each row's sum by 1 / RMS once.
 struct Mad {
+  static constexpr uint32_t MUL = 34038481u, ADD = 76625530u;
+  static constexpr int32_t BIAS = 510;
   float hi = 0, lo = 0;  // 1 / RMS = hi + lo
   inline float scaled(float y) const { return std::fma(y, hi, y * lo); }
   inline float value(uint32_t s) const {
-    const uint32_t x = s * 34038481u + 76625530u;
-    return scaled((float)(int32_t)((x & 255) + (x >> 8 & 255) + (x >> 16 & 255) + (x >> 24) - 510));
+    const uint32_t x = s * MUL + ADD;
+    return scaled((float)((int32_t)((x & 255) + (x >> 8 & 255) + (x >> 16 & 255) + (x >> 24)) - BIAS));
   }
   static inline v16f unscaled(v16u s) {
-    const v16u x = s * 34038481u + 76625530u;
+    const v16u x = s * MUL + ADD;
 #if defined(__AVX512BW__)  // byte pairs, then pairs of pairs, summed by two multiply-adds with ones
     __m512i xi;
     std::memcpy(&xi, &x, sizeof xi);
     const __m512i bytes = _mm512_madd_epi16(_mm512_maddubs_epi16(xi, _mm512_set1_epi8(1)), _mm512_set1_epi16(1));
-    return (v16f)_mm512_cvtepi32_ps(_mm512_sub_epi32(bytes, _mm512_set1_epi32(510)));
+    return (v16f)_mm512_cvtepi32_ps(_mm512_sub_epi32(bytes, _mm512_set1_epi32(BIAS)));
 #else
     const v16u pairs = (x & 0x00ff00ffu) + (x >> 8 & 0x00ff00ffu);
-    return __builtin_convertvector((v16i)((pairs & 0xffffu) + (pairs >> 16)) - 510, v16f);
+    return __builtin_convertvector((v16i)((pairs & 0xffffu) + (pairs >> 16)) - BIAS, v16f);
 #endif
   }
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  static HOT_INLINE __m256 unscaled(__m256i s) {  // 8 states, the same arithmetic as above
+    const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(s, _mm256_set1_epi32((int)MUL)), _mm256_set1_epi32((int)ADD));
+    const __m256i bytes = _mm256_madd_epi16(_mm256_maddubs_epi16(x, _mm256_set1_epi8(1)), _mm256_set1_epi16(1));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(bytes, _mm256_set1_epi32(BIAS)));
+  }
+#endif
 };
 
 // States of 16 weights from stream bit q: lane j is bits [p, p + L) of the 64 stream bits from q - 16 (first
@@ -431,10 +434,7 @@ struct TrellisRows {
     }
     const __m256i st = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_set1_epi64x(raw), lanes.bytes),
                                                           lanes.right), _mm256_set1_epi32((int)((1u << L) - 1)));
-    if (CODE == TABLE) return _mm256_i32gather_ps(values, st, 4);
-    const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(st, _mm256_set1_epi32(34038481)), _mm256_set1_epi32(76625530));
-    const __m256i bytes = _mm256_madd_epi16(_mm256_maddubs_epi16(x, _mm256_set1_epi8(1)), _mm256_set1_epi16(1));
-    return _mm256_cvtepi32_ps(_mm256_sub_epi32(bytes, _mm256_set1_epi32(510)));
+    return CODE == TABLE ? _mm256_i32gather_ps(values, st, 4) : Mad::unscaled(st);
   }
 
   HOT_INLINE long long raw_window(const uint8_t* s, int64_t q) const {  // any row: window's bytes back in order
@@ -541,8 +541,8 @@ struct TrellisTiles {
   TILE_TARGET void group(int64_t g) const {  // output rows 16 g .. 16 g + 15
     const __m512i mask = _mm512_set1_epi32((int)((1u << L) - 1));
     const __mmask64 keep = L > 8 ? 0x3333333333333333ull : 0x1111111111111111ull;  // the state's bytes per lane
-    const __m512i mul = _mm512_set1_epi32(34038481), add = _mm512_set1_epi32(76625530);
-    const __m512i ones = _mm512_set1_epi8(1), bias = _mm512_set1_epi32(-510);
+    const __m512i mul = _mm512_set1_epi32((int)Mad::MUL), add = _mm512_set1_epi32((int)Mad::ADD);
+    const __m512i ones = _mm512_set1_epi8(1), bias = _mm512_set1_epi32(-Mad::BIAS);
     const __mmask64 m0 = nbytes >= 64 ? ~0ull : (1ull << nbytes) - 1, m1 = nbytes > 64 ? (1ull << (nbytes - 64)) - 1 : 0;
     alignas(64) uint64_t window[16];
     __m512 acc[16];

@@ -51,6 +51,19 @@ static inline vnf loadn(const float* p) {
   return v;
 }
 
+static inline float hsum(v8f v) {  // a tree: 3 dependent adds, not 7
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+static inline float hsumn(vnf v) {
+#if defined(__AVX512F__)
+  return hsum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+#else
+  return hsum(v);
+#endif
+}
+
 struct Rotation {
   int64_t kind = 0, n = 0;  // 0: none, 1: hadamard, 2: butterfly (kron is its one-factor case)
   // hadamard: R = (H_2^a kron H_m) diag(signs) / sqrt(n), index i = i2 * m + im; H = H_m / sqrt(m) or none
