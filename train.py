@@ -157,8 +157,10 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
+        # Only the CPU generator: the transforms draw from it, and torch.manual_seed would also queue a
+        # reseed of every accelerator (a few ms per sample, and the GPU's dropout stream reset each time).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + i) % (1 << 63))
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + i) % (1 << 63))
             return self.dataset[i]
 
 

@@ -13,6 +13,7 @@ class (+1 for the binary losses) as the UCI file encodes it.
   as a train/validation split (madelon, spectf) are concatenated: the paper reports 5-fold CV on the
   whole set. A missing file raises one `UserError` naming the files and where to get them.
 """
+import functools
 import os
 from dataclasses import dataclass
 
@@ -169,11 +170,24 @@ TABULAR = {
 }
 
 
+@functools.lru_cache(maxsize=4)
+def _parsed_uci(name, data_dir, stamps):
+    """`stamps` (the files' mtime and size) is part of the key: an edited file is read again."""
+    return TABULAR[name](data_dir)
+
+
 def load_tabular(name, data_dir=None, seed=0):
     """The set `name` from TABULAR; `data_dir` for the UCI files, `seed` for generated sets."""
     if name not in TABULAR:
         raise UserError(f"unknown tabular dataset {name!r}; choose from: {', '.join(TABULAR)}")
-    ds = madelon_like(seed=seed) if name == "madelon_like" else TABULAR[name](data_dir)
+    if name == "madelon_like":
+        ds = madelon_like(seed=seed)
+    elif name in UCI_FILES:  # parsed once per process (Madelon's 1.3M numbers take half a second); a copy each call
+        stamps = tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in _uci_paths(name, data_dir))
+        cached = _parsed_uci(name, data_dir, stamps)
+        ds = Tabular(cached.X.copy(), cached.y.copy(), list(cached.classes), cached.name)
+    else:
+        ds = TABULAR[name](data_dir)
     if not len(ds.y):  # empty files: one message here, not a numpy error in the caller
         raise UserError(f"{name}: its files in {data_dir or '.'}/ hold no rows")
     return ds

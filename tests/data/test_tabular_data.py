@@ -43,6 +43,12 @@ def test_madelon_concatenates_train_and_valid(tmp_path):
     ds = tabular.load_tabular("madelon", str(tmp_path))
     np.testing.assert_array_equal(ds.X, np.vstack([parts["train"][0], parts["valid"][0]]))
     assert ds.y.tolist() == [1, 0, 0, 1, 0, 1]
+    # Parsed once per process: a caller's edits stay its own, an edited file is read again.
+    ds.X[:] = -1
+    again = tabular.load_tabular("madelon", str(tmp_path))
+    np.testing.assert_array_equal(again.X, np.vstack([parts["train"][0], parts["valid"][0]]))
+    write(tmp_path / "madelon_valid.labels", ["1", "1"])  # one byte shorter: a new stamp even within one mtime tick
+    assert tabular.load_tabular("madelon", str(tmp_path)).y.tolist() == [1, 0, 0, 1, 1, 1]
 
 
 def test_madelon_label_count_mismatch(tmp_path):
