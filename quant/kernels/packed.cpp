@@ -288,10 +288,10 @@ struct Mad {
 #endif
   }
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  static HOT_INLINE __m256 unscaled(__m256i s) {  // 8 states, the same arithmetic as above
+  // 8 states' byte sums, BIAS not subtracted: a row's caller subtracts BIAS times the sum of its inputs once
+  static HOT_INLINE __m256 biased(__m256i s) {
     const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(s, _mm256_set1_epi32((int)MUL)), _mm256_set1_epi32((int)ADD));
-    const __m256i bytes = _mm256_madd_epi16(_mm256_maddubs_epi16(x, _mm256_set1_epi8(1)), _mm256_set1_epi16(1));
-    return _mm256_cvtepi32_ps(_mm256_sub_epi32(bytes, _mm256_set1_epi32(BIAS)));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(x, _mm256_set1_epi8(1)), _mm256_set1_epi16(1)));
   }
 #endif
 };
@@ -341,6 +341,7 @@ struct TrellisRows {
   const float* z; int64_t zs, T; float* y; int64_t ys;
   const uint8_t* codes; int64_t nbytes, nblk, tile_rows, k, L; const float* values; const float* scale;
   const Mad* mad;  // null: gather from values
+  const float* zsum;  // with mad, on AVX2: each token's sum of z (row8's 1MAD values carry BIAS)
   const Lanes* lanes;
   bool pairs;  // V = 2: values holds two weights per state
   int64_t r;
@@ -434,7 +435,7 @@ struct TrellisRows {
     }
     const __m256i st = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_set1_epi64x(raw), lanes.bytes),
                                                           lanes.right), _mm256_set1_epi32((int)((1u << L) - 1)));
-    return CODE == TABLE ? _mm256_i32gather_ps(values, st, 4) : Mad::unscaled(st);
+    return CODE == TABLE ? _mm256_i32gather_ps(values, st, 4) : Mad::biased(st);
   }
 
   HOT_INLINE long long raw_window(const uint8_t* s, int64_t q) const {  // any row: window's bytes back in order
@@ -465,7 +466,7 @@ struct TrellisRows {
     }
     for (int t = 0; t < NT; ++t) {
       const float sum = hsum(acc[t][0] + acc[t][1]);
-      y[(t0 + t) * ys + r] = (CODE == MAD ? mad->scaled(sum) : sum) * scale[r];
+      y[(t0 + t) * ys + r] = (CODE == MAD ? mad->scaled(sum - Mad::BIAS * zsum[t0 + t]) : sum) * scale[r];
     }
   }
 
@@ -853,9 +854,21 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
 #endif
     {
       const Lanes lanes(wbits, stage_bits[0]);
+      float* zsum = nullptr;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+      thread_local std::vector<float> zsum_buf;
+      if (inline_mad) {
+        zsum = scratch(zsum_buf, T);
+        for (int64_t t = 0; t < T; ++t) {
+          double sum = 0;
+          for (int64_t c = 0; c < cols; ++c) sum += zp[t * cols + c];
+          zsum[t] = (float)sum;
+        }
+      }
+#endif
       each_row(TrellisRows{zp, cols, T, tp, rows, w.codes.data_ptr<uint8_t>(), w.codes.size(2), cols / 16,
                            groupsize, wbits, stage_bits[0], values.data_ptr<float>(), sp, inline_mad ? &mad : nullptr,
-                           &lanes, vdim == 2, 0},
+                           zsum, &lanes, vdim == 2, 0},
                rows, grain);
     }
   }
