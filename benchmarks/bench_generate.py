@@ -1,5 +1,6 @@
 """Whole-model generation speed: `lm.generate`'s C++ decode loop (`lm.decode`) against transformers'
-`generate` on the same model, in the same run, interleaved round by round (so that load changes hit both).
+`generate` on the same model, in the same run, interleaved round by round with each other and with the other
+configs (so that load changes hit all of them alike).
 
     python benchmarks/bench_generate.py                                   # every config, 1 and 2 threads
     python benchmarks/bench_generate.py --configs fp32 e8p2 --threads 1   # a quick run
@@ -92,44 +93,60 @@ def run(model, tokenizer, ids, new, runtime):
     return tokens.tolist(), prefill, decode
 
 
-def bench(args, name, threads, text_ids, bandwidth):
+def load(args, name):
+    """(model, tokenizer) of a config with the fast path ready, or None (the reason printed)."""
     dtype, method, _, _ = CONFIGS[name]
     path = args.model if method is None else packed_dir(args, name)
     model, tokenizer = lm.load_causal_lm(path, dtype=getattr(torch, dtype))
     model.generation_config.eos_token_id = None  # every run decodes --new-tokens tokens
-    torch.set_num_threads(threads)
     reason = fast.why_not(model)
     if reason is not None or not fast.available():
         print(f"{name}: the fast path does not run it ({reason or 'no C++ extension'})")
         return None
+    return model, tokenizer
+
+
+def one_round(args, model, tokenizer, text_ids, times):
+    """fast, hf, fast, hf: a prefill of each, then a decode of each; whether the decodes' tokens agree."""
     long_ids, short_ids = text_ids[None, :args.prefill_tokens], text_ids[None, :args.decode_prompt_tokens]
-    times = {k: [] for k in ("fast_prefill", "hf_prefill", "fast_decode", "hf_decode")}
-    same = True
-    for _ in range(args.reps):  # interleaved: fast, hf, fast, hf, ...
-        for runtime in ("fast", "hf"):
-            _, prefill, _ = run(model, tokenizer, long_ids, 1, runtime)
-            times[f"{runtime}_prefill"].append(prefill)
-        out = {}
-        for runtime in ("fast", "hf"):
-            out[runtime], _, decode = run(model, tokenizer, short_ids, args.new_tokens, runtime)
-            times[f"{runtime}_decode"].append(decode)
-        same &= out["fast"] == out["hf"]
-    med = {k: statistics.median(v) for k, v in times.items()}
-    row = {"model": name, "threads": threads,
-           "prefill fast tok/s": round(args.prefill_tokens / med["fast_prefill"], 1),
-           "prefill hf tok/s": round(args.prefill_tokens / med["hf_prefill"], 1),
-           "decode fast tok/s": round((args.new_tokens - 1) / med["fast_decode"], 1),
-           "decode hf tok/s": round((args.new_tokens - 1) / med["hf_decode"], 1)}
-    row["prefill fast / hf"] = round(med["hf_prefill"] / med["fast_prefill"], 2)
-    row["decode fast / hf"] = round(med["hf_decode"] / med["fast_decode"], 2)
-    row["same tokens"] = same
-    step_mb = fast.FastDecoder(model, 2).step_bytes / 1e6
-    row["MB / step"] = round(step_mb, 1)
-    row["decode GB/s"] = round(step_mb * row["decode fast tok/s"] / 1e3, 1)
-    row["read GB/s"] = round(bandwidth, 1)
-    if args.profile:
-        row.update(profile(model, short_ids, args.new_tokens))
-    return row
+    for runtime in ("fast", "hf"):
+        _, prefill, _ = run(model, tokenizer, long_ids, 1, runtime)
+        times[f"{runtime}_prefill"].append(prefill)
+    out = {}
+    for runtime in ("fast", "hf"):
+        out[runtime], _, decode = run(model, tokenizer, short_ids, args.new_tokens, runtime)
+        times[f"{runtime}_decode"].append(decode)
+    return out["fast"] == out["hf"]
+
+
+def bench(args, threads, text_ids, bandwidth):
+    """Rows of every config at `threads` threads: all loaded first, then --reps rounds, each running every
+    config in turn, so that the machine's drift falls on all of them alike and their ratios hold."""
+    models = {name: loaded for name in args.configs if (loaded := load(args, name)) is not None}
+    times = {name: {k: [] for k in ("fast_prefill", "hf_prefill", "fast_decode", "hf_decode")} for name in models}
+    same = dict.fromkeys(models, True)
+    for _ in range(args.reps):
+        for name, (model, tokenizer) in models.items():
+            same[name] &= one_round(args, model, tokenizer, text_ids, times[name])
+    rows = []
+    for name, (model, _) in models.items():
+        med = {k: statistics.median(v) for k, v in times[name].items()}
+        row = {"model": name, "threads": threads,
+               "prefill fast tok/s": round(args.prefill_tokens / med["fast_prefill"], 1),
+               "prefill hf tok/s": round(args.prefill_tokens / med["hf_prefill"], 1),
+               "decode fast tok/s": round((args.new_tokens - 1) / med["fast_decode"], 1),
+               "decode hf tok/s": round((args.new_tokens - 1) / med["hf_decode"], 1)}
+        row["prefill fast / hf"] = round(med["hf_prefill"] / med["fast_prefill"], 2)
+        row["decode fast / hf"] = round(med["hf_decode"] / med["fast_decode"], 2)
+        row["same tokens"] = same[name]
+        step_mb = fast.FastDecoder(model, 2).step_bytes / 1e6
+        row["MB / step"] = round(step_mb, 1)
+        row["decode GB/s"] = round(step_mb * row["decode fast tok/s"] / 1e3, 1)
+        row["read GB/s"] = round(bandwidth, 1)
+        if args.profile:
+            row.update(profile(model, text_ids[None, :args.decode_prompt_tokens], args.new_tokens))
+        rows.append(row)
+    return rows
 
 
 def profile(model, ids, new):
@@ -171,11 +188,9 @@ def main():
         torch.set_num_threads(threads)
         bandwidth = read_bandwidth(args.stream_mb, args.reps)
         print(f"{threads} thread(s): float32 read bandwidth {bandwidth:.1f} GB/s")
-        for name in args.configs:
-            row = bench(args, name, threads, text_ids, bandwidth)
-            if row is not None:
-                rows.append(row)
-                print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+        for row in bench(args, threads, text_ids, bandwidth):
+            rows.append(row)
+            print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     if rows:
         print("wrote", write_rows("bench_generate", rows, keep=("model", "threads")))
 
