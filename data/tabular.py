@@ -183,7 +183,7 @@ def load_tabular(name, data_dir=None, seed=0):
     if name == "madelon_like":
         ds = madelon_like(seed=seed)
     elif name in UCI_FILES:  # parsed once per process (Madelon's 1.3M numbers take half a second); a copy each call
-        stamps = tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in _uci_paths(name, data_dir))
+        stamps = tuple((st.st_mtime_ns, st.st_size) for st in map(os.stat, _uci_paths(name, data_dir)))
         cached = _parsed_uci(name, data_dir, stamps)
         ds = Tabular(cached.X.copy(), cached.y.copy(), list(cached.classes), cached.name)
     else:
