@@ -654,6 +654,17 @@ static float* scratch(std::vector<float>& v, size_t n) {  // thread-local buffer
   return v.data();
 }
 
+// sums[t * groups + g]: token t's inputs z summed over columns g span .. (g + 1) span (the last group may be
+// shorter), in double: row kernels that leave a constant out of the per-weight loop subtract it times these
+static void input_sums(const float* z, int64_t T, int64_t cols, int64_t span, int64_t groups, float* sums) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < groups; ++g) {
+      double sum = 0;
+      for (int64_t c = g * span; c < std::min(cols, (g + 1) * span); ++c) sum += z[t * cols + c];
+      sums[t * groups + g] = (float)sum;
+    }
+}
+
 Rotation::Rotation(int64_t kind_, int64_t n_, std::vector<at::Tensor> t) : kind(kind_), n(n_) {
   auto f = [](const at::Tensor& x) { return x.numel() ? x.to(at::kFloat).contiguous() : at::Tensor(); };
   auto i = [](const at::Tensor& x) { return x.numel() ? x.to(at::kLong).contiguous() : at::Tensor(); };
@@ -818,15 +829,9 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
     if (wbits == 3) run(GridRows<3>{});
     if (wbits == 4) run(GridRows<4>{});
     if (wbits == 8) {
-      const int64_t span = groups == 1 ? cols : groupsize;
       thread_local std::vector<float> xbuf;
       float* xs = scratch(xbuf, T * groups);
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t g = 0; g < groups; ++g) {
-          float sum = 0;
-          for (int64_t c = g * span; c < std::min(cols, (g + 1) * span); ++c) sum += zp[t * cols + c];
-          xs[t * groups + g] = sum;
-        }
+      input_sums(zp, T, cols, groups == 1 ? cols : groupsize, groups, xs);
       each_row(ByteRows{zp, cols, T, tp, rows, cp, cols, sp, zr, ss, groups, groupsize, xs, 0}, rows, grain);
     }
   } else if (codec == 1) {
@@ -859,11 +864,7 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
       thread_local std::vector<float> zsum_buf;
       if (inline_mad) {
         zsum = scratch(zsum_buf, T);
-        for (int64_t t = 0; t < T; ++t) {
-          double sum = 0;
-          for (int64_t c = 0; c < cols; ++c) sum += zp[t * cols + c];
-          zsum[t] = (float)sum;
-        }
+        input_sums(zp, T, cols, cols, 1, zsum);
       }
 #endif
       each_row(TrellisRows{zp, cols, T, tp, rows, w.codes.data_ptr<uint8_t>(), w.codes.size(2), cols / 16,
