@@ -119,10 +119,9 @@ def one_round(args, model, tokenizer, text_ids, times):
     return out["fast"] == out["hf"]
 
 
-def bench(args, threads, text_ids, bandwidth):
-    """Rows of every config at `threads` threads: all loaded first, then --reps rounds, each running every
-    config in turn, so that the machine's drift falls on all of them alike and their ratios hold."""
-    models = {name: loaded for name in args.configs if (loaded := load(args, name)) is not None}
+def bench(args, models, threads, text_ids, bandwidth):
+    """Rows of every loaded config at `threads` threads: --reps rounds, each running every config in turn, so
+    that the machine's drift falls on all of them alike and their ratios hold."""
     times = {name: {k: [] for k in ("fast_prefill", "hf_prefill", "fast_decode", "hf_decode")} for name in models}
     same = dict.fromkeys(models, True)
     for _ in range(args.reps):
@@ -183,12 +182,13 @@ def main():
     print(f"{os.path.basename(args.model)}: prefill {args.prefill_tokens} tokens; decode {args.new_tokens} tokens "
           f"after {args.decode_prompt_tokens}; fast = lm.decode (C++), hf = transformers' generate; medians of "
           f"{args.reps} interleaved rounds")
+    models = {name: loaded for name in args.configs if (loaded := load(args, name)) is not None}
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         bandwidth = read_bandwidth(args.stream_mb, args.reps)
         print(f"{threads} thread(s): float32 read bandwidth {bandwidth:.1f} GB/s")
-        for row in bench(args, threads, text_ids, bandwidth):
+        for row in bench(args, models, threads, text_ids, bandwidth):
             rows.append(row)
             print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     if rows:
