@@ -55,6 +55,19 @@ static inline float hsum(v8f v) {  // a tree: 3 dependent adds, not 7
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
+// The horizontal sums of 8 vectors as one vector (lane j: the sum of p[j]'s lanes): a transposing tree of
+// pairwise sums within 4-lane halves, then the halves.
+static inline v8f hsum8(const v8f (&p)[8]) {
+  auto pairs = [](v8f a, v8f b) {  // a0 + a1, a2 + a3, b0 + b1, b2 + b3, then the same for lanes 4-7
+    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+  };
+  const v8f a = pairs(pairs(p[0], p[1]), pairs(p[2], p[3])), b = pairs(pairs(p[4], p[5]), pairs(p[6], p[7]));
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+static inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+
 static inline float hsumn(vnf v) {
 #if defined(__AVX512F__)
   return hsum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
