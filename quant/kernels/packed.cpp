@@ -122,15 +122,20 @@ static void each_row(const Rows& rows_of, int64_t rows, int64_t grain) {
   });
 }
 
-// One token (the decode step) through row kernels that have rows8(r0) (rows r0 .. r0 + 7, their horizontal
-// sums in one hsum8 instead of a scalar tail per row: about a tenth of a 576-wide row's time), where the
-// rows tile by 8; each_row otherwise.
+// each_row, except for one token (the decode step) through a row kernel that has rows8(r0) (rows r0 .. r0 + 7,
+// their horizontal sums in one hsum8 instead of a scalar tail per row: about a tenth of a 576-wide row's
+// time), where the rows tile by 8.
 template <class Rows>
 static void each_row_of_one_token(const Rows& rows_of, int64_t rows, int64_t grain) {
-  if (rows_of.T != 1 || rows % 8 != 0) return each_row(rows_of, rows, grain);
-  at::parallel_for(0, rows / 8, std::max<int64_t>(1, grain / 8), [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) rows_of.rows8(8 * g);
-  });
+  if constexpr (requires { rows_of.rows8(int64_t{0}); }) {
+    if (rows_of.T == 1 && rows % 8 == 0) {
+      at::parallel_for(0, rows / 8, std::max<int64_t>(1, grain / 8), [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) rows_of.rows8(8 * g);
+      });
+      return;
+    }
+  }
+  each_row(rows_of, rows, grain);
 }
 
 // ---- scalar grids: value = scale * (code - zero), codes of W bits little-endian in each row's bytes, so
@@ -252,7 +257,7 @@ struct VectorRows {
 
   // Row r's dot products with NT tokens from t0, as 8 lanes each: every stage's, divided by its scale
   template <int NT>
-  void lanes_of(int64_t t0, int64_t r, v8f (&out)[NT]) const {
+  void lanes_of(int64_t t0, int64_t r, v8f* out) const {
     const float* zt = z + t0 * zs;
     for (int t = 0; t < NT; ++t) out[t] = (v8f){};
     for (size_t i = 0; i < codes.size(); ++i) {
@@ -277,11 +282,7 @@ struct VectorRows {
 
   void rows8(int64_t r0) const {  // one token (each_row_of_one_token)
     v8f p[8];
-    for (int j = 0; j < 8; ++j) {
-      v8f one[1];
-      lanes_of<1>(0, r0 + j, one);
-      p[j] = one[0];
-    }
+    for (int j = 0; j < 8; ++j) lanes_of<1>(0, r0 + j, &p[j]);
     store8(y + r0, hsum8(p) * load8(scale + r0));
   }
 };
@@ -479,7 +480,7 @@ struct TrellisRows {
 
   // Row r's dot products with NT tokens from t0, each left as the 8 lanes of its two halves' accumulators
   template <int NT, Code CODE, bool INSIDE>
-  HOT_INLINE void lanes_of(int64_t t0, int64_t r, __m256 (&out)[NT]) const {
+  HOT_INLINE void lanes_of(int64_t t0, int64_t r, v8f* out) const {
     const float* zt = z + t0 * zs;
     const int64_t q0 = (r % tile_rows) * 16 * k, q1 = q0 + 8 * k;
     const uint8_t* tile = codes + (r / tile_rows) * nblk * nbytes;
@@ -498,7 +499,7 @@ struct TrellisRows {
   }
 
   template <int NT, Code CODE>
-  HOT_INLINE void lanes_of(int64_t t0, int64_t r, __m256 (&out)[NT]) const {
+  HOT_INLINE void lanes_of(int64_t t0, int64_t r, v8f* out) const {
     const int64_t q0 = (r % tile_rows) * 16 * k;  // both windows within the stream's bytes
     if (q0 / 8 - 2 >= 0 && (q0 + 8 * k) / 8 + 6 <= nbytes)
       lanes_of<NT, CODE, true>(t0, r, out);
@@ -508,7 +509,7 @@ struct TrellisRows {
 
   template <int NT, Code CODE>
   void row(int64_t t0) const {
-    __m256 out[NT];
+    v8f out[NT];
     lanes_of<NT, CODE>(t0, r, out);
     for (int t = 0; t < NT; ++t) {
       const float sum = hsum(out[t]);
@@ -520,11 +521,7 @@ struct TrellisRows {
   template <Code CODE>
   void rows8_of(int64_t r0) const {
     v8f p[8];
-    for (int j = 0; j < 8; ++j) {
-      __m256 one[1];
-      lanes_of<1, CODE>(0, r0 + j, one);
-      p[j] = one[0];
-    }
+    for (int j = 0; j < 8; ++j) lanes_of<1, CODE>(0, r0 + j, &p[j]);
     __m256 v = hsum8(p);  // rows r0 .. r0 + 7
     if (CODE == MAD) {
       v -= _mm256_set1_ps(Mad::BIAS * zsum[0]);
@@ -930,14 +927,10 @@ void Plan::apply(const PlanTensors& w, const float* xp, int64_t T, float* op) co
         input_sums(zp, T, cols, cols, 1, zsum);
       }
 #endif
-      const TrellisRows tr{zp, cols, T, tp, rows, w.codes.data_ptr<uint8_t>(), w.codes.size(2), cols / 16,
-                           groupsize, wbits, stage_bits[0], values.data_ptr<float>(), sp, inline_mad ? &mad : nullptr,
-                           zsum, &lanes, vdim == 2, 0};
-#if defined(__AVX2__) && !defined(__AVX512F__)
-      each_row_of_one_token(tr, rows, grain);
-#else
-      each_row(tr, rows, grain);
-#endif
+      each_row_of_one_token(TrellisRows{zp, cols, T, tp, rows, w.codes.data_ptr<uint8_t>(), w.codes.size(2),
+                                        cols / 16, groupsize, wbits, stage_bits[0], values.data_ptr<float>(), sp,
+                                        inline_mad ? &mad : nullptr, zsum, &lanes, vdim == 2, 0},
+                            rows, grain);
     }
   }
   U.apply(tp, T, true);
