@@ -41,6 +41,7 @@ import quant
 from engine import (ArgumentParser, UserError, add_common_args, atomic_savefig, atomic_write_csv, atomic_write_json,
                     atomic_write_text, cli, format_ci, prepare_run_dir, require_positive_ints, run_args, set_threads)
 from lm.shared import SMOLLM2, WIKI_TEST, WIKI_VALID
+from quant.blockft import BLOCK_FT_LR
 
 DEFAULT_MODEL, DEFAULT_TRAIN, DEFAULT_EVAL = SMOLLM2, WIKI_VALID, WIKI_TEST
 # ptq_seconds: opt.py's quantization alone; *_wall: each sub-run's whole command (ft_wall: the fp finetuning this
@@ -72,7 +73,7 @@ def parse_args(argv):
     p.add_argument("--wbits", nargs="+", type=int, default=[2], choices=[2, 3, 4])
     p.add_argument("--block-ft", type=int, metavar="STEPS",
                    help="opt.py --block-ft for every PTQ: QuIP#'s finetuning during quantization (default: none)")
-    p.add_argument("--block-ft-lr", type=float, default=1e-3, help="opt.py --block-ft-lr")
+    p.add_argument("--block-ft-lr", type=float, default=BLOCK_FT_LR, help="opt.py --block-ft-lr (relative)")
     p.add_argument("--amp", "--bf16", action="store_true",
                    help="bf16 autocast in every training step (ft_opt.py --amp, opt.py --amp with --block-ft)")
     p.add_argument("--incoh", nargs="+", default=["on"], choices=["off", "on"],

@@ -27,7 +27,7 @@ from engine import (ArgumentParser, UserError, add_common_args, atomic_write_jso
 from lm import generate as lm_generate
 from lm.checkpoint import STORED_DTYPES, is_quantized_dir
 from lm.quantized import directory_bytes, round_to_stored, save_quantized
-from quant.blockft import BlockFT, finetune_e2e
+from quant.blockft import BLOCK_FT_LR, BlockFT, finetune_e2e
 from quant.embedding import EMBED_BITS, quantize_embeddings
 from quant.model import FAMILIES, decoder_layers, quantize_model
 
@@ -88,7 +88,9 @@ def build_parser():
                    help="QuIP#'s finetuning during quantization: after each group of linears sharing an input is "
                         "quantized, STEPS Adam steps train the decoder layer's continuous parameters toward the fp "
                         "model's hidden states; held-out calibration rows keep the best (default: none)")
-    p.add_argument("--block-ft-lr", type=float, default=1e-3, help="Adam learning rate of --block-ft")
+    p.add_argument("--block-ft-lr", type=float, default=BLOCK_FT_LR,
+                   help="Adam learning rate of --block-ft, relative: each tensor steps by about this fraction of "
+                        "its RMS (default: %(default)s)")
     p.add_argument("--yaqa", action="store_true",
                    help="round against YAQA's Kronecker-factored Hessian of the full model's KL (input-side H times "
                         "the output-side Fisher), collected once on the fp model: one forward and backward pass per "

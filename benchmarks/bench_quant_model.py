@@ -31,7 +31,7 @@ from lm.quantized import directory_bytes, round_to_stored, save_quantized  # noq
 from lm.shared import SMOLLM2, WIKI_TEST, WIKI_VALID  # noqa: E402
 from engine import resolve_amp  # noqa: E402
 from results import write_rows  # noqa: E402
-from quant.blockft import BlockFT, finetune_e2e  # noqa: E402
+from quant.blockft import BLOCK_FT_LR, BlockFT, finetune_e2e  # noqa: E402
 from quant.embedding import EMBED_BITS, quantize_embeddings  # noqa: E402
 from quant.model import quantize_model  # noqa: E402
 
@@ -66,7 +66,7 @@ def main():
                    help="YAQA's two-sided rounding (opt.py --yaqa) off and/or on, for the methods that have it")
     p.add_argument("--block-ft", nargs="+", type=int, default=[0], metavar="STEPS",
                    help="opt.py --block-ft steps to compare (0: none)")
-    p.add_argument("--block-ft-lr", type=float, default=1e-3)
+    p.add_argument("--block-ft-lr", type=float, default=BLOCK_FT_LR, help="relative, as opt.py's")
     p.add_argument("--e2e-ft", nargs="+", type=int, default=[0], metavar="STEPS",
                    help="opt.py --e2e-ft steps to compare (0: none)")
     p.add_argument("--e2e-ft-lr", type=float, default=1e-4)

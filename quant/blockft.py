@@ -11,15 +11,17 @@ per-channel in/out scales (QuIP#'s sign vectors, treated as reals, are these two
 buffers and stay. The last `holdout` calibration rows are never trained on: their error is measured
 before training and every `steps // 8` steps, and the parameters with the lowest held-out error are
 kept (the layer as quantized if no step beats it). Loss: mean squared error of the layer's output
-relative to the mean square of the target. Adam, batches of `batch` rows, float32 whatever the
-model's dtype; with `amp` the training steps' forward and backward passes run under bfloat16 autocast
+relative to the mean square of the target. Adam with relative step sizes (as Adafactor's): each
+tensor's learning rate is `lr` times its RMS (at least 1e-3), so one rate moves codebook row scales of
+about 0.02, norms near 1 and the still unquantized weights by the same fraction per step; batches of
+`batch` rows, float32 whatever the model's dtype; with `amp` the training steps' forward and backward passes run under bfloat16 autocast
 (twice the matmul throughput on CPUs with AVX-512 BF16) while the parameters, the loss and the held-out
 errors that choose the kept state stay float32.
 
 `finetune_e2e` is QuIP#'s second, end-to-end stage: after every layer is quantized, the same
 continuous parameters of all decoder layers (and the final norm) train together to match the fp
 model's next-token distributions on the calibration rows (KL(fp || quantized) per token), with the
-same held-out rows and keep-the-best rule; embeddings and head stay as they are, and so do the codes.
+same held-out rows and keep-the-best rule and one absolute Adam learning rate for all tensors; embeddings and head stay as they are, and so do the codes.
 """
 import contextlib
 import time
@@ -28,10 +30,13 @@ from dataclasses import dataclass
 import torch
 
 
+BLOCK_FT_LR = 5e-3  # relative to each tensor's RMS (`relative_adam`)
+
+
 @dataclass(frozen=True)
 class BlockFT:
     steps: int  # optimizer steps per group of linears
-    lr: float = 1e-3
+    lr: float = BLOCK_FT_LR
     holdout: float = 0.1  # fraction of the calibration rows held out (at least one row)
     batch: int = 4
     seed: int = 0
@@ -123,12 +128,20 @@ def _keep_best(params, steps, train_step, heldout):
     return before, best, best_step
 
 
+def relative_adam(params, lr):
+    """Adam whose learning rate for each tensor is `lr` times the tensor's RMS at the start (floored at
+    1e-3, as Adafactor's relative steps): one absolute rate would move a row scale of 0.02 fifty times
+    further, relative to its size, than a norm weight of 1."""
+    return torch.optim.Adam([dict(params=[p], lr=lr * max(float(p.detach().float().square().mean().sqrt()), 1e-3))
+                             for p in params])
+
+
 def _finetune(layer, inps, targets, kwargs, ft, tag, train, tick):
     kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else
               tuple(t.float() for t in v) if isinstance(v, tuple) and all(torch.is_tensor(t) for t in v) else v
               for k, v in kwargs.items()}
     params = [p for p in layer.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=ft.lr)
+    optimizer = relative_adam(params, ft.lr)
     g = torch.Generator().manual_seed(ft.seed * 1_000_003 + tag)
     scale = targets[:train].float().square().mean().clamp(min=1e-30)
 

@@ -78,7 +78,7 @@ def _move_outside(model, layers, device):
 
 
 class _Captured(Exception):
-    pass
+    """Raised by a forward hook to end a layer call once what it collects has run."""
 
 
 def _layer_inputs(model, layers, input_ids, device):
@@ -188,24 +188,39 @@ def output_hessians(model, input_ids, device, seed=0):
 
 def _hessians(layer, names, inps, kwargs, device):
     """{name: H accumulator} of the named linears of `layer` from one pass over the rows of `inps`; linears
-    that read the same input tensor (q/k/v, gate/up) share one accumulator."""
+    that read the same input tensor (q/k/v, gate/up) share one accumulator. Each call of the layer stops
+    once all of them have run: the rest of the layer adds nothing to their Hessians (for the first group
+    of --block-ft, q/k/v, that is nearly the whole layer)."""
     linears = {n: layer.get_submodule(n) for n in names}
     acc = {}
     last = {}  # the input tensor of the latest call and the accumulator it went to
+    seen = set()  # the named linears that ran in the current call
 
     def add(name, x):
+        seen.add(name)
         if x is last.get("x"):
             acc.setdefault(name, last["acc"])
             if acc[name] is last["acc"]:
-                return
+                return stop_when_done()
         if name not in acc:
             acc[name] = HessianAccumulator(x.shape[-1], device)
         acc[name].add(x)
         last.update(x=x, acc=acc[name])
+        stop_when_done()
+
+    def stop_when_done():
+        if len(seen) == len(linears):
+            raise _Captured
 
     handles = [m.register_forward_hook(lambda mod, inp, out, n=n: add(n, inp[0])) for n, m in linears.items()]
     try:
-        _run(layer, inps, kwargs)
+        with _dequantized(layer):
+            for j in range(0, inps.shape[0], ROWS_PER_PASS):
+                seen.clear()
+                try:
+                    layer(inps[j:j + ROWS_PER_PASS], **kwargs)
+                except _Captured:
+                    pass
     finally:
         for h in handles:
             h.remove()
