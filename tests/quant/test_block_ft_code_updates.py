@@ -11,10 +11,10 @@ import lm
 import opt
 import quant
 from engine import UserError
-from quant.blockft import BlockFT, finetune_e2e, relative_error
+from quant.blockft import BlockFT, finetune_e2e, relative_adam, relative_error
 from quant.e8p import get_codebook
 from quant.linear import QuantLinear
-from quant.model import _layer_inputs, _run, decoder_layers, quantize_model
+from quant.model import _hessians, _layer_inputs, _run, decoder_layers, quantize_model
 from quant.pv import CodeUpdater, apply, propose
 from tests.lm_fixtures import save_tiny_gpt2
 
@@ -49,6 +49,44 @@ def test_block_ft_lowers_the_layer_output_error_on_held_out_rows(assets):
             assert all(p.dtype == torch.float32 for p in layer.parameters())
     assert errors["fp32"] < 0.9 * errors["none"] and errors["amp"] < 0.9 * errors["none"]
     assert errors["amp"] != errors["fp32"]  # the autocast steps did run in bfloat16
+
+
+def test_block_ft_steps_are_relative_to_each_tensors_rms():
+    """Adam's first step moves every entry by its learning rate: here that is lr times the tensor's RMS, so
+    a row scale of 0.02 and a norm weight of 1 change by the same fraction; an all-zero tensor takes the
+    1e-3 floor."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [0.02 * (1 + torch.rand(64, generator=g)), 1 + torch.rand(64, generator=g), torch.zeros(64)]
+    params = [torch.nn.Parameter(t.clone()) for t in tensors]
+    optimizer = relative_adam(params, 5e-3)
+    sum((p * torch.randn(64, generator=g)).sum() for p in params).backward()
+    optimizer.step()
+    for t, p in zip(tensors, params):
+        rms = max(float(t.square().mean().sqrt()), 1e-3)
+        assert (p.detach() - t).abs() == pytest.approx(torch.full((64,), 5e-3 * rms), rel=1e-4)
+
+
+def test_hessian_pass_of_a_group_stops_after_it_and_equals_a_full_pass(assets):
+    """The Hessians of q/k/v collected by `_hessians` equal those of hooks over a full pass of the layer,
+    while the layer's later linears never run."""
+    fp, tokenizer = lm.load_causal_lm(assets["llama"])
+    ids = lm.calibration_batch(tokenizer, "wikitext2", 10, 32, 0, assets["data"])
+    inps, kwargs = _layer_inputs(fp, decoder_layers(fp)[0], ids, "cpu")
+    layer = decoder_layers(fp)[0][0]
+    group = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    seen = []
+    handles = [layer.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.append((n, i[0])))
+               for n in group + ["mlp.down_proj"]]
+    _run(layer, inps, kwargs)
+    full = {n: torch.cat([x.reshape(-1, x.shape[-1]) for name, x in seen if name == n]).double() for n in group}
+    seen.clear()
+    acc = _hessians(layer, group, inps, kwargs, "cpu")
+    for h in handles:
+        h.remove()
+    assert {n for n, _ in seen} == set(group)  # the pass ended before the MLP
+    assert acc["self_attn.q_proj"] is acc["self_attn.v_proj"]  # one input, one accumulator
+    for n, x in full.items():
+        torch.testing.assert_close(acc[n].hessian().double(), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7)
 
 
 def test_e2e_ft_lowers_the_held_out_kl_to_the_fp_model(assets):
