@@ -106,15 +106,26 @@ def _layer_inputs(model, layers, input_ids, device):
 ROWS_PER_PASS = 8  # calibration rows per layer call: fewer calls, larger matmuls
 
 
-def _run(layer, inps, kwargs):
-    """The layer's outputs for the rows of `inps`, a few rows per call (the captured keyword arguments are
-    those of one row; they broadcast over the batch). Its QuantLinears run as plain linears of their
-    dequantized weights: the same map, decoded once per pass instead of once per call."""
-    outs = torch.empty_like(inps)
+def _calls(layer, inps, kwargs):
+    """Calls of the layer on a few rows of `inps` at a time (the captured keyword arguments are those of one
+    row; they broadcast over the batch): yields (first row, the call's output, or None where a forward hook
+    ended the call with _Captured). Its QuantLinears run as plain linears of their dequantized weights: the
+    same map, decoded once per pass instead of once per call."""
     with _dequantized(layer):
         for j in range(0, inps.shape[0], ROWS_PER_PASS):
-            out = layer(inps[j:j + ROWS_PER_PASS], **kwargs)
-            outs[j:j + ROWS_PER_PASS] = out[0] if isinstance(out, (tuple, list)) else out
+            try:
+                out = layer(inps[j:j + ROWS_PER_PASS], **kwargs)
+            except _Captured:
+                yield j, None
+                continue
+            yield j, out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _run(layer, inps, kwargs):
+    """The layer's outputs for the rows of `inps` (see `_calls`)."""
+    outs = torch.empty_like(inps)
+    for j, out in _calls(layer, inps, kwargs):
+        outs[j:j + out.shape[0]] = out
     return outs
 
 
@@ -194,7 +205,7 @@ def _hessians(layer, names, inps, kwargs, device):
     linears = {n: layer.get_submodule(n) for n in names}
     acc = {}
     last = {}  # the input tensor of the latest call and the accumulator it went to
-    seen = set()  # the named linears that ran in the current call
+    seen = set()  # the named linears that ran in the current call; a call ends when all have
 
     def add(name, x):
         seen.add(name)
@@ -210,17 +221,13 @@ def _hessians(layer, names, inps, kwargs, device):
 
     def stop_when_done():
         if len(seen) == len(linears):
+            seen.clear()
             raise _Captured
 
     handles = [m.register_forward_hook(lambda mod, inp, out, n=n: add(n, inp[0])) for n, m in linears.items()]
     try:
-        with _dequantized(layer):
-            for j in range(0, inps.shape[0], ROWS_PER_PASS):
-                seen.clear()
-                try:
-                    layer(inps[j:j + ROWS_PER_PASS], **kwargs)
-                except _Captured:
-                    pass
+        for _ in _calls(layer, inps, kwargs):
+            pass
     finally:
         for h in handles:
             h.remove()
