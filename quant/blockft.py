@@ -14,14 +14,15 @@ kept (the layer as quantized if no step beats it). Loss: mean squared error of t
 relative to the mean square of the target. Adam with relative step sizes (as Adafactor's): each
 tensor's learning rate is `lr` times its RMS (at least 1e-3), so one rate moves codebook row scales of
 about 0.02, norms near 1 and the still unquantized weights by the same fraction per step; batches of
-`batch` rows, float32 whatever the model's dtype; with `amp` the training steps' forward and backward passes run under bfloat16 autocast
-(twice the matmul throughput on CPUs with AVX-512 BF16) while the parameters, the loss and the held-out
-errors that choose the kept state stay float32.
+`batch` rows, float32 whatever the model's dtype; with `amp` the training steps' forward and backward
+passes run under bfloat16 autocast (twice the matmul throughput on CPUs with AVX-512 BF16) while the
+parameters, the loss and the held-out errors that choose the kept state stay float32.
 
 `finetune_e2e` is QuIP#'s second, end-to-end stage: after every layer is quantized, the same
 continuous parameters of all decoder layers (and the final norm) train together to match the fp
 model's next-token distributions on the calibration rows (KL(fp || quantized) per token), with the
-same held-out rows and keep-the-best rule and one absolute Adam learning rate for all tensors; embeddings and head stay as they are, and so do the codes.
+same held-out rows and keep-the-best rule and one absolute Adam learning rate for all tensors;
+embeddings and head stay as they are, and so do the codes.
 """
 import contextlib
 import time
