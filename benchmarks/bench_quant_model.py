@@ -10,11 +10,12 @@ run as baselines. `seconds` is the whole quantization (calibration forward passe
 
 Model: SmolLM2-135M-Instruct (GGUF) from ../shared/data (any `lm.load_causal_lm` model with --model).
 Text (--text): 'wikitext' (default) = WikiText-2 raw valid (calibration) / test (evaluation) from
-../shared/data; 'stories' = in-domain text sampled from the fp model itself (seeded, temperature 1,
-from BOS; calibration and evaluation from different seeds), for a model trained on TinyStories.
+../shared/data (or any --train-file / --eval-file); 'stories' = in-domain text sampled from the fp model
+itself (seeded, temperature 1, from BOS; calibration and evaluation from different seeds), for a model
+trained on TinyStories.
 """
-import argparse
 import itertools
+import math
 import os
 import sys
 import tempfile
@@ -29,7 +30,7 @@ import lm  # noqa: E402
 import quant  # noqa: E402
 from lm.quantized import directory_bytes, round_to_stored, save_quantized  # noqa: E402
 from lm.shared import SMOLLM2, WIKI_TEST, WIKI_VALID  # noqa: E402
-from engine import resolve_amp  # noqa: E402
+from engine import ArgumentParser, UserError, cli, require_positive_ints, resolve_amp  # noqa: E402
 from results import write_rows  # noqa: E402
 from quant.blockft import BLOCK_FT_LR, BlockFT, finetune_e2e  # noqa: E402
 from quant.embedding import EMBED_BITS, quantize_embeddings  # noqa: E402
@@ -54,10 +55,14 @@ def sample_tokens(model, n_tokens, seqlen, seed, batch=16):
     return torch.cat(rows)[:n_tokens]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=SMOLLM2)
-    p.add_argument("--text", default="wikitext", choices=["stories", "wikitext"])
+    p.add_argument("--text", default="wikitext", choices=["stories", "wikitext"],
+                   help="wikitext: calibration rows from --train-file, evaluation on --eval-file; stories: both sampled "
+                   "from the fp model")
+    p.add_argument("--train-file", default=WIKI_VALID, help="calibration text of --text wikitext")
+    p.add_argument("--eval-file", default=WIKI_TEST, help="evaluation text of --text wikitext")
     p.add_argument("--methods", nargs="+", default=list(quant.METHODS), choices=quant.METHODS)
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], choices=[2, 3, 4])
     p.add_argument("--incoh", nargs="+", default=["off", "on"], choices=["off", "on"],
@@ -81,7 +86,46 @@ def main():
     p.add_argument("--eval-tokens", type=int, default=40 * 512)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    require_positive_ints(args, "nsamples", "seqlen", "threads")
+    if args.text == "stories" and (args.train_file, args.eval_file) != (WIKI_VALID, WIKI_TEST):
+        raise UserError("--text stories samples both texts from the model; --train-file and --eval-file are for --text wikitext")
+    if args.eval_tokens < args.seqlen:
+        raise UserError(f"--eval-tokens {args.eval_tokens} is less than one window of --seqlen {args.seqlen}")
+    for flag in ("block_ft", "e2e_ft"):
+        name, steps, lr = "--" + flag.replace("_", "-"), getattr(args, flag), getattr(args, flag + "_lr")
+        if min(steps) < 0:
+            raise UserError(f"{name} takes step counts >= 0 (0: none), got {min(steps)}")
+        if max(steps) and not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"{name}-lr must be a finite number > 0, got {lr}")
+        if max(steps) and args.nsamples < 2:
+            raise UserError(f"{name} holds out calibration rows to choose when to stop: give --nsamples >= 2")
+    if args.amp and not max(args.block_ft + args.e2e_ft):
+        raise UserError("--amp only applies to the training steps of --block-ft and --e2e-ft; give steps to one of them")
+    if args.embed_groupsize != -1 and (args.embed_bits is None or args.embed_groupsize <= 0):
+        raise UserError(f"--embed-groupsize {args.embed_groupsize}: give -1 or a positive size, with --embed-bits")
+    if args.save:
+        taken = [c for c in map(case_dir, cases(args)) if os.path.exists(os.path.join(args.save, c))]
+        if taken:
+            raise UserError(f"--save {args.save!r} already holds {taken[0]}; choose another --save or remove it")
+    return args
+
+
+def cases(args):
+    """(bits, method, incoh, yaqa, block-ft steps, e2e-ft steps) of every row, in the order they run."""
+    for bits, method in itertools.product(args.bits, args.methods):
+        vector = quant.TABLE[method].rotation is not None  # e8p, qtip: always the RHT
+        yaqa = args.yaqa if quant.TABLE[method].two_sided else ["off"]
+        yield from itertools.product([bits], [method], ["on"] if vector else args.incoh, yaqa, args.block_ft, args.e2e_ft)
+
+
+def case_dir(case):
+    bits, method, _, two_sided, steps, e2e = case
+    return f"{method}_w{bits}_yaqa{two_sided}_bft{steps}_e2e{e2e}"
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     args.amp = resolve_amp(args.amp, "cpu")
     fp, tokenizer = lm.load_causal_lm(args.model)
@@ -90,9 +134,9 @@ def main():
         calib = calib.view(args.nsamples, args.seqlen)
         test = sample_tokens(fp, args.eval_tokens, args.seqlen, seed=2000 + args.seed)
     else:
-        train = lm.encode(tokenizer, lm.read_text_file(WIKI_VALID))
+        train = lm.encode(tokenizer, lm.read_text_file(args.train_file))
         calib = lm.calibration_windows(train, args.nsamples, args.seqlen, args.seed)
-        test = lm.encode(tokenizer, lm.read_text_file(WIKI_TEST))[:args.eval_tokens]
+        test = lm.encode(tokenizer, lm.read_text_file(args.eval_file))[:args.eval_tokens]
     if args.write_text:
         os.makedirs(args.write_text, exist_ok=True)
         for name, ids in (("train", calib.reshape(-1)), ("test", test)):
@@ -115,43 +159,40 @@ def main():
     print(f"{'method':>8} {'bits':>4} {'incoh':>5} {'yaqa':>4} {'bft':>5} {'e2e':>5} {'ppl':>9} {'ppl / fp':>9} {'proxy':>10} "
           f"{'seconds':>8} {'layers s':>8} {'MB':>7}")
     table = []
-    for bits in args.bits:
-        for method in args.methods:
-            vector = quant.TABLE[method].rotation is not None  # e8p, qtip: always the RHT
-            yaqa = args.yaqa if quant.TABLE[method].two_sided else ["off"]
-            for incoh, two_sided, steps, e2e in itertools.product(["on"] if vector else args.incoh, yaqa, args.block_ft,
-                                                                  args.e2e_ft):
-                model, tok = lm.load_causal_lm(args.model)
-                options = dict(incoherence=incoh == "on", lazy_batch=True)
-                block_ft = BlockFT(steps, args.block_ft_lr, seed=args.seed, amp=args.amp) if steps else None
-                tick = time.perf_counter()
-                rows = quantize_model(model, calib, "cpu", bits, method, args.seed, block_ft=block_ft,
-                                      yaqa=two_sided == "on", **options)
-                if e2e:
-                    finetune_e2e(model, fp, calib, "cpu", BlockFT(e2e, args.e2e_ft_lr, seed=args.seed, amp=args.amp))
-                if args.embed_bits:
-                    quantize_embeddings(model, args.embed_bits, args.embed_groupsize)
-                seconds = time.perf_counter() - tick
-                round_to_stored(model, "float16")  # the model its packed directory holds
-                ppl = lm.perplexity(model, test, args.seqlen)
-                with tempfile.TemporaryDirectory() as tmp:
-                    out = os.path.join(args.save or tmp, f"{method}_w{bits}_yaqa{two_sided}_bft{steps}_e2e{e2e}")
-                    save_quantized(model, tok, out, dict(method=method, wbits=bits, options=options,
-                                                         block_ft=vars(block_ft) if block_ft else None, e2e_ft=e2e or None))
-                    megabytes = directory_bytes(out) / 1e6
-                print(f"{method:>8} {bits:>4} {incoh:>5} {two_sided:>4} {steps:>5} {e2e:>5} {ppl:>9.4g} {ppl / base:>9.3f} "
-                      f"{sum(r['proxy'] for r in rows):>10.4g} {seconds:>8.1f} {sum(r['seconds'] for r in rows):>8.2f} "
-                      f"{megabytes:>7.1f}", flush=True)
-                table.append({"model": os.path.basename(args.model), "text": args.text, "method": method, "bits": bits,
-                              "incoh": incoh, "yaqa": two_sided, "block_ft": steps, "e2e_ft": e2e,
-                              "amp": "on" if args.amp and (steps or e2e) else "off", "embed_bits": args.embed_bits or 16,
-                              "ppl": f"{ppl:.4g}", "fp_ppl": f"{base:.4g}", "ppl_vs_fp": round(ppl / base, 3),
-                              "proxy": f"{sum(r['proxy'] for r in rows):.4g}", "seconds": round(seconds, 1),
-                              "layers_seconds": round(sum(r['seconds'] for r in rows), 2),
-                              "packed_mb": round(megabytes, 1), "fp16_mb": round(fp16_mb, 1)})
-                # after every row: a long run keeps what it measured; other cases' rows stay
-                write_rows("bench_quant_model", table, keep=CASE)
+    for case in cases(args):
+        bits, method, incoh, two_sided, steps, e2e = case
+        model, tok = lm.load_causal_lm(args.model)
+        options = dict(incoherence=incoh == "on", lazy_batch=True)
+        block_ft = BlockFT(steps, args.block_ft_lr, seed=args.seed, amp=args.amp) if steps else None
+        tick = time.perf_counter()
+        rows = quantize_model(model, calib, "cpu", bits, method, args.seed, block_ft=block_ft,
+                              yaqa=two_sided == "on", **options)
+        if e2e:
+            finetune_e2e(model, fp, calib, "cpu", BlockFT(e2e, args.e2e_ft_lr, seed=args.seed, amp=args.amp))
+        if args.embed_bits:
+            quantize_embeddings(model, args.embed_bits, args.embed_groupsize)
+        seconds = time.perf_counter() - tick
+        round_to_stored(model, "float16")  # the model its packed directory holds
+        ppl = lm.perplexity(model, test, args.seqlen)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(args.save or tmp, case_dir(case))
+            save_quantized(model, tok, out, dict(method=method, wbits=bits, options=options,
+                                                 block_ft=vars(block_ft) if block_ft else None, e2e_ft=e2e or None))
+            megabytes = directory_bytes(out) / 1e6
+        print(f"{method:>8} {bits:>4} {incoh:>5} {two_sided:>4} {steps:>5} {e2e:>5} {ppl:>9.4g} {ppl / base:>9.3f} "
+              f"{sum(r['proxy'] for r in rows):>10.4g} {seconds:>8.1f} {sum(r['seconds'] for r in rows):>8.2f} "
+              f"{megabytes:>7.1f}", flush=True)
+        table.append({"model": os.path.basename(args.model), "text": args.text, "method": method, "bits": bits,
+                      "incoh": incoh, "yaqa": two_sided, "block_ft": steps, "e2e_ft": e2e,
+                      "amp": "on" if args.amp and (steps or e2e) else "off", "embed_bits": args.embed_bits or 16,
+                      "ppl": f"{ppl:.4g}", "fp_ppl": f"{base:.4g}", "ppl_vs_fp": round(ppl / base, 3),
+                      "proxy": f"{sum(r['proxy'] for r in rows):.4g}", "seconds": round(seconds, 1),
+                      "layers_seconds": round(sum(r['seconds'] for r in rows), 2),
+                      "packed_mb": round(megabytes, 1), "fp16_mb": round(fp16_mb, 1)})
+        # after every row: a long run keeps what it measured; other cases' rows stay
+        write_rows("bench_quant_model", table, keep=CASE)
+    return table
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

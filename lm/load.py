@@ -34,7 +34,11 @@ def load_causal_lm(name_or_path, dtype=torch.float32, device="cpu"):
 
         model, tokenizer = load(name, dtype=dtype)
         return model.to(device).eval(), tokenizer
-    if looks_local(name) and not os.path.isdir(name):
+    kind = {".gguf": "GGUF file", ".bin": "llama2.c checkpoint"}.get(os.path.splitext(name)[1].lower())
+    if (looks_local(name) or kind) and not os.path.isdir(name):
+        if kind:  # a file path (no hub name ends so): where it should be, not how an HF directory looks
+            raise UserError(f"{kind} {name!r} does not exist; put the file at that path or pass another model (a GGUF "
+                            "file, a llama2.c .bin, a model directory or a hub name)")
         raise UserError(f"model directory {name!r} does not exist; {WHERE}")
     if os.path.isdir(name) and is_quantized_dir(name):
         return load_quantized(name, dtype=dtype, device=device)

@@ -141,8 +141,13 @@ def test_load_text_user_errors(tmp_path):
 
 
 def test_load_causal_lm_user_errors(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="model directory .* does not exist"):
         lm.load_causal_lm(str(tmp_path / "missing"))
+    # a missing model file is named as the file it should be, also as a relative path without ./
+    with pytest.raises(UserError, match="GGUF file 'models/m.gguf' does not exist; put the file at that path"):
+        lm.load_causal_lm("models/m.gguf")
+    with pytest.raises(UserError, match="llama2.c checkpoint .*m.bin' does not exist; put the file at that path"):
+        lm.load_causal_lm(str(tmp_path / "m.bin"))
     # conftest sets HF_HUB_OFFLINE=1: an uncached hub name fails at once with what to do instead.
     with pytest.raises(UserError, match="HF_HUB_OFFLINE is set .offline.*local directory holding config.json"):
         lm.load_causal_lm("facebook/opt-125m-not-cached-anywhere")

@@ -35,6 +35,7 @@ def test_block_ft_lowers_the_layer_output_error_on_held_out_rows(assets):
     errors = {}
     for run in ("none", "fp32", "amp"):
         model, _ = lm.load_causal_lm(assets["llama"])
+        del decoder_layers(model)[0][1:]  # only layer 0 is measured
         ft = None if run == "none" else BlockFT(40, lr=3e-3, amp=run == "amp")
         rows = quantize_model(model, ids, "cpu", 2, "e8p", block_ft=ft)
         layer = decoder_layers(model)[0][0]
