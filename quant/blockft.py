@@ -9,8 +9,9 @@ to the fp model's hidden states after this layer: every continuous parameter of 
 is the still unquantized linears, the norms and biases, and the quantized linears' codebook scales and
 per-channel in/out scales (QuIP#'s sign vectors, treated as reals, are these two diagonals); codes are
 buffers and stay. The last `holdout` calibration rows are never trained on: their error is measured
-before training and every `steps // 8` steps, and the parameters with the lowest held-out error are
-kept (the layer as quantized if no step beats it). Loss: mean squared error of the layer's output
+before training and after every quarter of the steps (at most 5 measurements, which at 5 steps per
+group cost a quarter of the finetuning), and the parameters with the lowest held-out error are kept (the
+layer as quantized if no measured state beats it). Loss: mean squared error of the layer's output
 relative to the mean square of the target. Adam with relative step sizes (as Adafactor's): each
 tensor's learning rate is `lr` times its RMS (at least 1e-3), so one rate moves codebook row scales of
 about 0.02, norms near 1 and the still unquantized weights by the same fraction per step; batches of
@@ -25,6 +26,7 @@ same held-out rows and keep-the-best rule and one absolute Adam learning rate fo
 embeddings and head stay as they are, and so do the codes.
 """
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -110,11 +112,12 @@ def _float32(module):
 
 
 def _keep_best(params, steps, train_step, heldout):
-    """Run `train_step(step)` `steps` times, measure `heldout()` before and every steps // 8 steps,
-    leave `params` at their best held-out state: (error before, best error, best step)."""
+    """Run `train_step(step)` `steps` times, measure `heldout()` before and after every quarter of the steps
+    (ceil(steps / 4) steps apart, and after the last), leave `params` at their best held-out state: (error
+    before, best error, best step)."""
     best = before = heldout()
     best_state, best_step = [p.detach().clone() for p in params], 0
-    every = max(1, steps // 8)
+    every = max(1, math.ceil(steps / 4))
     with torch.enable_grad():
         for step in range(1, steps + 1):
             train_step(step)

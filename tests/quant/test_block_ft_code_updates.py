@@ -11,7 +11,7 @@ import lm
 import opt
 import quant
 from engine import UserError
-from quant.blockft import BlockFT, finetune_e2e, relative_adam, relative_error
+from quant.blockft import BlockFT, _keep_best, finetune_e2e, relative_adam, relative_error
 from quant.e8p import get_codebook
 from quant.linear import QuantLinear
 from quant.model import _hessians, _layer_inputs, _run, decoder_layers, quantize_model
@@ -50,6 +50,28 @@ def test_block_ft_lowers_the_layer_output_error_on_held_out_rows(assets):
             assert all(p.dtype == torch.float32 for p in layer.parameters())
     assert errors["fp32"] < 0.9 * errors["none"] and errors["amp"] < 0.9 * errors["none"]
     assert errors["amp"] != errors["fp32"]  # the autocast steps did run in bfloat16
+
+
+@pytest.mark.parametrize("steps, checked", [(1, [1]), (5, [2, 4, 5]), (8, [2, 4, 6, 8]), (20, [5, 10, 15, 20]),
+                                            (22, [6, 12, 18, 22])])
+def test_held_out_error_is_measured_before_and_at_each_quarter_and_the_best_state_is_kept(steps, checked):
+    """A parameter walks 1, 2, 3, ... away from 0 and the held-out error is |x - 3.2|: measured before the steps
+    and after every quarter (at most 5 times in all), the best measured state is restored, whichever step it was."""
+    x = torch.nn.Parameter(torch.zeros(()))
+    measured = []
+
+    def train_step(step):
+        with torch.no_grad():
+            x.add_(1.0)
+
+    def heldout():
+        measured.append(int(x))
+        return abs(float(x) - 3.2)
+
+    before, best, best_step = _keep_best([x], steps, train_step, heldout)
+    assert measured == [0] + checked
+    assert best_step == min([0] + checked, key=lambda s: abs(s - 3.2))
+    assert float(x) == best_step and before == pytest.approx(3.2) and best == pytest.approx(abs(best_step - 3.2))
 
 
 def test_block_ft_steps_are_relative_to_each_tensors_rms():
