@@ -9,10 +9,10 @@ to the fp model's hidden states after this layer: every continuous parameter of 
 is the still unquantized linears, the norms and biases, and the quantized linears' codebook scales and
 per-channel in/out scales (QuIP#'s sign vectors, treated as reals, are these two diagonals); codes are
 buffers and stay. The last `holdout` calibration rows are never trained on: their error is measured
-before training and after every quarter of the steps (at most 5 measurements, which at 5 steps per
-group cost a quarter of the finetuning), and the parameters with the lowest held-out error are kept (the
-layer as quantized if no measured state beats it). Loss: mean squared error of the layer's output
-relative to the mean square of the target. Adam with relative step sizes (as Adafactor's): each
+before training and after every quarter of the steps (at most 5 measurements; measured after every
+step, they took over a quarter of a 5-step finetuning), and the parameters with the lowest held-out
+error are kept (the layer as quantized if no measured state beats it). Loss: mean squared error of the
+layer's output relative to the mean square of the target. Adam with relative step sizes (as Adafactor's): each
 tensor's learning rate is `lr` times its RMS (at least 1e-3), so one rate moves codebook row scales of
 about 0.02, norms near 1 and the still unquantized weights by the same fraction per step; batches of
 `batch` rows, float32 whatever the model's dtype; with `amp` the training steps' forward and backward
