@@ -13,7 +13,6 @@ scales and rotation seeds of every quantized linear, no dense copy, plus the fp 
 `--load`, `ft_opt.py --model` and `lm.load_causal_lm` run from.
 """
 import copy
-import math
 import os
 import shutil
 import time
@@ -27,8 +26,8 @@ from engine import (ArgumentParser, UserError, add_common_args, atomic_write_jso
 from lm import generate as lm_generate
 from lm.checkpoint import STORED_DTYPES, is_quantized_dir
 from lm.quantized import directory_bytes, round_to_stored, save_quantized
-from quant.blockft import BLOCK_FT_LR, BlockFT, finetune_e2e
-from quant.embedding import EMBED_BITS, quantize_embeddings
+from quant.blockft import BLOCK_FT_LR, BlockFT, check_finetuning, finetune_e2e
+from quant.embedding import EMBED_BITS, check_groupsize, quantize_embeddings
 from quant.model import FAMILIES, decoder_layers, quantize_model
 
 REPORT_FILE = "quant_report.json"
@@ -132,8 +131,7 @@ def check_args(args):
         raise UserError("--embed-bits quantizes the embedding beside the layers: it needs --wbits 2, 3 or 4 and no --load")
     if args.yaqa and (args.load or args.wbits == 16):
         raise UserError("--yaqa is a way of rounding: it needs --wbits 2, 3 or 4 and no --load")
-    if args.embed_groupsize != -1 and (args.embed_bits is None or args.embed_groupsize <= 0):
-        raise UserError(f"--embed-groupsize {args.embed_groupsize}: give -1 or a positive size, with --embed-bits")
+    check_groupsize(args.embed_bits, args.embed_groupsize)
     if args.percdamp < 0:
         raise UserError(f"--percdamp must be >= 0, got {args.percdamp}")
     if args.quant in quant.UNSUPPORTED:
@@ -168,15 +166,12 @@ def check_finetuning_flags(args):
     if args.amp and args.block_ft is None and args.e2e_ft is None:
         raise UserError("--amp only applies to the training steps of --block-ft and --e2e-ft; give one of them")
     for flag in ("block_ft", "e2e_ft"):
-        name, lr = "--" + flag.replace("_", "-"), getattr(args, flag + "_lr")
+        name = flag.replace("_", "-")
         if getattr(args, flag) is None:
             continue
         if args.load or args.wbits == 16:
-            raise UserError(f"{name} finetunes while quantizing: it needs --wbits 2, 3 or 4 and no --load")
-        if args.nsamples < 2:
-            raise UserError(f"{name} holds out calibration rows to choose when to stop: give --nsamples >= 2")
-        if not (math.isfinite(lr) and lr > 0):
-            raise UserError(f"{name}-lr must be a finite number > 0, got {lr}")
+            raise UserError(f"--{name} finetunes while quantizing: it needs --wbits 2, 3 or 4 and no --load")
+        check_finetuning(name, getattr(args, flag + "_lr"), args.nsamples)
 
 
 def check_model_paths(args):

@@ -15,7 +15,6 @@ itself (seeded, temperature 1, from BOS; calibration and evaluation from differe
 trained on TinyStories.
 """
 import itertools
-import math
 import os
 import sys
 import tempfile
@@ -32,8 +31,8 @@ from lm.quantized import directory_bytes, round_to_stored, save_quantized  # noq
 from lm.shared import SMOLLM2, WIKI_TEST, WIKI_VALID  # noqa: E402
 from engine import ArgumentParser, UserError, cli, require_positive_ints, resolve_amp  # noqa: E402
 from results import write_rows  # noqa: E402
-from quant.blockft import BLOCK_FT_LR, BlockFT, finetune_e2e  # noqa: E402
-from quant.embedding import EMBED_BITS, quantize_embeddings  # noqa: E402
+from quant.blockft import BLOCK_FT_LR, BlockFT, check_finetuning, finetune_e2e  # noqa: E402
+from quant.embedding import EMBED_BITS, check_groupsize, quantize_embeddings  # noqa: E402
 from quant.model import quantize_model  # noqa: E402
 
 
@@ -93,17 +92,14 @@ def parse_args(argv):
     if args.eval_tokens < args.seqlen:
         raise UserError(f"--eval-tokens {args.eval_tokens} is less than one window of --seqlen {args.seqlen}")
     for flag in ("block_ft", "e2e_ft"):
-        name, steps, lr = "--" + flag.replace("_", "-"), getattr(args, flag), getattr(args, flag + "_lr")
+        name, steps = flag.replace("_", "-"), getattr(args, flag)
         if min(steps) < 0:
-            raise UserError(f"{name} takes step counts >= 0 (0: none), got {min(steps)}")
-        if max(steps) and not (math.isfinite(lr) and lr > 0):
-            raise UserError(f"{name}-lr must be a finite number > 0, got {lr}")
-        if max(steps) and args.nsamples < 2:
-            raise UserError(f"{name} holds out calibration rows to choose when to stop: give --nsamples >= 2")
+            raise UserError(f"--{name} takes step counts >= 0 (0: none), got {min(steps)}")
+        if max(steps):
+            check_finetuning(name, getattr(args, flag + "_lr"), args.nsamples)
     if args.amp and not max(args.block_ft + args.e2e_ft):
         raise UserError("--amp only applies to the training steps of --block-ft and --e2e-ft; give steps to one of them")
-    if args.embed_groupsize != -1 and (args.embed_bits is None or args.embed_groupsize <= 0):
-        raise UserError(f"--embed-groupsize {args.embed_groupsize}: give -1 or a positive size, with --embed-bits")
+    check_groupsize(args.embed_bits, args.embed_groupsize)
     if args.save:
         taken = [c for c in map(case_dir, cases(args)) if os.path.exists(os.path.join(args.save, c))]
         if taken:
@@ -179,15 +175,14 @@ def main(argv=None):
             save_quantized(model, tok, out, dict(method=method, wbits=bits, options=options,
                                                  block_ft=vars(block_ft) if block_ft else None, e2e_ft=e2e or None))
             megabytes = directory_bytes(out) / 1e6
+        proxy, layers_seconds = sum(r["proxy"] for r in rows), sum(r["seconds"] for r in rows)
         print(f"{method:>8} {bits:>4} {incoh:>5} {two_sided:>4} {steps:>5} {e2e:>5} {ppl:>9.4g} {ppl / base:>9.3f} "
-              f"{sum(r['proxy'] for r in rows):>10.4g} {seconds:>8.1f} {sum(r['seconds'] for r in rows):>8.2f} "
-              f"{megabytes:>7.1f}", flush=True)
+              f"{proxy:>10.4g} {seconds:>8.1f} {layers_seconds:>8.2f} {megabytes:>7.1f}", flush=True)
         table.append({"model": os.path.basename(args.model), "text": args.text, "method": method, "bits": bits,
                       "incoh": incoh, "yaqa": two_sided, "block_ft": steps, "e2e_ft": e2e,
                       "amp": "on" if args.amp and (steps or e2e) else "off", "embed_bits": args.embed_bits or 16,
                       "ppl": f"{ppl:.4g}", "fp_ppl": f"{base:.4g}", "ppl_vs_fp": round(ppl / base, 3),
-                      "proxy": f"{sum(r['proxy'] for r in rows):.4g}", "seconds": round(seconds, 1),
-                      "layers_seconds": round(sum(r['seconds'] for r in rows), 2),
+                      "proxy": f"{proxy:.4g}", "seconds": round(seconds, 1), "layers_seconds": round(layers_seconds, 2),
                       "packed_mb": round(megabytes, 1), "fp16_mb": round(fp16_mb, 1)})
         # after every row: a long run keeps what it measured; other cases' rows stay
         write_rows("bench_quant_model", table, keep=CASE)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import UserError
 
 BLOCK_FT_LR = 5e-3  # relative to each tensor's RMS (`relative_adam`)
 
@@ -44,6 +45,14 @@ class BlockFT:
     batch: int = 4
     seed: int = 0
     amp: bool = False  # bfloat16 autocast in the training steps
+
+
+def check_finetuning(flag, lr, nsamples):
+    """`--{flag}` (block-ft or e2e-ft) can run: a usable learning rate and calibration rows to hold out."""
+    if nsamples < 2:
+        raise UserError(f"--{flag} holds out calibration rows to choose when to stop: give --nsamples >= 2")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--{flag}-lr must be a finite number > 0, got {lr}")
 
 
 def _autocast(ft, device):
