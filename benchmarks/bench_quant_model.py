@@ -177,12 +177,12 @@ def main(argv=None):
             megabytes = directory_bytes(out) / 1e6
         proxy, layers_seconds = sum(r["proxy"] for r in rows), sum(r["seconds"] for r in rows)
         print(f"{method:>8} {bits:>4} {incoh:>5} {two_sided:>4} {steps:>5} {e2e:>5} {ppl:>9.4g} {ppl / base:>9.3f} "
-              f"{proxy:>10.4g} {seconds:>8.1f} {layers_seconds:>8.2f} {megabytes:>7.1f}", flush=True)
+              f"{proxy:>10.4g} {seconds:>8.2f} {layers_seconds:>8.2f} {megabytes:>7.1f}", flush=True)
         table.append({"model": os.path.basename(args.model), "text": args.text, "method": method, "bits": bits,
                       "incoh": incoh, "yaqa": two_sided, "block_ft": steps, "e2e_ft": e2e,
                       "amp": "on" if args.amp and (steps or e2e) else "off", "embed_bits": args.embed_bits or 16,
                       "ppl": f"{ppl:.4g}", "fp_ppl": f"{base:.4g}", "ppl_vs_fp": round(ppl / base, 3),
-                      "proxy": f"{proxy:.4g}", "seconds": round(seconds, 1), "layers_seconds": round(layers_seconds, 2),
+                      "proxy": f"{proxy:.4g}", "seconds": round(seconds, 2), "layers_seconds": round(layers_seconds, 2),
                       "packed_mb": round(megabytes, 1), "fp16_mb": round(fp16_mb, 1)})
         # after every row: a long run keeps what it measured; other cases' rows stay
         write_rows("bench_quant_model", table, keep=CASE)

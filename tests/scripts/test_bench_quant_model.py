@@ -48,7 +48,8 @@ def test_one_row_per_case_against_the_fp_model_of_the_same_run(run, tiny_llama_d
     for r in rows:
         assert float(r["fp_ppl"]) == pytest.approx(fp_ppl, rel=1e-3)
         assert r["ppl_vs_fp"] == pytest.approx(float(r["ppl"]) / float(r["fp_ppl"]), abs=2e-3)  # both printed to 4 digits
-        assert r["embed_bits"] == 16 and r["seconds"] > 0 and r["layers_seconds"] > 0
+        assert r["embed_bits"] == 16
+        assert r["seconds"] >= r["layers_seconds"] > 0  # the whole quantization holds its layers' time
 
 
 def test_each_row_measured_the_packed_directory_it_saved(run):
