@@ -22,7 +22,8 @@ parameters, the loss and the held-out errors that choose the kept state stay flo
 `finetune_e2e` is QuIP#'s second, end-to-end stage: after every layer is quantized, the same
 continuous parameters of all decoder layers (and the final norm) train together to match the fp
 model's next-token distributions on the calibration rows (KL(fp || quantized) per token), with the
-same held-out rows and keep-the-best rule and one absolute Adam learning rate for all tensors;
+same held-out rows and keep-the-best rule and one absolute Adam learning rate for all tensors (on
+SmolLM2-135M relative rates gave no lower perplexity);
 embeddings and head stay as they are, and so do the codes.
 """
 import contextlib
