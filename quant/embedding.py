@@ -33,13 +33,13 @@ class _GridTable:
         self.codes, self.scale, self.zero, self.spec, self.rescale = codes, scale, zero, spec, None
 
 
-@torch.no_grad()
 def check_groupsize(bits, groupsize):
     """--embed-groupsize: -1 (one scale per row) or a positive size, and only with --embed-bits."""
     if groupsize != -1 and (bits is None or groupsize <= 0):
         raise UserError(f"--embed-groupsize {groupsize}: give -1 or a positive size, with --embed-bits")
 
 
+@torch.no_grad()
 def quantize_table(W, wbits, groupsize=-1):
     """(QuantLinear, relative squared error) of the (rows, cols) table W rounded to the nearest value of a
     per-row (groupsize -1) or per-group min/max grid of `wbits` bits."""
