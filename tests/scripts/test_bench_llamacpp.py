@@ -1,0 +1,123 @@
+"""benchmarks/bench_llamacpp.py without llama.cpp: stand-in llama-bench and llama-quantize executables that
+report fixed rates and copy files, so that the script's own work is checked (GGUF files made once, llama-bench
+called with the protocol's lengths and depth, medians, the ratio to IQ4_NL, our decode loop's row, the
+results file), and its one-line errors."""
+import csv
+import functools
+import json
+import os
+import stat
+import sys
+
+import pytest
+
+from engine import UserError
+from lm import decode as fast
+from tests.helpers import ROOT
+from tests.lm_fixtures import make_text, tiny_tied_llama, train_tokenizer, write_tiny_gguf
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import bench_llamacpp  # noqa: E402
+import results  # noqa: E402
+
+sys.path.pop(0)
+
+# decode tok/s the stand-in llama-bench reports per GGUF type; prefill is ten times that
+RATES = {"f16": 50.0, "iq4_nl": 100.0}
+LLAMA_BENCH = f"""#!{sys.executable}
+import json, os, sys
+a = sys.argv[1:]
+opt = dict(zip(a[::2], a[1:][::2]))
+assert opt["-t"] == "1" and opt["-r"] == "1" and opt["-o"] == "json", a
+name = os.path.basename(opt["-m"]).rsplit("-", 1)[1].split(".")[0]
+rate = {RATES!r}[name]
+if opt["-n"] == "0":
+    assert opt["-p"] == "48" and "-d" not in opt, a
+    print(json.dumps([dict(n_prompt=48, n_gen=0, avg_ts=10 * rate)]))
+else:
+    assert opt["-p"] == "0" and opt["-n"] == "24" and opt["-d"] == "8", a
+    print(json.dumps([dict(n_prompt=0, n_gen=24, avg_ts=rate)]))
+"""
+LLAMA_QUANTIZE = f"""#!{sys.executable}
+import shutil, sys
+assert sys.argv[1] == "--allow-requantize", sys.argv
+shutil.copyfile(sys.argv[2], sys.argv[3])
+with open(sys.argv[3], "ab") as f:
+    f.write(sys.argv[4].encode())
+with open(__file__ + ".calls", "a") as f:
+    f.write(sys.argv[4] + "\\n")
+"""
+
+
+def executable(path, text):
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench_llamacpp")
+    tools = tmp / "build" / "bin"
+    tools.mkdir(parents=True)
+    executable(tools / "llama-bench", LLAMA_BENCH)
+    executable(tools / "llama-quantize", LLAMA_QUANTIZE)
+    text = make_text(60)
+    (tmp / "text.txt").write_text(text)
+    tokenizer = train_tokenizer(text)
+    gguf = write_tiny_gguf(str(tmp / "tiny.gguf"), tiny_tied_llama(tokenizer), tokenizer)
+    argv = ["--llama-cpp", str(tmp / "build"), "--model", gguf, "--text-file", str(tmp / "text.txt"),
+            "--llama", "f16", "iq4_nl", "--ours", "fp32", "--threads", "1", "--reps", "2",
+            "--prefill-tokens", "48", "--decode-prompt-tokens", "8", "--new-tokens", "24",
+            "--models-dir", str(tmp / "models")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench_llamacpp, "write_rows", functools.partial(results.write_rows, directory=str(tmp / "results")))
+        first = bench_llamacpp.main(argv)
+        second = bench_llamacpp.main(argv)
+    return dict(tmp=tmp, argv=argv, first=first, second=second, calls=tools / "llama-quantize.calls")
+
+
+def test_llama_cpp_rows_carry_llama_bench_rates_and_the_ratio_to_iq4_nl(setup):
+    rows = {(r["runtime"], r["config"]): r for r in setup["first"]}
+    for name, rate in RATES.items():
+        row = rows["llama.cpp", name]
+        assert row["decode tok/s"] == rate and row["prefill tok/s"] == 10 * rate and row["threads"] == 1
+        assert row["decode / llama.cpp IQ4_NL"] == round(rate / RATES["iq4_nl"], 2)
+        path = setup["tmp"] / "models" / f"smollm2-135m-{name}.gguf"
+        assert row["weights MB"] == round(path.stat().st_size / 1e6, 1)
+
+
+def test_gguf_files_are_made_once_and_reused(setup):
+    assert sorted(setup["calls"].read_text().split()) == ["F16", "IQ4_NL"]
+    assert not [p for p in os.listdir(setup["tmp"] / "models") if p.endswith(".tmp")]
+
+
+def test_our_decode_loop_has_a_row_beside_them_and_the_results_file_holds_one_run(setup):
+    if not fast.available():
+        pytest.skip("the C++ decode loop is not built here (RLO_NO_KERNEL or no compiler)")
+    row = next(r for r in setup["second"] if r["runtime"] == "ours")
+    assert row["config"] == "fp32" and row["decode tok/s"] > 0 and row["prefill tok/s"] > 0
+    assert row["decode / llama.cpp IQ4_NL"] == round(row["decode tok/s"] / RATES["iq4_nl"], 2)
+    assert row["weights MB"] > 0
+    with open(setup["tmp"] / "results" / "bench_llamacpp.csv", newline="") as f:
+        saved = list(csv.DictReader(f))
+    assert sorted((r["runtime"], r["config"]) for r in saved) == [("llama.cpp", "f16"), ("llama.cpp", "iq4_nl"),
+                                                                  ("ours", "fp32")]
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--llama-cpp", "/nonexistent"), "no llama-bench in it"),
+    (("--model", __file__), "not a GGUF file"),
+    (("--reps", "0"), "--reps must be >= 1"),
+    (("--threads", "0"), "--threads must be >= 1"),
+    (("--prefill-tokens", "100000"), "the prompts need 100000"),
+])
+def test_bad_input_is_one_user_error(setup, change, message):
+    argv = list(setup["argv"])
+    argv[argv.index(change[0]) + 1] = change[1]
+    with pytest.raises(UserError, match=message):
+        bench_llamacpp.main(argv)
+
+
+def test_llama_bench_output_without_a_generation_test_is_refused():
+    with pytest.raises(ValueError, match="expected a prompt and a generation test"):
+        bench_llamacpp.parse_llama_bench(json.dumps([dict(n_prompt=128, n_gen=0, avg_ts=1.0)]))
