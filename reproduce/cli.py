@@ -205,10 +205,7 @@ def main(argv=None):
                          date=datetime.date.today().isoformat(), command=args.command),
                     os.path.join(args.cache, f"{name}.pt"))
 
-    if tasks:
-        run_tasks(tasks, args.jobs, args.cache, save)
-    for name in set(args.sections) - {key[0] for key in tasks}:  # sections without runs (llm in quick mode)
-        save(name, {}, 0.0)
+    run_tasks(tasks, args.jobs, args.cache, save)
     sections, provenance = [], []
     for name, module in SECTIONS.items():
         path = os.path.join(args.cache, f"{name}.pt")

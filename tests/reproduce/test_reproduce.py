@@ -15,8 +15,9 @@ import pytest
 from scipy import stats as sps
 
 import reproduce
-from engine import UserError, atomic_save, mean_ci
+from engine import UserError, atomic_save, mean_ci, read_csv
 from reproduce import cli, digits, gan, llm, report, spiral
+from lm.shared import STORIES260K
 from reproduce.common import SHARED_UCI, UCI, first_at
 from reproduce.stats import (choose, interval, mcnemar, mde, paired, paired_cells, power, reach, seeds_needed,
                              verdict)
@@ -251,8 +252,9 @@ def quick_command():
 @pytest.mark.slow
 @pytest.mark.real_data
 def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
-    if not os.path.isdir(SHARED_UCI):
-        pytest.skip(f"{SHARED_UCI} absent: Table 1 and its figures need the shared UCI files")
+    if not os.path.isdir(SHARED_UCI) or not os.path.isfile(STORIES260K):
+        pytest.skip(f"{SHARED_UCI} or {STORIES260K} absent: Table 1 needs the shared UCI files, the LLM section "
+                    "stories260K")
     out = tmp_path / "quick"
     # one process: the suite already runs one test per core
     quick = [sys.executable, *quick_command(), "--out", str(out), "--jobs", "1"]
@@ -272,9 +274,9 @@ def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
     assert all(c[4] in ("2", "187") for c in cells if c[-1] != "pending")  # n: 2 quick seeds, SPECTF's test rows
     sections = body.split("\n## ")[1:]
     expected_tables = {"Table 1": 2, "Figure 1": 1, "Lemma 2": 1, "Figure 2": 1, "Deep nets": 3, "Fashion-MNIST": 3,
-                       "GAN": 2, "GAN on Fashion-MNIST": 2, "LLM": 1}
+                       "GAN": 2, "GAN on Fashion-MNIST": 2, "LLM": 3}
     expected_figures = {"Table 1": 1, "Figure 1": 1, "Lemma 2": 0, "Figure 2": 3, "Deep nets": 1, "Fashion-MNIST": 1,
-                        "GAN": 2, "GAN on Fashion-MNIST": 1, "LLM": 0}
+                        "GAN": 2, "GAN on Fashion-MNIST": 1, "LLM": 1}
     for section, (name, n_tables) in zip(sections, expected_tables.items()):
         assert name in section.splitlines()[0]
         assert "**Command:** `python reproduce.py --quick --sections" in section
@@ -289,14 +291,22 @@ def test_make_reproduce_quick_writes_every_section_table_and_figure(tmp_path):
     assert [row.split("|")[1].strip() for row in table1] == list(UCI)
     assert all(re.search(r"\d+\.\d\d ± \d+\.\d\d", row) for row in table1)
     assert "lr chosen" in sections[4] and "lr chosen" in sections[5] and "Mean validation W1" in sections[6]
-    assert "not run in quick mode" in sections[-1]
+    # The LLM section ran the whole pipeline on the real stories260K: for CE and RLO and both methods, finetuning
+    # lowers the pretrained perplexity and finetuning in quantized space lowers the PTQ one, codes unchanged.
+    pipeline_rows = read_csv(str(out / "cache" / "llm" / "results.csv"))
+    assert {(int(r["seed"]), r["loss"], r["quant"]) for r in pipeline_rows} == {
+        (s, l, q) for s in (0, 1) for l in ("ce", "root") for q in ("ldlqRG", "e8p")}
+    for r in pipeline_rows:
+        assert r["qft_codes_unchanged"] == "True" and r["qft"] < r["ptq"], r
+        assert r["finetuned"] < r["fp"], r
     for runs in (out / "cache" / "runs" / "digits", out / "cache" / "runs" / "fashion"):
         for run in os.listdir(runs):  # train.py runs keep their metrics, not their checkpoints
             files = set(os.listdir(runs / run))
             assert "metrics.csv" in files and not files & {"last.pt", "best.pt"}
     assert sorted(os.listdir(out / "cache")) == sorted([f"{s}.pt" for s in reproduce.SECTIONS] +
                                                        ["runs", "tasks", "fashion_generated", "gan_images_generated",
-                                                        "gan_images"])  # the last: the section's scorer
+                                                        "gan_images",  # the section's scorer
+                                                        "llm", "llm_log.txt"])  # the pipeline's run and its log
     # A rerun of one section (here through `python -m reproduce`) rewrites the report with all of them.
     proc = subprocess.run([sys.executable, "-m", "reproduce", *quick[2:], "--sections", "spiral"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
