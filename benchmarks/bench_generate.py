@@ -162,10 +162,9 @@ def profile(model, ids, new):
     return {f"{k} %": round(100 * v / total, 1) for k, v in parts.items()}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=SMOLLM2, help="the dense model (packed configs are made from it)")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+def add_protocol_flags(p):
+    """The flags of the measurement protocol, shared with bench_llamacpp.py: threads, lengths, rounds and the
+    packed models' calibration and folder."""
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--prefill-tokens", type=int, default=128)
     p.add_argument("--decode-prompt-tokens", type=int, default=16)
@@ -173,7 +172,14 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--nsamples", type=int, default=8, help="calibration windows of the packed models")
     p.add_argument("--models-dir", default=os.path.join(ROOT, "runs", "bench_generate"),
-                   help="where the packed models are written once and reused")
+                   help="where the packed models (and bench_llamacpp.py's GGUF files) are written once and reused")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=SMOLLM2, help="the dense model (packed configs are made from it)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    add_protocol_flags(p)
     p.add_argument("--stream-mb", type=float, default=1024, help="buffer of the read-bandwidth baseline")
     p.add_argument("--profile", action="store_true", help="add the decode time's shares per part (C++ clocks)")
     args = p.parse_args()

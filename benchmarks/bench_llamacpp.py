@@ -140,14 +140,7 @@ def main(argv=None):
     p.add_argument("--ours", nargs="+", default=list(OURS), choices=list(bench_generate.CONFIGS),
                    help="this repo's configs (bench_generate.py's names)")
     p.add_argument("--text-file", default=WIKI_VALID, help="the text whose tokens are the prompts")
-    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--prefill-tokens", type=int, default=128)
-    p.add_argument("--decode-prompt-tokens", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--nsamples", type=int, default=8, help="calibration windows of the packed models")
-    p.add_argument("--models-dir", default=os.path.join(ROOT, "runs", "bench_generate"),
-                   help="where the packed models and GGUF files are written once and reused")
+    bench_generate.add_protocol_flags(p)
     p.add_argument("--imatrix-chunks", type=int, default=64,
                    help="windows of 512 tokens for llama.cpp's importance matrix (0: none)")
     p.add_argument("--calib-file", default=WIKI_VALID, help="the importance matrix's text")
