@@ -51,11 +51,14 @@ def threads():
 
 
 def commit():
+    """HEAD, with `+dirty` where tracked files differ from it; the results files do not count (a benchmark that
+    writes its file case by case would otherwise mark its own later rows dirty)."""
     root = os.path.dirname(RESULTS_DIR)
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                f":!{os.path.relpath(RESULTS_DIR, root)}"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -2,6 +2,7 @@
 only those cases' rows measured on its own machine; the file is never half-written."""
 import csv
 import os
+import subprocess
 import sys
 
 import pytest
@@ -68,3 +69,23 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
 class Unwritable:
     def __str__(self):
         raise ValueError("cannot be written")
+
+
+def test_the_commit_is_dirty_for_changed_code_not_for_changed_results(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "bench_x.csv").write_text("a\n1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    monkeypatch.setattr(results, "RESULTS_DIR", str(tmp_path / "benchmarks" / "results"))
+    clean = results.commit()
+    assert len(clean) == 12 and not clean.endswith("+dirty")
+    (tmp_path / "benchmarks" / "results" / "bench_x.csv").write_text("a\n2\n")  # a benchmark's earlier case
+    assert results.commit() == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert results.commit() == clean + "+dirty"
