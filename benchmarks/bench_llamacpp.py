@@ -89,16 +89,11 @@ def gguf_file(args, name):
     return path
 
 
-def perplexity(path, dtype, test_ids, seqlen):
-    model, _ = lm.load_causal_lm(path, dtype=dtype)
-    return lm.perplexity(model, test_ids, seqlen)
-
-
-def parse_llama_bench(text):
-    """{"prefill": tok/s, "decode": tok/s} from llama-bench's `-o json` output (one prompt test, one
+def parse_llama_bench(tests):
+    """{"prefill": tok/s, "decode": tok/s} from the tests of llama-bench's `-o json` output (one prompt test, one
     generation test)."""
     out = {}
-    for test in json.loads(text):
+    for test in tests:
         key = "decode" if test["n_gen"] > 0 else "prefill"
         out[key] = float(test["avg_ts"])
     if set(out) != {"prefill", "decode"}:
@@ -114,7 +109,7 @@ def llama_round(args, path, threads):
                              text=True)
     decode = subprocess.run(base + ["-p", "0", "-n", str(args.new_tokens), "-d", str(args.decode_prompt_tokens)],
                             check=True, capture_output=True, text=True)
-    return parse_llama_bench(json.dumps(json.loads(prefill.stdout) + json.loads(decode.stdout)))
+    return parse_llama_bench(json.loads(prefill.stdout) + json.loads(decode.stdout))
 
 
 def our_round(args, model, tokenizer, text_ids):
@@ -164,7 +159,7 @@ def main(argv=None):
     eval_text = lm.read_text_file(args.eval_file) if args.perplexity else None
 
     files = {name: gguf_file(args, name) for name in args.llama}
-    _, tokenizer = lm.load_causal_lm(args.model)
+    fp_model, tokenizer = lm.load_causal_lm(args.model)
     text_ids = lm.encode(tokenizer, text)
     if len(text_ids) < args.prefill_tokens:
         raise UserError(f"--text-file {args.text_file}: {len(text_ids)} tokens, the prompts need {args.prefill_tokens}")
@@ -174,11 +169,12 @@ def main(argv=None):
         test_ids = lm.encode(tokenizer, eval_text)[:args.eval_tokens]
         if len(test_ids) < args.seqlen:
             raise UserError(f"--eval-file {args.eval_file}: {len(test_ids)} tokens, less than one --seqlen window")
-        ppl["ours", "fp32"] = perplexity(args.model, torch.float32, test_ids, args.seqlen)
+        ppl["ours", "fp32"] = lm.perplexity(fp_model, test_ids, args.seqlen)
         for name, path in files.items():
-            ppl["llama.cpp", name] = perplexity(path, torch.float32, test_ids, args.seqlen)
+            ppl["llama.cpp", name] = lm.perplexity(lm.load_causal_lm(path)[0], test_ids, args.seqlen)
             print(f"llama.cpp {name}: perplexity {ppl['llama.cpp', name]:.2f} (float32 {ppl['ours', 'fp32']:.2f})",
                   flush=True)
+    del fp_model
     ours = {name: loaded for name in args.ours if (loaded := bench_generate.load(args, name)) is not None}
     print(f"{os.path.basename(args.model)}: prefill {args.prefill_tokens} tokens, decode {args.new_tokens} after "
           f"{args.decode_prompt_tokens}; medians of "

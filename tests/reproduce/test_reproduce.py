@@ -16,8 +16,8 @@ from scipy import stats as sps
 
 import reproduce
 from engine import UserError, atomic_save, mean_ci, read_csv
-from reproduce import cli, digits, gan, llm, report, spiral
 from lm.shared import STORIES260K
+from reproduce import cli, digits, gan, llm, report, spiral
 from reproduce.common import SHARED_UCI, UCI, first_at
 from reproduce.stats import (choose, interval, mcnemar, mde, paired, paired_cells, power, reach, seeds_needed,
                              verdict)

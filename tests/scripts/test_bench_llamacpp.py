@@ -5,7 +5,6 @@ to IQ4_NL, the perplexity of each file against our float32 model's, our decode l
 and its one-line errors."""
 import csv
 import functools
-import json
 import os
 import stat
 import sys
@@ -141,4 +140,4 @@ def test_bad_input_is_one_user_error(setup, change, message):
 
 def test_llama_bench_output_without_a_generation_test_is_refused():
     with pytest.raises(ValueError, match="expected a prompt and a generation test"):
-        bench_llamacpp.parse_llama_bench(json.dumps([dict(n_prompt=128, n_gen=0, avg_ts=1.0)]))
+        bench_llamacpp.parse_llama_bench([dict(n_prompt=128, n_gen=0, avg_ts=1.0)])
